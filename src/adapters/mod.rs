@@ -1,0 +1,7 @@
+//! Adapters turn bytes into commands and events into bytes. They own sockets,
+//! framing, input limits and per-connection writers; they never decide chat
+//! behaviour. A new transport is one new file here.
+
+pub mod http;
+pub mod lines;
+pub mod tcp;

@@ -1,0 +1,242 @@
+//! The line-based TCP adapter: `nc localhost 9001`.
+//!
+//! Each connection is two tasks. The reader frames lines (at most `--max-line`
+//! bytes), parses them and hands commands to the [`Hub`], one at a time. The
+//! writer drains the session's bounded outbox, rendering each event as text or
+//! JSON, and writes everything that is waiting in one buffer per write. The hub
+//! never waits for either: when the outbox is full it ends the session as a
+//! slow consumer, and the writer says so before closing.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{BufMut, BytesMut};
+use futures::StreamExt;
+use tokio::io::AsyncWriteExt;
+use tokio::net::tcp::OwnedWriteHalf;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio_util::codec::FramedRead;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::lines::{Frame, LineCodec};
+use crate::core::{
+    Command, EndReason, ErrorCode, Event, EventBody, Format, Hub, Refusal, Replies, Reply,
+    SessionHandle,
+};
+
+/// Most bytes gathered into one write.
+const WRITE_BUFFER: usize = 64 * 1024;
+/// How long a parting message may take to write before the socket is dropped.
+const PARTING: Duration = Duration::from_secs(2);
+
+/// What the TCP adapter needs besides the hub.
+#[derive(Clone)]
+pub struct TcpAdapter {
+    /// The chat core.
+    pub hub: Hub,
+    /// Longest line in bytes.
+    pub max_line: usize,
+    /// Shared with the HTTP adapter: one permit per open connection.
+    pub connections: Arc<Semaphore>,
+    /// Fires when the daemon stops.
+    pub shutdown: CancellationToken,
+    /// Tracks connection tasks so shutdown can wait for them.
+    pub tracker: TaskTracker,
+}
+
+impl TcpAdapter {
+    /// Accepts connections until shutdown.
+    pub async fn serve(self, listener: TcpListener) {
+        loop {
+            let accepted = tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                accepted = listener.accept() => accepted,
+            };
+            match accepted {
+                Ok((stream, peer)) => {
+                    let this = self.clone();
+                    self.tracker
+                        .spawn(async move { this.connection(stream, peer).await });
+                }
+                Err(err) => {
+                    // Usually EMFILE: back off instead of spinning.
+                    tracing::error!(cause = %err, "failed to accept a TCP connection");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+
+    async fn connection(self, mut stream: TcpStream, peer: SocketAddr) {
+        let Ok(_permit) = self.connections.clone().try_acquire_owned() else {
+            let refusal = Event::error(
+                ErrorCode::Unavailable,
+                "the server is full; try again later",
+            );
+            let _ = tokio::time::timeout(PARTING, stream.write_all(refusal.text())).await;
+            return;
+        };
+        let _ = stream.set_nodelay(true);
+        let session = match self.hub.connect(None, Replies::Outbox, None) {
+            Ok(session) => session,
+            Err(refusal) => {
+                let event = Event::error(refusal.code, refusal.message);
+                let _ = tokio::time::timeout(PARTING, stream.write_all(event.text())).await;
+                return;
+            }
+        };
+        let id = session.id;
+        tracing::debug!(%peer, session = %id, nick = %session.nick, "tcp connected");
+        let (read, write) = stream.into_split();
+        let SessionHandle { events, ended, .. } = session;
+        let (done_tx, done_rx) = oneshot::channel();
+        let mut writer = tokio::spawn(write_events(write, events, ended, done_rx));
+        let mut lines = FramedRead::new(read, LineCodec::new(self.max_line));
+        let mut writer_finished = false;
+        loop {
+            let frame = tokio::select! {
+                frame = lines.next() => frame,
+                // The core ended the session (slow consumer): stop reading too.
+                _ = &mut writer => {
+                    writer_finished = true;
+                    break;
+                }
+                // The writer sees the session end and says goodbye.
+                _ = self.shutdown.cancelled() => break,
+            };
+            let refusal = match frame {
+                None | Some(Err(_)) => break,
+                Some(Ok(Frame::Line(line))) => match self.hub.parse(&line) {
+                    Ok(None) => continue,
+                    Ok(Some(Command::Quit)) => break,
+                    Ok(Some(command)) => {
+                        self.hub.handle(id, command).await;
+                        continue;
+                    }
+                    Err(refusal) => refusal,
+                },
+                Some(Ok(Frame::TooLong)) => Refusal::new(
+                    ErrorCode::TooLong,
+                    format!(
+                        "lines are at most {} bytes; this one was discarded",
+                        self.max_line
+                    ),
+                ),
+                Some(Ok(Frame::InvalidUtf8)) => Refusal::new(
+                    ErrorCode::InvalidUtf8,
+                    "that line was not valid UTF-8; it was discarded",
+                ),
+            };
+            self.hub.refuse(id, refusal);
+        }
+        if !self.shutdown.is_cancelled() {
+            let _ = done_tx.send(());
+            self.hub.disconnect(id, EndReason::Quit);
+        }
+        if !writer_finished {
+            let _ = writer.await;
+        }
+        tracing::debug!(%peer, session = %id, "tcp closed");
+    }
+}
+
+/// Why the writer stops.
+enum Stop {
+    /// The core ended the session.
+    Ended(EndReason),
+    /// The reader is gone (client closed, `/quit`), or the socket failed.
+    Closed,
+}
+
+/// The writer half: outbox to socket, batching whatever is queued.
+async fn write_events(
+    mut socket: OwnedWriteHalf,
+    mut events: mpsc::Receiver<Event>,
+    mut ended: oneshot::Receiver<EndReason>,
+    mut reader_done: oneshot::Receiver<()>,
+) {
+    let mut format = Format::Text;
+    let mut buf = BytesMut::with_capacity(4096);
+    let stop = loop {
+        let first = tokio::select! {
+            biased;
+            reason = &mut ended => break Stop::Ended(reason.unwrap_or(EndReason::Quit)),
+            _ = &mut reader_done => break Stop::Closed,
+            event = events.recv() => match event {
+                Some(event) => event,
+                None => break Stop::Closed,
+            },
+        };
+        render(&first, &mut format, &mut buf);
+        while buf.len() < WRITE_BUFFER {
+            match events.try_recv() {
+                Ok(event) => render(&event, &mut format, &mut buf),
+                Err(_) => break,
+            }
+        }
+        // A client that does not read blocks this write; the core then ends
+        // the session, which must interrupt it.
+        let written = tokio::select! {
+            written = socket.write_all(&buf) => written,
+            reason = &mut ended => break Stop::Ended(reason.unwrap_or(EndReason::Quit)),
+        };
+        if written.is_err() {
+            break Stop::Closed;
+        }
+        buf.clear();
+        if buf.capacity() > WRITE_BUFFER * 2 {
+            buf = BytesMut::with_capacity(4096);
+        }
+    };
+    buf.clear();
+    let parting = match stop {
+        // Its socket is full: what is queued would never get through.
+        Stop::Ended(EndReason::SlowConsumer) => Some(Event::error(
+            ErrorCode::SlowConsumer,
+            "you were not reading fast enough; disconnected",
+        )),
+        Stop::Ended(EndReason::Shutdown) => {
+            drain(&mut events, &mut format, &mut buf);
+            Some(Event::error(
+                ErrorCode::Unavailable,
+                "the server is shutting down",
+            ))
+        }
+        Stop::Ended(_) | Stop::Closed => {
+            drain(&mut events, &mut format, &mut buf);
+            None
+        }
+    };
+    if let Some(event) = parting {
+        render(&event, &mut format, &mut buf);
+    }
+    if !buf.is_empty() {
+        let _ = tokio::time::timeout(PARTING, socket.write_all(&buf)).await;
+    }
+    let _ = tokio::time::timeout(PARTING, socket.shutdown()).await;
+}
+
+/// Renders everything still queued.
+fn drain(events: &mut mpsc::Receiver<Event>, format: &mut Format, buf: &mut BytesMut) {
+    while let Ok(event) = events.try_recv() {
+        render(&event, format, buf);
+    }
+}
+
+/// Appends one event in the connection's format. A `/format` reply switches the
+/// format first, so it is rendered in the format it announces.
+fn render(event: &Event, format: &mut Format, buf: &mut BytesMut) {
+    if let EventBody::Reply(Reply::Format { format: new }) = event.body() {
+        *format = *new;
+    }
+    match format {
+        Format::Text => buf.put_slice(event.text()),
+        Format::Json => {
+            buf.put_slice(event.json());
+            buf.put_u8(b'\n');
+        }
+    }
+}

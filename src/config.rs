@@ -1,0 +1,190 @@
+//! The command line: every flag is also an environment variable (PROTOCOL.md,
+//! "Command line" and "Limits").
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::bus::BusSpec;
+use crate::core::Limits;
+use crate::store::Durability;
+
+/// A chat daemon you can reach with `nc localhost 9001` and a browser.
+#[derive(Debug, Parser)]
+#[command(
+    name = "baby-discord",
+    version,
+    about,
+    args_conflicts_with_subcommands = true
+)]
+pub struct Cli {
+    /// What to run; `serve` when omitted.
+    #[command(subcommand)]
+    pub command: Option<Sub>,
+    /// The daemon's settings when no subcommand is given.
+    #[command(flatten)]
+    pub serve: Config,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Sub {
+    /// Run the chat daemon (the default).
+    Serve(Config),
+}
+
+impl Cli {
+    /// The daemon's settings, whichever way they were given.
+    pub fn into_config(self) -> Config {
+        match self.command {
+            Some(Sub::Serve(config)) => config,
+            None => self.serve,
+        }
+    }
+}
+
+/// How logs are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// For people.
+    Human,
+    /// One JSON object per line, for machines.
+    Json,
+}
+
+/// The daemon's settings.
+#[derive(Debug, Clone, Args)]
+pub struct Config {
+    /// Address of the line-based TCP adapter (port 0 picks a free port).
+    #[arg(long, env = "BABY_TCP", default_value = "127.0.0.1:9001")]
+    pub tcp: SocketAddr,
+
+    /// Address of the HTTP adapter (port 0 picks a free port).
+    #[arg(long, env = "BABY_HTTP", default_value = "127.0.0.1:3001")]
+    pub http: SocketAddr,
+
+    /// Database URL: sqlite://FILE (created if missing) or postgres://...
+    #[arg(long, env = "BABY_DB", default_value = "sqlite://baby-discord.db")]
+    pub db: String,
+
+    /// How instances are connected: local (one instance), poll, or redis://HOST:PORT.
+    #[arg(long, env = "BABY_BUS", default_value = "local", value_parser = parse_bus)]
+    pub bus: BusSpec,
+
+    /// This instance's name (default: a short random id).
+    #[arg(long, env = "BABY_INSTANCE")]
+    pub instance: Option<String>,
+
+    /// Namespace of the bus's keys and channels, so clusters can share one Redis.
+    #[arg(long, env = "BABY_CLUSTER", default_value = "baby-discord")]
+    pub cluster: String,
+
+    /// async: deliver, then store in batches; sync: store, then deliver.
+    #[arg(long, env = "BABY_DURABILITY", value_enum, default_value = "async")]
+    pub durability: Durability,
+
+    /// Longest TCP line, in bytes.
+    #[arg(long, env = "BABY_MAX_LINE", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(16..))]
+    pub max_line: u32,
+
+    /// Longest message text, in characters.
+    #[arg(long, env = "BABY_MAX_TEXT", default_value_t = 2000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_text: u32,
+
+    /// Largest HTTP request body, in bytes.
+    #[arg(long, env = "BABY_MAX_BODY", default_value_t = 65536)]
+    pub max_body: u32,
+
+    /// Messages per second per session (0 turns rate limiting off).
+    #[arg(long, env = "BABY_RATE", default_value_t = 10)]
+    pub rate: u32,
+
+    /// Messages a session may send in a burst.
+    #[arg(long, env = "BABY_BURST", default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..))]
+    pub burst: u32,
+
+    /// Events queued per connection before it is dropped as a slow consumer.
+    #[arg(long, env = "BABY_QUEUE", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
+    pub queue: u32,
+
+    /// Connections per instance, TCP and HTTP together.
+    #[arg(long, env = "BABY_MAX_CONNS", default_value_t = 100_000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_conns: u32,
+
+    /// Log format (filter with RUST_LOG, e.g. RUST_LOG=baby_discord=debug).
+    #[arg(long, env = "BABY_LOG_FORMAT", value_enum, default_value = "human")]
+    pub log_format: LogFormat,
+}
+
+fn parse_bus(s: &str) -> Result<BusSpec, String> {
+    s.parse()
+}
+
+impl Config {
+    /// The limits the core enforces.
+    pub fn limits(&self) -> Limits {
+        Limits {
+            max_text: self.max_text as usize,
+            rate: self.rate,
+            burst: self.burst,
+            queue: self.queue as usize,
+        }
+    }
+
+    /// The instance name, or a fresh random one.
+    pub fn instance_name(&self) -> String {
+        self.instance
+            .clone()
+            .unwrap_or_else(|| format!("{:04x}", rand::random::<u16>()))
+    }
+
+    /// How long an HTTP request head may take to arrive.
+    pub fn header_timeout(&self) -> Duration {
+        Duration::from_secs(10)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_match_the_protocol() {
+        let config = Cli::try_parse_from(["baby-discord"]).unwrap().into_config();
+        assert_eq!(config.tcp.to_string(), "127.0.0.1:9001");
+        assert_eq!(config.http.to_string(), "127.0.0.1:3001");
+        assert_eq!(config.db, "sqlite://baby-discord.db");
+        assert_eq!(config.bus, BusSpec::Local);
+        assert_eq!(config.cluster, "baby-discord");
+        assert_eq!(config.durability, Durability::Async);
+        assert_eq!(
+            (config.max_line, config.max_text, config.max_body),
+            (4096, 2000, 65536)
+        );
+        assert_eq!((config.rate, config.burst, config.queue), (10, 20, 1024));
+        assert_eq!(config.max_conns, 100_000);
+    }
+
+    #[test]
+    fn serve_subcommand_takes_the_same_flags() {
+        let config = Cli::try_parse_from([
+            "baby-discord",
+            "serve",
+            "--tcp",
+            "127.0.0.1:0",
+            "--rate",
+            "0",
+        ])
+        .unwrap()
+        .into_config();
+        assert_eq!(config.tcp.port(), 0);
+        assert_eq!(config.rate, 0);
+    }
+
+    #[test]
+    fn unknown_bus_is_refused_clearly() {
+        let err = Cli::try_parse_from(["baby-discord", "--bus", "carrier-pigeon"]).unwrap_err();
+        assert!(err.to_string().contains("unknown bus"), "{err}");
+    }
+}

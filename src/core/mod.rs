@@ -1,0 +1,759 @@
+//! The transport-agnostic chat core.
+//!
+//! [`Hub`] owns sessions and rooms and decides everything: who may say what,
+//! what a command does, which sessions receive which event. It speaks in
+//! [`Command`]s and [`Event`]s and knows nothing of sockets, HTTP or SQL; it
+//! reaches storage and other instances only through the [`Store`] and [`Bus`]
+//! traits. State sits behind one `std::sync::Mutex` that is never held across an
+//! `.await`, and events reach sessions through bounded outboxes with
+//! `try_send`, so no client can make the core wait.
+
+mod commands;
+mod event;
+mod history;
+mod names;
+mod rate;
+mod rooms;
+mod router;
+mod sessions;
+
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use tokio::sync::{mpsc, oneshot};
+use uuid::Uuid;
+
+pub use commands::{Command, DEFAULT_HISTORY, HELP, MAX_HISTORY, parse};
+pub use event::{
+    DirectMessage, Draft, ErrorCode, Event, EventBody, Format, HelpLine, Message, MessageKind,
+    Reply, RoomCount, Timestamp,
+};
+pub use history::{History, RING};
+pub use names::{MAX_NICK, MAX_ROOM, Nick, NickKey, Refusal, RoomName, Text};
+pub use rate::TokenBucket;
+pub use sessions::{EndReason, Replies, SessionHandle, SessionId};
+
+use crate::bus::{Bus, Deliver, Envelope};
+use crate::store::Store;
+use rooms::Room;
+use router::{Undeliverable, fan_out};
+use sessions::Session;
+
+impl Deliver for Hub {
+    /// Delivers what the bus carries to the local sessions it concerns.
+    fn deliver(&self, envelope: Envelope) {
+        match envelope {
+            Envelope::Message(message) => self.deliver_message(message),
+        }
+    }
+}
+
+/// The limits the core enforces (PROTOCOL.md, "Limits").
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Longest message text, in characters.
+    pub max_text: usize,
+    /// Messages per second per session; 0 turns the limit off.
+    pub rate: u32,
+    /// Messages a session may send at once before `rate` applies.
+    pub burst: u32,
+    /// Events that may wait for one session before it is a slow consumer.
+    pub queue: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_text: 2_000,
+            rate: 10,
+            burst: 20,
+            queue: 1_024,
+        }
+    }
+}
+
+/// Counters for `/metrics` and the benchmarks.
+#[derive(Debug, Default)]
+pub struct HubStats {
+    /// Room messages accepted from local sessions.
+    pub messages_in: AtomicU64,
+    /// Events queued to local sessions (one per recipient).
+    pub events_out: AtomicU64,
+    /// Sessions ended because they did not read.
+    pub slow_consumers: AtomicU64,
+}
+
+/// The chat core. Cheap to clone: every clone is the same hub.
+#[derive(Clone)]
+pub struct Hub {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    instance: String,
+    limits: Limits,
+    store: Arc<dyn Store>,
+    bus: Arc<dyn Bus>,
+    state: Mutex<State>,
+    next_id: AtomicU64,
+    stats: HubStats,
+}
+
+#[derive(Default)]
+struct State {
+    sessions: HashMap<SessionId, Session>,
+    nicks: HashMap<NickKey, SessionId>,
+    rooms: HashMap<RoomName, Room>,
+    closed: bool,
+}
+
+/// The events one command produces for its caller.
+#[derive(Default)]
+struct Answer(Vec<(Event, Delivery)>);
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Delivery {
+    /// Only the caller gets it (replies, errors, history replay).
+    Direct,
+    /// The caller's copy of a room event already queued to its outbox; an HTTP
+    /// caller also gets it in the response.
+    Echo,
+}
+
+impl Answer {
+    fn direct(event: Event) -> Self {
+        Answer(vec![(event, Delivery::Direct)])
+    }
+
+    fn refusal(r: Refusal) -> Self {
+        Self::direct(Event::error(r.code, r.message))
+    }
+
+    fn reply(reply: Reply) -> Self {
+        Self::direct(Event::new(EventBody::Reply(reply)))
+    }
+}
+
+impl Hub {
+    /// A hub for instance `instance`, reading history from `store` and
+    /// publishing through `bus`. Feed it the bus with [`Hub::deliver`].
+    pub fn new(instance: String, limits: Limits, store: Arc<dyn Store>, bus: Arc<dyn Bus>) -> Self {
+        Hub {
+            shared: Arc::new(Shared {
+                instance,
+                limits,
+                store,
+                bus,
+                state: Mutex::new(State::default()),
+                next_id: AtomicU64::new(1),
+                stats: HubStats::default(),
+            }),
+        }
+    }
+
+    /// This instance's name.
+    pub fn instance(&self) -> &str {
+        &self.shared.instance
+    }
+
+    /// The limits in force.
+    pub fn limits(&self) -> &Limits {
+        &self.shared.limits
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> &HubStats {
+        &self.shared.stats
+    }
+
+    /// The store, for adapters that serve history.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.shared.store
+    }
+
+    /// The bus, for health checks.
+    pub fn bus(&self) -> &Arc<dyn Bus> {
+        &self.shared.bus
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock is a bug; keep serving what state is left.
+        self.shared.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Parses one line with this hub's text limit.
+    pub fn parse(&self, line: &str) -> Result<Option<Command>, Refusal> {
+        commands::parse(line, self.shared.limits.max_text)
+    }
+
+    /// Opens a session. `nick` is the one asked for (a guest nick if `None`);
+    /// `token` is the HTTP session token, shown in the welcome event.
+    pub fn connect(
+        &self,
+        nick: Option<Nick>,
+        replies: Replies,
+        token: Option<String>,
+    ) -> Result<SessionHandle, Refusal> {
+        let (outbox, events) = mpsc::channel(self.shared.limits.queue.max(1));
+        let (end, ended) = oneshot::channel();
+        let mut state = self.lock();
+        if state.closed {
+            return Err(Refusal::new(
+                ErrorCode::Unavailable,
+                "the server is shutting down",
+            ));
+        }
+        let nick = match nick {
+            Some(nick) if state.nicks.contains_key(&nick.key()) => {
+                return Err(Refusal::new(
+                    ErrorCode::NickTaken,
+                    format!("{nick} is taken; pick another"),
+                ));
+            }
+            Some(nick) => nick,
+            None => guest_nick(&state.nicks),
+        };
+        let id = SessionId(self.shared.next_id.fetch_add(1, Ordering::Relaxed));
+        let welcome = Event::new(EventBody::Welcome {
+            nick: nick.clone(),
+            instance: self.shared.instance.clone(),
+            session: token,
+        });
+        // A fresh channel has room for one event.
+        let _ = outbox.try_send(welcome);
+        state.nicks.insert(nick.key(), id);
+        state.sessions.insert(
+            id,
+            Session {
+                nick: nick.clone(),
+                rooms: BTreeSet::new(),
+                current: None,
+                outbox,
+                end: Some(end),
+                bucket: TokenBucket::new(self.shared.limits.rate, self.shared.limits.burst),
+                replies,
+            },
+        );
+        Ok(SessionHandle {
+            id,
+            nick,
+            events,
+            ended,
+        })
+    }
+
+    /// Carries out one command. Returns the events it produced for the caller
+    /// when the session's replies go to the caller (HTTP); otherwise they are
+    /// already in the session's outbox and the result is empty.
+    pub async fn handle(&self, id: SessionId, command: Command) -> Vec<Event> {
+        let answer = match command {
+            Command::Say(text) => self.say_answer(id, text, MessageKind::Text).await,
+            Command::Me(text) => self.say_answer(id, text, MessageKind::Action).await,
+            Command::Nick(nick) => self.rename(id, nick),
+            Command::Join(room) => self.join(id, room).await,
+            Command::Leave(room) => self.leave(id, room),
+            Command::Switch(room) => self.switch(id, room),
+            Command::Rooms => Answer::reply(Reply::Rooms {
+                rooms: self.rooms(),
+            }),
+            Command::Who(room) => self.who(id, room),
+            Command::Msg { to, text } => self.direct_message(id, to, text),
+            Command::History(n) => self.history(id, n).await,
+            Command::Format(format) => Answer::reply(Reply::Format { format }),
+            Command::Help => Answer::reply(Reply::Help {
+                commands: HELP.to_vec(),
+            }),
+            Command::Quit => {
+                self.disconnect(id, EndReason::Quit);
+                Answer::default()
+            }
+        };
+        self.answer(id, answer)
+    }
+
+    /// Tells the caller its input was refused (bad line, bad UTF-8, too long).
+    pub fn refuse(&self, id: SessionId, refusal: Refusal) -> Vec<Event> {
+        self.answer(id, Answer::refusal(refusal))
+    }
+
+    /// Routes an answer: into the outbox (TCP) or back to the caller (HTTP).
+    fn answer(&self, id: SessionId, answer: Answer) -> Vec<Event> {
+        let mut state = self.lock();
+        let Some(session) = state.sessions.get(&id) else {
+            return Vec::new();
+        };
+        if session.replies == Replies::Caller {
+            return answer.0.into_iter().map(|(event, _)| event).collect();
+        }
+        let mut failed = Undeliverable::default();
+        for (event, delivery) in answer.0 {
+            if delivery == Delivery::Direct {
+                fan_out(&state.sessions, [&id], &event, &mut failed);
+            }
+        }
+        self.reap(&mut state, failed);
+        Vec::new()
+    }
+
+    /// Says `text` in `room` (default: the current room). Returns the message
+    /// with its `seq` once the bus has ordered it.
+    pub async fn say(
+        &self,
+        id: SessionId,
+        room: Option<RoomName>,
+        text: Text,
+        kind: MessageKind,
+    ) -> Result<Arc<Message>, Refusal> {
+        let draft = {
+            let mut state = self.lock();
+            let session = state.sessions.get_mut(&id).ok_or_else(session_gone)?;
+            let room = match room.or_else(|| session.current.clone()) {
+                Some(room) => room,
+                None => return Err(no_room()),
+            };
+            if !session.rooms.contains(&room) {
+                return Err(not_in(&room));
+            }
+            if !session.bucket.try_take() {
+                return Err(self.rate_limited());
+            }
+            Draft {
+                room,
+                id: Uuid::now_v7(),
+                nick: session.nick.clone(),
+                text: text.into_string(),
+                kind,
+                ts: Timestamp::now(),
+            }
+        };
+        self.shared
+            .stats
+            .messages_in
+            .fetch_add(1, Ordering::Relaxed);
+        self.shared.bus.publish(draft).await.map_err(|err| {
+            tracing::warn!(cause = %err, "publish failed");
+            Refusal::new(
+                ErrorCode::Unavailable,
+                "the message was not sent: storage or bus is not answering; try again",
+            )
+        })
+    }
+
+    async fn say_answer(&self, id: SessionId, text: Text, kind: MessageKind) -> Answer {
+        match self.say(id, None, text, kind).await {
+            // The sender's copy arrives through the bus like everyone else's.
+            Ok(_) => Answer::default(),
+            Err(r) => Answer::refusal(r),
+        }
+    }
+
+    fn rate_limited(&self) -> Refusal {
+        let Limits { rate, burst, .. } = self.shared.limits;
+        Refusal::new(
+            ErrorCode::RateLimited,
+            format!("slow down: at most {rate} messages a second (bursts of {burst})"),
+        )
+    }
+
+    fn rename(&self, id: SessionId, new: Nick) -> Answer {
+        let mut state = self.lock();
+        let State {
+            sessions,
+            nicks,
+            rooms,
+            ..
+        } = &mut *state;
+        let Some(session) = sessions.get_mut(&id) else {
+            return Answer::default();
+        };
+        if session.nick == new {
+            return Answer::default();
+        }
+        let old = session.nick.clone();
+        if new.key() != old.key() && nicks.contains_key(&new.key()) {
+            return Answer::refusal(Refusal::new(
+                ErrorCode::NickTaken,
+                format!("{new} is taken; pick another"),
+            ));
+        }
+        nicks.remove(&old.key());
+        nicks.insert(new.key(), id);
+        session.nick = new.clone();
+        let mut to: BTreeSet<SessionId> = session
+            .rooms
+            .iter()
+            .filter_map(|r| rooms.get(r))
+            .flat_map(|r| r.members.iter().copied())
+            .collect();
+        to.insert(id);
+        let event = Event::new(EventBody::Nick { old, new });
+        let mut failed = Undeliverable::default();
+        fan_out(sessions, &to, &event, &mut failed);
+        self.reap(&mut state, failed);
+        Answer(vec![(event, Delivery::Echo)])
+    }
+
+    async fn join(&self, id: SessionId, room: RoomName) -> Answer {
+        // The first use of a room seeds its ring from storage, outside the lock.
+        let known = self.lock().rooms.contains_key(&room);
+        let stored = if known {
+            Vec::new()
+        } else {
+            match self.shared.store.page(&room, None, RING as u32).await {
+                Ok(mut page) => {
+                    page.reverse();
+                    page
+                }
+                Err(err) => {
+                    tracing::warn!(cause = %err, %room, "could not read history; the room starts empty");
+                    Vec::new()
+                }
+            }
+        };
+        let mut state = self.lock();
+        let State {
+            sessions, rooms, ..
+        } = &mut *state;
+        let Some(session) = sessions.get_mut(&id) else {
+            return Answer::default();
+        };
+        let entry = rooms.entry(room.clone()).or_insert_with(|| Room {
+            members: BTreeSet::new(),
+            history: History::from_stored(stored.into_iter().map(Arc::new)),
+        });
+        session.current = Some(room.clone());
+        if session.rooms.contains(&room) {
+            return Answer::reply(Reply::Switch { room });
+        }
+        session.rooms.insert(room.clone());
+        entry.members.insert(id);
+        let event = Event::new(EventBody::Join {
+            room,
+            nick: session.nick.clone(),
+        });
+        let mut failed = Undeliverable::default();
+        fan_out(sessions, &entry.members, &event, &mut failed);
+        let mut answer = Answer(vec![(event, Delivery::Echo)]);
+        for message in entry.history.iter() {
+            answer
+                .0
+                .push((Event::message(message.clone()), Delivery::Direct));
+        }
+        self.reap(&mut state, failed);
+        answer
+    }
+
+    fn leave(&self, id: SessionId, room: Option<RoomName>) -> Answer {
+        let mut state = self.lock();
+        let State {
+            sessions, rooms, ..
+        } = &mut *state;
+        let Some(session) = sessions.get_mut(&id) else {
+            return Answer::default();
+        };
+        let room = match room.or_else(|| session.current.clone()) {
+            Some(room) => room,
+            None => return Answer::refusal(no_room()),
+        };
+        if !session.rooms.remove(&room) {
+            return Answer::refusal(not_in(&room));
+        }
+        if session.current.as_ref() == Some(&room) {
+            session.current = session.rooms.iter().next_back().cloned();
+        }
+        let event = Event::new(EventBody::Leave {
+            room: room.clone(),
+            nick: session.nick.clone(),
+        });
+        let mut failed = Undeliverable::default();
+        if let Some(entry) = rooms.get_mut(&room) {
+            fan_out(sessions, &entry.members, &event, &mut failed);
+            entry.members.remove(&id);
+        }
+        self.reap(&mut state, failed);
+        Answer(vec![(event, Delivery::Echo)])
+    }
+
+    fn switch(&self, id: SessionId, room: RoomName) -> Answer {
+        let mut state = self.lock();
+        let Some(session) = state.sessions.get_mut(&id) else {
+            return Answer::default();
+        };
+        if !session.rooms.contains(&room) {
+            return Answer::refusal(not_in(&room));
+        }
+        session.current = Some(room.clone());
+        Answer::reply(Reply::Switch { room })
+    }
+
+    /// Rooms that have members, with their member counts, by name.
+    pub fn rooms(&self) -> Vec<RoomCount> {
+        let state = self.lock();
+        let mut rooms: Vec<RoomCount> = state
+            .rooms
+            .iter()
+            .filter(|(_, r)| !r.members.is_empty())
+            .map(|(name, r)| RoomCount {
+                room: name.clone(),
+                members: r.members.len(),
+            })
+            .collect();
+        rooms.sort_by(|a, b| a.room.cmp(&b.room));
+        rooms
+    }
+
+    fn who(&self, id: SessionId, room: Option<RoomName>) -> Answer {
+        let state = self.lock();
+        let Some(session) = state.sessions.get(&id) else {
+            return Answer::default();
+        };
+        let room = match room.or_else(|| session.current.clone()) {
+            Some(room) => room,
+            None => return Answer::refusal(no_room()),
+        };
+        let mut members: Vec<Nick> = state
+            .rooms
+            .get(&room)
+            .into_iter()
+            .flat_map(|r| r.members.iter())
+            .filter_map(|m| state.sessions.get(m))
+            .map(|s| s.nick.clone())
+            .collect();
+        members.sort_by_key(Nick::key);
+        Answer::reply(Reply::Who { room, members })
+    }
+
+    fn direct_message(&self, id: SessionId, to: Nick, text: Text) -> Answer {
+        let mut state = self.lock();
+        let State {
+            sessions, nicks, ..
+        } = &mut *state;
+        let Some(session) = sessions.get_mut(&id) else {
+            return Answer::default();
+        };
+        if !session.bucket.try_take() {
+            return Answer::refusal(self.rate_limited());
+        }
+        let from = session.nick.clone();
+        let Some((&target, recipient)) = nicks
+            .get(&to.key())
+            .and_then(|t| sessions.get(t).map(|s| (t, s.nick.clone())))
+        else {
+            return Answer::refusal(Refusal::new(
+                ErrorCode::NoSuchNick,
+                format!("nobody is called {to}"),
+            ));
+        };
+        let dm = Arc::new(DirectMessage {
+            id: Uuid::now_v7(),
+            from: from.clone(),
+            to: recipient.clone(),
+            text: text.into_string(),
+            ts: Timestamp::now(),
+        });
+        let ts = dm.ts;
+        let mut failed = Undeliverable::default();
+        let to_recipient = Event::at(
+            EventBody::Dm {
+                dm: dm.clone(),
+                peer: from,
+            },
+            ts,
+        );
+        fan_out(sessions, [&target], &to_recipient, &mut failed);
+        let echo = if target == id {
+            to_recipient
+        } else {
+            let to_sender = Event::at(
+                EventBody::Dm {
+                    dm,
+                    peer: recipient,
+                },
+                ts,
+            );
+            fan_out(sessions, [&id], &to_sender, &mut failed);
+            to_sender
+        };
+        self.reap(&mut state, failed);
+        Answer(vec![(echo, Delivery::Echo)])
+    }
+
+    async fn history(&self, id: SessionId, n: u16) -> Answer {
+        let (room, ring) = {
+            let state = self.lock();
+            let Some(session) = state.sessions.get(&id) else {
+                return Answer::default();
+            };
+            let Some(room) = session.current.clone() else {
+                return Answer::refusal(no_room());
+            };
+            let ring: Vec<Arc<Message>> = state
+                .rooms
+                .get(&room)
+                .map(|r| r.history.iter().cloned().collect())
+                .unwrap_or_default();
+            (room, ring)
+        };
+        let stored = match self.shared.store.page(&room, None, u32::from(n)).await {
+            Ok(page) => page,
+            Err(err) => {
+                tracing::warn!(cause = %err, %room, "history read failed");
+                return Answer::refusal(Refusal::new(
+                    ErrorCode::Unavailable,
+                    "history is unavailable: storage is not answering; try again",
+                ));
+            }
+        };
+        // Storage may lag the batching writer by a moment; the ring never does.
+        let newest_stored = stored.first().map_or(0, |m| m.seq);
+        let mut messages: Vec<Arc<Message>> = stored.into_iter().rev().map(Arc::new).collect();
+        messages.extend(ring.into_iter().filter(|m| m.seq > newest_stored));
+        let skip = messages.len().saturating_sub(usize::from(n));
+        let events = messages
+            .into_iter()
+            .skip(skip)
+            .map(|m| (Event::message(m), Delivery::Direct))
+            .collect();
+        Answer(events)
+    }
+
+    fn deliver_message(&self, message: Arc<Message>) {
+        let mut state = self.lock();
+        let State {
+            sessions, rooms, ..
+        } = &mut *state;
+        let Some(room) = rooms.get_mut(&message.room) else {
+            return;
+        };
+        if message.seq <= room.history.last_seq() {
+            return; // already delivered: buses may repeat after a reconnect
+        }
+        room.history.push(message.clone());
+        let event = Event::message(message);
+        let mut failed = Undeliverable::default();
+        let sent = fan_out(sessions, &room.members, &event, &mut failed);
+        self.shared
+            .stats
+            .events_out
+            .fetch_add(sent as u64, Ordering::Relaxed);
+        self.reap(&mut state, failed);
+    }
+
+    /// Ends a session: it leaves its rooms (members see `leave`) and its nick is
+    /// free again. Harmless if the session has already ended.
+    pub fn disconnect(&self, id: SessionId, reason: EndReason) {
+        let mut state = self.lock();
+        let more = self.end_session(&mut state, id, reason);
+        self.reap(&mut state, more);
+    }
+
+    /// Ends every session (the daemon is stopping) and refuses new ones.
+    pub fn shutdown(&self) {
+        let mut state = self.lock();
+        state.closed = true;
+        state.nicks.clear();
+        for room in state.rooms.values_mut() {
+            room.members.clear();
+        }
+        for (_, mut session) in state.sessions.drain() {
+            if let Some(end) = session.end.take() {
+                let _ = end.send(EndReason::Shutdown);
+            }
+        }
+    }
+
+    /// Sessions and rooms with members on this instance.
+    pub fn counts(&self) -> (usize, usize) {
+        let state = self.lock();
+        let rooms = state
+            .rooms
+            .values()
+            .filter(|r| !r.members.is_empty())
+            .count();
+        (state.sessions.len(), rooms)
+    }
+
+    /// Ends sessions that could not take an event, and those that their ending
+    /// in turn overflowed, until none is left.
+    fn reap(&self, state: &mut State, failed: Undeliverable) {
+        let mut queue: VecDeque<(SessionId, EndReason)> = failed
+            .slow
+            .into_iter()
+            .map(|id| (id, EndReason::SlowConsumer))
+            .chain(failed.gone.into_iter().map(|id| (id, EndReason::Quit)))
+            .collect();
+        while let Some((id, reason)) = queue.pop_front() {
+            let more = self.end_session(state, id, reason);
+            queue.extend(
+                more.slow
+                    .into_iter()
+                    .map(|id| (id, EndReason::SlowConsumer)),
+            );
+            queue.extend(more.gone.into_iter().map(|id| (id, EndReason::Quit)));
+        }
+    }
+
+    fn end_session(&self, state: &mut State, id: SessionId, reason: EndReason) -> Undeliverable {
+        let mut failed = Undeliverable::default();
+        let Some(mut session) = state.sessions.remove(&id) else {
+            return failed;
+        };
+        if reason == EndReason::SlowConsumer {
+            self.shared
+                .stats
+                .slow_consumers
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::info!(session = %id, nick = %session.nick, "slow consumer dropped");
+        }
+        if state.nicks.get(&session.nick.key()) == Some(&id) {
+            state.nicks.remove(&session.nick.key());
+        }
+        for room in &session.rooms {
+            if let Some(entry) = state.rooms.get_mut(room) {
+                entry.members.remove(&id);
+                let event = Event::new(EventBody::Leave {
+                    room: room.clone(),
+                    nick: session.nick.clone(),
+                });
+                fan_out(&state.sessions, &entry.members, &event, &mut failed);
+            }
+        }
+        if let Some(end) = session.end.take() {
+            let _ = end.send(reason);
+        }
+        failed
+    }
+}
+
+fn session_gone() -> Refusal {
+    Refusal::new(ErrorCode::Unavailable, "this session has ended")
+}
+
+fn no_room() -> Refusal {
+    Refusal::new(
+        ErrorCode::NotInRoom,
+        "you are in no room; /join general first",
+    )
+}
+
+fn not_in(room: &RoomName) -> Refusal {
+    Refusal::new(
+        ErrorCode::NotInRoom,
+        format!("you are not in #{room}; /join {room} first"),
+    )
+}
+
+/// `guest-` and 4 hex digits, as the protocol says; 8 when those run out.
+fn guest_nick(taken: &HashMap<NickKey, SessionId>) -> Nick {
+    for attempt in 0.. {
+        let digits = if attempt < 64 { 4 } else { 8 };
+        let n: u32 = rand::random();
+        let s = format!("guest-{:0width$x}", n >> (32 - 4 * digits), width = digits);
+        let nick = Nick::parse(&s).expect("guest nicks are valid");
+        if !taken.contains_key(&nick.key()) {
+            return nick;
+        }
+    }
+    unreachable!("the loop returns")
+}

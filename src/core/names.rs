@@ -1,0 +1,201 @@
+//! Validated names and texts: a `Nick`, a `RoomName` or a `Text` that exists is
+//! valid, so nothing past the parser checks them again.
+
+use std::fmt;
+
+use serde::Serialize;
+
+use super::event::ErrorCode;
+
+/// Why a piece of user input was refused: the `error` event a client receives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// The protocol's error code.
+    pub code: ErrorCode,
+    /// A sentence for a person, saying what to do instead.
+    pub message: String,
+}
+
+impl Refusal {
+    /// A refusal with `code` and a human `message`.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Refusal {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+/// Longest nick, in bytes (nicks are ASCII).
+pub const MAX_NICK: usize = 32;
+/// Longest room name, in bytes, without the optional leading `#`.
+pub const MAX_ROOM: usize = 64;
+
+/// A nick: `[A-Za-z0-9_-]{1,32}`. Shown as typed, compared case-insensitively.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(transparent)]
+pub struct Nick(String);
+
+impl Nick {
+    /// Checks `s` against the protocol's nick grammar.
+    pub fn parse(s: &str) -> Result<Nick, Refusal> {
+        let ok = (1..=MAX_NICK).contains(&s.len())
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+        if ok {
+            Ok(Nick(s.to_owned()))
+        } else {
+            Err(Refusal::new(
+                ErrorCode::InvalidNick,
+                "a nick is 1 to 32 of A-Z a-z 0-9 _ -",
+            ))
+        }
+    }
+
+    /// The case-folded form under which uniqueness is decided.
+    pub fn key(&self) -> NickKey {
+        NickKey(self.0.to_ascii_lowercase())
+    }
+
+    /// The nick as the user typed it.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for Nick {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A nick folded to lower case: two nicks with the same key are the same user.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct NickKey(String);
+
+impl NickKey {
+    /// The folded nick.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// A room name: `[a-z0-9][a-z0-9_-]{0,63}`, stored without `#`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(transparent)]
+pub struct RoomName(String);
+
+impl RoomName {
+    /// Accepts a leading `#` and folds upper case, as the protocol says.
+    pub fn parse(s: &str) -> Result<RoomName, Refusal> {
+        let name = s.strip_prefix('#').unwrap_or(s).to_ascii_lowercase();
+        let bytes = name.as_bytes();
+        let ok = (1..=MAX_ROOM).contains(&bytes.len())
+            && bytes[0].is_ascii_alphanumeric()
+            && bytes
+                .iter()
+                .all(|&b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
+        if ok {
+            Ok(RoomName(name))
+        } else {
+            Err(Refusal::new(
+                ErrorCode::InvalidRoom,
+                "a room is 1 to 64 of a-z 0-9 _ -, starting with a letter or digit",
+            ))
+        }
+    }
+
+    /// The name without `#`.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for RoomName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A message text: 1 to `max` characters, no control characters but tab.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Text(String);
+
+impl Text {
+    /// Checks length (in characters, not bytes) and content.
+    pub fn parse(s: &str, max_chars: usize) -> Result<Text, Refusal> {
+        if s.is_empty() {
+            return Err(Refusal::new(ErrorCode::BadArguments, "the text is empty"));
+        }
+        let chars = s.chars().count();
+        if chars > max_chars {
+            return Err(Refusal::new(
+                ErrorCode::TooLong,
+                format!("the text is {chars} characters; the limit is {max_chars}"),
+            ));
+        }
+        if s.chars().any(|c| c.is_control() && c != '\t') {
+            return Err(Refusal::new(
+                ErrorCode::BadArguments,
+                "the text may not contain control characters (tab is fine)",
+            ));
+        }
+        Ok(Text(s.to_owned()))
+    }
+
+    /// The text itself.
+    pub fn into_string(self) -> String {
+        self.0
+    }
+
+    /// The text itself.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nicks_follow_the_grammar_and_fold_case() {
+        assert!(Nick::parse("alice_-9").is_ok());
+        assert!(Nick::parse("").is_err());
+        assert!(Nick::parse("a b").is_err());
+        assert!(Nick::parse("é").is_err());
+        assert!(Nick::parse(&"a".repeat(32)).is_ok());
+        assert!(Nick::parse(&"a".repeat(33)).is_err());
+        assert_eq!(
+            Nick::parse("Alice").unwrap().key(),
+            Nick::parse("aLICE").unwrap().key()
+        );
+        assert_eq!(Nick::parse("Alice").unwrap().as_str(), "Alice");
+    }
+
+    #[test]
+    fn rooms_drop_hash_and_fold_case() {
+        assert_eq!(RoomName::parse("#General").unwrap().as_str(), "general");
+        assert!(RoomName::parse("_x").is_err());
+        assert!(RoomName::parse("#").is_err());
+        assert!(RoomName::parse("a.b").is_err());
+        assert!(RoomName::parse(&"r".repeat(64)).is_ok());
+        assert!(RoomName::parse(&"r".repeat(65)).is_err());
+    }
+
+    #[test]
+    fn text_counts_characters_not_bytes() {
+        assert!(Text::parse(&"é".repeat(2000), 2000).is_ok());
+        let err = Text::parse(&"é".repeat(2001), 2000).unwrap_err();
+        assert_eq!(err.code, ErrorCode::TooLong);
+        assert!(Text::parse("tab\tok", 10).is_ok());
+        assert_eq!(
+            Text::parse("bell\x07", 10).unwrap_err().code,
+            ErrorCode::BadArguments
+        );
+        assert_eq!(
+            Text::parse("", 10).unwrap_err().code,
+            ErrorCode::BadArguments
+        );
+    }
+}

@@ -1,0 +1,132 @@
+//! Wires the core to its store, bus and adapters, and runs until shutdown.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::adapters::http::HttpAdapter;
+use crate::adapters::tcp::TcpAdapter;
+use crate::bus::{self, Bus};
+use crate::config::Config;
+use crate::core::Hub;
+use crate::store::{self, Store};
+
+/// How long connections get to say goodbye on shutdown.
+const DRAIN: Duration = Duration::from_secs(5);
+/// How long the store writer gets to flush on shutdown.
+const FLUSH: Duration = Duration::from_secs(10);
+
+/// A daemon whose listeners are bound, ready to [`Server::run`].
+pub struct Server {
+    config: Config,
+    hub: Hub,
+    store: Arc<dyn Store>,
+    bus: Arc<dyn Bus>,
+    tcp: TcpListener,
+    http: TcpListener,
+}
+
+impl Server {
+    /// Opens the store and bus and binds both listeners.
+    pub async fn bind(config: Config) -> anyhow::Result<Server> {
+        let store = store::open(&config.db, config.durability)
+            .await
+            .with_context(|| format!("could not open the database {}", config.db))?;
+        let bus = bus::open(&config.bus, store.clone(), config.durability);
+        let hub = Hub::new(
+            config.instance_name(),
+            config.limits(),
+            store.clone(),
+            bus.clone(),
+        );
+        let tcp = TcpListener::bind(config.tcp).await.with_context(|| {
+            format!(
+                "could not listen for TCP on {} (is another daemon running?)",
+                config.tcp
+            )
+        })?;
+        let http = TcpListener::bind(config.http).await.with_context(|| {
+            format!(
+                "could not listen for HTTP on {} (is another daemon running?)",
+                config.http
+            )
+        })?;
+        Ok(Server {
+            config,
+            hub,
+            store,
+            bus,
+            tcp,
+            http,
+        })
+    }
+
+    /// The bound TCP address (the real port when 0 was asked).
+    pub fn tcp_addr(&self) -> SocketAddr {
+        self.tcp
+            .local_addr()
+            .expect("a bound listener has an address")
+    }
+
+    /// The bound HTTP address.
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http
+            .local_addr()
+            .expect("a bound listener has an address")
+    }
+
+    /// Serves until `shutdown` completes, then stops gracefully: no new
+    /// connections, every session told, the store writer flushed.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+        let (tcp_addr, http_addr) = (self.tcp_addr(), self.http_addr());
+        let token = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let connections = Arc::new(Semaphore::new(self.config.max_conns as usize));
+
+        self.bus.start(Arc::new(self.hub.clone()));
+        let tcp = TcpAdapter {
+            hub: self.hub.clone(),
+            max_line: self.config.max_line as usize,
+            connections: connections.clone(),
+            shutdown: token.clone(),
+            tracker: tracker.clone(),
+        };
+        let http = HttpAdapter {
+            hub: self.hub.clone(),
+            connections,
+            shutdown: token.clone(),
+            tracker: tracker.clone(),
+            header_timeout: self.config.header_timeout(),
+        };
+        tracker.spawn(tcp.serve(self.tcp));
+        tracker.spawn(http.serve(self.http));
+        tracing::info!(
+            instance = self.hub.instance(),
+            db = self.store.engine(),
+            bus = self.bus.name(),
+            "listening tcp={tcp_addr} http={http_addr}"
+        );
+
+        shutdown.await;
+        tracing::info!("shutting down");
+        token.cancel();
+        self.hub.shutdown();
+        tracker.close();
+        if tokio::time::timeout(DRAIN, tracker.wait()).await.is_err() {
+            tracing::warn!("some connections did not close in time");
+        }
+        if tokio::time::timeout(FLUSH, self.bus.close()).await.is_err() {
+            tracing::error!("the store writer did not flush in time; recent messages may be lost");
+        }
+        self.store.close().await;
+        tracing::info!("stopped");
+        Ok(())
+    }
+}

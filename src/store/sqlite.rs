@@ -1,0 +1,177 @@
+//! SQLite: the default store, one file, nothing to install.
+//!
+//! WAL mode lets history reads run while the writer commits. `synchronous` is
+//! NORMAL in async durability (a commit survives a crash of the daemon, not of
+//! the machine) and FULL in sync durability (it survives both).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
+use sqlx::{QueryBuilder, Sqlite};
+
+use super::{Durability, Store, StoreError};
+use crate::core::{Message, RoomName};
+
+/// SQLite's limit on bound parameters is 32,766; seven per row keeps a batch
+/// of this size well inside it.
+const ROWS_PER_INSERT: usize = 1_000;
+
+/// Messages in an SQLite file.
+#[derive(Debug, Clone)]
+pub struct SqliteStore {
+    pool: SqlitePool,
+}
+
+/// A message as stored.
+#[derive(sqlx::FromRow)]
+pub(crate) struct StoredRow {
+    room: String,
+    seq: i64,
+    id: String,
+    nick: String,
+    text: String,
+    kind: String,
+    ts: i64,
+}
+
+impl TryFrom<StoredRow> for Message {
+    type Error = StoreError;
+
+    fn try_from(row: StoredRow) -> Result<Self, StoreError> {
+        let corrupt =
+            |what: &str| StoreError::Corrupt(format!("{what} in {}:{}", row.room, row.seq));
+        Ok(Message {
+            room: RoomName::parse(&row.room).map_err(|_| corrupt("room"))?,
+            seq: u64::try_from(row.seq).map_err(|_| corrupt("seq"))?,
+            id: row.id.parse().map_err(|_| corrupt("id"))?,
+            nick: crate::core::Nick::parse(&row.nick).map_err(|_| corrupt("nick"))?,
+            kind: crate::core::MessageKind::from_stored(&row.kind),
+            ts: crate::core::Timestamp(row.ts),
+            text: row.text,
+        })
+    }
+}
+
+/// Converts rows, stopping at the first corrupt one.
+pub(crate) fn messages(rows: Vec<StoredRow>) -> Result<Vec<Message>, StoreError> {
+    rows.into_iter().map(Message::try_from).collect()
+}
+
+/// Seq numbers are u64 in the protocol and i64 in SQL; real values never reach 2^63.
+pub(crate) fn sql_seq(seq: u64) -> i64 {
+    i64::try_from(seq).unwrap_or(i64::MAX)
+}
+
+impl SqliteStore {
+    /// Opens (creating if missing) and migrates the database.
+    pub async fn open(
+        options: SqliteConnectOptions,
+        durability: Durability,
+    ) -> Result<Self, StoreError> {
+        let synchronous = match durability {
+            Durability::Async => SqliteSynchronous::Normal,
+            Durability::Sync => SqliteSynchronous::Full,
+        };
+        let options = options
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(synchronous)
+            .busy_timeout(Duration::from_secs(5));
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(options)
+            .await?;
+        sqlx::migrate!("migrations/sqlite").run(&pool).await?;
+        Ok(SqliteStore { pool })
+    }
+
+    /// The pool, for the poll bus that shares this database.
+    pub fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    fn engine(&self) -> &'static str {
+        "sqlite"
+    }
+
+    async fn append(&self, batch: &[Arc<Message>]) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        for chunk in batch.chunks(ROWS_PER_INSERT) {
+            let mut insert: QueryBuilder<Sqlite> =
+                QueryBuilder::new("INSERT INTO messages (room, seq, id, nick, text, kind, ts) ");
+            insert.push_values(chunk, |mut row, m| {
+                row.push_bind(m.room.as_str())
+                    .push_bind(sql_seq(m.seq))
+                    .push_bind(m.id.to_string())
+                    .push_bind(m.nick.as_str())
+                    .push_bind(m.text.as_str())
+                    .push_bind(m.kind.as_str())
+                    .push_bind(m.ts.0);
+            });
+            insert.push(" ON CONFLICT DO NOTHING");
+            insert.build().execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn last_seq(&self, room: &RoomName) -> Result<u64, StoreError> {
+        let seq: Option<i64> = sqlx::query_scalar("SELECT MAX(seq) FROM messages WHERE room = ?")
+            .bind(room.as_str())
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(seq.map_or(0, |s| s.max(0) as u64))
+    }
+
+    async fn page(
+        &self,
+        room: &RoomName,
+        before: Option<u64>,
+        limit: u32,
+    ) -> Result<Vec<Message>, StoreError> {
+        let rows: Vec<StoredRow> = sqlx::query_as(
+            "SELECT room, seq, id, nick, text, kind, ts FROM messages
+             WHERE room = ? AND seq < ? ORDER BY seq DESC LIMIT ?",
+        )
+        .bind(room.as_str())
+        .bind(before.map_or(i64::MAX, sql_seq))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        messages(rows)
+    }
+
+    async fn since(
+        &self,
+        room: &RoomName,
+        after: u64,
+        limit: u32,
+    ) -> Result<Vec<Message>, StoreError> {
+        let rows: Vec<StoredRow> = sqlx::query_as(
+            "SELECT room, seq, id, nick, text, kind, ts FROM messages
+             WHERE room = ? AND seq > ? ORDER BY seq ASC LIMIT ?",
+        )
+        .bind(room.as_str())
+        .bind(sql_seq(after))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        messages(rows)
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    async fn close(&self) {
+        self.pool.close().await;
+    }
+}
