@@ -1,0 +1,215 @@
+//! Test harness: starts the real `baby-discord` binary on port 0 and talks to
+//! it over real sockets.
+#![allow(dead_code)] // each test file uses a different part of the harness
+
+use std::net::SocketAddr;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::process::{Child, Command};
+
+/// How long any single expected event may take.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+/// A running daemon. Killed when dropped.
+pub struct Daemon {
+    child: Child,
+    /// TCP adapter address.
+    pub tcp: SocketAddr,
+    /// HTTP adapter address.
+    pub http: SocketAddr,
+    /// Everything the daemon logged, for failure messages.
+    pub log: Arc<Mutex<Vec<String>>>,
+}
+
+/// A fresh directory for a test's database.
+pub fn temp_dir() -> tempfile::TempDir {
+    tempfile::tempdir().expect("a temporary directory")
+}
+
+/// An SQLite URL for a file in `dir`.
+pub fn sqlite_url(dir: &tempfile::TempDir) -> String {
+    format!("sqlite://{}", dir.path().join("chat.db").display())
+}
+
+impl Daemon {
+    /// Starts a daemon on free ports with `args` (which should include `--db`).
+    pub async fn start(args: &[&str]) -> Daemon {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_baby-discord"))
+            .args(["--tcp", "127.0.0.1:0", "--http", "127.0.0.1:0"])
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("the daemon binary starts");
+        let stderr = child.stderr.take().expect("stderr is piped");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (addrs_tx, addrs_rx) = tokio::sync::oneshot::channel();
+        let sink = log.clone();
+        // Keep draining stderr for the daemon's whole life, or it blocks on logging.
+        tokio::spawn(async move {
+            let mut addrs_tx = Some(addrs_tx);
+            let mut lines = BufReader::new(stderr).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                if let Some(addrs) = parse_listening(&line) {
+                    if let Some(tx) = addrs_tx.take() {
+                        let _ = tx.send(addrs);
+                    }
+                }
+                sink.lock().unwrap().push(line);
+            }
+        });
+        let (tcp, http) = match tokio::time::timeout(Duration::from_secs(30), addrs_rx).await {
+            Ok(Ok(addrs)) => addrs,
+            _ => panic!("daemon did not start: {:?}", log.lock().unwrap()),
+        };
+        Daemon {
+            child,
+            tcp,
+            http,
+            log,
+        }
+    }
+
+    /// Sends SIGTERM and returns the exit code.
+    pub async fn terminate(mut self) -> Option<i32> {
+        let pid = self.child.id().expect("the daemon is running");
+        let status = std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(status.success());
+        let status = tokio::time::timeout(Duration::from_secs(20), self.child.wait())
+            .await
+            .expect("the daemon stops within 20 s of SIGTERM")
+            .expect("wait works");
+        status.code()
+    }
+
+    /// The log so far, one string.
+    pub fn logs(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+}
+
+fn parse_listening(line: &str) -> Option<(SocketAddr, SocketAddr)> {
+    let at = line.find("listening tcp=")?;
+    let rest = &line[at + "listening tcp=".len()..];
+    let mut words = rest.split_whitespace();
+    let tcp = words.next()?.parse().ok()?;
+    let http = words.next()?.strip_prefix("http=")?;
+    let http = http
+        .trim_end_matches(|c: char| !c.is_ascii_digit())
+        .parse()
+        .ok()?;
+    Some((tcp, http))
+}
+
+/// A netcat-like client.
+pub struct Client {
+    reader: BufReader<OwnedReadHalf>,
+    writer: OwnedWriteHalf,
+}
+
+impl Client {
+    /// Connects and reads the welcome line.
+    pub async fn connect(addr: SocketAddr) -> Client {
+        let stream = TcpStream::connect(addr).await.expect("connects");
+        let (read, writer) = stream.into_split();
+        let mut client = Client {
+            reader: BufReader::new(read),
+            writer,
+        };
+        let welcome = client.line().await.expect("a welcome line");
+        assert!(
+            welcome.starts_with("* welcome to baby-discord"),
+            "{welcome}"
+        );
+        client
+    }
+
+    /// Connects, switches to JSON and takes `nick`.
+    pub async fn json(addr: SocketAddr, nick: &str) -> Client {
+        let mut c = Client::connect(addr).await;
+        c.send("/format json").await;
+        c.expect(|v| v["type"] == "reply" && v["command"] == "format")
+            .await;
+        c.send(&format!("/nick {nick}")).await;
+        c.expect(|v| v["type"] == "nick" && v["new"] == nick).await;
+        c
+    }
+
+    /// Connects in JSON mode, takes `nick` and joins `room`.
+    pub async fn in_room(addr: SocketAddr, nick: &str, room: &str) -> Client {
+        let mut c = Client::json(addr, nick).await;
+        c.send(&format!("/join {room}")).await;
+        c.expect(|v| v["type"] == "join" && v["nick"] == nick).await;
+        c
+    }
+
+    /// Sends one line.
+    pub async fn send(&mut self, line: &str) {
+        self.send_raw(format!("{line}\n").as_bytes()).await;
+    }
+
+    /// Sends raw bytes.
+    pub async fn send_raw(&mut self, bytes: &[u8]) {
+        self.writer.write_all(bytes).await.expect("write");
+    }
+
+    /// The next line, `None` at end of stream. Panics after [`WAIT`].
+    pub async fn line(&mut self) -> Option<String> {
+        let mut line = String::new();
+        let n = tokio::time::timeout(WAIT, self.reader.read_line(&mut line))
+            .await
+            .expect("a line within the wait")
+            .expect("read");
+        (n > 0).then(|| line.trim_end_matches(['\r', '\n']).to_owned())
+    }
+
+    /// The next line as JSON.
+    pub async fn event(&mut self) -> Value {
+        let line = self.line().await.expect("an event, not end of stream");
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"))
+    }
+
+    /// Reads events until one matches, returning it.
+    pub async fn expect(&mut self, matches: impl Fn(&Value) -> bool) -> Value {
+        loop {
+            let event = self.event().await;
+            if matches(&event) {
+                return event;
+            }
+        }
+    }
+
+    /// Reads events until an `error`, which must have `code`.
+    pub async fn expect_error(&mut self, code: &str) -> Value {
+        let e = self.expect(|v| v["type"] == "error").await;
+        assert_eq!(e["code"], code, "{e}");
+        e
+    }
+
+    /// Reads everything until the server closes, with a deadline.
+    pub async fn read_to_end(&mut self) -> String {
+        let mut rest = Vec::new();
+        tokio::time::timeout(Duration::from_secs(30), self.reader.read_to_end(&mut rest))
+            .await
+            .expect("the server closes within 30 s")
+            .expect("read");
+        String::from_utf8_lossy(&rest).into_owned()
+    }
+
+    /// Splits into halves, for tests that read and write concurrently.
+    pub fn split(self) -> (BufReader<OwnedReadHalf>, OwnedWriteHalf) {
+        (self.reader, self.writer)
+    }
+}
