@@ -4,6 +4,7 @@
 //! instances that share a database across hosts. SQL lives in `migrations/`, one
 //! folder per engine, applied on start.
 
+mod postgres;
 mod sqlite;
 mod writer;
 
@@ -14,6 +15,7 @@ use async_trait::async_trait;
 
 use crate::core::{Message, RoomName};
 
+pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
 pub use writer::{Writer, WriterTask};
 
@@ -85,6 +87,10 @@ pub async fn open(url: &str, durability: Durability) -> Result<Arc<dyn Store>, S
     if url.starts_with("sqlite:") {
         let options = sqlx::sqlite::SqliteConnectOptions::from_str(url)?;
         return Ok(Arc::new(SqliteStore::open(options, durability).await?));
+    }
+    if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+        let options = sqlx::postgres::PgConnectOptions::from_str(url)?;
+        return Ok(Arc::new(PostgresStore::open(options).await?));
     }
     Err(StoreError::UnsupportedUrl(url.to_owned()))
 }

@@ -213,3 +213,79 @@ impl Client {
         (self.reader, self.writer)
     }
 }
+
+/// Whether tests must fail, not skip, when a service is missing.
+pub fn services_required() -> bool {
+    std::env::var("BABY_REQUIRE_SERVICES").is_ok_and(|v| v == "1")
+}
+
+/// Skips (prints why and returns `None`) or fails, as `BABY_REQUIRE_SERVICES` says.
+pub fn missing_service(what: &str, why: impl std::fmt::Display) -> Option<PgDatabase> {
+    if services_required() {
+        panic!("{what} is required (BABY_REQUIRE_SERVICES=1) but unavailable: {why}");
+    }
+    eprintln!("SKIPPED: {what} unavailable ({why}); set BABY_TEST_PG to run this test");
+    None
+}
+
+/// A fresh PostgreSQL database for one test, dropped by [`PgDatabase::drop_now`].
+pub struct PgDatabase {
+    /// URL of the new database.
+    pub url: String,
+    admin: String,
+    name: String,
+}
+
+impl PgDatabase {
+    /// Creates a database on the server of `BABY_TEST_PG` (default: the local
+    /// server), or skips/fails when there is none.
+    pub async fn create() -> Option<PgDatabase> {
+        use sqlx::Connection;
+        let admin = std::env::var("BABY_TEST_PG")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned());
+        let mut conn =
+            match tokio::time::timeout(Duration::from_secs(5), sqlx::PgConnection::connect(&admin))
+                .await
+            {
+                Ok(Ok(conn)) => conn,
+                Ok(Err(e)) => return missing_service("PostgreSQL", e),
+                Err(_) => return missing_service("PostgreSQL", "connect timed out"),
+            };
+        let name = format!("baby_test_{:016x}", rand_u64());
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&mut conn)
+            .await
+            .expect("CREATE DATABASE");
+        let base = admin.rsplit_once('/').map_or(admin.as_str(), |(b, _)| b);
+        Some(PgDatabase {
+            url: format!("{base}/{name}"),
+            admin,
+            name,
+        })
+    }
+
+    /// Drops the database (call at the end of the test).
+    pub async fn drop_now(self) {
+        use sqlx::Connection;
+        if let Ok(mut conn) = sqlx::PgConnection::connect(&self.admin).await {
+            let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                self.name
+            )))
+            .execute(&mut conn)
+            .await;
+        }
+    }
+}
+
+fn rand_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos(),
+    );
+    h.finish()
+}
