@@ -112,6 +112,10 @@ pub struct Config {
     #[arg(long, env = "BABY_MAX_CONNS", default_value_t = 100_000, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_conns: u32,
 
+    /// How often the poll bus reads the database for other instances' messages (ms).
+    #[arg(long, env = "BABY_POLL_INTERVAL", default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..))]
+    pub poll_interval: u64,
+
     /// Log format (filter with RUST_LOG, e.g. RUST_LOG=baby_discord=debug).
     #[arg(long, env = "BABY_LOG_FORMAT", value_enum, default_value = "human")]
     pub log_format: LogFormat,

@@ -39,13 +39,20 @@ impl Server {
         let store = store::open(&config.db, config.durability)
             .await
             .with_context(|| format!("could not open the database {}", config.db))?;
-        let bus = bus::open(&config.bus, store.clone(), config.durability);
-        let hub = Hub::new(
-            config.instance_name(),
-            config.limits(),
-            store.clone(),
-            bus.clone(),
-        );
+        let instance = config.instance_name();
+        let bus = bus::open(
+            &config.bus,
+            bus::BusOptions {
+                store: store.clone(),
+                db_url: &config.db,
+                durability: config.durability,
+                instance: &instance,
+                poll_interval: Duration::from_millis(config.poll_interval),
+            },
+        )
+        .await
+        .context("could not start the bus")?;
+        let hub = Hub::new(instance, config.limits(), store.clone(), bus.clone());
         let tcp = TcpListener::bind(config.tcp).await.with_context(|| {
             format!(
                 "could not listen for TCP on {} (is another daemon running?)",

@@ -80,7 +80,7 @@ impl TcpAdapter {
             return;
         };
         let _ = stream.set_nodelay(true);
-        let session = match self.hub.connect(None, Replies::Outbox, None) {
+        let session = match self.hub.connect(None, Replies::Outbox, None).await {
             Ok(session) => session,
             Err(refusal) => {
                 let event = Event::error(refusal.code, refusal.message);

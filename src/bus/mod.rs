@@ -7,24 +7,33 @@
 //! per room.
 //!
 //! - `local`: one instance; an in-memory counter per room, seeded from the store.
-//! - `poll` and `redis://` connect several instances (later files beside this one).
+//! - `poll`: instances share the database, which orders every room.
+//! - `redis://` (later, a file beside these).
+//!
+//! A bus that connects instances also offers a [`Directory`]: the cluster's
+//! view of nicks and room membership. The local bus has none; the hub's own
+//! state is then the whole truth.
 
 mod local;
+mod poll;
 
 use std::sync::Arc;
 
 use async_trait::async_trait;
 
-use crate::core::{Draft, Message};
+use crate::core::{DirectMessage, Draft, Message, Nick, RoomCount, RoomName};
 use crate::store::{Durability, Store};
 
 pub use local::LocalBus;
+pub use poll::{LEASE, PollBus};
 
 /// What travels from the bus to an instance.
 #[derive(Debug, Clone)]
 pub enum Envelope {
     /// A sequenced room message.
     Message(Arc<Message>),
+    /// A direct message for a local user, from another instance.
+    Dm(Arc<DirectMessage>),
 }
 
 /// Why the bus could not do what was asked.
@@ -36,6 +45,9 @@ pub enum BusError {
     /// The bus is stopping.
     #[error("the bus is closed")]
     Closed,
+    /// The bus's last attempt to reach the other instances failed.
+    #[error("the bus cannot reach the other instances")]
+    Unreachable,
 }
 
 /// Which bus `--bus` asked for.
@@ -43,6 +55,8 @@ pub enum BusError {
 pub enum BusSpec {
     /// One instance.
     Local,
+    /// Instances sharing the database (`--db`), polling it.
+    Poll,
 }
 
 impl std::str::FromStr for BusSpec {
@@ -51,13 +65,11 @@ impl std::str::FromStr for BusSpec {
     fn from_str(s: &str) -> Result<Self, String> {
         match s {
             "local" => Ok(BusSpec::Local),
-            "poll" => {
-                Err("--bus poll is not built yet; this version supports only --bus local".into())
+            "poll" => Ok(BusSpec::Poll),
+            s if s.starts_with("redis://") || s.starts_with("valkey://") => {
+                Err("--bus redis:// is not built yet; use --bus local or --bus poll".into())
             }
-            s if s.starts_with("redis://") || s.starts_with("valkey://") => Err(
-                "--bus redis:// is not built yet; this version supports only --bus local".into(),
-            ),
-            other => Err(format!("unknown bus {other:?}: use local")),
+            other => Err(format!("unknown bus {other:?}: use local or poll")),
         }
     }
 }
@@ -88,11 +100,64 @@ pub trait Bus: Send + Sync + 'static {
 
     /// Stops publishing and waits until everything published is durable.
     async fn close(&self);
+
+    /// The cluster's directory of nicks and rooms; `None` when this instance
+    /// is the whole cluster.
+    fn directory(&self) -> Option<&dyn Directory> {
+        None
+    }
 }
 
-/// Builds the bus `spec` names over `store`.
-pub fn open(spec: &BusSpec, store: Arc<dyn Store>, durability: Durability) -> Arc<dyn Bus> {
-    match spec {
-        BusSpec::Local => Arc::new(LocalBus::new(store, durability)),
-    }
+/// Who is where across the cluster. Each call is one short database or
+/// network round trip; the hub never makes one while holding its lock.
+#[async_trait]
+pub trait Directory: Send + Sync {
+    /// Takes `nick` for this instance; false if a live instance holds it.
+    async fn claim_nick(&self, nick: &Nick) -> Result<bool, BusError>;
+    /// Gives `nick` up (and its room memberships).
+    async fn release_nick(&self, nick: &Nick) -> Result<(), BusError>;
+    /// Moves memberships from `old` to `new` (already claimed) and frees `old`.
+    async fn renamed(&self, old: &Nick, new: &Nick) -> Result<(), BusError>;
+    /// Records a membership, and watches the room from `delivered` (the last
+    /// seq this instance has delivered in it) on.
+    async fn joined(&self, room: &RoomName, nick: &Nick, delivered: u64) -> Result<(), BusError>;
+    /// Removes a membership.
+    async fn left(&self, room: &RoomName, nick: &Nick) -> Result<(), BusError>;
+    /// A room's members on every live instance, by nick.
+    async fn members(&self, room: &RoomName) -> Result<Vec<Nick>, BusError>;
+    /// Rooms with members on live instances, by name.
+    async fn rooms(&self) -> Result<Vec<RoomCount>, BusError>;
+    /// Sends a DM to the instance that holds `dm.to`; returns the recipient's
+    /// nick as registered, or `None` if nobody live holds it.
+    async fn send_dm(&self, dm: &DirectMessage) -> Result<Option<Nick>, BusError>;
+}
+
+/// What opening a bus needs besides its spec.
+pub struct BusOptions<'a> {
+    /// The store (and, for `poll`, the `--db` URL it was opened with).
+    pub store: Arc<dyn Store>,
+    /// `--db`.
+    pub db_url: &'a str,
+    /// `--durability`.
+    pub durability: Durability,
+    /// This instance's name.
+    pub instance: &'a str,
+    /// `--poll-interval`.
+    pub poll_interval: std::time::Duration,
+}
+
+/// Builds the bus `spec` names.
+pub async fn open(spec: &BusSpec, options: BusOptions<'_>) -> Result<Arc<dyn Bus>, BusError> {
+    Ok(match spec {
+        BusSpec::Local => Arc::new(LocalBus::new(options.store, options.durability)),
+        BusSpec::Poll => Arc::new(
+            PollBus::open(
+                options.db_url,
+                options.instance,
+                options.store,
+                options.poll_interval,
+            )
+            .await?,
+        ),
+    })
 }

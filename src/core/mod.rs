@@ -45,6 +45,7 @@ impl Deliver for Hub {
     fn deliver(&self, envelope: Envelope) {
         match envelope {
             Envelope::Message(message) => self.deliver_message(message),
+            Envelope::Dm(dm) => self.deliver_dm(dm),
         }
     }
 }
@@ -189,12 +190,13 @@ impl Hub {
 
     /// Opens a session. `nick` is the one asked for (a guest nick if `None`);
     /// `token` is the HTTP session token, shown in the welcome event.
-    pub fn connect(
+    pub async fn connect(
         &self,
         nick: Option<Nick>,
         replies: Replies,
         token: Option<String>,
     ) -> Result<SessionHandle, Refusal> {
+        let nick = self.claim_initial_nick(nick).await?;
         let (outbox, events) = mpsc::channel(self.shared.limits.queue.max(1));
         let (end, ended) = oneshot::channel();
         let mut state = self.lock();
@@ -204,16 +206,10 @@ impl Hub {
                 "the server is shutting down",
             ));
         }
-        let nick = match nick {
-            Some(nick) if state.nicks.contains_key(&nick.key()) => {
-                return Err(Refusal::new(
-                    ErrorCode::NickTaken,
-                    format!("{nick} is taken; pick another"),
-                ));
-            }
-            Some(nick) => nick,
-            None => guest_nick(&state.nicks),
-        };
+        if state.nicks.contains_key(&nick.key()) {
+            // Another local session took it while we asked the cluster.
+            return Err(taken(&nick));
+        }
         let id = SessionId(self.shared.next_id.fetch_add(1, Ordering::Relaxed));
         let welcome = Event::new(EventBody::Welcome {
             nick: nick.clone(),
@@ -243,6 +239,37 @@ impl Hub {
         })
     }
 
+    /// The nick a new session asked for, or a free guest nick, claimed
+    /// cluster-wide when there is a cluster.
+    async fn claim_initial_nick(&self, asked: Option<Nick>) -> Result<Nick, Refusal> {
+        let directory = self.shared.bus.directory();
+        if let Some(nick) = asked {
+            if self.lock().nicks.contains_key(&nick.key()) {
+                return Err(taken(&nick));
+            }
+            if let Some(directory) = directory {
+                if !directory.claim_nick(&nick).await.map_err(bus_down)? {
+                    return Err(taken(&nick));
+                }
+            }
+            return Ok(nick);
+        }
+        for _ in 0..16 {
+            let guest = guest_nick(&self.lock().nicks);
+            match directory {
+                None => return Ok(guest),
+                Some(directory) if directory.claim_nick(&guest).await.map_err(bus_down)? => {
+                    return Ok(guest);
+                }
+                Some(_) => continue,
+            }
+        }
+        Err(Refusal::new(
+            ErrorCode::Unavailable,
+            "no free guest nick; try again",
+        ))
+    }
+
     /// Carries out one command. Returns the events it produced for the caller
     /// when the session's replies go to the caller (HTTP); otherwise they are
     /// already in the session's outbox and the result is empty.
@@ -250,15 +277,16 @@ impl Hub {
         let answer = match command {
             Command::Say(text) => self.say_answer(id, text, MessageKind::Text).await,
             Command::Me(text) => self.say_answer(id, text, MessageKind::Action).await,
-            Command::Nick(nick) => self.rename(id, nick),
+            Command::Nick(nick) => self.rename(id, nick).await,
             Command::Join(room) => self.join(id, room).await,
-            Command::Leave(room) => self.leave(id, room),
+            Command::Leave(room) => self.leave(id, room).await,
             Command::Switch(room) => self.switch(id, room),
-            Command::Rooms => Answer::reply(Reply::Rooms {
-                rooms: self.rooms(),
-            }),
-            Command::Who(room) => self.who(id, room),
-            Command::Msg { to, text } => self.direct_message(id, to, text),
+            Command::Rooms => match self.room_list().await {
+                Ok(rooms) => Answer::reply(Reply::Rooms { rooms }),
+                Err(r) => Answer::refusal(r),
+            },
+            Command::Who(room) => self.who(id, room).await,
+            Command::Msg { to, text } => self.direct_message(id, to, text).await,
             Command::History(n) => self.history(id, n).await,
             Command::Format(format) => Answer::reply(Reply::Format { format }),
             Command::Help => Answer::reply(Reply::Help {
@@ -356,7 +384,42 @@ impl Hub {
         )
     }
 
-    fn rename(&self, id: SessionId, new: Nick) -> Answer {
+    async fn rename(&self, id: SessionId, new: Nick) -> Answer {
+        let directory = self.shared.bus.directory();
+        let old = {
+            let state = self.lock();
+            let Some(session) = state.sessions.get(&id) else {
+                return Answer::default();
+            };
+            let free = new.key() == session.nick.key() || !state.nicks.contains_key(&new.key());
+            if !free {
+                return Answer::refusal(taken(&new));
+            }
+            session.nick.clone()
+        };
+        if let Some(directory) = directory {
+            match directory.claim_nick(&new).await {
+                Ok(true) => {}
+                Ok(false) => return Answer::refusal(taken(&new)),
+                Err(err) => return Answer::refusal(bus_down(err)),
+            }
+        }
+        let answer = self.apply_rename(id, new.clone());
+        if let Some(directory) = directory {
+            let renamed = answer
+                .0
+                .iter()
+                .any(|(e, _)| matches!(e.body(), EventBody::Nick { .. }));
+            if renamed && old.key() != new.key() {
+                if let Err(err) = directory.renamed(&old, &new).await {
+                    tracing::warn!(cause = %err, "could not move presence to the new nick");
+                }
+            }
+        }
+        answer
+    }
+
+    fn apply_rename(&self, id: SessionId, new: Nick) -> Answer {
         let mut state = self.lock();
         let State {
             sessions,
@@ -372,10 +435,7 @@ impl Hub {
         }
         let old = session.nick.clone();
         if new.key() != old.key() && nicks.contains_key(&new.key()) {
-            return Answer::refusal(Refusal::new(
-                ErrorCode::NickTaken,
-                format!("{new} is taken; pick another"),
-            ));
+            return Answer::refusal(taken(&new));
         }
         nicks.remove(&old.key());
         nicks.insert(new.key(), id);
@@ -411,12 +471,30 @@ impl Hub {
                 }
             }
         };
+        let (answer, joined) = self.apply_join(id, room, stored);
+        if let (Some((room, nick, delivered)), Some(directory)) =
+            (joined, self.shared.bus.directory())
+        {
+            if let Err(err) = directory.joined(&room, &nick, delivered).await {
+                tracing::warn!(cause = %err, %room, "could not record the join cluster-wide");
+            }
+        }
+        answer
+    }
+
+    /// The locked part of a join; also returns what the directory must record.
+    fn apply_join(
+        &self,
+        id: SessionId,
+        room: RoomName,
+        stored: Vec<Message>,
+    ) -> (Answer, Option<(RoomName, Nick, u64)>) {
         let mut state = self.lock();
         let State {
             sessions, rooms, ..
         } = &mut *state;
         let Some(session) = sessions.get_mut(&id) else {
-            return Answer::default();
+            return (Answer::default(), None);
         };
         let entry = rooms.entry(room.clone()).or_insert_with(|| Room {
             members: BTreeSet::new(),
@@ -424,10 +502,12 @@ impl Hub {
         });
         session.current = Some(room.clone());
         if session.rooms.contains(&room) {
-            return Answer::reply(Reply::Switch { room });
+            return (Answer::reply(Reply::Switch { room }), None);
         }
         session.rooms.insert(room.clone());
         entry.members.insert(id);
+        let room_name = room.clone();
+        let nick = session.nick.clone();
         let event = Event::new(EventBody::Join {
             room,
             nick: session.nick.clone(),
@@ -440,11 +520,26 @@ impl Hub {
                 .0
                 .push((Event::message(message.clone()), Delivery::Direct));
         }
+        let delivered = entry.history.last_seq();
         self.reap(&mut state, failed);
+        (answer, Some((room_name, nick, delivered)))
+    }
+
+    async fn leave(&self, id: SessionId, room: Option<RoomName>) -> Answer {
+        let answer = self.apply_leave(id, room);
+        if let Some(directory) = self.shared.bus.directory() {
+            for (event, _) in &answer.0 {
+                if let EventBody::Leave { room, nick } = event.body() {
+                    if let Err(err) = directory.left(room, nick).await {
+                        tracing::warn!(cause = %err, %room, "could not record the leave cluster-wide");
+                    }
+                }
+            }
+        }
         answer
     }
 
-    fn leave(&self, id: SessionId, room: Option<RoomName>) -> Answer {
+    fn apply_leave(&self, id: SessionId, room: Option<RoomName>) -> Answer {
         let mut state = self.lock();
         let State {
             sessions, rooms, ..
@@ -487,7 +582,15 @@ impl Hub {
         Answer::reply(Reply::Switch { room })
     }
 
-    /// Rooms that have members, with their member counts, by name.
+    /// Rooms that have members on any instance, with member counts, by name.
+    pub async fn room_list(&self) -> Result<Vec<RoomCount>, Refusal> {
+        match self.shared.bus.directory() {
+            Some(directory) => directory.rooms().await.map_err(bus_down),
+            None => Ok(self.rooms()),
+        }
+    }
+
+    /// Rooms that have members on this instance, with member counts, by name.
     pub fn rooms(&self) -> Vec<RoomCount> {
         let state = self.lock();
         let mut rooms: Vec<RoomCount> = state
@@ -503,15 +606,24 @@ impl Hub {
         rooms
     }
 
-    fn who(&self, id: SessionId, room: Option<RoomName>) -> Answer {
+    async fn who(&self, id: SessionId, room: Option<RoomName>) -> Answer {
+        let room = {
+            let state = self.lock();
+            let Some(session) = state.sessions.get(&id) else {
+                return Answer::default();
+            };
+            match room.or_else(|| session.current.clone()) {
+                Some(room) => room,
+                None => return Answer::refusal(no_room()),
+            }
+        };
+        if let Some(directory) = self.shared.bus.directory() {
+            return match directory.members(&room).await {
+                Ok(members) => Answer::reply(Reply::Who { room, members }),
+                Err(err) => Answer::refusal(bus_down(err)),
+            };
+        }
         let state = self.lock();
-        let Some(session) = state.sessions.get(&id) else {
-            return Answer::default();
-        };
-        let room = match room.or_else(|| session.current.clone()) {
-            Some(room) => room,
-            None => return Answer::refusal(no_room()),
-        };
         let mut members: Vec<Nick> = state
             .rooms
             .get(&room)
@@ -524,26 +636,69 @@ impl Hub {
         Answer::reply(Reply::Who { room, members })
     }
 
-    fn direct_message(&self, id: SessionId, to: Nick, text: Text) -> Answer {
+    async fn direct_message(&self, id: SessionId, to: Nick, text: Text) -> Answer {
+        let remote = match self.local_direct_message(id, &to, text) {
+            Ok(answer) => return answer,
+            Err(remote) => remote,
+        };
+        let Some(directory) = self.shared.bus.directory() else {
+            return Answer::refusal(no_such_nick(&to));
+        };
+        match directory.send_dm(&remote).await {
+            Ok(Some(recipient)) => {
+                let ts = remote.ts;
+                let dm = Arc::new(DirectMessage {
+                    to: recipient.clone(),
+                    ..remote
+                });
+                let event = Event::at(
+                    EventBody::Dm {
+                        dm,
+                        peer: recipient,
+                    },
+                    ts,
+                );
+                let mut state = self.lock();
+                let mut failed = Undeliverable::default();
+                fan_out(&state.sessions, [&id], &event, &mut failed);
+                self.reap(&mut state, failed);
+                Answer(vec![(event, Delivery::Echo)])
+            }
+            Ok(None) => Answer::refusal(no_such_nick(&to)),
+            Err(err) => Answer::refusal(bus_down(err)),
+        }
+    }
+
+    /// Delivers a DM whose recipient is on this instance. When the recipient is
+    /// elsewhere, returns the message for the directory to route instead.
+    fn local_direct_message(
+        &self,
+        id: SessionId,
+        to: &Nick,
+        text: Text,
+    ) -> Result<Answer, DirectMessage> {
         let mut state = self.lock();
         let State {
             sessions, nicks, ..
         } = &mut *state;
         let Some(session) = sessions.get_mut(&id) else {
-            return Answer::default();
+            return Ok(Answer::default());
         };
         if !session.bucket.try_take() {
-            return Answer::refusal(self.rate_limited());
+            return Ok(Answer::refusal(self.rate_limited()));
         }
         let from = session.nick.clone();
         let Some((&target, recipient)) = nicks
             .get(&to.key())
             .and_then(|t| sessions.get(t).map(|s| (t, s.nick.clone())))
         else {
-            return Answer::refusal(Refusal::new(
-                ErrorCode::NoSuchNick,
-                format!("nobody is called {to}"),
-            ));
+            return Err(DirectMessage {
+                id: Uuid::now_v7(),
+                from,
+                to: to.clone(),
+                text: text.into_string(),
+                ts: Timestamp::now(),
+            });
         };
         let dm = Arc::new(DirectMessage {
             id: Uuid::now_v7(),
@@ -576,7 +731,7 @@ impl Hub {
             to_sender
         };
         self.reap(&mut state, failed);
-        Answer(vec![(echo, Delivery::Echo)])
+        Ok(Answer(vec![(echo, Delivery::Echo)]))
     }
 
     async fn history(&self, id: SessionId, n: u16) -> Answer {
@@ -616,6 +771,19 @@ impl Hub {
             .map(|m| (Event::message(m), Delivery::Direct))
             .collect();
         Answer(events)
+    }
+
+    fn deliver_dm(&self, dm: Arc<DirectMessage>) {
+        let mut state = self.lock();
+        let Some(&target) = state.nicks.get(&dm.to.key()) else {
+            return; // gone since the sender looked
+        };
+        let ts = dm.ts;
+        let peer = dm.from.clone();
+        let event = Event::at(EventBody::Dm { dm, peer }, ts);
+        let mut failed = Undeliverable::default();
+        fan_out(&state.sessions, [&target], &event, &mut failed);
+        self.reap(&mut state, failed);
     }
 
     fn deliver_message(&self, message: Arc<Message>) {
@@ -722,8 +890,38 @@ impl Hub {
         if let Some(end) = session.end.take() {
             let _ = end.send(reason);
         }
+        if reason != EndReason::Shutdown && self.shared.bus.directory().is_some() {
+            let bus = self.shared.bus.clone();
+            let nick = session.nick.clone();
+            tokio::spawn(async move {
+                if let Some(directory) = bus.directory() {
+                    if let Err(err) = directory.release_nick(&nick).await {
+                        tracing::warn!(cause = %err, %nick, "could not free the nick cluster-wide; its lease will");
+                    }
+                }
+            });
+        }
         failed
     }
+}
+
+fn taken(nick: &Nick) -> Refusal {
+    Refusal::new(
+        ErrorCode::NickTaken,
+        format!("{nick} is taken; pick another"),
+    )
+}
+
+fn no_such_nick(nick: &Nick) -> Refusal {
+    Refusal::new(ErrorCode::NoSuchNick, format!("nobody is called {nick}"))
+}
+
+fn bus_down(err: crate::bus::BusError) -> Refusal {
+    tracing::warn!(cause = %err, "cluster directory unavailable");
+    Refusal::new(
+        ErrorCode::Unavailable,
+        "the other instances cannot be reached right now; try again",
+    )
 }
 
 fn session_gone() -> Refusal {

@@ -1,0 +1,535 @@
+//! The poll bus: instances that share one database behave as one chat, with
+//! nothing but that database between them.
+//!
+//! - **Order**: a message gets its room's next `seq` in the transaction that
+//!   stores it (`room_seqs` is bumped under a row lock), so `seq` is gap-free
+//!   and totally ordered per room across instances.
+//! - **Delivery**: every `--poll-interval` each instance asks `room_seqs` where
+//!   the rooms it watches are, and reads the rows after the last `seq` it
+//!   delivered. Its own messages are delivered at once (after any older rows it
+//!   has not delivered yet), so senders do not wait for a poll.
+//! - **Presence**: nick leases, room membership and a per-instance inbox (for
+//!   direct messages) are rows. Each instance heartbeats; one silent for longer
+//!   than [`LEASE`] is dead, and its nicks and memberships stop counting.
+//!
+//! Written once for SQLite and PostgreSQL through sqlx's `Any` driver: the
+//! statements use only `$N` parameters, integers and text, which both accept.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex as StdMutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use sqlx::AnyPool;
+use sqlx::any::AnyPoolOptions;
+use tokio::sync::Mutex;
+use tokio::time::{Instant, MissedTickBehavior};
+use tokio_util::sync::CancellationToken;
+
+use super::{Bus, BusError, Deliver, Directory, Envelope};
+use crate::core::{DirectMessage, Draft, Message, Nick, RoomCount, RoomName, Timestamp};
+use crate::store::Store;
+
+/// How long an instance may stay silent before its nicks are free again.
+pub const LEASE: Duration = Duration::from_secs(10);
+/// How often an instance says it is alive.
+const HEARTBEAT: Duration = Duration::from_secs(2);
+/// Most rows read per room per poll.
+const CATCH_UP: u32 = 1_000;
+
+/// The poll bus of one instance.
+pub struct PollBus {
+    instance: String,
+    pool: AnyPool,
+    store: Arc<dyn Store>,
+    interval: Duration,
+    /// Rooms watched and the last seq delivered in each. The lock also orders
+    /// delivery between the poller and this instance's own publications.
+    state: Arc<Mutex<Cursors>>,
+    healthy: Arc<AtomicBool>,
+    stop: CancellationToken,
+    poller: StdMutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+#[derive(Default)]
+struct Cursors {
+    delivered: HashMap<RoomName, u64>,
+    sink: Option<Arc<dyn Deliver>>,
+}
+
+/// A direct message as it travels through the inbox table.
+#[derive(Serialize, Deserialize)]
+struct DmRow {
+    id: uuid::Uuid,
+    from: String,
+    to: String,
+    text: String,
+    ts: i64,
+}
+
+fn now_ms() -> i64 {
+    Timestamp::now().0
+}
+
+fn alive_since() -> i64 {
+    now_ms() - LEASE.as_millis() as i64
+}
+
+impl PollBus {
+    /// Connects to the shared database `url` as `instance` and registers it.
+    pub async fn open(
+        url: &str,
+        instance: &str,
+        store: Arc<dyn Store>,
+        interval: Duration,
+    ) -> Result<Self, BusError> {
+        sqlx::any::install_default_drivers();
+        let pool = AnyPoolOptions::new()
+            .max_connections(4)
+            .connect(url)
+            .await
+            .map_err(crate::store::StoreError::from)?;
+        let bus = PollBus {
+            instance: instance.to_owned(),
+            pool,
+            store,
+            interval,
+            state: Arc::new(Mutex::new(Cursors::default())),
+            healthy: Arc::new(AtomicBool::new(true)),
+            stop: CancellationToken::new(),
+            poller: StdMutex::new(None),
+        };
+        // A previous life under the same name left nothing that should count.
+        bus.forget_instance().await?;
+        bus.heartbeat().await?;
+        Ok(bus)
+    }
+
+    async fn exec(&self, sql: &'static str, binds: &[&str]) -> Result<u64, BusError> {
+        let mut q = sqlx::query(sql);
+        for b in binds {
+            q = q.bind(*b);
+        }
+        Ok(q.execute(&self.pool).await.map_err(db)?.rows_affected())
+    }
+
+    async fn forget_instance(&self) -> Result<(), BusError> {
+        let me = self.instance.as_str();
+        self.exec("DELETE FROM nicks WHERE instance = $1", &[me])
+            .await?;
+        self.exec("DELETE FROM presence WHERE instance = $1", &[me])
+            .await?;
+        self.exec("DELETE FROM inbox WHERE instance = $1", &[me])
+            .await?;
+        Ok(())
+    }
+
+    async fn heartbeat(&self) -> Result<(), BusError> {
+        heartbeat(&self.pool, &self.instance).await
+    }
+}
+
+fn db(err: sqlx::Error) -> BusError {
+    BusError::Store(err.into())
+}
+
+async fn heartbeat(pool: &AnyPool, instance: &str) -> Result<(), BusError> {
+    sqlx::query(
+        "INSERT INTO instances (instance, seen_at) VALUES ($1, $2)
+         ON CONFLICT (instance) DO UPDATE SET seen_at = excluded.seen_at",
+    )
+    .bind(instance)
+    .bind(now_ms())
+    .execute(pool)
+    .await
+    .map_err(db)?;
+    // Clean up after instances that died without saying so.
+    let dead = alive_since();
+    for sql in [
+        "DELETE FROM nicks WHERE instance IN (SELECT instance FROM instances WHERE seen_at < $1)",
+        "DELETE FROM presence WHERE instance IN (SELECT instance FROM instances WHERE seen_at < $1)",
+        "DELETE FROM instances WHERE seen_at < $1",
+    ] {
+        sqlx::query(sql)
+            .bind(dead)
+            .execute(pool)
+            .await
+            .map_err(db)?;
+    }
+    Ok(())
+}
+
+/// Delivers rows of `room` after the cursor up to `upto` (inclusive), in order.
+async fn catch_up(
+    store: &dyn Store,
+    cursors: &mut Cursors,
+    room: &RoomName,
+    upto: u64,
+) -> Result<(), BusError> {
+    let Some(sink) = cursors.sink.clone() else {
+        return Ok(());
+    };
+    loop {
+        let after = cursors.delivered.get(room).copied().unwrap_or(0);
+        if after >= upto {
+            return Ok(());
+        }
+        let rows = store.since(room, after, CATCH_UP).await?;
+        if rows.is_empty() {
+            return Ok(());
+        }
+        for m in rows {
+            if m.seq > upto {
+                return Ok(());
+            }
+            cursors.delivered.insert(room.clone(), m.seq);
+            sink.deliver(Envelope::Message(Arc::new(m)));
+        }
+    }
+}
+
+/// One poll: new room rows, then this instance's inbox.
+async fn poll_once(
+    pool: &AnyPool,
+    store: &dyn Store,
+    state: &Mutex<Cursors>,
+    instance: &str,
+) -> Result<(), BusError> {
+    let mut cursors = state.lock().await;
+    if !cursors.delivered.is_empty() {
+        // Placeholders are spelled out: sqlx's QueryBuilder writes `?` for the
+        // Any driver, which PostgreSQL rejects.
+        let rooms: Vec<&str> = cursors.delivered.keys().map(RoomName::as_str).collect();
+        let placeholders: Vec<String> = (1..=rooms.len()).map(|i| format!("${i}")).collect();
+        let sql = format!(
+            "SELECT room, last_seq FROM room_seqs WHERE room IN ({})",
+            placeholders.join(", ")
+        );
+        // Only `$N` placeholders are formatted in; room names are bound.
+        let mut q = sqlx::query_as(sqlx::AssertSqlSafe(sql));
+        for room in rooms {
+            q = q.bind(room);
+        }
+        let heads: Vec<(String, i64)> = q.fetch_all(pool).await.map_err(db)?;
+        for (room, last) in heads {
+            let Ok(room) = RoomName::parse(&room) else {
+                continue;
+            };
+            let last = last.max(0) as u64;
+            if cursors.delivered.get(&room).is_some_and(|&d| d < last) {
+                catch_up(store, &mut cursors, &room, last).await?;
+            }
+        }
+    }
+    let sink = cursors.sink.clone();
+    drop(cursors);
+    // Read first: in WAL mode a read never blocks the other instances' writes.
+    let rows: Vec<(i64, String)> =
+        sqlx::query_as("SELECT id, payload FROM inbox WHERE instance = $1 ORDER BY id")
+            .bind(instance)
+            .fetch_all(pool)
+            .await
+            .map_err(db)?;
+    if let Some(&(last, _)) = rows.last() {
+        sqlx::query("DELETE FROM inbox WHERE instance = $1 AND id <= $2")
+            .bind(instance)
+            .bind(last)
+            .execute(pool)
+            .await
+            .map_err(db)?;
+    }
+    let payloads = rows.into_iter().map(|(_, p)| (p,));
+    for (payload,) in payloads {
+        let Ok(row) = serde_json::from_str::<DmRow>(&payload) else {
+            tracing::warn!("unreadable inbox row skipped");
+            continue;
+        };
+        let (Ok(from), Ok(to)) = (Nick::parse(&row.from), Nick::parse(&row.to)) else {
+            continue;
+        };
+        if let Some(sink) = &sink {
+            sink.deliver(Envelope::Dm(Arc::new(DirectMessage {
+                id: row.id,
+                from,
+                to,
+                text: row.text,
+                ts: Timestamp(row.ts),
+            })));
+        }
+    }
+    Ok(())
+}
+
+#[async_trait]
+impl Bus for PollBus {
+    fn name(&self) -> &'static str {
+        "poll"
+    }
+
+    fn start(&self, sink: Arc<dyn Deliver>) {
+        self.state
+            .try_lock()
+            .expect("start is called before anything else")
+            .sink = Some(sink);
+        let (pool, store, state, healthy, stop) = (
+            self.pool.clone(),
+            self.store.clone(),
+            self.state.clone(),
+            self.healthy.clone(),
+            self.stop.clone(),
+        );
+        let (instance, interval) = (self.instance.clone(), self.interval);
+        let task = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(interval);
+            tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+            let mut last_beat = Instant::now();
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tick.tick() => {}
+                }
+                let mut result = poll_once(&pool, store.as_ref(), &state, &instance).await;
+                if result.is_ok() && last_beat.elapsed() >= HEARTBEAT {
+                    result = heartbeat(&pool, &instance).await;
+                    last_beat = Instant::now();
+                }
+                let was = healthy.swap(result.is_ok(), Ordering::Relaxed);
+                match result {
+                    Err(err) if was => {
+                        tracing::error!(cause = %err, "poll bus: database unreachable")
+                    }
+                    Ok(()) if !was => tracing::info!("poll bus: database reachable again"),
+                    _ => {}
+                }
+            }
+        });
+        *self.poller.lock().expect("not poisoned") = Some(task);
+    }
+
+    async fn publish(&self, draft: Draft) -> Result<Arc<Message>, BusError> {
+        let room = draft.room.clone();
+        let mut tx = self.pool.begin().await.map_err(db)?;
+        let seq: i64 = sqlx::query_scalar(
+            "INSERT INTO room_seqs (room, last_seq)
+             VALUES ($1, (SELECT COALESCE(MAX(seq), 0) + 1 FROM messages WHERE room = $1))
+             ON CONFLICT (room) DO UPDATE SET last_seq = room_seqs.last_seq + 1
+             RETURNING last_seq",
+        )
+        .bind(room.as_str())
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(db)?;
+        let message = Arc::new(draft.sequence(seq.max(1) as u64));
+        sqlx::query(
+            "INSERT INTO messages (room, seq, id, nick, text, kind, ts)
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        )
+        .bind(message.room.as_str())
+        .bind(seq)
+        .bind(message.id.to_string())
+        .bind(message.nick.as_str())
+        .bind(message.text.as_str())
+        .bind(message.kind.as_str())
+        .bind(message.ts.0)
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?;
+        tx.commit().await.map_err(db)?;
+
+        // Deliver at once, after anything older this instance has not seen yet.
+        let mut cursors = self.state.lock().await;
+        if cursors.delivered.contains_key(&room) {
+            catch_up(self.store.as_ref(), &mut cursors, &room, message.seq - 1).await?;
+            if cursors
+                .delivered
+                .get(&room)
+                .is_some_and(|&d| d < message.seq)
+            {
+                cursors.delivered.insert(room, message.seq);
+                if let Some(sink) = &cursors.sink {
+                    sink.deliver(Envelope::Message(message.clone()));
+                }
+            }
+        }
+        Ok(message)
+    }
+
+    async fn health(&self) -> Result<(), BusError> {
+        if self.healthy.load(Ordering::Relaxed) {
+            Ok(())
+        } else {
+            Err(BusError::Unreachable)
+        }
+    }
+
+    async fn close(&self) {
+        self.stop.cancel();
+        let task = self.poller.lock().expect("not poisoned").take();
+        if let Some(task) = task {
+            let _ = task.await;
+        }
+        // Free this instance's nicks now rather than after the lease.
+        let _ = self.forget_instance().await;
+        let _ = self
+            .exec(
+                "DELETE FROM instances WHERE instance = $1",
+                &[&self.instance],
+            )
+            .await;
+        self.state.lock().await.sink = None;
+        self.pool.close().await;
+    }
+
+    fn directory(&self) -> Option<&dyn Directory> {
+        Some(self)
+    }
+}
+
+#[async_trait]
+impl Directory for PollBus {
+    async fn claim_nick(&self, nick: &Nick) -> Result<bool, BusError> {
+        let claimed = sqlx::query(
+            "INSERT INTO nicks (nick_key, nick, instance) VALUES ($1, $2, $3)
+             ON CONFLICT (nick_key) DO UPDATE SET nick = excluded.nick, instance = excluded.instance
+             WHERE nicks.instance = excluded.instance
+                OR nicks.instance NOT IN (SELECT instance FROM instances WHERE seen_at >= $4)",
+        )
+        .bind(nick.key().as_str())
+        .bind(nick.as_str())
+        .bind(self.instance.as_str())
+        .bind(alive_since())
+        .execute(&self.pool)
+        .await
+        .map_err(db)?
+        .rows_affected();
+        Ok(claimed == 1)
+    }
+
+    async fn release_nick(&self, nick: &Nick) -> Result<(), BusError> {
+        let key = nick.key();
+        self.exec(
+            "DELETE FROM nicks WHERE nick_key = $1 AND instance = $2",
+            &[key.as_str(), &self.instance],
+        )
+        .await?;
+        self.exec(
+            "DELETE FROM presence WHERE nick_key = $1 AND instance = $2",
+            &[key.as_str(), &self.instance],
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn renamed(&self, old: &Nick, new: &Nick) -> Result<(), BusError> {
+        let (old_key, new_key) = (old.key(), new.key());
+        self.exec(
+            "UPDATE presence SET nick_key = $1, nick = $2 WHERE nick_key = $3 AND instance = $4",
+            &[
+                new_key.as_str(),
+                new.as_str(),
+                old_key.as_str(),
+                &self.instance,
+            ],
+        )
+        .await?;
+        self.exec(
+            "DELETE FROM nicks WHERE nick_key = $1 AND instance = $2",
+            &[old_key.as_str(), &self.instance],
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn joined(&self, room: &RoomName, nick: &Nick, delivered: u64) -> Result<(), BusError> {
+        {
+            let mut cursors = self.state.lock().await;
+            let cursor = cursors.delivered.entry(room.clone()).or_insert(delivered);
+            *cursor = (*cursor).max(delivered);
+        }
+        self.exec(
+            "INSERT INTO presence (room, nick_key, nick, instance) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (room, nick_key) DO UPDATE SET nick = excluded.nick, instance = excluded.instance",
+            &[room.as_str(), nick.key().as_str(), nick.as_str(), &self.instance],
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn left(&self, room: &RoomName, nick: &Nick) -> Result<(), BusError> {
+        self.exec(
+            "DELETE FROM presence WHERE room = $1 AND nick_key = $2 AND instance = $3",
+            &[room.as_str(), nick.key().as_str(), &self.instance],
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn members(&self, room: &RoomName) -> Result<Vec<Nick>, BusError> {
+        let rows: Vec<(String,)> = sqlx::query_as(
+            "SELECT p.nick FROM presence p JOIN instances i ON i.instance = p.instance
+             WHERE p.room = $1 AND i.seen_at >= $2",
+        )
+        .bind(room.as_str())
+        .bind(alive_since())
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db)?;
+        let mut nicks: Vec<Nick> = rows.iter().filter_map(|(n,)| Nick::parse(n).ok()).collect();
+        nicks.sort_by_key(Nick::key);
+        Ok(nicks)
+    }
+
+    async fn rooms(&self) -> Result<Vec<RoomCount>, BusError> {
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT p.room, COUNT(*) FROM presence p JOIN instances i ON i.instance = p.instance
+             WHERE i.seen_at >= $1 GROUP BY p.room ORDER BY p.room",
+        )
+        .bind(alive_since())
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db)?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(room, n)| {
+                Some(RoomCount {
+                    room: RoomName::parse(&room).ok()?,
+                    members: n.max(0) as usize,
+                })
+            })
+            .collect())
+    }
+
+    async fn send_dm(&self, dm: &DirectMessage) -> Result<Option<Nick>, BusError> {
+        let owner: Option<(String, String)> = sqlx::query_as(
+            "SELECT n.instance, n.nick FROM nicks n JOIN instances i ON i.instance = n.instance
+             WHERE n.nick_key = $1 AND i.seen_at >= $2",
+        )
+        .bind(dm.to.key().as_str())
+        .bind(alive_since())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db)?;
+        let Some((instance, nick)) = owner else {
+            return Ok(None);
+        };
+        let Ok(to) = Nick::parse(&nick) else {
+            return Ok(None);
+        };
+        let row = DmRow {
+            id: dm.id,
+            from: dm.from.to_string(),
+            to: to.to_string(),
+            text: dm.text.clone(),
+            ts: dm.ts.0,
+        };
+        let payload = serde_json::to_string(&row).expect("plain struct serialises");
+        self.exec(
+            "INSERT INTO inbox (instance, payload) VALUES ($1, $2)",
+            &[&instance, &payload],
+        )
+        .await?;
+        Ok(Some(to))
+    }
+}

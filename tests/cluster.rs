@@ -1,0 +1,171 @@
+//! Three real daemons behaving as one chat through a shared database
+//! (`--bus poll`): on one SQLite file always, on PostgreSQL when reachable.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use common::{Client, Daemon, PgDatabase, temp_dir};
+use serde_json::Value;
+
+async fn cluster(db: &str) -> Vec<Daemon> {
+    let mut daemons = Vec::new();
+    // One after the other, so the first one creates and migrates the database.
+    for name in ["i1", "i2", "i3"] {
+        let args = [
+            "--db",
+            db,
+            "--bus",
+            "poll",
+            "--poll-interval",
+            "20",
+            "--instance",
+            name,
+        ];
+        daemons.push(Daemon::start(&args).await);
+    }
+    daemons
+}
+
+/// Reads `n` room messages, returning seq -> (id, text).
+async fn messages(client: &mut Client, n: usize) -> BTreeMap<u64, (String, String)> {
+    let mut seen = BTreeMap::new();
+    while seen.len() < n {
+        let v = client.expect(|v| v["type"] == "message").await;
+        let seq = v["seq"].as_u64().unwrap();
+        let entry = (
+            v["id"].as_str().unwrap().to_owned(),
+            v["text"].as_str().unwrap().to_owned(),
+        );
+        assert!(
+            seen.insert(seq, entry).is_none(),
+            "seq {seq} delivered twice"
+        );
+    }
+    seen
+}
+
+async fn three_instances_behave_as_one(db: &str) {
+    let mut daemons = cluster(db).await;
+    let mut alice = Client::in_room(daemons[0].tcp, "alice", "general").await;
+    let mut bob = Client::in_room(daemons[1].tcp, "bob", "general").await;
+    let mut carol = Client::in_room(daemons[2].tcp, "carol", "general").await;
+
+    // A nick is unique across the cluster, whatever the case.
+    let mut mallory = Client::json(daemons[1].tcp, "mallory").await;
+    mallory.send("/nick ALICE").await;
+    mallory.expect_error("nick-taken").await;
+
+    // Everyone talks at once, from three instances.
+    for i in 0..5 {
+        alice.send(&format!("a{i}")).await;
+        bob.send(&format!("b{i}")).await;
+        carol.send(&format!("c{i}")).await;
+    }
+    let a = messages(&mut alice, 15).await;
+    let b = messages(&mut bob, 15).await;
+    let c = messages(&mut carol, 15).await;
+    assert_eq!(
+        a.keys().copied().collect::<Vec<_>>(),
+        (1..=15).collect::<Vec<_>>(),
+        "no gap"
+    );
+    assert_eq!(
+        a, b,
+        "every instance sees the same seq for the same message"
+    );
+    assert_eq!(a, c);
+
+    // /who and /rooms see every instance.
+    carol.send("/who").await;
+    let who = carol.expect(|v| v["type"] == "reply").await;
+    assert_eq!(
+        who["data"]["members"],
+        serde_json::json!(["alice", "bob", "carol"])
+    );
+    bob.send("/rooms").await;
+    let rooms = bob.expect(|v| v["type"] == "reply").await;
+    assert_eq!(
+        rooms["data"]["rooms"],
+        serde_json::json!([{"room": "general", "members": 3}])
+    );
+
+    // Direct messages cross instances.
+    alice.send("/msg Carol psst").await;
+    let dm = carol.expect(|v| v["type"] == "dm").await;
+    assert_eq!(
+        (dm["from"].as_str(), dm["to"].as_str(), dm["text"].as_str()),
+        (Some("alice"), Some("carol"), Some("psst"))
+    );
+    let echo = alice.expect(|v| v["type"] == "dm").await;
+    assert_eq!(echo["id"], dm["id"]);
+    alice.send("/msg nobody hi").await;
+    alice.expect_error("no-such-nick").await;
+
+    // A late joiner on any instance gets the same last ten.
+    let mut dave = Client::json(daemons[2].tcp, "dave").await;
+    dave.send("/join general").await;
+    dave.expect(|v| v["type"] == "join").await;
+    let replay = messages(&mut dave, 10).await;
+    assert_eq!(
+        replay.keys().copied().collect::<Vec<_>>(),
+        (6..=15).collect::<Vec<_>>()
+    );
+
+    // Killing one instance does not disturb the others...
+    drop(daemons.pop()); // SIGKILL i3: carol and dave vanish without a word
+    alice.send("still here").await;
+    let m = bob.expect(|v| v["type"] == "message").await;
+    assert_eq!(
+        (m["seq"].as_u64(), m["text"].as_str()),
+        (Some(16), Some("still here"))
+    );
+
+    // ...and its nicks free up once its lease runs out.
+    let started = Instant::now();
+    let mut newcomer = Client::json(daemons[0].tcp, "newcomer").await;
+    loop {
+        newcomer.send("/nick carol").await;
+        let v = newcomer
+            .expect(|v| v["type"] == "nick" || v["type"] == "error")
+            .await;
+        if v["type"] == "nick" {
+            break;
+        }
+        assert_eq!(v["code"], "nick-taken");
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "carol's lease never expired"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await; // polling a lease, not synchronising
+    }
+    let freed_after = started.elapsed();
+    assert!(
+        freed_after <= baby_discord::bus::LEASE + Duration::from_secs(5),
+        "{freed_after:?}"
+    );
+    alice.send("/who").await;
+    let who: Value = alice.expect(|v| v["type"] == "reply").await;
+    assert_eq!(
+        who["data"]["members"],
+        serde_json::json!(["alice", "bob"]),
+        "the dead instance's members are gone"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_instances_on_one_sqlite_file() {
+    let dir = temp_dir();
+    let db = common::sqlite_url(&dir);
+    three_instances_behave_as_one(&db).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_instances_on_postgres() {
+    let Some(pg) = PgDatabase::create().await else {
+        return;
+    };
+    three_instances_behave_as_one(&pg.url).await;
+    pg.drop_now().await;
+}
