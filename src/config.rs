@@ -116,6 +116,14 @@ pub struct Config {
     #[arg(long, env = "BABY_POLL_INTERVAL", default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..))]
     pub poll_interval: u64,
 
+    /// Seconds an HTTP session outlives its dropped event stream (its events queue meanwhile).
+    #[arg(long, env = "BABY_SESSION_LINGER", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+    pub session_linger: u64,
+
+    /// Seconds between `: ping` comments on idle SSE streams.
+    #[arg(long, env = "BABY_SSE_PING", default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..))]
+    pub sse_ping: u64,
+
     /// Log format (filter with RUST_LOG, e.g. RUST_LOG=baby_discord=debug).
     #[arg(long, env = "BABY_LOG_FORMAT", value_enum, default_value = "human")]
     pub log_format: LogFormat,

@@ -108,9 +108,13 @@ impl Server {
         let http = HttpAdapter {
             hub: self.hub.clone(),
             connections,
+            max_connections: self.config.max_conns as usize,
             shutdown: token.clone(),
             tracker: tracker.clone(),
             header_timeout: self.config.header_timeout(),
+            max_body: self.config.max_body as usize,
+            session_linger: Duration::from_secs(self.config.session_linger),
+            sse_ping: Duration::from_secs(self.config.sse_ping),
         };
         tracker.spawn(tcp.serve(self.tcp));
         tracker.spawn(http.serve(self.http));

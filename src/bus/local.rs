@@ -10,7 +10,7 @@ use tokio::sync::Mutex;
 
 use super::{Bus, BusError, Deliver, Envelope};
 use crate::core::{Draft, Message, RoomName};
-use crate::store::{Durability, Store, Writer};
+use crate::store::{Durability, Store, Writer, WriterStats};
 
 /// How a sequenced message becomes durable.
 enum Persist {
@@ -27,6 +27,8 @@ pub struct LocalBus {
     /// delivered before the next one of any room is numbered.
     state: Mutex<State>,
     writer_task: StdMutex<Option<tokio::task::JoinHandle<()>>>,
+    /// The writer's counters (async durability only).
+    writer_stats: Option<Arc<WriterStats>>,
 }
 
 struct State {
@@ -47,6 +49,10 @@ impl LocalBus {
             }
             Durability::Sync => (Persist::Sync(store.clone()), None),
         };
+        let writer_stats = match &persist {
+            Persist::Async(writer) => Some(writer.stats().clone()),
+            Persist::Sync(_) => None,
+        };
         LocalBus {
             store,
             state: Mutex::new(State {
@@ -55,6 +61,7 @@ impl LocalBus {
                 sink: None,
             }),
             writer_task: StdMutex::new(writer_task),
+            writer_stats,
         }
     }
 
@@ -71,6 +78,10 @@ impl LocalBus {
 impl Bus for LocalBus {
     fn name(&self) -> &'static str {
         "local"
+    }
+
+    fn writer_stats(&self) -> Option<Arc<WriterStats>> {
+        self.writer_stats.clone()
     }
 
     fn start(&self, sink: Arc<dyn Deliver>) {

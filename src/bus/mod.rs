@@ -106,6 +106,11 @@ pub trait Bus: Send + Sync + 'static {
     fn directory(&self) -> Option<&dyn Directory> {
         None
     }
+
+    /// The batching store writer's counters, when this bus has one (`/metrics`).
+    fn writer_stats(&self) -> Option<Arc<crate::store::WriterStats>> {
+        None
+    }
 }
 
 /// Who is where across the cluster. Each call is one short database or

@@ -2,7 +2,7 @@
 //!
 //! The core produces an [`Event`]; adapters only render it. JSON is the canonical
 //! form (SSE `data:` and TCP `/format json` use it verbatim), text is the human form
-//! for `nc`. Each rendering is computed at most once per event and shared as
+//! for `nc`, and the SSE frame wraps the JSON for browsers. Each rendering is computed at most once per event and shared as
 //! [`Bytes`], so fanning a message out to N members costs N queue pushes, not N
 //! serialisations.
 
@@ -267,6 +267,7 @@ struct Inner {
     ts: Timestamp,
     json: OnceLock<Bytes>,
     text: OnceLock<Bytes>,
+    sse: OnceLock<Bytes>,
 }
 
 /// An event, cheap to clone: fan-out shares one allocation and its renderings.
@@ -293,6 +294,7 @@ impl Event {
             ts,
             json: OnceLock::new(),
             text: OnceLock::new(),
+            sse: OnceLock::new(),
         }))
     }
 
@@ -361,6 +363,37 @@ impl Event {
         self.0
             .text
             .get_or_init(|| Bytes::from(render_text(&self.0.body, self.0.ts)))
+    }
+}
+
+impl Event {
+    /// The SSE `id:` of a room message, `ROOM:SEQ`; other events have none.
+    pub fn sse_id(&self) -> Option<String> {
+        match &self.0.body {
+            EventBody::Message(m) => Some(format!("{}:{}", m.room, m.seq)),
+            _ => None,
+        }
+    }
+
+    /// The Server-Sent Events frame: `id: ROOM:SEQ` (room messages only),
+    /// `event:` the type, `data:` the JSON on one line, then a blank line.
+    pub fn sse(&self) -> &Bytes {
+        self.0.sse.get_or_init(|| {
+            let json = self.json();
+            let mut frame = Vec::with_capacity(json.len() + 64);
+            if let Some(id) = self.sse_id() {
+                frame.extend_from_slice(b"id: ");
+                frame.extend_from_slice(id.as_bytes());
+                frame.push(b'\n');
+            }
+            frame.extend_from_slice(b"event: ");
+            frame.extend_from_slice(self.kind().as_bytes());
+            frame.extend_from_slice(b"\ndata: ");
+            // JSON escapes every control character, so this is one line.
+            frame.extend_from_slice(json);
+            frame.extend_from_slice(b"\n\n");
+            Bytes::from(frame)
+        })
     }
 }
 
@@ -536,6 +569,36 @@ mod tests {
             &g.text()[..],
             b"! gap: #general messages 3..9 are no longer available\n"
         );
+    }
+
+    #[test]
+    fn sse_frame_has_room_seq_id_for_messages_only() {
+        let m = Arc::new(Message {
+            room: room("general"),
+            seq: 42,
+            id: Uuid::nil(),
+            nick: nick("alice"),
+            text: "two\nlines? no: one".into(),
+            kind: MessageKind::Text,
+            ts: at_8_01_02(),
+        });
+        let e = Event::message(m);
+        let frame = std::str::from_utf8(e.sse()).unwrap();
+        let lines: Vec<&str> = frame.split('\n').collect();
+        assert_eq!(lines[0], "id: general:42");
+        assert_eq!(lines[1], "event: message");
+        let data = lines[2].strip_prefix("data: ").unwrap();
+        assert_eq!(data.as_bytes(), &e.json()[..]);
+        assert_eq!(&lines[3..], ["", ""], "one data line, then a blank line");
+
+        let join = Event::new(EventBody::Join {
+            room: room("general"),
+            nick: nick("bob"),
+        });
+        let frame = std::str::from_utf8(join.sse()).unwrap();
+        assert!(frame.starts_with("event: join\ndata: {"), "{frame}");
+        assert!(frame.ends_with("}\n\n"));
+        assert_eq!(join.sse_id(), None);
     }
 
     #[test]

@@ -16,6 +16,7 @@ mod rate;
 mod rooms;
 mod router;
 mod sessions;
+mod watch;
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -33,6 +34,7 @@ pub use history::{History, RING};
 pub use names::{MAX_NICK, MAX_ROOM, Nick, NickKey, Refusal, RoomName, Text};
 pub use rate::TokenBucket;
 pub use sessions::{EndReason, Replies, SessionHandle, SessionId};
+pub use watch::RoomWatch;
 
 use crate::bus::{Bus, Deliver, Envelope};
 use crate::store::Store;
@@ -499,6 +501,7 @@ impl Hub {
         let entry = rooms.entry(room.clone()).or_insert_with(|| Room {
             members: BTreeSet::new(),
             history: History::from_stored(stored.into_iter().map(Arc::new)),
+            watchers: Vec::new(),
         });
         session.current = Some(room.clone());
         if session.rooms.contains(&room) {
@@ -514,6 +517,7 @@ impl Hub {
         });
         let mut failed = Undeliverable::default();
         fan_out(sessions, &entry.members, &event, &mut failed);
+        entry.notify_watchers(&event);
         let mut answer = Answer(vec![(event, Delivery::Echo)]);
         for message in entry.history.iter() {
             answer
@@ -564,6 +568,7 @@ impl Hub {
         let mut failed = Undeliverable::default();
         if let Some(entry) = rooms.get_mut(&room) {
             fan_out(sessions, &entry.members, &event, &mut failed);
+            entry.notify_watchers(&event);
             entry.members.remove(&id);
         }
         self.reap(&mut state, failed);
@@ -800,7 +805,8 @@ impl Hub {
         room.history.push(message.clone());
         let event = Event::message(message);
         let mut failed = Undeliverable::default();
-        let sent = fan_out(sessions, &room.members, &event, &mut failed);
+        let sent =
+            fan_out(sessions, &room.members, &event, &mut failed) + room.notify_watchers(&event);
         self.shared
             .stats
             .events_out
@@ -823,6 +829,7 @@ impl Hub {
         state.nicks.clear();
         for room in state.rooms.values_mut() {
             room.members.clear();
+            room.watchers.clear();
         }
         for (_, mut session) in state.sessions.drain() {
             if let Some(end) = session.end.take() {
@@ -885,6 +892,7 @@ impl Hub {
                     nick: session.nick.clone(),
                 });
                 fan_out(&state.sessions, &entry.members, &event, &mut failed);
+                entry.notify_watchers(&event);
             }
         }
         if let Some(end) = session.end.take() {

@@ -2,6 +2,9 @@
 
 use std::collections::BTreeSet;
 
+use tokio::sync::mpsc;
+
+use super::event::Event;
 use super::history::History;
 use super::sessions::SessionId;
 
@@ -13,4 +16,21 @@ pub(super) struct Room {
     pub members: BTreeSet<SessionId>,
     /// The last messages, replayed on join.
     pub history: History,
+    /// Read-only followers of the room (the HTTP room stream): they get its
+    /// `message`, `join` and `leave` events but are not members.
+    pub watchers: Vec<mpsc::Sender<Event>>,
+}
+
+impl Room {
+    /// Hands a room event to every watcher without waiting. A watcher that
+    /// cannot take it is dropped: its stream then ends as a slow consumer.
+    /// Returns how many took it.
+    pub fn notify_watchers(&mut self, event: &Event) -> usize {
+        if self.watchers.is_empty() {
+            return 0;
+        }
+        self.watchers
+            .retain(|watcher| watcher.try_send(event.clone()).is_ok());
+        self.watchers.len()
+    }
 }

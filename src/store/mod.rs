@@ -17,7 +17,7 @@ use crate::core::{Message, RoomName};
 
 pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
-pub use writer::{Writer, WriterTask};
+pub use writer::{Writer, WriterStats, WriterTask};
 
 /// When a message counts as stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

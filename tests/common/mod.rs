@@ -2,6 +2,8 @@
 //! it over real sockets.
 #![allow(dead_code)] // each test file uses a different part of the harness
 
+pub mod http;
+
 use std::net::SocketAddr;
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};

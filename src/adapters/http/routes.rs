@@ -1,0 +1,588 @@
+//! The routes of PROTOCOL.md ("HTTP adapter"): parse the request, call the
+//! core, render the answer. Errors are an `error` event as the body, with the
+//! status the protocol gives its code.
+//!
+//! ```text
+//! GET  /                         the browser page
+//! POST /connect                  {"nick"?}            201 {"session","nick","instance"}
+//! POST /command                  {"line"}             200 {"events":[...]}
+//! POST /message                  {"room"?,"text"}     200 {"room","seq","id"}
+//! POST /disconnect                                    204
+//! GET  /events?session=TOKEN                          SSE, the session's events
+//! GET  /messages/{room}                               SSE, one room, read-only
+//! GET  /rooms                                         {"rooms":[{room,members}]}
+//! GET  /rooms/{room}/history?before=SEQ&limit=N       {"messages":[...]}
+//! GET  /healthz                                       200 / 503
+//! GET  /metrics                                       Prometheus text
+//! ```
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full, Limited, StreamBody};
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderMap, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use percent_encoding::percent_decode_str;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::metrics::{self, Metrics};
+use super::sessions::{HttpSession, Sessions, new_token};
+use super::sse::{self, StreamContext};
+use crate::core::{
+    ErrorCode, Event, EventBody, Hub, MAX_HISTORY, MessageKind, Nick, Refusal, Replies, RoomName,
+    Text,
+};
+
+/// Every response body: a whole buffer or an SSE stream.
+pub type Body = UnsyncBoxBody<Bytes, Infallible>;
+
+/// The browser client, one file, no build step.
+const PAGE: &str = include_str!("page.html");
+/// Messages per history page when `limit` is not given.
+const DEFAULT_PAGE: u32 = 50;
+/// How long a health check may take per dependency.
+const HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The state the routes share.
+pub struct Routes {
+    /// The chat core.
+    pub hub: Hub,
+    /// HTTP sessions by token.
+    pub sessions: Arc<Sessions>,
+    /// `/metrics`.
+    pub metrics: Metrics,
+    /// Largest request body, in bytes.
+    pub max_body: usize,
+    /// How long a body may take to arrive.
+    pub body_timeout: Duration,
+    /// Time between SSE pings.
+    pub sse_ping: Duration,
+    /// Fires when the daemon stops.
+    pub shutdown: CancellationToken,
+    /// Where session supervisors run.
+    pub tracker: TaskTracker,
+    /// Open SSE streams.
+    pub streams: Arc<AtomicI64>,
+}
+
+/// An answer that is not the happy path: status plus an `error` event.
+struct Failure(StatusCode, Event);
+
+impl Failure {
+    fn new(status: StatusCode, code: ErrorCode, message: impl Into<String>) -> Self {
+        Failure(status, Event::error(code, message))
+    }
+
+    fn refused(refusal: Refusal) -> Self {
+        Failure(
+            status_of(refusal.code),
+            Event::error(refusal.code, refusal.message),
+        )
+    }
+
+    fn bad(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, ErrorCode::BadArguments, message)
+    }
+
+    fn unauthorized() -> Self {
+        Self::new(
+            StatusCode::UNAUTHORIZED,
+            ErrorCode::Unavailable,
+            "unknown or expired session; POST /connect for a new one",
+        )
+    }
+}
+
+type Answer = Result<Response<Body>, Failure>;
+
+/// The status for an error code (PROTOCOL.md, "HTTP adapter", statuses).
+pub fn status_of(code: ErrorCode) -> StatusCode {
+    match code {
+        ErrorCode::NickTaken => StatusCode::CONFLICT,
+        ErrorCode::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+        ErrorCode::Unavailable | ErrorCode::SlowConsumer => StatusCode::SERVICE_UNAVAILABLE,
+        _ => StatusCode::BAD_REQUEST,
+    }
+}
+
+fn full(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into()).boxed_unsync()
+}
+
+fn json_response(status: StatusCode, value: &Value) -> Response<Body> {
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, "application/json")
+        .header(header::CACHE_CONTROL, "no-store")
+        .body(full(value.to_string()))
+        .expect("static headers are valid")
+}
+
+fn error_response(Failure(status, event): Failure) -> Response<Body> {
+    let mut response = Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, "application/json")
+        .header(header::CACHE_CONTROL, "no-store");
+    if status == StatusCode::PAYLOAD_TOO_LARGE {
+        // The rest of the body is not read; the connection cannot be reused.
+        response = response.header(header::CONNECTION, "close");
+    }
+    response
+        .body(full(event.json().clone()))
+        .expect("static headers are valid")
+}
+
+/// The answer to every request on a connection over the connection limit.
+pub fn overloaded() -> Response<Body> {
+    let mut response = error_response(Failure::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        ErrorCode::Unavailable,
+        "the server is full; try again later",
+    ));
+    response
+        .headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    response
+}
+
+/// The query parameter `name`, percent-decoded.
+fn query_param(query: Option<&str>, name: &str) -> Option<String> {
+    query?.split('&').find_map(|pair| {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        (key == name).then(|| {
+            percent_decode_str(&value.replace('+', " "))
+                .decode_utf8_lossy()
+                .into_owned()
+        })
+    })
+}
+
+/// A path segment, percent-decoded (`%23general` is `#general`).
+fn segment(s: &str) -> String {
+    percent_decode_str(s).decode_utf8_lossy().into_owned()
+}
+
+fn parse_room(s: &str) -> Result<RoomName, Failure> {
+    RoomName::parse(&segment(s)).map_err(Failure::refused)
+}
+
+#[derive(Deserialize)]
+struct ConnectBody {
+    nick: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct CommandBody {
+    line: String,
+}
+
+#[derive(Deserialize)]
+struct MessageBody {
+    room: Option<String>,
+    text: String,
+}
+
+impl Routes {
+    /// Answers one request.
+    pub async fn handle(
+        &self,
+        req: Request<Incoming>,
+        connection: CancellationToken,
+    ) -> Response<Body> {
+        let path = req.uri().path().to_owned();
+        let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+        let method = req.method().clone();
+        let (route, answer): (&'static str, Answer) = match (&method, parts.as_slice()) {
+            (&Method::GET, [""]) => ("/", Ok(page())),
+            (&Method::POST, ["connect"]) => ("/connect", self.connect(req).await),
+            (&Method::POST, ["command"]) => ("/command", self.command(req).await),
+            (&Method::POST, ["message"]) => ("/message", self.message(req).await),
+            (&Method::POST, ["disconnect"]) => ("/disconnect", self.disconnect(req)),
+            (&Method::GET, ["events"]) => ("/events", self.events(req, connection).await),
+            (&Method::GET, ["messages", room]) => (
+                "/messages/{room}",
+                self.room_stream(room, req.headers(), connection).await,
+            ),
+            (&Method::GET, ["rooms"]) => ("/rooms", self.rooms().await),
+            (&Method::GET, ["rooms", room, "history"]) => (
+                "/rooms/{room}/history",
+                self.history(room, req.uri().query()).await,
+            ),
+            (&Method::GET, ["healthz"]) => ("/healthz", self.healthz().await),
+            (&Method::GET, ["metrics"]) => ("/metrics", Ok(self.metrics())),
+            (_, [""] | ["events" | "rooms" | "healthz" | "metrics"])
+            | (_, ["connect" | "command" | "message" | "disconnect"])
+            | (_, ["messages", _] | ["rooms", _, "history"]) => (
+                "other",
+                Err(Failure::new(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    ErrorCode::BadArguments,
+                    format!("{method} is not allowed on {path}"),
+                )),
+            ),
+            _ => (
+                "other",
+                Err(Failure::new(
+                    StatusCode::NOT_FOUND,
+                    ErrorCode::UnknownCommand,
+                    "no such route; see GET / or the protocol",
+                )),
+            ),
+        };
+        let response = answer.unwrap_or_else(error_response);
+        self.metrics.request(route, response.status().as_u16());
+        response
+    }
+
+    /// Reads a body of at most `max_body` bytes: a declared length over the
+    /// limit is refused before reading any of it, a chunked body as soon as it
+    /// passes the limit.
+    async fn body(&self, req: Request<Incoming>) -> Result<Bytes, Failure> {
+        let too_large = || {
+            Failure::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                ErrorCode::TooLong,
+                format!("request bodies are at most {} bytes", self.max_body),
+            )
+        };
+        let declared = req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > self.max_body as u64) {
+            return Err(too_large());
+        }
+        let limited = Limited::new(req.into_body(), self.max_body);
+        match tokio::time::timeout(self.body_timeout, limited.collect()).await {
+            Ok(Ok(collected)) => Ok(collected.to_bytes()),
+            Ok(Err(err)) if err.is::<http_body_util::LengthLimitError>() => Err(too_large()),
+            Ok(Err(_)) => Err(Failure::bad("the request body could not be read")),
+            Err(_) => Err(Failure::new(
+                StatusCode::REQUEST_TIMEOUT,
+                ErrorCode::BadArguments,
+                "the request body took too long",
+            )),
+        }
+    }
+
+    /// Reads and parses a JSON body; an empty body reads as `{}` when allowed.
+    async fn json<T: for<'de> Deserialize<'de>>(
+        &self,
+        req: Request<Incoming>,
+        empty_ok: bool,
+    ) -> Result<T, Failure> {
+        let bytes = self.body(req).await?;
+        let bytes: &[u8] = if empty_ok && bytes.iter().all(u8::is_ascii_whitespace) {
+            b"{}"
+        } else {
+            &bytes
+        };
+        serde_json::from_slice(bytes).map_err(|err| Failure::bad(format!("bad JSON: {err}")))
+    }
+
+    /// The session a request names: `Authorization: Bearer TOKEN` or `?session=TOKEN`.
+    fn session<B>(&self, req: &Request<B>) -> Result<Arc<HttpSession>, Failure> {
+        let bearer = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(|t| t.trim().to_owned());
+        let token = bearer.or_else(|| query_param(req.uri().query(), "session"));
+        let session = token
+            .and_then(|t| self.sessions.get(&t))
+            .ok_or_else(Failure::unauthorized)?;
+        if session.has_ended() {
+            return Err(Failure::unauthorized());
+        }
+        Ok(session)
+    }
+
+    async fn connect(&self, req: Request<Incoming>) -> Answer {
+        let body: ConnectBody = self.json(req, true).await?;
+        let nick = match body.nick.as_deref().map(str::trim) {
+            None | Some("") => None,
+            Some(nick) => Some(Nick::parse(nick).map_err(Failure::refused)?),
+        };
+        if !self.sessions.has_room() {
+            return Err(Failure::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                ErrorCode::Unavailable,
+                "too many sessions; try again later",
+            ));
+        }
+        let token = new_token();
+        let handle = self
+            .hub
+            .connect(nick, Replies::Caller, Some(token.clone()))
+            .await
+            .map_err(Failure::refused)?;
+        let (id, nick) = (handle.id, handle.nick.clone());
+        if self
+            .sessions
+            .insert(&self.hub, token.clone(), handle, &self.tracker)
+            .is_err()
+        {
+            self.hub.disconnect(id, crate::core::EndReason::Quit);
+            return Err(Failure::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                ErrorCode::Unavailable,
+                "too many sessions; try again later",
+            ));
+        }
+        tracing::debug!(session = %id, %nick, "http session opened");
+        Ok(json_response(
+            StatusCode::CREATED,
+            &json!({"session": token, "nick": nick, "instance": self.hub.instance()}),
+        ))
+    }
+
+    async fn command(&self, req: Request<Incoming>) -> Answer {
+        let session = self.session(&req)?;
+        let body: CommandBody = self.json(req, false).await?;
+        let events = match self.hub.parse(&body.line) {
+            Ok(None) => Vec::new(),
+            Ok(Some(command)) => self.hub.handle(session.id, command).await,
+            Err(refusal) => return Err(Failure::refused(refusal)),
+        };
+        // A refused command is answered as an error, with its status.
+        if let [event] = events.as_slice() {
+            if let EventBody::Error { code, .. } = event.body() {
+                return Err(Failure(status_of(*code), event.clone()));
+            }
+        }
+        let events: Vec<Value> = events.iter().map(Event::to_value).collect();
+        Ok(json_response(StatusCode::OK, &json!({ "events": events })))
+    }
+
+    async fn message(&self, req: Request<Incoming>) -> Answer {
+        let session = self.session(&req)?;
+        let body: MessageBody = self.json(req, false).await?;
+        let room = match body.room.as_deref() {
+            None | Some("") => None,
+            Some(room) => Some(RoomName::parse(room).map_err(Failure::refused)?),
+        };
+        let text = Text::parse(&body.text, self.hub.limits().max_text).map_err(Failure::refused)?;
+        let message = self
+            .hub
+            .say(session.id, room, text, MessageKind::Text)
+            .await
+            .map_err(Failure::refused)?;
+        Ok(json_response(
+            StatusCode::OK,
+            &json!({"room": message.room, "seq": message.seq, "id": message.id}),
+        ))
+    }
+
+    fn disconnect(&self, req: Request<Incoming>) -> Answer {
+        let session = self.session(&req)?;
+        self.hub
+            .disconnect(session.id, crate::core::EndReason::Quit);
+        Ok(Response::builder()
+            .status(StatusCode::NO_CONTENT)
+            .body(full(Bytes::new()))
+            .expect("static response is valid"))
+    }
+
+    fn stream_context(&self, connection: CancellationToken) -> StreamContext {
+        StreamContext {
+            hub: self.hub.clone(),
+            ping: self.sse_ping,
+            shutdown: self.shutdown.clone(),
+            connection,
+            open: self.streams.clone(),
+        }
+    }
+
+    async fn events(&self, req: Request<Incoming>, connection: CancellationToken) -> Answer {
+        let session = self.session(&req)?;
+        let last = last_event_id(req.headers());
+        let attached = session
+            .attach(connection.clone())
+            .await
+            .ok_or_else(Failure::unauthorized)?;
+        let stream = sse::session_stream(self.stream_context(connection), attached, last);
+        Ok(sse_response(stream))
+    }
+
+    async fn room_stream(
+        &self,
+        room: &str,
+        headers: &HeaderMap,
+        connection: CancellationToken,
+    ) -> Answer {
+        let room = parse_room(room)?;
+        let after = last_event_id(headers)
+            .and_then(|id| sse::parse_room_id(&id))
+            .filter(|(r, _)| *r == room)
+            .map(|(_, seq)| seq);
+        let watch = self
+            .hub
+            .watch(room.clone())
+            .await
+            .map_err(Failure::refused)?;
+        let stream = sse::room_stream(self.stream_context(connection), room, watch, after);
+        Ok(sse_response(stream))
+    }
+
+    async fn rooms(&self) -> Answer {
+        let rooms = self.hub.room_list().await.map_err(Failure::refused)?;
+        Ok(json_response(StatusCode::OK, &json!({ "rooms": rooms })))
+    }
+
+    async fn history(&self, room: &str, query: Option<&str>) -> Answer {
+        let room = parse_room(room)?;
+        let before = match query_param(query, "before") {
+            None => None,
+            Some(s) => Some(
+                s.parse::<u64>()
+                    .map_err(|_| Failure::bad("before is a seq: a whole number"))?,
+            ),
+        };
+        let limit = match query_param(query, "limit") {
+            None => DEFAULT_PAGE,
+            Some(s) => match s.parse::<u32>() {
+                Ok(n) if n >= 1 => n.min(u32::from(MAX_HISTORY)),
+                _ => return Err(Failure::bad("limit is a number from 1 to 100")),
+            },
+        };
+        let messages = self
+            .hub
+            .history_page(&room, before, limit)
+            .await
+            .map_err(Failure::refused)?;
+        let messages: Vec<Value> = messages
+            .into_iter()
+            .map(|m| Event::message(m).to_value())
+            .collect();
+        Ok(json_response(
+            StatusCode::OK,
+            &json!({ "messages": messages }),
+        ))
+    }
+
+    async fn healthz(&self) -> Answer {
+        let store = tokio::time::timeout(HEALTH_TIMEOUT, self.hub.store().ping()).await;
+        let store = match store {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(err)) => Err(err.to_string()),
+            Err(_) => Err("timed out".to_owned()),
+        };
+        let bus = tokio::time::timeout(HEALTH_TIMEOUT, self.hub.bus().health()).await;
+        let bus = match bus {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(err)) => Err(err.to_string()),
+            Err(_) => Err("timed out".to_owned()),
+        };
+        self.metrics
+            .store_up
+            .store(u8::from(store.is_ok()), Ordering::Relaxed);
+        self.metrics
+            .bus_up
+            .store(u8::from(bus.is_ok()), Ordering::Relaxed);
+        let (sessions, rooms) = self.hub.counts();
+        let shutting_down = self.shutdown.is_cancelled();
+        let ok = store.is_ok() && bus.is_ok() && !shutting_down;
+        let mut body = json!({
+            "status": if ok { "ok" } else { "unavailable" },
+            "instance": self.hub.instance(),
+            "store": self.hub.store().engine(),
+            "bus": self.hub.bus().name(),
+            "sessions": sessions,
+            "rooms": rooms,
+        });
+        let problems: Vec<String> = [
+            store.err().map(|e| format!("store: {e}")),
+            bus.err().map(|e| format!("bus: {e}")),
+            shutting_down.then(|| "shutting down".to_owned()),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        if !problems.is_empty() {
+            body["problems"] = json!(problems);
+        }
+        let status = if ok {
+            StatusCode::OK
+        } else {
+            StatusCode::SERVICE_UNAVAILABLE
+        };
+        Ok(json_response(status, &body))
+    }
+
+    fn metrics(&self) -> Response<Body> {
+        Response::builder()
+            .header(header::CONTENT_TYPE, metrics::CONTENT_TYPE)
+            .body(full(self.metrics.render()))
+            .expect("static headers are valid")
+    }
+}
+
+fn page() -> Response<Body> {
+    Response::builder()
+        .header(header::CONTENT_TYPE, "text/html; charset=utf-8")
+        .header(
+            header::CONTENT_SECURITY_POLICY,
+            "default-src 'self'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src 'none'",
+        )
+        .header(header::X_CONTENT_TYPE_OPTIONS, "nosniff")
+        .body(full(PAGE))
+        .expect("static headers are valid")
+}
+
+fn last_event_id(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+        .filter(|s| !s.is_empty())
+}
+
+fn sse_response(
+    stream: impl futures::Stream<Item = Result<hyper::body::Frame<Bytes>, Infallible>> + Send + 'static,
+) -> Response<Body> {
+    Response::builder()
+        .header(header::CONTENT_TYPE, "text/event-stream")
+        .header(header::CACHE_CONTROL, "no-cache")
+        .header("x-accel-buffering", "no")
+        .body(StreamBody::new(stream).boxed_unsync())
+        .expect("static headers are valid")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_follow_the_protocol() {
+        assert_eq!(status_of(ErrorCode::NickTaken), StatusCode::CONFLICT);
+        assert_eq!(
+            status_of(ErrorCode::RateLimited),
+            StatusCode::TOO_MANY_REQUESTS
+        );
+        assert_eq!(status_of(ErrorCode::InvalidNick), StatusCode::BAD_REQUEST);
+        assert_eq!(
+            status_of(ErrorCode::Unavailable),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+    }
+
+    #[test]
+    fn query_params_are_decoded() {
+        let q = Some("session=abc&before=12&room=%23general");
+        assert_eq!(query_param(q, "session").as_deref(), Some("abc"));
+        assert_eq!(query_param(q, "before").as_deref(), Some("12"));
+        assert_eq!(query_param(q, "room").as_deref(), Some("#general"));
+        assert_eq!(query_param(q, "limit"), None);
+        assert_eq!(query_param(None, "session"), None);
+    }
+}

@@ -1,0 +1,391 @@
+//! The HTTP session table: a random token per session, and each session's
+//! feed of events, which outlives any one SSE stream.
+//!
+//! A TCP session lives exactly as long as its socket. An HTTP session does not
+//! have one: its commands arrive as separate requests and its events leave
+//! through an SSE stream that a browser drops and reopens at will. So the table
+//! keeps each session's outbox (the core's bounded queue) between streams. A
+//! session with no stream for `linger` (60 s) is ended, which frees its nick;
+//! one whose queue overflows meanwhile is a slow consumer, as on TCP.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use tokio::sync::{OwnedMutexGuard, mpsc, oneshot, watch};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::core::{EndReason, Event, Hub, RoomName, SessionHandle, SessionId};
+
+/// How many frames a session remembers having sent, to resend after a reconnect.
+pub const RESEND: usize = 1024;
+/// How long a new stream waits for the old one to let go before cutting its
+/// connection (it may be stuck writing to a dead socket).
+const TAKEOVER: Duration = Duration::from_secs(1);
+
+/// A session's 128-bit random token, as 32 lower-case hex digits.
+pub fn new_token() -> String {
+    // rand's thread RNG is a CSPRNG (ChaCha), suitable for bearer tokens.
+    format!("{:032x}", rand::random::<u128>())
+}
+
+/// Every live HTTP session of this instance, by token.
+pub struct Sessions {
+    table: Mutex<HashMap<String, Arc<HttpSession>>>,
+    /// How long a session outlives its stream.
+    linger: Duration,
+    /// Most sessions at once.
+    capacity: usize,
+}
+
+/// One HTTP session.
+pub struct HttpSession {
+    /// The core's id for it.
+    pub id: SessionId,
+    /// Its events, held by whichever stream is attached.
+    feed: Arc<tokio::sync::Mutex<Feed>>,
+    /// `None` while a stream is attached, else when the last one went away.
+    detached: watch::Sender<Option<Instant>>,
+    /// Bumped when a new stream takes over, so the old one ends.
+    generation: watch::Sender<u64>,
+    /// The attached stream's connection, cut if it will not let go.
+    connection: Mutex<Option<CancellationToken>>,
+    /// Set once, when the core ends the session.
+    ended: watch::Sender<Option<EndReason>>,
+}
+
+/// What a stream drains: the session's queue and what was sent from it lately.
+pub struct Feed {
+    /// The core's bounded outbox for this session.
+    pub events: mpsc::Receiver<Event>,
+    /// Frames sent lately, by SSE id, oldest first, at most [`RESEND`].
+    sent: VecDeque<(String, Bytes)>,
+    /// Numbers the `id:` of events that are not room messages (`e1`, `e2`...).
+    counter: u64,
+    /// Room messages up to these seqs were already sent from storage: skip
+    /// their queued copies.
+    floors: HashMap<RoomName, u64>,
+}
+
+impl Feed {
+    fn new(events: mpsc::Receiver<Event>) -> Self {
+        Feed {
+            events,
+            sent: VecDeque::new(),
+            counter: 0,
+            floors: HashMap::new(),
+        }
+    }
+
+    /// The frame for `event`, remembered for resending; `None` if the client
+    /// already has it (sent from storage during a resume).
+    pub fn frame(&mut self, event: &Event) -> Option<Bytes> {
+        let (id, frame) = match event.sse_id() {
+            Some(id) => {
+                if let crate::core::EventBody::Message(m) = event.body() {
+                    if self
+                        .floors
+                        .get(&m.room)
+                        .is_some_and(|&floor| m.seq <= floor)
+                    {
+                        return None;
+                    }
+                }
+                (id, event.sse().clone())
+            }
+            None => {
+                self.counter += 1;
+                let id = format!("e{}", self.counter);
+                let mut frame = BytesMut::with_capacity(event.sse().len() + id.len() + 5);
+                frame.put_slice(b"id: ");
+                frame.put_slice(id.as_bytes());
+                frame.put_u8(b'\n');
+                frame.put_slice(event.sse());
+                (id, frame.freeze())
+            }
+        };
+        if self.sent.len() == RESEND {
+            self.sent.pop_front();
+        }
+        self.sent.push_back((id, frame.clone()));
+        Some(frame)
+    }
+
+    /// The frames sent after the one with SSE id `last`, if it is remembered.
+    pub fn after(&self, last: &str) -> Option<Vec<Bytes>> {
+        let at = self.sent.iter().position(|(id, _)| id == last)?;
+        Some(
+            self.sent
+                .iter()
+                .skip(at + 1)
+                .map(|(_, f)| f.clone())
+                .collect(),
+        )
+    }
+
+    /// Notes that `room` was sent from storage up to `seq`.
+    pub fn sent_up_to(&mut self, room: RoomName, seq: u64) {
+        let floor = self.floors.entry(room).or_default();
+        *floor = (*floor).max(seq);
+    }
+}
+
+/// A stream's hold on a session: while it exists, no other stream drains the
+/// feed. Dropping it starts the session's linger clock.
+pub struct Attached {
+    /// The session.
+    pub session: Arc<HttpSession>,
+    /// Its feed, exclusively.
+    pub feed: OwnedMutexGuard<Feed>,
+    /// This stream's generation: a newer one means "let go".
+    pub generation: watch::Receiver<u64>,
+    /// Fires with the reason when the core ends the session.
+    pub ended: watch::Receiver<Option<EndReason>>,
+}
+
+impl Drop for Attached {
+    fn drop(&mut self) {
+        self.session.detached.send_replace(Some(Instant::now()));
+    }
+}
+
+/// The table is full.
+#[derive(Debug)]
+pub struct Full;
+
+impl Sessions {
+    /// An empty table.
+    pub fn new(linger: Duration, capacity: usize) -> Arc<Sessions> {
+        Arc::new(Sessions {
+            table: Mutex::new(HashMap::new()),
+            linger,
+            capacity,
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<HttpSession>>> {
+        // Nothing panics under this lock; if it did, the map is still usable.
+        self.table.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether another session fits.
+    pub fn has_room(&self) -> bool {
+        self.lock().len() < self.capacity
+    }
+
+    /// Live sessions.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Adds a session the core has opened under `token`, and starts the task
+    /// that ends it after `linger` without a stream.
+    pub fn insert(
+        self: &Arc<Self>,
+        hub: &Hub,
+        token: String,
+        handle: SessionHandle,
+        tracker: &TaskTracker,
+    ) -> Result<Arc<HttpSession>, Full> {
+        let SessionHandle {
+            id, events, ended, ..
+        } = handle;
+        let session = Arc::new(HttpSession {
+            id,
+            feed: Arc::new(tokio::sync::Mutex::new(Feed::new(events))),
+            detached: watch::Sender::new(Some(Instant::now())),
+            generation: watch::Sender::new(0),
+            connection: Mutex::new(None),
+            ended: watch::Sender::new(None),
+        });
+        {
+            let mut table = self.lock();
+            if table.len() >= self.capacity {
+                return Err(Full);
+            }
+            table.insert(token.clone(), session.clone());
+        }
+        tracker.spawn(supervise(
+            self.clone(),
+            hub.clone(),
+            token,
+            session.clone(),
+            ended,
+        ));
+        Ok(session)
+    }
+
+    /// The live session with this token.
+    pub fn get(&self, token: &str) -> Option<Arc<HttpSession>> {
+        self.lock().get(token).cloned()
+    }
+
+    fn remove(&self, token: &str) {
+        self.lock().remove(token);
+    }
+}
+
+impl HttpSession {
+    /// Whether the core has ended this session.
+    pub fn has_ended(&self) -> bool {
+        self.ended.borrow().is_some()
+    }
+
+    /// Makes a new stream the session's only one. An older stream is told to
+    /// let go; if it does not within a second (stuck on a dead socket), its
+    /// connection is cut. `connection` is the new stream's, for the same fate.
+    pub async fn attach(self: &Arc<Self>, connection: CancellationToken) -> Option<Attached> {
+        self.generation.send_modify(|g| *g += 1);
+        let feed = match tokio::time::timeout(TAKEOVER, self.feed.clone().lock_owned()).await {
+            Ok(feed) => feed,
+            Err(_) => {
+                if let Some(old) = self.lock_connection().take() {
+                    old.cancel();
+                }
+                tokio::time::timeout(TAKEOVER * 5, self.feed.clone().lock_owned())
+                    .await
+                    .ok()?
+            }
+        };
+        if self.has_ended() {
+            return None;
+        }
+        *self.lock_connection() = Some(connection);
+        self.detached.send_replace(None);
+        let mut generation = self.generation.subscribe();
+        generation.borrow_and_update();
+        Some(Attached {
+            session: self.clone(),
+            feed,
+            generation,
+            ended: self.ended.subscribe(),
+        })
+    }
+
+    fn lock_connection(&self) -> std::sync::MutexGuard<'_, Option<CancellationToken>> {
+        self.connection.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Ends the session after `linger` without a stream, and drops it from the
+/// table once the core has ended it for any reason.
+async fn supervise(
+    sessions: Arc<Sessions>,
+    hub: Hub,
+    token: String,
+    session: Arc<HttpSession>,
+    mut ended: oneshot::Receiver<EndReason>,
+) {
+    let mut detached = session.detached.subscribe();
+    let reason = loop {
+        let since = *detached.borrow_and_update();
+        let expiry = async {
+            match since {
+                Some(since) => tokio::time::sleep_until(since + sessions.linger).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            biased;
+            reason = &mut ended => break reason.unwrap_or(EndReason::Quit),
+            _ = detached.changed() => {}
+            _ = expiry => {
+                tracing::debug!(session = %session.id, "http session expired");
+                hub.disconnect(session.id, EndReason::Expired);
+            }
+        }
+    };
+    sessions.remove(&token);
+    session.ended.send_replace(Some(reason));
+    // Wake a stream stuck waiting for events so it sees the end.
+    session.generation.send_modify(|_| {});
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::{EventBody, Message, MessageKind, Nick, Timestamp};
+    use uuid::Uuid;
+
+    fn message(room: &str, seq: u64) -> Event {
+        Event::message(Arc::new(Message {
+            room: RoomName::parse(room).unwrap(),
+            seq,
+            id: Uuid::now_v7(),
+            nick: Nick::parse("alice").unwrap(),
+            text: format!("m{seq}"),
+            kind: MessageKind::Text,
+            ts: Timestamp::now(),
+        }))
+    }
+
+    fn join() -> Event {
+        Event::new(EventBody::Join {
+            room: RoomName::parse("general").unwrap(),
+            nick: Nick::parse("bob").unwrap(),
+        })
+    }
+
+    fn feed() -> Feed {
+        Feed::new(mpsc::channel(1).1)
+    }
+
+    #[test]
+    fn tokens_are_128_bits_of_hex_and_differ() {
+        let a = new_token();
+        let b = new_token();
+        assert_eq!(a.len(), 32);
+        assert!(a.bytes().all(|c| c.is_ascii_hexdigit()));
+        assert_ne!(a, b);
+    }
+
+    #[test]
+    fn frames_get_room_seq_or_counter_ids() {
+        let mut f = feed();
+        let m = f.frame(&message("general", 7)).unwrap();
+        assert!(m.starts_with(b"id: general:7\nevent: message\n"));
+        let j = f.frame(&join()).unwrap();
+        assert!(j.starts_with(b"id: e1\nevent: join\n"));
+        let j2 = f.frame(&join()).unwrap();
+        assert!(j2.starts_with(b"id: e2\n"));
+    }
+
+    #[test]
+    fn resend_starts_after_the_last_id_the_client_saw() {
+        let mut f = feed();
+        let frames: Vec<Bytes> = [message("general", 1), join(), message("general", 2)]
+            .iter()
+            .map(|e| f.frame(e).unwrap())
+            .collect();
+        assert_eq!(f.after("general:1").unwrap(), frames[1..].to_vec());
+        assert_eq!(f.after("e1").unwrap(), frames[2..].to_vec());
+        assert_eq!(f.after("general:2").unwrap(), Vec::<Bytes>::new());
+        assert!(
+            f.after("general:0").is_none(),
+            "unknown ids are not guessed"
+        );
+    }
+
+    #[test]
+    fn resend_memory_is_bounded() {
+        let mut f = feed();
+        for seq in 1..=(RESEND as u64 + 5) {
+            f.frame(&message("general", seq));
+        }
+        assert_eq!(f.sent.len(), RESEND);
+        assert!(f.after("general:5").is_none());
+        assert!(f.after("general:6").is_some());
+    }
+
+    #[test]
+    fn messages_sent_from_storage_are_not_sent_again() {
+        let mut f = feed();
+        f.sent_up_to(RoomName::parse("general").unwrap(), 5);
+        assert!(f.frame(&message("general", 5)).is_none());
+        assert!(f.frame(&message("general", 6)).is_some());
+        assert!(f.frame(&message("random", 1)).is_some());
+    }
+}

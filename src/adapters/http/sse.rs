@@ -1,0 +1,306 @@
+//! Server-Sent Events streams: a session's events (`GET /events`) and one
+//! room's, read-only (`GET /messages/{room}`).
+//!
+//! Each stream is an `async_stream` loop over the cancel token, a ping timer
+//! and the event queue, turned into a hyper body. Frames come from
+//! [`Event::sse`], rendered once per event. A reconnecting client names the
+//! last frame it got (`Last-Event-ID`); the stream resends what followed it,
+//! from the session's memory of recent frames or, for room messages, from
+//! storage, reporting an `event: gap` where storage no longer has them.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::Stream;
+use hyper::body::Frame;
+use tokio_util::sync::CancellationToken;
+
+use super::sessions::Attached;
+use crate::core::{EndReason, ErrorCode, Event, EventBody, Hub, RoomName, RoomWatch};
+
+/// The first frame: how long EventSource waits before reconnecting (ms).
+const RETRY: &[u8] = b"retry: 2000\n\n";
+/// The keep-alive comment.
+const PING: &[u8] = b": ping\n\n";
+/// Messages read from storage per round trip while resuming.
+const REPLAY_PAGE: u32 = 500;
+/// How long a slow consumer's connection may take to receive its error.
+const PARTING: Duration = Duration::from_secs(2);
+
+/// What every stream needs besides its events.
+#[derive(Clone)]
+pub struct StreamContext {
+    /// The chat core (storage reads on resume).
+    pub hub: Hub,
+    /// Time between pings.
+    pub ping: Duration,
+    /// Fires when the daemon stops: the stream must end, or the drain hangs.
+    pub shutdown: CancellationToken,
+    /// Cancelling it cuts this stream's connection (a reader that is stuck).
+    pub connection: CancellationToken,
+    /// Open streams, for `/metrics`.
+    pub open: Arc<AtomicI64>,
+}
+
+type Chunk = Result<Frame<Bytes>, Infallible>;
+
+fn data(bytes: impl Into<Bytes>) -> Chunk {
+    Ok(Frame::data(bytes.into()))
+}
+
+/// Counts a stream as open while it lives.
+struct Open(Arc<AtomicI64>);
+
+impl Open {
+    fn new(open: &Arc<AtomicI64>) -> Self {
+        open.fetch_add(1, Ordering::Relaxed);
+        Open(open.clone())
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Parses an SSE id of the form `ROOM:SEQ`.
+pub fn parse_room_id(id: &str) -> Option<(RoomName, u64)> {
+    let (room, seq) = id.trim().rsplit_once(':')?;
+    Some((RoomName::parse(room).ok()?, seq.parse().ok()?))
+}
+
+/// The gap frame for messages `from..=to` that cannot be replayed.
+fn gap(room: &RoomName, from_seq: u64, to_seq: u64) -> Bytes {
+    Event::new(EventBody::Gap {
+        room: room.clone(),
+        from_seq,
+        to_seq,
+    })
+    .sse()
+    .clone()
+}
+
+fn error(code: ErrorCode, message: &str) -> Bytes {
+    Event::error(code, message).sse().clone()
+}
+
+/// Cuts the connection shortly, for a reader that may never take its last frame.
+fn cut_soon(connection: &CancellationToken) {
+    let connection = connection.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(PARTING).await;
+        connection.cancel();
+    });
+}
+
+/// A session's stream: first what it missed since `last_event_id`, then its
+/// queue, live, until the session ends, another stream takes over or the
+/// daemon stops.
+pub fn session_stream(
+    ctx: StreamContext,
+    attached: Attached,
+    last_event_id: Option<String>,
+) -> impl Stream<Item = Chunk> {
+    async_stream::stream! {
+        let _open = Open::new(&ctx.open);
+        let mut attached = attached;
+        yield data(RETRY);
+        if let Some(last) = last_event_id {
+            if let Some(frames) = attached.feed.after(&last) {
+                for frame in frames {
+                    yield data(frame);
+                }
+            } else if let Some((room, after)) = parse_room_id(&last) {
+                // Older than what this session remembers: read storage.
+                let mut last_seq = after;
+                loop {
+                    match ctx.hub.replay(&room, last_seq, REPLAY_PAGE).await {
+                        Ok(page) => {
+                            let full = page.len() as u32 >= REPLAY_PAGE;
+                            for m in page {
+                                if m.seq > last_seq + 1 {
+                                    yield data(gap(&room, last_seq + 1, m.seq - 1));
+                                }
+                                last_seq = m.seq;
+                                yield data(Event::message(m).sse().clone());
+                            }
+                            if !full {
+                                break;
+                            }
+                        }
+                        Err(refusal) => {
+                            yield data(error(refusal.code, &refusal.message));
+                            break;
+                        }
+                    }
+                }
+                attached.feed.sent_up_to(room, last_seq);
+            }
+        }
+        let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + ctx.ping, ctx.ping);
+        let reason = loop {
+            tokio::select! {
+                biased;
+                _ = ctx.shutdown.cancelled() => break Some(EndReason::Shutdown),
+                _ = attached.ended.changed() => break *attached.ended.borrow(),
+                changed = attached.generation.changed() => {
+                    if attached.session.has_ended() {
+                        break *attached.ended.borrow();
+                    }
+                    if changed.is_err() {
+                        break None;
+                    }
+                    // A newer stream took over this session.
+                    break None;
+                }
+                event = attached.feed.events.recv() => match event {
+                    Some(event) => {
+                        if let Some(frame) = attached.feed.frame(&event) {
+                            yield data(frame);
+                        }
+                    }
+                    None => {
+                        // The core dropped the outbox: the session ended; learn why.
+                        let mut ended = attached.ended.clone();
+                        let reason = tokio::time::timeout(
+                            Duration::from_secs(1),
+                            ended.wait_for(Option::is_some),
+                        )
+                        .await;
+                        break match reason {
+                            Ok(Ok(reason)) => *reason,
+                            _ => Some(EndReason::Quit),
+                        };
+                    }
+                },
+                _ = ping.tick() => yield data(PING),
+            }
+        };
+        match reason {
+            Some(EndReason::SlowConsumer) => {
+                cut_soon(&ctx.connection);
+                yield data(error(
+                    ErrorCode::SlowConsumer,
+                    "you were not reading fast enough; the session has ended",
+                ));
+            }
+            Some(EndReason::Shutdown) => {
+                yield data(error(ErrorCode::Unavailable, "the server is shutting down"));
+            }
+            _ => {}
+        }
+    }
+}
+
+/// A room's read-only stream: its last messages (or, resuming after `after`,
+/// every message since), then its `message`, `join` and `leave` events live.
+pub fn room_stream(
+    ctx: StreamContext,
+    room: RoomName,
+    watch: RoomWatch,
+    after: Option<u64>,
+) -> impl Stream<Item = Chunk> {
+    async_stream::stream! {
+        let _open = Open::new(&ctx.open);
+        let RoomWatch { recent, mut events } = watch;
+        yield data(RETRY);
+        // The highest seq sent; live copies at or below it are duplicates.
+        let mut last_seq = 0;
+        match after {
+            None => {
+                for m in recent {
+                    last_seq = m.seq;
+                    yield data(Event::message(m).sse().clone());
+                }
+            }
+            Some(after) => {
+                last_seq = after;
+                loop {
+                    match ctx.hub.replay(&room, last_seq, REPLAY_PAGE).await {
+                        Ok(page) => {
+                            let full = page.len() as u32 >= REPLAY_PAGE;
+                            for m in page {
+                                if m.seq > last_seq + 1 {
+                                    yield data(gap(&room, last_seq + 1, m.seq - 1));
+                                }
+                                last_seq = m.seq;
+                                yield data(Event::message(m).sse().clone());
+                            }
+                            if !full {
+                                break;
+                            }
+                        }
+                        Err(refusal) => {
+                            yield data(error(refusal.code, &refusal.message));
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + ctx.ping, ctx.ping);
+        loop {
+            tokio::select! {
+                biased;
+                _ = ctx.shutdown.cancelled() => {
+                    yield data(error(ErrorCode::Unavailable, "the server is shutting down"));
+                    break;
+                }
+                event = events.recv() => match event {
+                    Some(event) => {
+                        if let EventBody::Message(m) = event.body() {
+                            if m.seq <= last_seq {
+                                continue;
+                            }
+                            if last_seq > 0 && m.seq > last_seq + 1 {
+                                yield data(gap(&room, last_seq + 1, m.seq - 1));
+                            }
+                            last_seq = m.seq;
+                        }
+                        yield data(event.sse().clone());
+                    }
+                    None => {
+                        // The hub dropped this watcher: it fell a whole queue behind.
+                        cut_soon(&ctx.connection);
+                        yield data(error(
+                            ErrorCode::SlowConsumer,
+                            "you were not reading fast enough; disconnected",
+                        ));
+                        break;
+                    }
+                },
+                _ = ping.tick() => yield data(PING),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn room_ids_parse() {
+        let (room, seq) = parse_room_id("general:42").unwrap();
+        assert_eq!((room.as_str(), seq), ("general", 42));
+        assert!(parse_room_id("e12").is_none());
+        assert!(parse_room_id("general:x").is_none());
+        assert!(parse_room_id("Bad Room:1").is_none());
+    }
+
+    #[test]
+    fn gap_frame_carries_the_inclusive_range() {
+        let room = RoomName::parse("general").unwrap();
+        let frame = gap(&room, 3, 9);
+        let text = std::str::from_utf8(&frame).unwrap();
+        assert!(
+            text.starts_with("event: gap\ndata: {\"type\":\"gap\""),
+            "{text}"
+        );
+        assert!(text.contains("\"from_seq\":3,\"to_seq\":9"), "{text}");
+    }
+}

@@ -1,0 +1,158 @@
+//! Reading a room without being in it: following its events (the HTTP room
+//! stream) and reading its past from storage merged with the ring (history
+//! pages, `Last-Event-ID` resume).
+//!
+//! Storage may lag the batching writer by a moment while the ring never does,
+//! so every read here takes what storage has and completes it from the ring.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+
+use super::Hub;
+use super::event::{ErrorCode, Event, Message};
+use super::history::{History, RING};
+use super::names::{Refusal, RoomName};
+use super::rooms::Room;
+
+/// How long a resume waits for storage to catch up with the ring before it
+/// reports the difference as a gap.
+const STORAGE_LAG: Duration = Duration::from_millis(200);
+
+/// A read-only subscription to one room.
+#[derive(Debug)]
+pub struct RoomWatch {
+    /// The room's last messages when the watch began, oldest first; the
+    /// events below follow them with no gap and no duplicate.
+    pub recent: Vec<Arc<Message>>,
+    /// The room's `message`, `join` and `leave` events from then on, bounded by
+    /// `--queue`. It closes if the watcher falls that far behind.
+    pub events: mpsc::Receiver<Event>,
+}
+
+impl Hub {
+    /// Follows `room` without joining it: no member sees the watcher.
+    pub async fn watch(&self, room: RoomName) -> Result<RoomWatch, Refusal> {
+        let stored = if self.lock().rooms.contains_key(&room) {
+            Vec::new()
+        } else {
+            self.stored_ring(&room).await
+        };
+        let (tx, events) = mpsc::channel(self.shared.limits.queue.max(1));
+        let mut state = self.lock();
+        if state.closed {
+            return Err(shutting_down());
+        }
+        let entry = state.rooms.entry(room).or_insert_with(|| Room {
+            members: BTreeSet::new(),
+            history: History::from_stored(stored.into_iter().map(Arc::new)),
+            watchers: Vec::new(),
+        });
+        entry.watchers.push(tx);
+        Ok(RoomWatch {
+            recent: entry.history.iter().cloned().collect(),
+            events,
+        })
+    }
+
+    /// Up to `limit` messages of `room` with `seq < before` (the newest when
+    /// `None`), oldest first: one page of history, newest page first.
+    pub async fn history_page(
+        &self,
+        room: &RoomName,
+        before: Option<u64>,
+        limit: u32,
+    ) -> Result<Vec<Arc<Message>>, Refusal> {
+        let ring = self.ring(room);
+        let stored = self
+            .shared
+            .store
+            .page(room, before, limit)
+            .await
+            .map_err(|err| storage_down(room, err))?;
+        let newest_stored = stored.first().map_or(0, |m| m.seq);
+        let mut messages: Vec<Arc<Message>> = stored.into_iter().rev().map(Arc::new).collect();
+        messages.extend(
+            ring.into_iter()
+                .filter(|m| m.seq > newest_stored && before.is_none_or(|b| m.seq < b)),
+        );
+        let skip = messages.len().saturating_sub(limit as usize);
+        Ok(messages.into_iter().skip(skip).collect())
+    }
+
+    /// Up to `limit` messages of `room` with `seq > after`, oldest first, for a
+    /// client resuming after `after`. Messages storage no longer holds are
+    /// simply absent: the caller sees the jump in `seq` and reports a gap.
+    pub async fn replay(
+        &self,
+        room: &RoomName,
+        after: u64,
+        limit: u32,
+    ) -> Result<Vec<Arc<Message>>, Refusal> {
+        let limit = limit.max(1);
+        let mut waited = false;
+        loop {
+            let ring = self.ring(room);
+            let stored = self
+                .shared
+                .store
+                .since(room, after, limit)
+                .await
+                .map_err(|err| storage_down(room, err))?;
+            let mut messages: Vec<Arc<Message>> = stored.into_iter().map(Arc::new).collect();
+            if messages.len() >= limit as usize {
+                return Ok(messages);
+            }
+            // Storage is exhausted: the rest, if any, is in the ring.
+            let last = messages.last().map_or(after, |m| m.seq);
+            let newer: Vec<Arc<Message>> = ring.into_iter().filter(|m| m.seq > last).collect();
+            let hole = newer.first().is_some_and(|m| m.seq > last + 1);
+            if hole && !waited {
+                // The writer has not committed the messages in between yet.
+                waited = true;
+                tokio::time::sleep(STORAGE_LAG).await;
+                continue;
+            }
+            let room_left = limit as usize - messages.len();
+            messages.extend(newer.into_iter().take(room_left));
+            return Ok(messages);
+        }
+    }
+
+    /// A copy of the room's ring, oldest first (empty if the room is unknown).
+    fn ring(&self, room: &RoomName) -> Vec<Arc<Message>> {
+        self.lock()
+            .rooms
+            .get(room)
+            .map(|r| r.history.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// The last [`RING`] stored messages, oldest first, to seed a new room's ring.
+    async fn stored_ring(&self, room: &RoomName) -> Vec<Message> {
+        match self.shared.store.page(room, None, RING as u32).await {
+            Ok(mut page) => {
+                page.reverse();
+                page
+            }
+            Err(err) => {
+                tracing::warn!(cause = %err, %room, "could not read history; the room starts empty");
+                Vec::new()
+            }
+        }
+    }
+}
+
+fn shutting_down() -> Refusal {
+    Refusal::new(ErrorCode::Unavailable, "the server is shutting down")
+}
+
+fn storage_down(room: &RoomName, err: crate::store::StoreError) -> Refusal {
+    tracing::warn!(cause = %err, %room, "history read failed");
+    Refusal::new(
+        ErrorCode::Unavailable,
+        "history is unavailable: storage is not answering; try again",
+    )
+}

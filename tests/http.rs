@@ -1,0 +1,661 @@
+//! The HTTP adapter over real HTTP, against the real binary: every route and
+//! status of PROTOCOL.md, HTTP and `nc` clients chatting, SSE resume.
+
+mod common;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::http::{Http, Sse};
+use common::{Client, Daemon, WAIT, sqlite_url, temp_dir};
+use hyper::Method;
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+async fn daemon(extra: &[&str]) -> (Daemon, tempfile::TempDir, Http) {
+    let dir = temp_dir();
+    let db = sqlite_url(&dir);
+    let mut args = vec!["--db", db.as_str()];
+    args.extend_from_slice(extra);
+    let d = Daemon::start(&args).await;
+    let http = Http::new(d.http);
+    (d, dir, http)
+}
+
+fn is_message(v: &Value, text: &str) -> bool {
+    v["type"] == "message" && v["text"] == text
+}
+
+/// Polls `check` until it holds, for conditions with no event to wait on.
+async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !check().await {
+        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Opens a session's stream and reads its welcome.
+async fn events(http: &Http, token: &str, last: Option<&str>) -> Sse {
+    let mut sse = http.sse(&format!("/events?session={token}"), last).await;
+    let first = sse.frame().await.expect("a first frame");
+    assert_eq!(first.retry, Some(2000), "the stream starts with retry:");
+    sse
+}
+
+/// A session that has joined `room`, with its stream open past the join.
+async fn joined(http: &Http, nick: &str, room: &str) -> (String, Sse) {
+    let (token, _) = http.connect(Some(nick)).await;
+    let mut sse = events(http, &token, None).await;
+    let welcome = sse.event().await;
+    assert_eq!(welcome.event.as_deref(), Some("welcome"));
+    let reply = http.command(&token, &format!("/join {room}")).await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    sse.expect(|_, v| v["type"] == "join" && v["nick"] == nick)
+        .await;
+    (token, sse)
+}
+
+#[tokio::test]
+async fn page_health_rooms_metrics_and_unknown_routes() {
+    let (_d, _dir, http) = daemon(&["--instance", "h1"]).await;
+    let page = http.get("/").await;
+    assert_eq!(page.status, 200);
+    assert!(
+        page.header("content-type")
+            .unwrap()
+            .starts_with("text/html")
+    );
+    let html = page.text();
+    assert!(html.contains("<title>baby-discord</title>"));
+    assert!(
+        !html.contains("http://") && !html.contains("https://"),
+        "no external assets"
+    );
+    assert!(
+        !html.contains("innerHTML"),
+        "user text is never inserted as HTML"
+    );
+
+    let health = http.get("/healthz").await;
+    assert_eq!(health.status, 200);
+    let h = health.json();
+    assert_eq!(
+        (h["status"].as_str(), h["instance"].as_str()),
+        (Some("ok"), Some("h1"))
+    );
+    assert_eq!(
+        (h["store"].as_str(), h["bus"].as_str()),
+        (Some("sqlite"), Some("local"))
+    );
+
+    let rooms = http.get("/rooms").await;
+    assert_eq!(rooms.status, 200);
+    assert_eq!(rooms.json(), json!({"rooms": []}));
+
+    let metrics = http.get("/metrics").await;
+    assert_eq!(metrics.status, 200);
+    let text = metrics.text();
+    for name in [
+        "baby_connections{adapter=\"tcp\"}",
+        "baby_connections{adapter=\"http\"}",
+        "baby_sessions ",
+        "baby_rooms ",
+        "baby_messages_in_total ",
+        "baby_events_out_total ",
+        "baby_slow_consumers_total ",
+        "baby_store_write_batches_total ",
+        "baby_store_write_seconds_total ",
+        "baby_bus_up{bus=\"local\"}",
+        "baby_http_requests_total{route=\"/healthz\",status=\"200\"} 1",
+    ] {
+        assert!(text.contains(name), "{name} missing from:\n{text}");
+    }
+
+    let missing = http.get("/no/such/route").await;
+    assert_eq!(missing.status, 404);
+    assert_eq!(missing.json()["type"], "error");
+    let wrong = http.request(Method::DELETE, "/rooms", &[], None).await;
+    assert_eq!(wrong.status, 405);
+}
+
+#[tokio::test]
+async fn connect_answers_201_409_and_400() {
+    let (_d, _dir, http) = daemon(&["--instance", "h1"]).await;
+    let ok = http.post("/connect", None, &json!({"nick": "alice"})).await;
+    assert_eq!(ok.status, 201, "{}", ok.text());
+    let v = ok.json();
+    let token = v["session"].as_str().unwrap();
+    assert_eq!(token.len(), 32, "128 bits as hex");
+    assert!(token.bytes().all(|b| b.is_ascii_hexdigit()));
+    assert_eq!(
+        (v["nick"].as_str(), v["instance"].as_str()),
+        (Some("alice"), Some("h1"))
+    );
+
+    let taken = http.post("/connect", None, &json!({"nick": "ALICE"})).await;
+    assert_eq!(taken.status, 409);
+    assert_eq!(taken.json()["code"], "nick-taken");
+
+    let invalid = http
+        .post("/connect", None, &json!({"nick": "no spaces"}))
+        .await;
+    assert_eq!(invalid.status, 400);
+    assert_eq!(invalid.json()["code"], "invalid-nick");
+
+    let bad_json = http
+        .request(
+            Method::POST,
+            "/connect",
+            &[("content-type", "application/json")],
+            Some(Bytes::from_static(b"{nick:")),
+        )
+        .await;
+    assert_eq!(bad_json.status, 400);
+    let e = bad_json.json();
+    assert_eq!(
+        (e["type"].as_str(), e["code"].as_str()),
+        (Some("error"), Some("bad-arguments"))
+    );
+
+    // No body at all: a guest.
+    let guest = http.request(Method::POST, "/connect", &[], None).await;
+    assert_eq!(guest.status, 201);
+    assert!(guest.json()["nick"].as_str().unwrap().starts_with("guest-"));
+
+    // The welcome on the stream carries the session.
+    let mut sse = events(&http, token, None).await;
+    let welcome = sse.event().await;
+    assert_eq!(welcome.event.as_deref(), Some("welcome"));
+    let w = welcome.json();
+    assert_eq!(
+        (w["nick"].as_str(), w["session"].as_str()),
+        (Some("alice"), Some(token))
+    );
+}
+
+#[tokio::test]
+async fn unknown_sessions_get_401_everywhere() {
+    let (_d, _dir, http) = daemon(&[]).await;
+    let bogus = "0123456789abcdef0123456789abcdef";
+    for (path, body) in [
+        ("/command", json!({"line": "/rooms"})),
+        ("/message", json!({"room": "general", "text": "hi"})),
+        ("/disconnect", json!({})),
+    ] {
+        let r = http.post(path, Some(bogus), &body).await;
+        assert_eq!(r.status, 401, "{path}");
+        assert_eq!(r.json()["type"], "error");
+        let r = http.post(path, None, &body).await;
+        assert_eq!(r.status, 401, "{path} without a token");
+    }
+    let stream = http
+        .request(Method::GET, &format!("/events?session={bogus}"), &[], None)
+        .await;
+    assert_eq!(stream.status, 401);
+}
+
+#[tokio::test]
+async fn bodies_over_the_limit_get_413_unread() {
+    let (_d, _dir, http) = daemon(&[]).await;
+    let (token, _) = http.connect(Some("alice")).await;
+    let auth = format!("Bearer {token}");
+    let line = "x".repeat(70 * 1024);
+    let big = Bytes::from(json!({"line": line}).to_string());
+    let r = http
+        .request(
+            Method::POST,
+            "/command",
+            &[
+                ("authorization", &auth),
+                ("content-type", "application/json"),
+            ],
+            Some(big),
+        )
+        .await;
+    assert_eq!(r.status, 413);
+    assert_eq!(r.json()["type"], "error");
+
+    // A declared length over the limit is refused before any body is sent.
+    let mut raw = tokio::net::TcpStream::connect(http.addr).await.unwrap();
+    raw.write_all(
+        format!(
+            "POST /command HTTP/1.1\r\nhost: x\r\nauthorization: {auth}\r\ncontent-length: 10000000\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut head = vec![0u8; 64];
+    let n = tokio::time::timeout(WAIT, raw.read(&mut head))
+        .await
+        .unwrap()
+        .unwrap();
+    let head = String::from_utf8_lossy(&head[..n]);
+    assert!(head.starts_with("HTTP/1.1 413"), "{head}");
+
+    // The session still works.
+    let ok = http.command(&token, "/rooms").await;
+    assert_eq!(ok.status, 200);
+}
+
+#[tokio::test]
+async fn http_and_nc_clients_chat_both_ways() {
+    let (d, _dir, http) = daemon(&[]).await;
+    let mut bob = Client::in_room(d.tcp, "bob", "general").await;
+    let (alice, mut sse) = joined(&http, "alice", "general").await;
+    bob.expect(|v| v["type"] == "join" && v["nick"] == "alice")
+        .await;
+
+    // HTTP -> nc
+    let sent = http
+        .post(
+            "/message",
+            Some(&alice),
+            &json!({"room": "general", "text": "hi from the browser"}),
+        )
+        .await;
+    assert_eq!(sent.status, 200, "{}", sent.text());
+    let s = sent.json();
+    assert_eq!(
+        (s["room"].as_str(), s["seq"].as_u64()),
+        (Some("general"), Some(1))
+    );
+    assert_eq!(s["id"].as_str().unwrap().len(), 36);
+    let at_bob = bob.expect(|v| is_message(v, "hi from the browser")).await;
+    assert_eq!(
+        (at_bob["nick"].as_str(), at_bob["seq"].as_u64()),
+        (Some("alice"), Some(1))
+    );
+    let own = sse
+        .expect(|_, v| is_message(v, "hi from the browser"))
+        .await;
+    assert_eq!(own.id.as_deref(), Some("general:1"));
+    assert_eq!(own.event.as_deref(), Some("message"));
+
+    // nc -> HTTP
+    bob.send("hi from nc").await;
+    let f = sse.expect(|_, v| is_message(v, "hi from nc")).await;
+    assert_eq!(f.id.as_deref(), Some("general:2"));
+    assert_eq!(f.json()["nick"], "bob");
+
+    // /me and a line without a slash through /command
+    let me = http.command(&alice, "/me waves").await;
+    assert_eq!(me.status, 200);
+    let w = bob
+        .expect(|v| v["type"] == "message" && v["seq"] == 3)
+        .await;
+    assert_eq!(
+        (w["kind"].as_str(), w["text"].as_str()),
+        (Some("action"), Some("waves"))
+    );
+    let plain = http.command(&alice, "plain line").await;
+    assert_eq!(plain.status, 200);
+    bob.expect(|v| is_message(v, "plain line")).await;
+
+    // DMs both ways
+    let dm = http.command(&alice, "/msg bob psst").await;
+    assert_eq!(dm.status, 200);
+    let echo = &dm.json()["events"][0];
+    assert_eq!(
+        (echo["type"].as_str(), echo["to"].as_str()),
+        (Some("dm"), Some("bob"))
+    );
+    let at_bob = bob.expect(|v| v["type"] == "dm").await;
+    assert_eq!(at_bob["from"], "alice");
+    bob.send("/msg alice back at you").await;
+    let f = sse
+        .expect(|_, v| v["type"] == "dm" && v["from"] == "bob")
+        .await;
+    assert_eq!(f.json()["text"], "back at you");
+
+    // Replies come back in the response; /who sees both adapters.
+    let who = http.command(&alice, "/who").await;
+    let reply = &who.json()["events"][0];
+    assert_eq!(reply["command"], "who");
+    assert_eq!(reply["data"]["members"], json!(["alice", "bob"]));
+    let rooms = http.get("/rooms").await.json();
+    assert_eq!(rooms, json!({"rooms": [{"room": "general", "members": 2}]}));
+
+    // Leaving is seen by nc; disconnecting ends the session.
+    let bye = http
+        .request(
+            Method::POST,
+            "/disconnect",
+            &[("authorization", &format!("Bearer {alice}"))],
+            None,
+        )
+        .await;
+    assert_eq!(bye.status, 204);
+    bob.expect(|v| v["type"] == "leave" && v["nick"] == "alice")
+        .await;
+    assert_eq!(http.command(&alice, "/rooms").await.status, 401);
+    assert!(
+        sse.frame().await.is_none(),
+        "the stream ends with the session"
+    );
+}
+
+#[tokio::test]
+async fn refused_commands_carry_their_status() {
+    let (d, _dir, http) = daemon(&["--rate", "1", "--burst", "2"]).await;
+    let _bob = Client::in_room(d.tcp, "bob", "general").await;
+    let (alice, _) = http.connect(Some("alice")).await;
+
+    let r = http.command(&alice, "/nick Bob").await;
+    assert_eq!(r.status, 409);
+    assert_eq!(r.json()["code"], "nick-taken");
+    let r = http.command(&alice, "/frobnicate").await;
+    assert_eq!(r.status, 400);
+    assert_eq!(r.json()["code"], "unknown-command");
+    let r = http.command(&alice, "/leave general").await;
+    assert_eq!(r.status, 400);
+    assert_eq!(r.json()["code"], "not-in-room");
+    let r = http
+        .post("/message", Some(&alice), &json!({"text": "nowhere"}))
+        .await;
+    assert_eq!(r.status, 400);
+    assert_eq!(r.json()["code"], "not-in-room");
+    let r = http
+        .post(
+            "/message",
+            Some(&alice),
+            &json!({"room": "Bad Room", "text": "x"}),
+        )
+        .await;
+    assert_eq!(r.status, 400);
+    assert_eq!(r.json()["code"], "invalid-room");
+    let r = http
+        .post("/command", Some(&alice), &json!({"no_line": 1}))
+        .await;
+    assert_eq!(r.status, 400);
+
+    assert_eq!(http.command(&alice, "/join general").await.status, 200);
+    let r = http
+        .post("/message", Some(&alice), &json!({"text": "x".repeat(2001)}))
+        .await;
+    assert_eq!(r.status, 400);
+    assert_eq!(r.json()["code"], "too-long");
+    let statuses: Vec<u16> = {
+        let mut v = Vec::new();
+        for i in 0..3 {
+            let r = http
+                .post("/message", Some(&alice), &json!({"text": format!("m{i}")}))
+                .await;
+            v.push(r.status);
+        }
+        v
+    };
+    assert_eq!(statuses, [200, 200, 429], "burst of 2, then rate-limited");
+}
+
+#[tokio::test]
+async fn resume_with_last_event_id_gets_exactly_the_missed_messages() {
+    let (d, _dir, http) = daemon(&[]).await;
+    let mut bob = Client::in_room(d.tcp, "bob", "general").await;
+    let (alice, mut sse) = joined(&http, "alice", "general").await;
+    for i in 1..=3 {
+        bob.send(&format!("m{i}")).await;
+    }
+    sse.expect(|_, v| is_message(v, "m3")).await;
+    let last = sse.last_id.clone().unwrap();
+    assert_eq!(last, "general:3");
+    drop(sse); // the connection drops, as on a train going into a tunnel
+
+    for i in 4..=6 {
+        bob.send(&format!("m{i}")).await;
+    }
+    bob.expect(|v| is_message(v, "m6")).await;
+    let mut sse = events(&http, &alice, Some(&last)).await;
+    let mut seen = Vec::new();
+    while seen.len() < 3 {
+        let f = sse.event().await;
+        if f.event.as_deref() == Some("message") {
+            seen.push((
+                f.id.clone().unwrap(),
+                f.json()["text"].as_str().unwrap().to_owned(),
+            ));
+        }
+    }
+    assert_eq!(
+        seen,
+        [
+            ("general:4", "m4"),
+            ("general:5", "m5"),
+            ("general:6", "m6")
+        ]
+        .map(|(a, b)| (a.to_owned(), b.to_owned()))
+    );
+    bob.send("m7").await;
+    let next = sse.expect(|_, v| v["type"] == "message").await;
+    assert_eq!(next.json()["text"], "m7", "no duplicate, no gap");
+}
+
+#[tokio::test]
+async fn events_queued_while_the_stream_is_down_arrive_when_it_returns() {
+    let (d, _dir, http) = daemon(&[]).await;
+    let mut bob = Client::in_room(d.tcp, "bob", "general").await;
+    // No stream yet: everything queues in the session.
+    let (alice, _) = http.connect(Some("alice")).await;
+    assert_eq!(http.command(&alice, "/join general").await.status, 200);
+    bob.expect(|v| v["type"] == "join" && v["nick"] == "alice")
+        .await;
+    bob.send("while you were away").await;
+    bob.send("/msg alice psst").await;
+    bob.expect(|v| v["type"] == "dm").await;
+
+    let mut sse = events(&http, &alice, None).await;
+    let kinds: Vec<String> = {
+        let mut v = Vec::new();
+        for _ in 0..4 {
+            v.push(sse.event().await.event.unwrap());
+        }
+        v
+    };
+    assert_eq!(kinds, ["welcome", "join", "message", "dm"]);
+}
+
+#[tokio::test]
+async fn a_new_stream_takes_over_from_an_old_one() {
+    let (d, _dir, http) = daemon(&[]).await;
+    let mut bob = Client::in_room(d.tcp, "bob", "general").await;
+    let (alice, mut first) = joined(&http, "alice", "general").await;
+    bob.send("one").await;
+    first.expect(|_, v| is_message(v, "one")).await;
+    let last = first.last_id.clone();
+    // Reconnect without closing the first (the server may not know it is dead).
+    let mut second = events(&http, &alice, last.as_deref()).await;
+    assert!(first.frame().await.is_none(), "the old stream ends");
+    bob.send("two").await;
+    let f = second.expect(|_, v| v["type"] == "message").await;
+    assert_eq!(f.json()["text"], "two");
+}
+
+#[tokio::test]
+async fn room_stream_starts_with_the_last_ten_and_resumes() {
+    let (d, dir, http) = daemon(&["--rate", "0"]).await;
+    let mut bob = Client::in_room(d.tcp, "bob", "general").await;
+    for i in 1..=12 {
+        bob.send(&format!("m{i}")).await;
+    }
+    bob.expect(|v| is_message(v, "m12")).await;
+
+    let mut room = http.sse("/messages/general", None).await;
+    let mut seqs = Vec::new();
+    for _ in 0..10 {
+        let f = room.event().await;
+        assert_eq!(f.event.as_deref(), Some("message"));
+        seqs.push(f.json()["seq"].as_u64().unwrap());
+    }
+    assert_eq!(seqs, (3..=12).collect::<Vec<_>>());
+    bob.send("live").await;
+    let live = room.event().await;
+    assert_eq!(live.id.as_deref(), Some("general:13"));
+    let mut carol = Client::in_room(d.tcp, "carol", "general").await;
+    let join = room.event().await;
+    assert_eq!(
+        (join.event.as_deref(), join.json()["nick"].as_str()),
+        (Some("join"), Some("carol"))
+    );
+    assert_eq!(
+        http.get("/rooms").await.json()["rooms"][0]["members"],
+        2,
+        "a room stream is not a member"
+    );
+
+    // Resume from seq 5: 6..=13, then live, no duplicate.
+    let mut resumed = http.sse("/messages/%23general", Some("general:5")).await;
+    let mut seqs = Vec::new();
+    while seqs.len() < 8 {
+        let f = resumed.event().await;
+        if f.event.as_deref() == Some("message") {
+            seqs.push(f.json()["seq"].as_u64().unwrap());
+        }
+    }
+    assert_eq!(seqs, (6..=13).collect::<Vec<_>>());
+    carol.send("after resume").await;
+    let f = resumed.expect(|_, v| v["type"] == "message").await;
+    assert_eq!(f.json()["seq"], 14);
+
+    // Storage loses seqs 2..=4: a resume from 1 says so in-band first.
+    let url = sqlite_url(&dir);
+    let mut db = {
+        use sqlx::Connection;
+        sqlx::SqliteConnection::connect(&url).await.unwrap()
+    };
+    eventually("the writer stores all 14", async || {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM messages")
+            .fetch_one(&mut db)
+            .await
+            .unwrap();
+        n == 14
+    })
+    .await;
+    sqlx::query("DELETE FROM messages WHERE seq BETWEEN 2 AND 4")
+        .execute(&mut db)
+        .await
+        .unwrap();
+    let mut gapped = http.sse("/messages/general", Some("general:1")).await;
+    let gap = gapped.event().await;
+    assert_eq!(gap.event.as_deref(), Some("gap"));
+    let g = gap.json();
+    assert_eq!(
+        (
+            g["room"].as_str(),
+            g["from_seq"].as_u64(),
+            g["to_seq"].as_u64()
+        ),
+        (Some("general"), Some(2), Some(4))
+    );
+    let next = gapped.event().await;
+    assert_eq!(next.id.as_deref(), Some("general:5"));
+}
+
+#[tokio::test]
+async fn history_pages_newest_first() {
+    let (d, _dir, http) = daemon(&["--rate", "0"]).await;
+    let mut bob = Client::in_room(d.tcp, "bob", "general").await;
+    for i in 1..=12 {
+        bob.send(&format!("m{i}")).await;
+    }
+    bob.expect(|v| is_message(v, "m12")).await;
+    let seqs = |r: &common::http::Reply| -> Vec<u64> {
+        r.json()["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["seq"].as_u64().unwrap())
+            .collect()
+    };
+    let newest = http.get("/rooms/general/history?limit=5").await;
+    assert_eq!(newest.status, 200);
+    assert_eq!(seqs(&newest), [8, 9, 10, 11, 12]);
+    assert_eq!(newest.json()["messages"][0]["type"], "message");
+    let older = http.get("/rooms/general/history?before=8&limit=5").await;
+    assert_eq!(seqs(&older), [3, 4, 5, 6, 7]);
+    let all = http.get("/rooms/general/history").await;
+    assert_eq!(seqs(&all), (1..=12).collect::<Vec<_>>());
+    assert_eq!(
+        http.get("/rooms/general/history?limit=abc").await.status,
+        400
+    );
+    assert_eq!(http.get("/rooms/general/history?limit=0").await.status, 400);
+    let capped = http.get("/rooms/general/history?limit=1000").await;
+    assert_eq!(capped.status, 200, "limit is capped at 100");
+    assert_eq!(http.get("/rooms/Bad%20Room/history").await.status, 400);
+    assert_eq!(
+        seqs(&http.get("/rooms/empty/history").await),
+        Vec::<u64>::new()
+    );
+}
+
+#[tokio::test]
+async fn h2c_works_for_commands_and_streams() {
+    let (d, _dir, _) = daemon(&[]).await;
+    let h2 = Http::h2(d.http);
+    let health = h2.get("/healthz").await;
+    assert_eq!(health.status, 200);
+    assert_eq!(health.version, hyper::Version::HTTP_2);
+    let (alice, _) = h2.connect(Some("alice")).await;
+    let mut sse = h2.sse(&format!("/events?session={alice}"), None).await;
+    assert_eq!(sse.event().await.event.as_deref(), Some("welcome"));
+    assert_eq!(h2.command(&alice, "/join general").await.status, 200);
+    let sent = h2
+        .post("/message", Some(&alice), &json!({"text": "over h2"}))
+        .await;
+    assert_eq!(sent.status, 200);
+    sse.expect(|_, v| is_message(v, "over h2")).await;
+}
+
+#[tokio::test]
+async fn a_session_without_a_stream_expires_and_frees_its_nick() {
+    let (_d, _dir, http) = daemon(&["--session-linger", "1"]).await;
+    let (alice, _) = http.connect(Some("alice")).await;
+    assert_eq!(
+        http.post("/connect", None, &json!({"nick": "alice"}))
+            .await
+            .status,
+        409
+    );
+    eventually("alice's nick is free again", async || {
+        http.post("/connect", None, &json!({"nick": "alice"}))
+            .await
+            .status
+            == 201
+    })
+    .await;
+    assert_eq!(http.command(&alice, "/rooms").await.status, 401);
+}
+
+#[tokio::test]
+async fn a_session_that_never_reads_is_a_slow_consumer() {
+    let (d, _dir, http) = daemon(&["--queue", "8", "--rate", "0"]).await;
+    let mut bob = Client::in_room(d.tcp, "bob", "general").await;
+    let (alice, _) = http.connect(Some("alice")).await;
+    assert_eq!(http.command(&alice, "/join general").await.status, 200);
+    for i in 0..20 {
+        bob.send(&format!("flood {i}")).await;
+    }
+    bob.expect(|v| v["type"] == "leave" && v["nick"] == "alice")
+        .await;
+    assert_eq!(http.command(&alice, "/rooms").await.status, 401);
+    let metrics = http.get("/metrics").await.text();
+    assert!(metrics.contains("baby_slow_consumers_total 1"), "{metrics}");
+}
+
+#[tokio::test]
+async fn a_request_head_must_arrive_within_ten_seconds() {
+    let (_d, _dir, http) = daemon(&[]).await;
+    let mut raw = tokio::net::TcpStream::connect(http.addr).await.unwrap();
+    raw.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n")
+        .await
+        .unwrap();
+    let started = tokio::time::Instant::now();
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(20), raw.read_to_end(&mut rest)).await;
+    assert!(closed.is_ok(), "the server closes a slow head");
+    let waited = started.elapsed();
+    assert!(waited >= Duration::from_secs(9), "closed after {waited:?}");
+    let text = String::from_utf8_lossy(&rest);
+    assert!(!text.contains("200 OK"), "{text}");
+}
