@@ -176,6 +176,14 @@ impl Driver {
         }
     }
 
+    /// Saves a PNG of the window.
+    async fn screenshot(&self, path: &str) {
+        use base64_png::decode;
+        let png = self.call(Method::GET, "/screenshot", None).await;
+        let bytes = decode(png.as_str().expect("base64 text"));
+        std::fs::write(path, bytes).expect("the screenshot is written");
+    }
+
     async fn quit(self) {
         let path = format!("/session/{}", self.session);
         let _ = self.http.request(Method::DELETE, &path, &[], None).await;
@@ -288,5 +296,46 @@ async fn the_page_chats_with_nc_and_shows_markup_as_text() {
         )
         .await;
 
+    // `BABY_SCREENSHOT=docs/browser.png cargo test --test browser` refreshes
+    // the README's picture of this very conversation.
+    if let Ok(path) = std::env::var("BABY_SCREENSHOT") {
+        driver.screenshot(&path).await;
+    }
     driver.quit().await;
+}
+
+/// Just enough base64 to save a screenshot, without a crate for it.
+mod base64_png {
+    pub fn decode(text: &str) -> Vec<u8> {
+        let value = |c: u8| match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' => 62,
+            b'/' => 63,
+            _ => panic!("not base64: {c}"),
+        };
+        let digits: Vec<u8> = text
+            .bytes()
+            .filter(|&c| c != b'=' && !c.is_ascii_whitespace())
+            .map(value)
+            .collect();
+        let mut out = Vec::with_capacity(digits.len() * 3 / 4);
+        for chunk in digits.chunks(4) {
+            let n = chunk
+                .iter()
+                .enumerate()
+                .fold(0u32, |n, (i, &d)| n | u32::from(d) << (18 - 6 * i));
+            let bytes = n.to_be_bytes();
+            out.extend_from_slice(&bytes[1..chunk.len()]);
+        }
+        out
+    }
+
+    #[test]
+    fn decodes() {
+        assert_eq!(decode("aGVsbG8="), b"hello");
+        assert_eq!(decode("aGk="), b"hi");
+        assert_eq!(decode("YWJj"), b"abc");
+    }
 }

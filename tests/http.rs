@@ -666,3 +666,17 @@ async fn a_request_head_must_arrive_within_ten_seconds() {
     let text = String::from_utf8_lossy(&rest);
     assert!(!text.contains("200 OK"), "{text}");
 }
+
+#[tokio::test]
+async fn sigterm_ends_open_streams_and_exits_zero() {
+    let (d, _dir, http) = daemon(&[]).await;
+    let (alice, mut sse) = joined(&http, "alice", "general").await;
+    let mut room = http.sse("/messages/general", None).await;
+    let _ = alice;
+    let code = d.terminate().await;
+    assert_eq!(code, Some(0), "a clean exit despite open streams");
+    let last = sse.expect(|_, v| v["type"] == "error").await;
+    assert_eq!(last.json()["code"], "unavailable");
+    let last = room.expect(|_, v| v["type"] == "error").await;
+    assert_eq!(last.json()["code"], "unavailable");
+}

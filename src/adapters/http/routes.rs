@@ -28,8 +28,8 @@ use hyper::body::Incoming;
 use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use percent_encoding::percent_decode_str;
-use serde::Deserialize;
-use serde_json::{Value, json};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -117,13 +117,57 @@ fn full(bytes: impl Into<Bytes>) -> Body {
     Full::new(bytes.into()).boxed_unsync()
 }
 
-fn json_response(status: StatusCode, value: &Value) -> Response<Body> {
+fn json_response(status: StatusCode, value: &impl Serialize) -> Response<Body> {
+    // Plain structs and maps of strings and numbers always serialise.
+    let body = serde_json::to_vec(value).expect("a response body serialises");
     Response::builder()
         .status(status)
         .header(header::CONTENT_TYPE, "application/json")
         .header(header::CACHE_CONTROL, "no-store")
-        .body(full(value.to_string()))
+        .body(full(body))
         .expect("static headers are valid")
+}
+
+/// `{"KEY":[...]}` built from events' canonical JSON, verbatim (the same bytes
+/// the stream and TCP clients get, and no second serialisation).
+fn raw_json_response<'a>(
+    status: StatusCode,
+    key: &str,
+    events: impl Iterator<Item = &'a Event>,
+) -> Response<Body> {
+    let mut body = Vec::with_capacity(256);
+    body.extend_from_slice(b"{\"");
+    body.extend_from_slice(key.as_bytes());
+    body.extend_from_slice(b"\":[");
+    for (i, event) in events.enumerate() {
+        if i > 0 {
+            body.push(b',');
+        }
+        body.extend_from_slice(event.json());
+    }
+    body.extend_from_slice(b"]}");
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, "application/json")
+        .header(header::CACHE_CONTROL, "no-store")
+        .body(full(body))
+        .expect("static headers are valid")
+}
+
+/// The answer to `POST /connect`.
+#[derive(Serialize)]
+struct Connected<'a> {
+    session: &'a str,
+    nick: &'a Nick,
+    instance: &'a str,
+}
+
+/// The answer to `POST /message`.
+#[derive(Serialize)]
+struct Sent<'a> {
+    room: &'a RoomName,
+    seq: u64,
+    id: uuid::Uuid,
 }
 
 fn error_response(Failure(status, event): Failure) -> Response<Body> {
@@ -340,10 +384,12 @@ impl Routes {
             ));
         }
         tracing::debug!(session = %id, %nick, "http session opened");
-        Ok(json_response(
-            StatusCode::CREATED,
-            &json!({"session": token, "nick": nick, "instance": self.hub.instance()}),
-        ))
+        let body = Connected {
+            session: &token,
+            nick: &nick,
+            instance: self.hub.instance(),
+        };
+        Ok(json_response(StatusCode::CREATED, &body))
     }
 
     async fn command(&self, req: Request<Incoming>) -> Answer {
@@ -360,8 +406,7 @@ impl Routes {
                 return Err(Failure(status_of(*code), event.clone()));
             }
         }
-        let events: Vec<Value> = events.iter().map(Event::to_value).collect();
-        Ok(json_response(StatusCode::OK, &json!({ "events": events })))
+        Ok(raw_json_response(StatusCode::OK, "events", events.iter()))
     }
 
     async fn message(&self, req: Request<Incoming>) -> Answer {
@@ -377,10 +422,12 @@ impl Routes {
             .say(session.id, room, text, MessageKind::Text)
             .await
             .map_err(Failure::refused)?;
-        Ok(json_response(
-            StatusCode::OK,
-            &json!({"room": message.room, "seq": message.seq, "id": message.id}),
-        ))
+        let body = Sent {
+            room: &message.room,
+            seq: message.seq,
+            id: message.id,
+        };
+        Ok(json_response(StatusCode::OK, &body))
     }
 
     fn disconnect(&self, req: Request<Incoming>) -> Answer {
@@ -460,14 +507,8 @@ impl Routes {
             .history_page(&room, before, limit)
             .await
             .map_err(Failure::refused)?;
-        let messages: Vec<Value> = messages
-            .into_iter()
-            .map(|m| Event::message(m).to_value())
-            .collect();
-        Ok(json_response(
-            StatusCode::OK,
-            &json!({ "messages": messages }),
-        ))
+        let events: Vec<Event> = messages.into_iter().map(Event::message).collect();
+        Ok(raw_json_response(StatusCode::OK, "messages", events.iter()))
     }
 
     async fn healthz(&self) -> Answer {
