@@ -483,7 +483,11 @@ impl Routes {
 
     async fn rooms(&self) -> Answer {
         let rooms = self.hub.room_list().await.map_err(Failure::refused)?;
-        Ok(json_response(StatusCode::OK, &json!({ "rooms": rooms })))
+        #[derive(Serialize)]
+        struct Rooms {
+            rooms: Vec<crate::core::RoomCount>,
+        }
+        Ok(json_response(StatusCode::OK, &Rooms { rooms }))
     }
 
     async fn history(&self, room: &str, query: Option<&str>) -> Answer {
