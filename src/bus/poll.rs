@@ -28,7 +28,7 @@ use tokio::sync::Mutex;
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
-use super::{Bus, BusError, Deliver, Directory, Envelope};
+use super::{Bus, BusError, Deliver, Directory, Envelope, Presence};
 use crate::core::{DirectMessage, Draft, Message, Nick, RoomCount, RoomName, Timestamp};
 use crate::store::Store;
 
@@ -59,14 +59,70 @@ struct Cursors {
     sink: Option<Arc<dyn Deliver>>,
 }
 
-/// A direct message as it travels through the inbox table.
+/// What travels through the inbox table, as JSON: to one instance (a direct
+/// message) or to every other live instance (membership changes).
 #[derive(Serialize, Deserialize)]
-struct DmRow {
-    id: uuid::Uuid,
-    from: String,
-    to: String,
-    text: String,
-    ts: i64,
+#[serde(tag = "kind", rename_all = "snake_case")]
+enum InboxRow {
+    Dm {
+        id: uuid::Uuid,
+        from: String,
+        to: String,
+        text: String,
+        ts: i64,
+    },
+    Joined {
+        room: String,
+        nick: String,
+    },
+    Left {
+        room: String,
+        nick: String,
+    },
+    Renamed {
+        old: String,
+        new: String,
+        rooms: Vec<String>,
+    },
+}
+
+impl InboxRow {
+    fn into_envelope(self) -> Option<Envelope> {
+        let room = |r: &str| RoomName::parse(r).ok();
+        let nick = |n: &str| Nick::parse(n).ok();
+        Some(match self {
+            InboxRow::Dm {
+                id,
+                from,
+                to,
+                text,
+                ts,
+            } => Envelope::Dm(Arc::new(DirectMessage {
+                id,
+                from: nick(&from)?,
+                to: nick(&to)?,
+                text,
+                ts: Timestamp(ts),
+            })),
+            InboxRow::Joined { room: r, nick: n } => Envelope::Presence(Presence::Joined {
+                room: room(&r)?,
+                nick: nick(&n)?,
+            }),
+            InboxRow::Left { room: r, nick: n } => Envelope::Presence(Presence::Left {
+                room: room(&r)?,
+                nick: nick(&n)?,
+            }),
+            InboxRow::Renamed { old, new, rooms } => Envelope::Presence(Presence::Renamed {
+                old: nick(&old)?,
+                new: nick(&new)?,
+                rooms: rooms.iter().filter_map(|r| room(r)).collect(),
+            }),
+        })
+    }
+
+    fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("plain enum serialises")
+    }
 }
 
 fn now_ms() -> i64 {
@@ -128,6 +184,42 @@ impl PollBus {
 
     async fn heartbeat(&self) -> Result<(), BusError> {
         heartbeat(&self.pool, &self.instance).await
+    }
+
+    /// Puts `row` in the inbox of every other live instance: one statement,
+    /// whatever the cluster's size.
+    async fn broadcast(&self, row: &InboxRow) -> Result<(), BusError> {
+        sqlx::query(
+            "INSERT INTO inbox (instance, payload)
+             SELECT instance, $1 FROM instances WHERE instance <> $2 AND seen_at >= $3",
+        )
+        .bind(row.to_json())
+        .bind(self.instance.as_str())
+        .bind(alive_since())
+        .execute(&self.pool)
+        .await
+        .map_err(db)?;
+        Ok(())
+    }
+
+    /// Deletes `nick`'s memberships on this instance (all, or the one in
+    /// `room`) and returns the rooms they were in.
+    async fn drop_presence(
+        &self,
+        nick: &Nick,
+        room: Option<&RoomName>,
+    ) -> Result<Vec<String>, BusError> {
+        let rows: Vec<(String,)> = sqlx::query_as(
+            "DELETE FROM presence WHERE nick_key = $1 AND instance = $2 AND ($3 = '' OR room = $3)
+             RETURNING room",
+        )
+        .bind(nick.key().as_str())
+        .bind(self.instance.as_str())
+        .bind(room.map_or("", RoomName::as_str))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db)?;
+        Ok(rows.into_iter().map(|(r,)| r).collect())
     }
 }
 
@@ -240,23 +332,14 @@ async fn poll_once(
             .await
             .map_err(db)?;
     }
-    let payloads = rows.into_iter().map(|(_, p)| (p,));
-    for (payload,) in payloads {
-        let Ok(row) = serde_json::from_str::<DmRow>(&payload) else {
-            tracing::warn!("unreadable inbox row skipped");
-            continue;
-        };
-        let (Ok(from), Ok(to)) = (Nick::parse(&row.from), Nick::parse(&row.to)) else {
-            continue;
-        };
-        if let Some(sink) = &sink {
-            sink.deliver(Envelope::Dm(Arc::new(DirectMessage {
-                id: row.id,
-                from,
-                to,
-                text: row.text,
-                ts: Timestamp(row.ts),
-            })));
+    for (_, payload) in rows {
+        let envelope = serde_json::from_str::<InboxRow>(&payload)
+            .ok()
+            .and_then(InboxRow::into_envelope);
+        match (envelope, &sink) {
+            (Some(envelope), Some(sink)) => sink.deliver(envelope),
+            (None, _) => tracing::warn!("unreadable inbox row skipped"),
+            (Some(_), None) => {}
         }
     }
     Ok(())
@@ -414,31 +497,45 @@ impl Directory for PollBus {
             &[key.as_str(), &self.instance],
         )
         .await?;
-        self.exec(
-            "DELETE FROM presence WHERE nick_key = $1 AND instance = $2",
-            &[key.as_str(), &self.instance],
-        )
-        .await?;
+        for room in self.drop_presence(nick, None).await? {
+            let row = InboxRow::Left {
+                room,
+                nick: nick.to_string(),
+            };
+            self.broadcast(&row).await?;
+        }
         Ok(())
     }
 
     async fn renamed(&self, old: &Nick, new: &Nick) -> Result<(), BusError> {
         let (old_key, new_key) = (old.key(), new.key());
-        self.exec(
-            "UPDATE presence SET nick_key = $1, nick = $2 WHERE nick_key = $3 AND instance = $4",
-            &[
-                new_key.as_str(),
-                new.as_str(),
-                old_key.as_str(),
-                &self.instance,
-            ],
+        let rooms: Vec<(String,)> = sqlx::query_as(
+            "UPDATE presence SET nick_key = $1, nick = $2 WHERE nick_key = $3 AND instance = $4
+             RETURNING room",
         )
-        .await?;
-        self.exec(
-            "DELETE FROM nicks WHERE nick_key = $1 AND instance = $2",
-            &[old_key.as_str(), &self.instance],
-        )
-        .await?;
+        .bind(new_key.as_str())
+        .bind(new.as_str())
+        .bind(old_key.as_str())
+        .bind(self.instance.as_str())
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db)?;
+        // A change of case keeps the key, whose claim is now the new nick's.
+        if old_key != new_key {
+            self.exec(
+                "DELETE FROM nicks WHERE nick_key = $1 AND instance = $2",
+                &[old_key.as_str(), &self.instance],
+            )
+            .await?;
+        }
+        if !rooms.is_empty() {
+            let row = InboxRow::Renamed {
+                old: old.to_string(),
+                new: new.to_string(),
+                rooms: rooms.into_iter().map(|(r,)| r).collect(),
+            };
+            self.broadcast(&row).await?;
+        }
         Ok(())
     }
 
@@ -454,16 +551,22 @@ impl Directory for PollBus {
             &[room.as_str(), nick.key().as_str(), nick.as_str(), &self.instance],
         )
         .await?;
-        Ok(())
+        let row = InboxRow::Joined {
+            room: room.to_string(),
+            nick: nick.to_string(),
+        };
+        self.broadcast(&row).await
     }
 
     async fn left(&self, room: &RoomName, nick: &Nick) -> Result<(), BusError> {
-        self.exec(
-            "DELETE FROM presence WHERE room = $1 AND nick_key = $2 AND instance = $3",
-            &[room.as_str(), nick.key().as_str(), &self.instance],
-        )
-        .await?;
-        Ok(())
+        if self.drop_presence(nick, Some(room)).await?.is_empty() {
+            return Ok(());
+        }
+        let row = InboxRow::Left {
+            room: room.to_string(),
+            nick: nick.to_string(),
+        };
+        self.broadcast(&row).await
     }
 
     async fn members(&self, room: &RoomName) -> Result<Vec<Nick>, BusError> {
@@ -517,17 +620,16 @@ impl Directory for PollBus {
         let Ok(to) = Nick::parse(&nick) else {
             return Ok(None);
         };
-        let row = DmRow {
+        let row = InboxRow::Dm {
             id: dm.id,
             from: dm.from.to_string(),
             to: to.to_string(),
             text: dm.text.clone(),
             ts: dm.ts.0,
         };
-        let payload = serde_json::to_string(&row).expect("plain struct serialises");
         self.exec(
             "INSERT INTO inbox (instance, payload) VALUES ($1, $2)",
-            &[&instance, &payload],
+            &[&instance, &row.to_json()],
         )
         .await?;
         Ok(Some(to))
