@@ -118,6 +118,12 @@ pub trait Bus: Send + Sync + 'static {
     /// Answers when the bus works.
     async fn health(&self) -> Result<(), BusError>;
 
+    /// SQL statements this instance has sent the shared database, for a bus
+    /// that works through one (`poll`): what delivery costs the database.
+    fn statements(&self) -> Option<u64> {
+        None
+    }
+
     /// Stops publishing and waits until everything published is durable.
     async fn close(&self);
 

@@ -16,7 +16,7 @@
 //! statements use only `$N` parameters, integers and text, which both accept.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex as StdMutex};
 use std::time::Duration;
 
@@ -42,7 +42,7 @@ const CATCH_UP: u32 = 1_000;
 /// The poll bus of one instance.
 pub struct PollBus {
     instance: String,
-    pool: AnyPool,
+    db: Db,
     store: Arc<dyn Store>,
     interval: Duration,
     /// Rooms watched and the last seq delivered in each. The lock also orders
@@ -149,7 +149,10 @@ impl PollBus {
             .map_err(crate::store::StoreError::from)?;
         let bus = PollBus {
             instance: instance.to_owned(),
-            pool,
+            db: Db {
+                pool,
+                statements: Arc::default(),
+            },
             store,
             interval,
             state: Arc::new(Mutex::new(Cursors::default())),
@@ -168,7 +171,7 @@ impl PollBus {
         for b in binds {
             q = q.bind(*b);
         }
-        Ok(q.execute(&self.pool).await.map_err(db)?.rows_affected())
+        Ok(q.execute(self.db.run()).await.map_err(db)?.rows_affected())
     }
 
     async fn forget_instance(&self) -> Result<(), BusError> {
@@ -183,7 +186,7 @@ impl PollBus {
     }
 
     async fn heartbeat(&self) -> Result<(), BusError> {
-        heartbeat(&self.pool, &self.instance).await
+        heartbeat(&self.db, &self.instance).await
     }
 
     /// Puts `row` in the inbox of every other live instance: one statement,
@@ -196,7 +199,7 @@ impl PollBus {
         .bind(row.to_json())
         .bind(self.instance.as_str())
         .bind(alive_since())
-        .execute(&self.pool)
+        .execute(self.db.run())
         .await
         .map_err(db)?;
         Ok(())
@@ -216,10 +219,26 @@ impl PollBus {
         .bind(nick.key().as_str())
         .bind(self.instance.as_str())
         .bind(room.map_or("", RoomName::as_str))
-        .fetch_all(&self.pool)
+        .fetch_all(self.db.run())
         .await
         .map_err(db)?;
         Ok(rows.into_iter().map(|(r,)| r).collect())
+    }
+}
+
+/// The shared database, counting the statements this instance sends it: the
+/// poll bus's cost, which `--poll-interval` trades against latency.
+#[derive(Clone)]
+struct Db {
+    pool: AnyPool,
+    statements: Arc<AtomicU64>,
+}
+
+impl Db {
+    /// The pool, for one more statement.
+    fn run(&self) -> &AnyPool {
+        self.statements.fetch_add(1, Ordering::Relaxed);
+        &self.pool
     }
 }
 
@@ -227,14 +246,14 @@ fn db(err: sqlx::Error) -> BusError {
     BusError::Store(err.into())
 }
 
-async fn heartbeat(pool: &AnyPool, instance: &str) -> Result<(), BusError> {
+async fn heartbeat(database: &Db, instance: &str) -> Result<(), BusError> {
     sqlx::query(
         "INSERT INTO instances (instance, seen_at) VALUES ($1, $2)
          ON CONFLICT (instance) DO UPDATE SET seen_at = excluded.seen_at",
     )
     .bind(instance)
     .bind(now_ms())
-    .execute(pool)
+    .execute(database.run())
     .await
     .map_err(db)?;
     // Clean up after instances that died without saying so.
@@ -246,7 +265,7 @@ async fn heartbeat(pool: &AnyPool, instance: &str) -> Result<(), BusError> {
     ] {
         sqlx::query(sql)
             .bind(dead)
-            .execute(pool)
+            .execute(database.run())
             .await
             .map_err(db)?;
     }
@@ -255,6 +274,7 @@ async fn heartbeat(pool: &AnyPool, instance: &str) -> Result<(), BusError> {
 
 /// Delivers rows of `room` after the cursor up to `upto` (inclusive), in order.
 async fn catch_up(
+    statements: &AtomicU64,
     store: &dyn Store,
     cursors: &mut Cursors,
     room: &RoomName,
@@ -268,6 +288,7 @@ async fn catch_up(
         if after >= upto {
             return Ok(());
         }
+        statements.fetch_add(1, Ordering::Relaxed);
         let rows = store.since(room, after, CATCH_UP).await?;
         if rows.is_empty() {
             return Ok(());
@@ -284,7 +305,7 @@ async fn catch_up(
 
 /// One poll: new room rows, then this instance's inbox.
 async fn poll_once(
-    pool: &AnyPool,
+    database: &Db,
     store: &dyn Store,
     state: &Mutex<Cursors>,
     instance: &str,
@@ -304,14 +325,14 @@ async fn poll_once(
         for room in rooms {
             q = q.bind(room);
         }
-        let heads: Vec<(String, i64)> = q.fetch_all(pool).await.map_err(db)?;
+        let heads: Vec<(String, i64)> = q.fetch_all(database.run()).await.map_err(db)?;
         for (room, last) in heads {
             let Ok(room) = RoomName::parse(&room) else {
                 continue;
             };
             let last = last.max(0) as u64;
             if cursors.delivered.get(&room).is_some_and(|&d| d < last) {
-                catch_up(store, &mut cursors, &room, last).await?;
+                catch_up(&database.statements, store, &mut cursors, &room, last).await?;
             }
         }
     }
@@ -321,14 +342,14 @@ async fn poll_once(
     let rows: Vec<(i64, String)> =
         sqlx::query_as("SELECT id, payload FROM inbox WHERE instance = $1 ORDER BY id")
             .bind(instance)
-            .fetch_all(pool)
+            .fetch_all(database.run())
             .await
             .map_err(db)?;
     if let Some(&(last, _)) = rows.last() {
         sqlx::query("DELETE FROM inbox WHERE instance = $1 AND id <= $2")
             .bind(instance)
             .bind(last)
-            .execute(pool)
+            .execute(database.run())
             .await
             .map_err(db)?;
     }
@@ -356,8 +377,8 @@ impl Bus for PollBus {
             .try_lock()
             .expect("start is called before anything else")
             .sink = Some(sink);
-        let (pool, store, state, healthy, stop) = (
-            self.pool.clone(),
+        let (database, store, state, healthy, stop) = (
+            self.db.clone(),
             self.store.clone(),
             self.state.clone(),
             self.healthy.clone(),
@@ -373,9 +394,9 @@ impl Bus for PollBus {
                     _ = stop.cancelled() => return,
                     _ = tick.tick() => {}
                 }
-                let mut result = poll_once(&pool, store.as_ref(), &state, &instance).await;
+                let mut result = poll_once(&database, store.as_ref(), &state, &instance).await;
                 if result.is_ok() && last_beat.elapsed() >= HEARTBEAT {
-                    result = heartbeat(&pool, &instance).await;
+                    result = heartbeat(&database, &instance).await;
                     last_beat = Instant::now();
                 }
                 let was = healthy.swap(result.is_ok(), Ordering::Relaxed);
@@ -393,7 +414,9 @@ impl Bus for PollBus {
 
     async fn publish(&self, draft: Draft) -> Result<Arc<Message>, BusError> {
         let room = draft.room.clone();
-        let mut tx = self.pool.begin().await.map_err(db)?;
+        // Two statements in one transaction (BEGIN and COMMIT are not counted).
+        self.db.statements.fetch_add(1, Ordering::Relaxed);
+        let mut tx = self.db.run().begin().await.map_err(db)?;
         let seq: i64 = sqlx::query_scalar(
             "INSERT INTO room_seqs (room, last_seq)
              VALUES ($1, (SELECT COALESCE(MAX(seq), 0) + 1 FROM messages WHERE room = $1))
@@ -424,7 +447,14 @@ impl Bus for PollBus {
         // Deliver at once, after anything older this instance has not seen yet.
         let mut cursors = self.state.lock().await;
         if cursors.delivered.contains_key(&room) {
-            catch_up(self.store.as_ref(), &mut cursors, &room, message.seq - 1).await?;
+            catch_up(
+                &self.db.statements,
+                self.store.as_ref(),
+                &mut cursors,
+                &room,
+                message.seq - 1,
+            )
+            .await?;
             if cursors
                 .delivered
                 .get(&room)
@@ -447,6 +477,10 @@ impl Bus for PollBus {
         }
     }
 
+    fn statements(&self) -> Option<u64> {
+        Some(self.db.statements.load(Ordering::Relaxed))
+    }
+
     async fn close(&self) {
         self.stop.cancel();
         let task = self.poller.lock().expect("not poisoned").take();
@@ -462,7 +496,7 @@ impl Bus for PollBus {
             )
             .await;
         self.state.lock().await.sink = None;
-        self.pool.close().await;
+        self.db.pool.close().await;
     }
 
     fn directory(&self) -> Option<&dyn Directory> {
@@ -483,7 +517,7 @@ impl Directory for PollBus {
         .bind(nick.as_str())
         .bind(self.instance.as_str())
         .bind(alive_since())
-        .execute(&self.pool)
+        .execute(self.db.run())
         .await
         .map_err(db)?
         .rows_affected();
@@ -517,7 +551,7 @@ impl Directory for PollBus {
         .bind(new.as_str())
         .bind(old_key.as_str())
         .bind(self.instance.as_str())
-        .fetch_all(&self.pool)
+        .fetch_all(self.db.run())
         .await
         .map_err(db)?;
         // A change of case keeps the key, whose claim is now the new nick's.
@@ -576,7 +610,7 @@ impl Directory for PollBus {
         )
         .bind(room.as_str())
         .bind(alive_since())
-        .fetch_all(&self.pool)
+        .fetch_all(self.db.run())
         .await
         .map_err(db)?;
         let mut nicks: Vec<Nick> = rows.iter().filter_map(|(n,)| Nick::parse(n).ok()).collect();
@@ -590,7 +624,7 @@ impl Directory for PollBus {
              WHERE i.seen_at >= $1 GROUP BY p.room ORDER BY p.room",
         )
         .bind(alive_since())
-        .fetch_all(&self.pool)
+        .fetch_all(self.db.run())
         .await
         .map_err(db)?;
         Ok(rows
@@ -611,7 +645,7 @@ impl Directory for PollBus {
         )
         .bind(dm.to.key().as_str())
         .bind(alive_since())
-        .fetch_optional(&self.pool)
+        .fetch_optional(self.db.run())
         .await
         .map_err(db)?;
         let Some((instance, nick)) = owner else {
