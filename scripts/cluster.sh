@@ -82,13 +82,17 @@ start() {
   echo "bus=$bus db=$db   logs: scripts/cluster.sh logs   stop: scripts/cluster.sh stop"
 }
 
-stop() {
-  local any=""
+# Prints "NAME PID" for every instance started and not yet stopped.
+instances() {
   for f in $(pids); do
-    any=1
-    local pid name
-    pid="$(cat "$f")"
-    name="$(basename "$f" .pid)"
+    echo "$(basename "$f" .pid) $(cat "$f")"
+  done
+}
+
+stop() {
+  local name pid
+  [ -n "$(pids)" ] || { echo "no cluster is running"; return; }
+  while read -r name pid; do
     if kill -TERM "$pid" 2>/dev/null; then
       # A graceful stop flushes the writer; give it 10 s, then insist.
       for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
@@ -96,25 +100,20 @@ stop() {
     else
       echo "$name: was not running"
     fi
-    rm -f "$f"
-  done
-  [ -n "$any" ] || echo "no cluster is running"
+    rm -f "$state/$name.pid"
+  done < <(instances)
 }
 
 status() {
-  local any=""
-  for f in $(pids); do
-    any=1
-    local pid name
-    pid="$(cat "$f")"
-    name="$(basename "$f" .pid)"
+  local name pid
+  [ -n "$(pids)" ] || { echo "no cluster is running"; return; }
+  while read -r name pid; do
     if kill -0 "$pid" 2>/dev/null; then
       echo "$name: running (pid $pid) $(grep -o 'listening tcp=[^ ]* http=[^ ]*' "$state/$name.log" | head -n1)"
     else
       echo "$name: dead (see $state/$name.log)"
     fi
-  done
-  [ -n "$any" ] || echo "no cluster is running"
+  done < <(instances)
 }
 
 logs() {
