@@ -36,6 +36,9 @@ use crate::store::Store;
 pub const LEASE: Duration = Duration::from_secs(10);
 /// How often an instance says it is alive.
 const HEARTBEAT: Duration = Duration::from_secs(2);
+/// Rooms asked about per statement: well under both engines' parameter
+/// limits (SQLite 32,766, PostgreSQL 65,535).
+const ROOMS_PER_QUERY: usize = 500;
 /// Most rows read per room per poll.
 const CATCH_UP: u32 = 1_000;
 
@@ -311,10 +314,11 @@ async fn poll_once(
     instance: &str,
 ) -> Result<(), BusError> {
     let mut cursors = state.lock().await;
-    if !cursors.delivered.is_empty() {
+    let watched: Vec<RoomName> = cursors.delivered.keys().cloned().collect();
+    let mut heads = Vec::new();
+    for rooms in watched.chunks(ROOMS_PER_QUERY) {
         // Placeholders are spelled out: sqlx's QueryBuilder writes `?` for the
         // Any driver, which PostgreSQL rejects.
-        let rooms: Vec<&str> = cursors.delivered.keys().map(RoomName::as_str).collect();
         let placeholders: Vec<String> = (1..=rooms.len()).map(|i| format!("${i}")).collect();
         let sql = format!(
             "SELECT room, last_seq FROM room_seqs WHERE room IN ({})",
@@ -323,17 +327,18 @@ async fn poll_once(
         // Only `$N` placeholders are formatted in; room names are bound.
         let mut q = sqlx::query_as(sqlx::AssertSqlSafe(sql));
         for room in rooms {
-            q = q.bind(room);
+            q = q.bind(room.as_str());
         }
-        let heads: Vec<(String, i64)> = q.fetch_all(database.run()).await.map_err(db)?;
-        for (room, last) in heads {
-            let Ok(room) = RoomName::parse(&room) else {
-                continue;
-            };
-            let last = last.max(0) as u64;
-            if cursors.delivered.get(&room).is_some_and(|&d| d < last) {
-                catch_up(&database.statements, store, &mut cursors, &room, last).await?;
-            }
+        let rows: Vec<(String, i64)> = q.fetch_all(database.run()).await.map_err(db)?;
+        heads.extend(rows);
+    }
+    for (room, last) in heads {
+        let Ok(room) = RoomName::parse(&room) else {
+            continue;
+        };
+        let last = last.max(0) as u64;
+        if cursors.delivered.get(&room).is_some_and(|&d| d < last) {
+            catch_up(&database.statements, store, &mut cursors, &room, last).await?;
         }
     }
     let sink = cursors.sink.clone();
