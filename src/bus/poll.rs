@@ -674,3 +674,47 @@ impl Directory for PollBus {
         Ok(Some(to))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn through_the_table(row: InboxRow) -> Option<Envelope> {
+        serde_json::from_str::<InboxRow>(&row.to_json())
+            .ok()
+            .and_then(InboxRow::into_envelope)
+    }
+
+    #[test]
+    fn membership_changes_survive_the_inbox() {
+        let envelope = through_the_table(InboxRow::Renamed {
+            old: "carol".into(),
+            new: "Caroline".into(),
+            rooms: vec!["general".into(), "random".into()],
+        });
+        let Some(Envelope::Presence(change)) = envelope else {
+            panic!("a presence envelope");
+        };
+        assert_eq!(
+            change,
+            Presence::Renamed {
+                old: Nick::parse("carol").unwrap(),
+                new: Nick::parse("Caroline").unwrap(),
+                rooms: vec![
+                    RoomName::parse("general").unwrap(),
+                    RoomName::parse("random").unwrap()
+                ],
+            }
+        );
+    }
+
+    #[test]
+    fn a_row_with_invalid_names_is_dropped_not_delivered() {
+        let row = InboxRow::Joined {
+            room: "no spaces allowed".into(),
+            nick: "bob".into(),
+        };
+        assert!(through_the_table(row).is_none());
+        assert!(serde_json::from_str::<InboxRow>(r#"{"kind":"unknown"}"#).is_err());
+    }
+}
