@@ -125,8 +125,18 @@ impl Server {
             "listening tcp={tcp_addr} http={http_addr}"
         );
 
+        let started = std::time::Instant::now();
         shutdown.await;
         tracing::info!("shutting down");
+        if let Some(statements) = self.bus.statements() {
+            let secs = started.elapsed().as_secs_f64();
+            tracing::info!(
+                statements,
+                per_second = format!("{:.1}", statements as f64 / secs.max(0.001)),
+                "the {} bus's statements to the shared database over {secs:.1} s",
+                self.bus.name()
+            );
+        }
         token.cancel();
         self.hub.shutdown();
         tracker.close();

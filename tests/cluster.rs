@@ -46,11 +46,25 @@ async fn messages(client: &mut Client, n: usize) -> BTreeMap<u64, (String, Strin
     seen
 }
 
+/// Reads `n` events of `kind` (`join`, `leave`), returning their nicks sorted:
+/// they come from several instances, in no set order.
+async fn presence(client: &mut Client, kind: &str, n: usize) -> Vec<String> {
+    let mut nicks = Vec::new();
+    while nicks.len() < n {
+        let v = client.expect(|v| v["type"] == kind).await;
+        nicks.push(v["nick"].as_str().unwrap().to_owned());
+    }
+    nicks.sort();
+    nicks
+}
+
 async fn three_instances_behave_as_one(db: &str) {
     let mut daemons = cluster(db).await;
     let mut alice = Client::in_room(daemons[0].tcp, "alice", "general").await;
     let mut bob = Client::in_room(daemons[1].tcp, "bob", "general").await;
     let mut carol = Client::in_room(daemons[2].tcp, "carol", "general").await;
+    // Joins on other instances reach the room's members here.
+    assert_eq!(presence(&mut alice, "join", 2).await, ["bob", "carol"]);
 
     // A nick is unique across the cluster, whatever the case.
     let mut mallory = Client::json(daemons[1].tcp, "mallory").await;
@@ -112,6 +126,20 @@ async fn three_instances_behave_as_one(db: &str) {
         replay.keys().copied().collect::<Vec<_>>(),
         (6..=15).collect::<Vec<_>>()
     );
+
+    // Renames and leaves cross instances too.
+    carol.send("/nick Caroline").await;
+    let nick = alice.expect(|v| v["type"] == "nick").await;
+    assert_eq!(
+        (nick["old"].as_str(), nick["new"].as_str()),
+        (Some("carol"), Some("Caroline"))
+    );
+    carol.send("/nick carol").await;
+    alice
+        .expect(|v| v["type"] == "nick" && v["new"] == "carol")
+        .await;
+    dave.send("/leave").await;
+    assert_eq!(presence(&mut bob, "leave", 1).await, ["dave"]);
 
     // Killing one instance does not disturb the others...
     drop(daemons.pop()); // SIGKILL i3: carol and dave vanish without a word

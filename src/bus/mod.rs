@@ -34,6 +34,26 @@ pub enum Envelope {
     Message(Arc<Message>),
     /// A direct message for a local user, from another instance.
     Dm(Arc<DirectMessage>),
+    /// A membership change on another instance, for the local members it
+    /// concerns.
+    Presence(Presence),
+}
+
+/// A membership change made on another instance. Room messages carry a `seq`
+/// and arrive in order; these do not, and may overtake or trail the messages
+/// around them by up to one delivery round (a poll interval).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Presence {
+    /// `nick` joined `room`.
+    Joined { room: RoomName, nick: Nick },
+    /// `nick` left `room` (or disconnected).
+    Left { room: RoomName, nick: Nick },
+    /// `old` is now called `new`; it is in `rooms`.
+    Renamed {
+        old: Nick,
+        new: Nick,
+        rooms: Vec<RoomName>,
+    },
 }
 
 /// Why the bus could not do what was asked.
@@ -98,6 +118,12 @@ pub trait Bus: Send + Sync + 'static {
     /// Answers when the bus works.
     async fn health(&self) -> Result<(), BusError>;
 
+    /// SQL statements this instance has sent the shared database, for a bus
+    /// that works through one (`poll`): what delivery costs the database.
+    fn statements(&self) -> Option<u64> {
+        None
+    }
+
     /// Stops publishing and waits until everything published is durable.
     async fn close(&self);
 
@@ -119,14 +145,17 @@ pub trait Bus: Send + Sync + 'static {
 pub trait Directory: Send + Sync {
     /// Takes `nick` for this instance; false if a live instance holds it.
     async fn claim_nick(&self, nick: &Nick) -> Result<bool, BusError>;
-    /// Gives `nick` up (and its room memberships).
+    /// Gives `nick` up (and its room memberships: their members elsewhere see
+    /// it leave).
     async fn release_nick(&self, nick: &Nick) -> Result<(), BusError>;
-    /// Moves memberships from `old` to `new` (already claimed) and frees `old`.
+    /// Moves memberships from `old` to `new` (already claimed) and frees `old`;
+    /// the other instances tell the members of its rooms.
     async fn renamed(&self, old: &Nick, new: &Nick) -> Result<(), BusError>;
-    /// Records a membership, and watches the room from `delivered` (the last
-    /// seq this instance has delivered in it) on.
+    /// Records a membership, tells the room's members on the other instances,
+    /// and watches the room from `delivered` (the last seq this instance has
+    /// delivered in it) on.
     async fn joined(&self, room: &RoomName, nick: &Nick, delivered: u64) -> Result<(), BusError>;
-    /// Removes a membership.
+    /// Removes a membership and tells the room's members elsewhere.
     async fn left(&self, room: &RoomName, nick: &Nick) -> Result<(), BusError>;
     /// A room's members on every live instance, by nick.
     async fn members(&self, room: &RoomName) -> Result<Vec<Nick>, BusError>;

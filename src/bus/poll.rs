@@ -16,7 +16,7 @@
 //! statements use only `$N` parameters, integers and text, which both accept.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex as StdMutex};
 use std::time::Duration;
 
@@ -28,7 +28,7 @@ use tokio::sync::Mutex;
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
-use super::{Bus, BusError, Deliver, Directory, Envelope};
+use super::{Bus, BusError, Deliver, Directory, Envelope, Presence};
 use crate::core::{DirectMessage, Draft, Message, Nick, RoomCount, RoomName, Timestamp};
 use crate::store::Store;
 
@@ -36,13 +36,16 @@ use crate::store::Store;
 pub const LEASE: Duration = Duration::from_secs(10);
 /// How often an instance says it is alive.
 const HEARTBEAT: Duration = Duration::from_secs(2);
+/// Rooms asked about per statement: well under both engines' parameter
+/// limits (SQLite 32,766, PostgreSQL 65,535).
+const ROOMS_PER_QUERY: usize = 500;
 /// Most rows read per room per poll.
 const CATCH_UP: u32 = 1_000;
 
 /// The poll bus of one instance.
 pub struct PollBus {
     instance: String,
-    pool: AnyPool,
+    db: Db,
     store: Arc<dyn Store>,
     interval: Duration,
     /// Rooms watched and the last seq delivered in each. The lock also orders
@@ -59,14 +62,70 @@ struct Cursors {
     sink: Option<Arc<dyn Deliver>>,
 }
 
-/// A direct message as it travels through the inbox table.
+/// What travels through the inbox table, as JSON: to one instance (a direct
+/// message) or to every other live instance (membership changes).
 #[derive(Serialize, Deserialize)]
-struct DmRow {
-    id: uuid::Uuid,
-    from: String,
-    to: String,
-    text: String,
-    ts: i64,
+#[serde(tag = "kind", rename_all = "snake_case")]
+enum InboxRow {
+    Dm {
+        id: uuid::Uuid,
+        from: String,
+        to: String,
+        text: String,
+        ts: i64,
+    },
+    Joined {
+        room: String,
+        nick: String,
+    },
+    Left {
+        room: String,
+        nick: String,
+    },
+    Renamed {
+        old: String,
+        new: String,
+        rooms: Vec<String>,
+    },
+}
+
+impl InboxRow {
+    fn into_envelope(self) -> Option<Envelope> {
+        let room = |r: &str| RoomName::parse(r).ok();
+        let nick = |n: &str| Nick::parse(n).ok();
+        Some(match self {
+            InboxRow::Dm {
+                id,
+                from,
+                to,
+                text,
+                ts,
+            } => Envelope::Dm(Arc::new(DirectMessage {
+                id,
+                from: nick(&from)?,
+                to: nick(&to)?,
+                text,
+                ts: Timestamp(ts),
+            })),
+            InboxRow::Joined { room: r, nick: n } => Envelope::Presence(Presence::Joined {
+                room: room(&r)?,
+                nick: nick(&n)?,
+            }),
+            InboxRow::Left { room: r, nick: n } => Envelope::Presence(Presence::Left {
+                room: room(&r)?,
+                nick: nick(&n)?,
+            }),
+            InboxRow::Renamed { old, new, rooms } => Envelope::Presence(Presence::Renamed {
+                old: nick(&old)?,
+                new: nick(&new)?,
+                rooms: rooms.iter().filter_map(|r| room(r)).collect(),
+            }),
+        })
+    }
+
+    fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("plain enum serialises")
+    }
 }
 
 fn now_ms() -> i64 {
@@ -93,7 +152,10 @@ impl PollBus {
             .map_err(crate::store::StoreError::from)?;
         let bus = PollBus {
             instance: instance.to_owned(),
-            pool,
+            db: Db {
+                pool,
+                statements: Arc::default(),
+            },
             store,
             interval,
             state: Arc::new(Mutex::new(Cursors::default())),
@@ -112,7 +174,7 @@ impl PollBus {
         for b in binds {
             q = q.bind(*b);
         }
-        Ok(q.execute(&self.pool).await.map_err(db)?.rows_affected())
+        Ok(q.execute(self.db.run()).await.map_err(db)?.rows_affected())
     }
 
     async fn forget_instance(&self) -> Result<(), BusError> {
@@ -127,7 +189,59 @@ impl PollBus {
     }
 
     async fn heartbeat(&self) -> Result<(), BusError> {
-        heartbeat(&self.pool, &self.instance).await
+        heartbeat(&self.db, &self.instance).await
+    }
+
+    /// Puts `row` in the inbox of every other live instance: one statement,
+    /// whatever the cluster's size.
+    async fn broadcast(&self, row: &InboxRow) -> Result<(), BusError> {
+        sqlx::query(
+            "INSERT INTO inbox (instance, payload)
+             SELECT instance, $1 FROM instances WHERE instance <> $2 AND seen_at >= $3",
+        )
+        .bind(row.to_json())
+        .bind(self.instance.as_str())
+        .bind(alive_since())
+        .execute(self.db.run())
+        .await
+        .map_err(db)?;
+        Ok(())
+    }
+
+    /// Deletes `nick`'s memberships on this instance (all, or the one in
+    /// `room`) and returns the rooms they were in.
+    async fn drop_presence(
+        &self,
+        nick: &Nick,
+        room: Option<&RoomName>,
+    ) -> Result<Vec<String>, BusError> {
+        let rows: Vec<(String,)> = sqlx::query_as(
+            "DELETE FROM presence WHERE nick_key = $1 AND instance = $2 AND ($3 = '' OR room = $3)
+             RETURNING room",
+        )
+        .bind(nick.key().as_str())
+        .bind(self.instance.as_str())
+        .bind(room.map_or("", RoomName::as_str))
+        .fetch_all(self.db.run())
+        .await
+        .map_err(db)?;
+        Ok(rows.into_iter().map(|(r,)| r).collect())
+    }
+}
+
+/// The shared database, counting the statements this instance sends it: the
+/// poll bus's cost, which `--poll-interval` trades against latency.
+#[derive(Clone)]
+struct Db {
+    pool: AnyPool,
+    statements: Arc<AtomicU64>,
+}
+
+impl Db {
+    /// The pool, for one more statement.
+    fn run(&self) -> &AnyPool {
+        self.statements.fetch_add(1, Ordering::Relaxed);
+        &self.pool
     }
 }
 
@@ -135,14 +249,14 @@ fn db(err: sqlx::Error) -> BusError {
     BusError::Store(err.into())
 }
 
-async fn heartbeat(pool: &AnyPool, instance: &str) -> Result<(), BusError> {
+async fn heartbeat(database: &Db, instance: &str) -> Result<(), BusError> {
     sqlx::query(
         "INSERT INTO instances (instance, seen_at) VALUES ($1, $2)
          ON CONFLICT (instance) DO UPDATE SET seen_at = excluded.seen_at",
     )
     .bind(instance)
     .bind(now_ms())
-    .execute(pool)
+    .execute(database.run())
     .await
     .map_err(db)?;
     // Clean up after instances that died without saying so.
@@ -154,7 +268,7 @@ async fn heartbeat(pool: &AnyPool, instance: &str) -> Result<(), BusError> {
     ] {
         sqlx::query(sql)
             .bind(dead)
-            .execute(pool)
+            .execute(database.run())
             .await
             .map_err(db)?;
     }
@@ -163,6 +277,7 @@ async fn heartbeat(pool: &AnyPool, instance: &str) -> Result<(), BusError> {
 
 /// Delivers rows of `room` after the cursor up to `upto` (inclusive), in order.
 async fn catch_up(
+    statements: &AtomicU64,
     store: &dyn Store,
     cursors: &mut Cursors,
     room: &RoomName,
@@ -176,6 +291,7 @@ async fn catch_up(
         if after >= upto {
             return Ok(());
         }
+        statements.fetch_add(1, Ordering::Relaxed);
         let rows = store.since(room, after, CATCH_UP).await?;
         if rows.is_empty() {
             return Ok(());
@@ -192,16 +308,17 @@ async fn catch_up(
 
 /// One poll: new room rows, then this instance's inbox.
 async fn poll_once(
-    pool: &AnyPool,
+    database: &Db,
     store: &dyn Store,
     state: &Mutex<Cursors>,
     instance: &str,
 ) -> Result<(), BusError> {
     let mut cursors = state.lock().await;
-    if !cursors.delivered.is_empty() {
+    let watched: Vec<RoomName> = cursors.delivered.keys().cloned().collect();
+    let mut heads = Vec::new();
+    for rooms in watched.chunks(ROOMS_PER_QUERY) {
         // Placeholders are spelled out: sqlx's QueryBuilder writes `?` for the
         // Any driver, which PostgreSQL rejects.
-        let rooms: Vec<&str> = cursors.delivered.keys().map(RoomName::as_str).collect();
         let placeholders: Vec<String> = (1..=rooms.len()).map(|i| format!("${i}")).collect();
         let sql = format!(
             "SELECT room, last_seq FROM room_seqs WHERE room IN ({})",
@@ -210,17 +327,18 @@ async fn poll_once(
         // Only `$N` placeholders are formatted in; room names are bound.
         let mut q = sqlx::query_as(sqlx::AssertSqlSafe(sql));
         for room in rooms {
-            q = q.bind(room);
+            q = q.bind(room.as_str());
         }
-        let heads: Vec<(String, i64)> = q.fetch_all(pool).await.map_err(db)?;
-        for (room, last) in heads {
-            let Ok(room) = RoomName::parse(&room) else {
-                continue;
-            };
-            let last = last.max(0) as u64;
-            if cursors.delivered.get(&room).is_some_and(|&d| d < last) {
-                catch_up(store, &mut cursors, &room, last).await?;
-            }
+        let rows: Vec<(String, i64)> = q.fetch_all(database.run()).await.map_err(db)?;
+        heads.extend(rows);
+    }
+    for (room, last) in heads {
+        let Ok(room) = RoomName::parse(&room) else {
+            continue;
+        };
+        let last = last.max(0) as u64;
+        if cursors.delivered.get(&room).is_some_and(|&d| d < last) {
+            catch_up(&database.statements, store, &mut cursors, &room, last).await?;
         }
     }
     let sink = cursors.sink.clone();
@@ -229,34 +347,25 @@ async fn poll_once(
     let rows: Vec<(i64, String)> =
         sqlx::query_as("SELECT id, payload FROM inbox WHERE instance = $1 ORDER BY id")
             .bind(instance)
-            .fetch_all(pool)
+            .fetch_all(database.run())
             .await
             .map_err(db)?;
     if let Some(&(last, _)) = rows.last() {
         sqlx::query("DELETE FROM inbox WHERE instance = $1 AND id <= $2")
             .bind(instance)
             .bind(last)
-            .execute(pool)
+            .execute(database.run())
             .await
             .map_err(db)?;
     }
-    let payloads = rows.into_iter().map(|(_, p)| (p,));
-    for (payload,) in payloads {
-        let Ok(row) = serde_json::from_str::<DmRow>(&payload) else {
-            tracing::warn!("unreadable inbox row skipped");
-            continue;
-        };
-        let (Ok(from), Ok(to)) = (Nick::parse(&row.from), Nick::parse(&row.to)) else {
-            continue;
-        };
-        if let Some(sink) = &sink {
-            sink.deliver(Envelope::Dm(Arc::new(DirectMessage {
-                id: row.id,
-                from,
-                to,
-                text: row.text,
-                ts: Timestamp(row.ts),
-            })));
+    for (_, payload) in rows {
+        let envelope = serde_json::from_str::<InboxRow>(&payload)
+            .ok()
+            .and_then(InboxRow::into_envelope);
+        match (envelope, &sink) {
+            (Some(envelope), Some(sink)) => sink.deliver(envelope),
+            (None, _) => tracing::warn!("unreadable inbox row skipped"),
+            (Some(_), None) => {}
         }
     }
     Ok(())
@@ -273,8 +382,8 @@ impl Bus for PollBus {
             .try_lock()
             .expect("start is called before anything else")
             .sink = Some(sink);
-        let (pool, store, state, healthy, stop) = (
-            self.pool.clone(),
+        let (database, store, state, healthy, stop) = (
+            self.db.clone(),
             self.store.clone(),
             self.state.clone(),
             self.healthy.clone(),
@@ -290,9 +399,9 @@ impl Bus for PollBus {
                     _ = stop.cancelled() => return,
                     _ = tick.tick() => {}
                 }
-                let mut result = poll_once(&pool, store.as_ref(), &state, &instance).await;
+                let mut result = poll_once(&database, store.as_ref(), &state, &instance).await;
                 if result.is_ok() && last_beat.elapsed() >= HEARTBEAT {
-                    result = heartbeat(&pool, &instance).await;
+                    result = heartbeat(&database, &instance).await;
                     last_beat = Instant::now();
                 }
                 let was = healthy.swap(result.is_ok(), Ordering::Relaxed);
@@ -310,7 +419,9 @@ impl Bus for PollBus {
 
     async fn publish(&self, draft: Draft) -> Result<Arc<Message>, BusError> {
         let room = draft.room.clone();
-        let mut tx = self.pool.begin().await.map_err(db)?;
+        // Two statements in one transaction (BEGIN and COMMIT are not counted).
+        self.db.statements.fetch_add(1, Ordering::Relaxed);
+        let mut tx = self.db.run().begin().await.map_err(db)?;
         let seq: i64 = sqlx::query_scalar(
             "INSERT INTO room_seqs (room, last_seq)
              VALUES ($1, (SELECT COALESCE(MAX(seq), 0) + 1 FROM messages WHERE room = $1))
@@ -341,7 +452,14 @@ impl Bus for PollBus {
         // Deliver at once, after anything older this instance has not seen yet.
         let mut cursors = self.state.lock().await;
         if cursors.delivered.contains_key(&room) {
-            catch_up(self.store.as_ref(), &mut cursors, &room, message.seq - 1).await?;
+            catch_up(
+                &self.db.statements,
+                self.store.as_ref(),
+                &mut cursors,
+                &room,
+                message.seq - 1,
+            )
+            .await?;
             if cursors
                 .delivered
                 .get(&room)
@@ -364,6 +482,10 @@ impl Bus for PollBus {
         }
     }
 
+    fn statements(&self) -> Option<u64> {
+        Some(self.db.statements.load(Ordering::Relaxed))
+    }
+
     async fn close(&self) {
         self.stop.cancel();
         let task = self.poller.lock().expect("not poisoned").take();
@@ -379,7 +501,7 @@ impl Bus for PollBus {
             )
             .await;
         self.state.lock().await.sink = None;
-        self.pool.close().await;
+        self.db.pool.close().await;
     }
 
     fn directory(&self) -> Option<&dyn Directory> {
@@ -400,7 +522,7 @@ impl Directory for PollBus {
         .bind(nick.as_str())
         .bind(self.instance.as_str())
         .bind(alive_since())
-        .execute(&self.pool)
+        .execute(self.db.run())
         .await
         .map_err(db)?
         .rows_affected();
@@ -414,31 +536,45 @@ impl Directory for PollBus {
             &[key.as_str(), &self.instance],
         )
         .await?;
-        self.exec(
-            "DELETE FROM presence WHERE nick_key = $1 AND instance = $2",
-            &[key.as_str(), &self.instance],
-        )
-        .await?;
+        for room in self.drop_presence(nick, None).await? {
+            let row = InboxRow::Left {
+                room,
+                nick: nick.to_string(),
+            };
+            self.broadcast(&row).await?;
+        }
         Ok(())
     }
 
     async fn renamed(&self, old: &Nick, new: &Nick) -> Result<(), BusError> {
         let (old_key, new_key) = (old.key(), new.key());
-        self.exec(
-            "UPDATE presence SET nick_key = $1, nick = $2 WHERE nick_key = $3 AND instance = $4",
-            &[
-                new_key.as_str(),
-                new.as_str(),
-                old_key.as_str(),
-                &self.instance,
-            ],
+        let rooms: Vec<(String,)> = sqlx::query_as(
+            "UPDATE presence SET nick_key = $1, nick = $2 WHERE nick_key = $3 AND instance = $4
+             RETURNING room",
         )
-        .await?;
-        self.exec(
-            "DELETE FROM nicks WHERE nick_key = $1 AND instance = $2",
-            &[old_key.as_str(), &self.instance],
-        )
-        .await?;
+        .bind(new_key.as_str())
+        .bind(new.as_str())
+        .bind(old_key.as_str())
+        .bind(self.instance.as_str())
+        .fetch_all(self.db.run())
+        .await
+        .map_err(db)?;
+        // A change of case keeps the key, whose claim is now the new nick's.
+        if old_key != new_key {
+            self.exec(
+                "DELETE FROM nicks WHERE nick_key = $1 AND instance = $2",
+                &[old_key.as_str(), &self.instance],
+            )
+            .await?;
+        }
+        if !rooms.is_empty() {
+            let row = InboxRow::Renamed {
+                old: old.to_string(),
+                new: new.to_string(),
+                rooms: rooms.into_iter().map(|(r,)| r).collect(),
+            };
+            self.broadcast(&row).await?;
+        }
         Ok(())
     }
 
@@ -454,16 +590,22 @@ impl Directory for PollBus {
             &[room.as_str(), nick.key().as_str(), nick.as_str(), &self.instance],
         )
         .await?;
-        Ok(())
+        let row = InboxRow::Joined {
+            room: room.to_string(),
+            nick: nick.to_string(),
+        };
+        self.broadcast(&row).await
     }
 
     async fn left(&self, room: &RoomName, nick: &Nick) -> Result<(), BusError> {
-        self.exec(
-            "DELETE FROM presence WHERE room = $1 AND nick_key = $2 AND instance = $3",
-            &[room.as_str(), nick.key().as_str(), &self.instance],
-        )
-        .await?;
-        Ok(())
+        if self.drop_presence(nick, Some(room)).await?.is_empty() {
+            return Ok(());
+        }
+        let row = InboxRow::Left {
+            room: room.to_string(),
+            nick: nick.to_string(),
+        };
+        self.broadcast(&row).await
     }
 
     async fn members(&self, room: &RoomName) -> Result<Vec<Nick>, BusError> {
@@ -473,7 +615,7 @@ impl Directory for PollBus {
         )
         .bind(room.as_str())
         .bind(alive_since())
-        .fetch_all(&self.pool)
+        .fetch_all(self.db.run())
         .await
         .map_err(db)?;
         let mut nicks: Vec<Nick> = rows.iter().filter_map(|(n,)| Nick::parse(n).ok()).collect();
@@ -487,7 +629,7 @@ impl Directory for PollBus {
              WHERE i.seen_at >= $1 GROUP BY p.room ORDER BY p.room",
         )
         .bind(alive_since())
-        .fetch_all(&self.pool)
+        .fetch_all(self.db.run())
         .await
         .map_err(db)?;
         Ok(rows
@@ -508,7 +650,7 @@ impl Directory for PollBus {
         )
         .bind(dm.to.key().as_str())
         .bind(alive_since())
-        .fetch_optional(&self.pool)
+        .fetch_optional(self.db.run())
         .await
         .map_err(db)?;
         let Some((instance, nick)) = owner else {
@@ -517,19 +659,62 @@ impl Directory for PollBus {
         let Ok(to) = Nick::parse(&nick) else {
             return Ok(None);
         };
-        let row = DmRow {
+        let row = InboxRow::Dm {
             id: dm.id,
             from: dm.from.to_string(),
             to: to.to_string(),
             text: dm.text.clone(),
             ts: dm.ts.0,
         };
-        let payload = serde_json::to_string(&row).expect("plain struct serialises");
         self.exec(
             "INSERT INTO inbox (instance, payload) VALUES ($1, $2)",
-            &[&instance, &payload],
+            &[&instance, &row.to_json()],
         )
         .await?;
         Ok(Some(to))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn through_the_table(row: InboxRow) -> Option<Envelope> {
+        serde_json::from_str::<InboxRow>(&row.to_json())
+            .ok()
+            .and_then(InboxRow::into_envelope)
+    }
+
+    #[test]
+    fn membership_changes_survive_the_inbox() {
+        let envelope = through_the_table(InboxRow::Renamed {
+            old: "carol".into(),
+            new: "Caroline".into(),
+            rooms: vec!["general".into(), "random".into()],
+        });
+        let Some(Envelope::Presence(change)) = envelope else {
+            panic!("a presence envelope");
+        };
+        assert_eq!(
+            change,
+            Presence::Renamed {
+                old: Nick::parse("carol").unwrap(),
+                new: Nick::parse("Caroline").unwrap(),
+                rooms: vec![
+                    RoomName::parse("general").unwrap(),
+                    RoomName::parse("random").unwrap()
+                ],
+            }
+        );
+    }
+
+    #[test]
+    fn a_row_with_invalid_names_is_dropped_not_delivered() {
+        let row = InboxRow::Joined {
+            room: "no spaces allowed".into(),
+            nick: "bob".into(),
+        };
+        assert!(through_the_table(row).is_none());
+        assert!(serde_json::from_str::<InboxRow>(r#"{"kind":"unknown"}"#).is_err());
     }
 }

@@ -36,7 +36,7 @@ pub use rate::TokenBucket;
 pub use sessions::{EndReason, Replies, SessionHandle, SessionId};
 pub use watch::RoomWatch;
 
-use crate::bus::{Bus, Deliver, Envelope};
+use crate::bus::{Bus, Deliver, Envelope, Presence};
 use crate::store::Store;
 use rooms::Room;
 use router::{Undeliverable, fan_out};
@@ -48,6 +48,7 @@ impl Deliver for Hub {
         match envelope {
             Envelope::Message(message) => self.deliver_message(message),
             Envelope::Dm(dm) => self.deliver_dm(dm),
+            Envelope::Presence(change) => self.deliver_presence(change),
         }
     }
 }
@@ -412,7 +413,7 @@ impl Hub {
                 .0
                 .iter()
                 .any(|(e, _)| matches!(e.body(), EventBody::Nick { .. }));
-            if renamed && old.key() != new.key() {
+            if renamed {
                 if let Err(err) = directory.renamed(&old, &new).await {
                     tracing::warn!(cause = %err, "could not move presence to the new nick");
                 }
@@ -788,6 +789,35 @@ impl Hub {
         let event = Event::at(EventBody::Dm { dm, peer }, ts);
         let mut failed = Undeliverable::default();
         fan_out(&state.sessions, [&target], &event, &mut failed);
+        self.reap(&mut state, failed);
+    }
+
+    /// Tells local members about a membership change on another instance.
+    fn deliver_presence(&self, change: Presence) {
+        let mut state = self.lock();
+        let State {
+            sessions, rooms, ..
+        } = &mut *state;
+        let members_of = |room: &RoomName| rooms.get(room).map(|r| r.members.iter().copied());
+        let (to, event): (BTreeSet<SessionId>, _) = match change {
+            Presence::Joined { room, nick } => (
+                members_of(&room).into_iter().flatten().collect(),
+                EventBody::Join { room, nick },
+            ),
+            Presence::Left { room, nick } => (
+                members_of(&room).into_iter().flatten().collect(),
+                EventBody::Leave { room, nick },
+            ),
+            Presence::Renamed { old, new, rooms } => (
+                rooms.iter().filter_map(members_of).flatten().collect(),
+                EventBody::Nick { old, new },
+            ),
+        };
+        if to.is_empty() {
+            return;
+        }
+        let mut failed = Undeliverable::default();
+        fan_out(sessions, &to, &Event::new(event), &mut failed);
         self.reap(&mut state, failed);
     }
 
