@@ -115,6 +115,12 @@ impl Bus for LocalBus {
         Ok(message)
     }
 
+    async fn settled(&self) {
+        if let Some(writer) = self.writer().await {
+            writer.flush().await;
+        }
+    }
+
     async fn health(&self) -> Result<(), BusError> {
         Ok(())
     }

@@ -115,6 +115,11 @@ pub trait Bus: Send + Sync + 'static {
     /// through its sink.
     async fn publish(&self, draft: Draft) -> Result<Arc<Message>, BusError>;
 
+    /// Waits until every message published so far can be read from the
+    /// store. Only a bus that stores behind delivery (`local` with async
+    /// durability) has anything to wait for.
+    async fn settled(&self) {}
+
     /// Answers when the bus works.
     async fn health(&self) -> Result<(), BusError>;
 

@@ -463,16 +463,7 @@ impl Hub {
         let stored = if known {
             Vec::new()
         } else {
-            match self.shared.store.page(&room, None, RING as u32).await {
-                Ok(mut page) => {
-                    page.reverse();
-                    page
-                }
-                Err(err) => {
-                    tracing::warn!(cause = %err, %room, "could not read history; the room starts empty");
-                    Vec::new()
-                }
-            }
+            self.stored_ring(&room).await
         };
         let (answer, joined) = self.apply_join(id, room, stored);
         if let (Some((room, nick, delivered)), Some(directory)) =
@@ -741,42 +732,25 @@ impl Hub {
     }
 
     async fn history(&self, id: SessionId, n: u16) -> Answer {
-        let (room, ring) = {
+        let room = {
             let state = self.lock();
             let Some(session) = state.sessions.get(&id) else {
                 return Answer::default();
             };
-            let Some(room) = session.current.clone() else {
-                return Answer::refusal(no_room());
-            };
-            let ring: Vec<Arc<Message>> = state
-                .rooms
-                .get(&room)
-                .map(|r| r.history.iter().cloned().collect())
-                .unwrap_or_default();
-            (room, ring)
-        };
-        let stored = match self.shared.store.page(&room, None, u32::from(n)).await {
-            Ok(page) => page,
-            Err(err) => {
-                tracing::warn!(cause = %err, %room, "history read failed");
-                return Answer::refusal(Refusal::new(
-                    ErrorCode::Unavailable,
-                    "history is unavailable: storage is not answering; try again",
-                ));
+            match session.current.clone() {
+                Some(room) => room,
+                None => return Answer::refusal(no_room()),
             }
         };
-        // Storage may lag the batching writer by a moment; the ring never does.
-        let newest_stored = stored.first().map_or(0, |m| m.seq);
-        let mut messages: Vec<Arc<Message>> = stored.into_iter().rev().map(Arc::new).collect();
-        messages.extend(ring.into_iter().filter(|m| m.seq > newest_stored));
-        let skip = messages.len().saturating_sub(usize::from(n));
-        let events = messages
-            .into_iter()
-            .skip(skip)
-            .map(|m| (Event::message(m), Delivery::Direct))
-            .collect();
-        Answer(events)
+        match self.history_page(&room, None, u32::from(n)).await {
+            Ok(messages) => Answer(
+                messages
+                    .into_iter()
+                    .map(|m| (Event::message(m), Delivery::Direct))
+                    .collect(),
+            ),
+            Err(refusal) => Answer::refusal(refusal),
+        }
     }
 
     fn deliver_dm(&self, dm: Arc<DirectMessage>) {

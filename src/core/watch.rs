@@ -17,9 +17,9 @@ use super::history::{History, RING};
 use super::names::{Refusal, RoomName};
 use super::rooms::Room;
 
-/// How long a resume waits for storage to catch up with the ring before it
-/// reports the difference as a gap.
-const STORAGE_LAG: Duration = Duration::from_millis(200);
+/// How long a read waits for storage to catch up with the ring before it
+/// reports the difference as a gap (storage that is down, not just behind).
+const SETTLE: Duration = Duration::from_secs(1);
 
 /// A read-only subscription to one room.
 #[derive(Debug)]
@@ -65,21 +65,34 @@ impl Hub {
         before: Option<u64>,
         limit: u32,
     ) -> Result<Vec<Arc<Message>>, Refusal> {
-        let ring = self.ring(room);
-        let stored = self
-            .shared
-            .store
-            .page(room, before, limit)
-            .await
-            .map_err(|err| storage_down(room, err))?;
-        let newest_stored = stored.first().map_or(0, |m| m.seq);
-        let mut messages: Vec<Arc<Message>> = stored.into_iter().rev().map(Arc::new).collect();
-        messages.extend(
-            ring.into_iter()
-                .filter(|m| m.seq > newest_stored && before.is_none_or(|b| m.seq < b)),
-        );
-        let skip = messages.len().saturating_sub(limit as usize);
-        Ok(messages.into_iter().skip(skip).collect())
+        let limit = limit.max(1) as usize;
+        let mut settled = false;
+        loop {
+            let ring = self.ring(room);
+            let stored = self
+                .shared
+                .store
+                .page(room, before, limit as u32)
+                .await
+                .map_err(|err| storage_down(room, err))?;
+            let newest_stored = stored.first().map_or(0, |m| m.seq);
+            let newer: Vec<Arc<Message>> = ring
+                .into_iter()
+                .filter(|m| m.seq > newest_stored && before.is_none_or(|b| m.seq < b))
+                .collect();
+            // A hole shows unless the ring alone fills the page.
+            let hole = newer.first().is_some_and(|m| m.seq > newest_stored + 1);
+            if hole && newer.len() < limit && !settled {
+                // The messages in between are still in the writer's queue.
+                settled = true;
+                self.settle().await;
+                continue;
+            }
+            let mut messages: Vec<Arc<Message>> = stored.into_iter().rev().map(Arc::new).collect();
+            messages.extend(newer);
+            let skip = messages.len().saturating_sub(limit);
+            return Ok(messages.into_iter().skip(skip).collect());
+        }
     }
 
     /// Up to `limit` messages of `room` with `seq > after`, oldest first, for a
@@ -92,7 +105,7 @@ impl Hub {
         limit: u32,
     ) -> Result<Vec<Arc<Message>>, Refusal> {
         let limit = limit.max(1);
-        let mut waited = false;
+        let mut settled = false;
         loop {
             let ring = self.ring(room);
             let stored = self
@@ -109,15 +122,26 @@ impl Hub {
             let last = messages.last().map_or(after, |m| m.seq);
             let newer: Vec<Arc<Message>> = ring.into_iter().filter(|m| m.seq > last).collect();
             let hole = newer.first().is_some_and(|m| m.seq > last + 1);
-            if hole && !waited {
+            if hole && !settled {
                 // The writer has not committed the messages in between yet.
-                waited = true;
-                tokio::time::sleep(STORAGE_LAG).await;
+                settled = true;
+                self.settle().await;
                 continue;
             }
             let room_left = limit as usize - messages.len();
             messages.extend(newer.into_iter().take(room_left));
             return Ok(messages);
+        }
+    }
+
+    /// Waits (briefly) until storage holds what this instance has published,
+    /// for a read that found a hole between storage and the ring.
+    async fn settle(&self) {
+        if tokio::time::timeout(SETTLE, self.shared.bus.settled())
+            .await
+            .is_err()
+        {
+            tracing::warn!("storage is slow to catch up; a history read may show a gap");
         }
     }
 
@@ -131,7 +155,7 @@ impl Hub {
     }
 
     /// The last [`RING`] stored messages, oldest first, to seed a new room's ring.
-    async fn stored_ring(&self, room: &RoomName) -> Vec<Message> {
+    pub(super) async fn stored_ring(&self, room: &RoomName) -> Vec<Message> {
         match self.shared.store.page(room, None, RING as u32).await {
             Ok(mut page) => {
                 page.reverse();
