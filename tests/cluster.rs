@@ -6,6 +6,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+use common::http::Http;
 use common::{Client, Daemon, PgDatabase, temp_dir};
 use serde_json::Value;
 
@@ -140,6 +141,23 @@ async fn three_instances_behave_as_one(db: &str) {
         .await;
     dave.send("/leave").await;
     assert_eq!(presence(&mut bob, "leave", 1).await, ["dave"]);
+
+    // A read-only room stream follows a room that has no member on its
+    // instance: the bus still brings the room's messages there.
+    let mut stream = Http::new(daemons[1].http)
+        .sse("/messages/lobby", None)
+        .await;
+    alice.send("/join lobby").await;
+    alice.send("anyone?").await;
+    let f = stream.expect(|_, v| v["type"] == "message").await;
+    assert_eq!(
+        (f.id.as_deref(), f.json()["text"].as_str()),
+        (Some("lobby:1"), Some("anyone?"))
+    );
+    alice.send("/switch general").await;
+    alice
+        .expect(|v| v["type"] == "reply" && v["command"] == "switch")
+        .await;
 
     // Killing one instance does not disturb the others...
     drop(daemons.pop()); // SIGKILL i3: carol and dave vanish without a word

@@ -115,6 +115,12 @@ pub trait Bus: Send + Sync + 'static {
     /// through its sink.
     async fn publish(&self, draft: Draft) -> Result<Arc<Message>, BusError>;
 
+    /// Delivers `room`'s messages to this instance from now on, counting from
+    /// `delivered` (the last seq it already has), even with no member here:
+    /// a read-only room stream. A bus that delivers every room everywhere
+    /// (`local`) has nothing to do.
+    async fn watch(&self, _room: &RoomName, _delivered: u64) {}
+
     /// Waits until every message published so far can be read from the
     /// store. Only a bus that stores behind delivery (`local` with async
     /// durability) has anything to wait for.

@@ -482,6 +482,12 @@ impl Bus for PollBus {
         }
     }
 
+    async fn watch(&self, room: &RoomName, delivered: u64) {
+        let mut cursors = self.state.lock().await;
+        let cursor = cursors.delivered.entry(room.clone()).or_insert(delivered);
+        *cursor = (*cursor).max(delivered);
+    }
+
     fn statements(&self) -> Option<u64> {
         Some(self.db.statements.load(Ordering::Relaxed))
     }
@@ -579,11 +585,7 @@ impl Directory for PollBus {
     }
 
     async fn joined(&self, room: &RoomName, nick: &Nick, delivered: u64) -> Result<(), BusError> {
-        {
-            let mut cursors = self.state.lock().await;
-            let cursor = cursors.delivered.entry(room.clone()).or_insert(delivered);
-            *cursor = (*cursor).max(delivered);
-        }
+        Bus::watch(self, room, delivered).await;
         self.exec(
             "INSERT INTO presence (room, nick_key, nick, instance) VALUES ($1, $2, $3, $4)
              ON CONFLICT (room, nick_key) DO UPDATE SET nick = excluded.nick, instance = excluded.instance",

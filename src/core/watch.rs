@@ -41,20 +41,23 @@ impl Hub {
             self.stored_ring(&room).await
         };
         let (tx, events) = mpsc::channel(self.shared.limits.queue.max(1));
-        let mut state = self.lock();
-        if state.closed {
-            return Err(shutting_down());
-        }
-        let entry = state.rooms.entry(room).or_insert_with(|| Room {
-            members: BTreeSet::new(),
-            history: History::from_stored(stored.into_iter().map(Arc::new)),
-            watchers: Vec::new(),
-        });
-        entry.watchers.push(tx);
-        Ok(RoomWatch {
-            recent: entry.history.iter().cloned().collect(),
-            events,
-        })
+        let (watch, delivered) = {
+            let mut state = self.lock();
+            if state.closed {
+                return Err(shutting_down());
+            }
+            let entry = state.rooms.entry(room.clone()).or_insert_with(|| Room {
+                members: BTreeSet::new(),
+                history: History::from_stored(stored.into_iter().map(Arc::new)),
+                watchers: Vec::new(),
+            });
+            entry.watchers.push(tx);
+            let recent: Vec<Arc<Message>> = entry.history.iter().cloned().collect();
+            (RoomWatch { recent, events }, entry.history.last_seq())
+        };
+        // With no member here, the bus must still bring this room's messages.
+        self.shared.bus.watch(&room, delivered).await;
+        Ok(watch)
     }
 
     /// Up to `limit` messages of `room` with `seq < before` (the newest when
