@@ -119,7 +119,14 @@ fn full(bytes: impl Into<Bytes>) -> Body {
 
 fn json_response(status: StatusCode, value: &impl Serialize) -> Response<Body> {
     // Plain structs and maps of strings and numbers always serialise.
-    let body = serde_json::to_vec(value).expect("a response body serialises");
+    json_bytes(
+        status,
+        serde_json::to_vec(value).expect("a response body serialises"),
+    )
+}
+
+/// A JSON response of `body`, which is JSON already.
+fn json_bytes(status: StatusCode, body: Vec<u8>) -> Response<Body> {
     Response::builder()
         .status(status)
         .header(header::CONTENT_TYPE, "application/json")
@@ -146,12 +153,7 @@ fn raw_json_response<'a>(
         body.extend_from_slice(event.json());
     }
     body.extend_from_slice(b"]}");
-    Response::builder()
-        .status(status)
-        .header(header::CONTENT_TYPE, "application/json")
-        .header(header::CACHE_CONTROL, "no-store")
-        .body(full(body))
-        .expect("static headers are valid")
+    json_bytes(status, body)
 }
 
 /// The answer to `POST /connect`.

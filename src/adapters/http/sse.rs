@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use hyper::body::Frame;
 use tokio_util::sync::CancellationToken;
 
@@ -88,6 +88,36 @@ fn error(code: ErrorCode, message: &str) -> Bytes {
     Event::error(code, message).sse().clone()
 }
 
+/// Every stored message of `room` after `after`, oldest first, page by page,
+/// with a `gap` frame wherever storage no longer has some. Each frame comes
+/// with the highest seq sent so far, where live delivery must pick up.
+fn replay(hub: Hub, room: RoomName, after: u64) -> impl Stream<Item = (Chunk, u64)> {
+    async_stream::stream! {
+        let mut last_seq = after;
+        loop {
+            match hub.replay(&room, last_seq, REPLAY_PAGE).await {
+                Ok(page) => {
+                    let full = page.len() as u32 >= REPLAY_PAGE;
+                    for m in page {
+                        if m.seq > last_seq + 1 {
+                            yield (data(gap(&room, last_seq + 1, m.seq - 1)), last_seq);
+                        }
+                        last_seq = m.seq;
+                        yield (data(Event::message(m).sse().clone()), last_seq);
+                    }
+                    if !full {
+                        return;
+                    }
+                }
+                Err(refusal) => {
+                    yield (data(error(refusal.code, &refusal.message)), last_seq);
+                    return;
+                }
+            }
+        }
+    }
+}
+
 /// Cuts the connection shortly, for a reader that may never take its last frame.
 fn cut_soon(connection: &CancellationToken) {
     let connection = connection.clone();
@@ -117,26 +147,11 @@ pub fn session_stream(
             } else if let Some((room, after)) = parse_room_id(&last) {
                 // Older than what this session remembers: read storage.
                 let mut last_seq = after;
-                loop {
-                    match ctx.hub.replay(&room, last_seq, REPLAY_PAGE).await {
-                        Ok(page) => {
-                            let full = page.len() as u32 >= REPLAY_PAGE;
-                            for m in page {
-                                if m.seq > last_seq + 1 {
-                                    yield data(gap(&room, last_seq + 1, m.seq - 1));
-                                }
-                                last_seq = m.seq;
-                                yield data(Event::message(m).sse().clone());
-                            }
-                            if !full {
-                                break;
-                            }
-                        }
-                        Err(refusal) => {
-                            yield data(error(refusal.code, &refusal.message));
-                            break;
-                        }
-                    }
+                let replayed = replay(ctx.hub.clone(), room.clone(), after);
+                futures::pin_mut!(replayed);
+                while let Some((frame, seq)) = replayed.next().await {
+                    last_seq = seq;
+                    yield frame;
                 }
                 attached.feed.sent_up_to(room, last_seq);
             }
@@ -219,26 +234,11 @@ pub fn room_stream(
             }
             Some(after) => {
                 last_seq = after;
-                loop {
-                    match ctx.hub.replay(&room, last_seq, REPLAY_PAGE).await {
-                        Ok(page) => {
-                            let full = page.len() as u32 >= REPLAY_PAGE;
-                            for m in page {
-                                if m.seq > last_seq + 1 {
-                                    yield data(gap(&room, last_seq + 1, m.seq - 1));
-                                }
-                                last_seq = m.seq;
-                                yield data(Event::message(m).sse().clone());
-                            }
-                            if !full {
-                                break;
-                            }
-                        }
-                        Err(refusal) => {
-                            yield data(error(refusal.code, &refusal.message));
-                            break;
-                        }
-                    }
+                let replayed = replay(ctx.hub.clone(), room.clone(), after);
+                futures::pin_mut!(replayed);
+                while let Some((frame, seq)) = replayed.next().await {
+                    last_seq = seq;
+                    yield frame;
                 }
             }
         }
