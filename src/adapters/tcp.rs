@@ -29,6 +29,8 @@ use crate::core::{
 
 /// Most bytes gathered into one write.
 const WRITE_BUFFER: usize = 64 * 1024;
+/// A connection's first read buffer.
+const READ_BUFFER: usize = 512;
 /// How long a parting message may take to write before the socket is dropped.
 const PARTING: Duration = Duration::from_secs(2);
 
@@ -94,7 +96,9 @@ impl TcpAdapter {
         let SessionHandle { events, ended, .. } = session;
         let (done_tx, done_rx) = oneshot::channel();
         let mut writer = tokio::spawn(write_events(write, events, ended, done_rx));
-        let mut lines = FramedRead::new(read, LineCodec::new(self.max_line));
+        // Start small: most lines are short and an idle connection should
+        // cost little (the buffer grows for long lines, up to --max-line).
+        let mut lines = FramedRead::with_capacity(read, LineCodec::new(self.max_line), READ_BUFFER);
         let mut writer_finished = false;
         loop {
             let frame = tokio::select! {
@@ -159,7 +163,10 @@ async fn write_events(
     mut reader_done: oneshot::Receiver<()>,
 ) {
     let mut format = Format::Text;
-    let mut buf = BytesMut::with_capacity(4096);
+    // Allocated per batch and released once written, so an idle connection
+    // holds no write buffer (one allocation per write is cheap next to the
+    // system call).
+    let mut buf = BytesMut::new();
     let stop = loop {
         let first = tokio::select! {
             biased;
@@ -186,10 +193,7 @@ async fn write_events(
         if written.is_err() {
             break Stop::Closed;
         }
-        buf.clear();
-        if buf.capacity() > WRITE_BUFFER * 2 {
-            buf = BytesMut::with_capacity(4096);
-        }
+        buf = BytesMut::new();
     };
     buf.clear();
     let parting = match stop {
