@@ -14,6 +14,9 @@ use super::sse::SseStream;
 /// How long one connection may take to be ready (connected, joined).
 pub const READY_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// Tries at a connection whose guest nick collided with another's.
+const GUEST_NICK_ATTEMPTS: u32 = 5;
+
 /// How a TCP connection renders events.
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
@@ -55,8 +58,21 @@ pub struct TcpClient {
 }
 
 impl TcpClient {
-    /// Connects and reads the welcome line.
+    /// Connects and reads the welcome line. A server that refuses because the
+    /// random guest nick it drew is taken (possible in a cluster) is asked again.
     pub async fn connect(addr: SocketAddr) -> anyhow::Result<TcpClient> {
+        let mut attempt = 1;
+        loop {
+            match TcpClient::connect_once(addr).await {
+                Err(e) if attempt < GUEST_NICK_ATTEMPTS && e.to_string().contains("nick-taken") => {
+                    attempt += 1;
+                }
+                result => return result,
+            }
+        }
+    }
+
+    async fn connect_once(addr: SocketAddr) -> anyhow::Result<TcpClient> {
         let stream = TcpStream::connect(addr)
             .await
             .with_context(|| format!("could not connect to {addr}"))?;

@@ -192,9 +192,12 @@ pub struct SaturateArgs {
     /// Highest rate to try.
     #[arg(long, default_value_t = 100_000.0)]
     pub max_rate: f64,
-    /// p99 latency bound, ms.
+    /// p99 latency bound, ms: the highest rate within it is reported.
     #[arg(long, default_value_t = 5.0)]
     pub p99_ms: f64,
+    /// Stop raising the rate once p99 passes this, ms.
+    #[arg(long, default_value_t = 500.0)]
+    pub give_up_p99_ms: f64,
 }
 
 /// `report`.
@@ -251,7 +254,13 @@ pub async fn main(args: BenchArgs) -> anyhow::Result<()> {
                 hold: Duration::from_secs_f64(i.hold),
                 server_pids: i.common.server_pids.clone(),
             };
-            (i.common, Outcome::Idle(idle::run(&plan).await?), "idle")
+            (
+                i.common,
+                Outcome::Idle {
+                    results: idle::run(&plan).await?,
+                },
+                "idle",
+            )
         }
         Workload::Saturate(s) => {
             let f = FanoutArgs {
@@ -267,6 +276,7 @@ pub async fn main(args: BenchArgs) -> anyhow::Result<()> {
                 factor: s.factor,
                 max_rate: s.max_rate,
                 p99_bound_ms: s.p99_ms,
+                give_up_p99_ms: s.give_up_p99_ms,
             };
             let result = saturate::run(&plan, &search).await?;
             (s.common, Outcome::Saturate(result), "saturate")

@@ -1,10 +1,13 @@
 //! `saturate`: run the fan-out at rising rates until one fails a condition,
 //! and report the highest rate that met them all.
 //!
-//! A rate is sustained when nothing is lost or refused, p99 latency is within
-//! the bound, deliveries keep up with what was offered (at least 95%), and the
-//! load generator itself kept its schedule (else the number would measure the
-//! generator, not the server).
+//! A rate *keeps up* when nothing is lost or refused, deliveries keep up with
+//! what was offered (at least 95%), and the load generator itself kept its
+//! schedule (else the number would measure the generator, not the server). It
+//! is *sustained* when it also keeps p99 latency within the bound. The search
+//! goes on past the latency bound, so the steps show latency by rate, and
+//! stops at the first rate that does not keep up (or whose p99 passes
+//! `give_up_p99_ms`).
 
 use super::load::{self, Plan};
 use super::report::{LoadResult, SaturateResult};
@@ -23,10 +26,26 @@ pub struct Search {
     pub max_rate: f64,
     /// p99 bound, ms.
     pub p99_bound_ms: f64,
+    /// Stop once p99 passes this, ms.
+    pub give_up_p99_ms: f64,
 }
 
 /// Why `step` at its rate is not sustained, if it is not.
 pub fn failure(step: &LoadResult, p99_bound_ms: f64) -> Option<String> {
+    if let Some(why) = falls_behind(step) {
+        return Some(why);
+    }
+    if step.latency.p99_ms > p99_bound_ms {
+        return Some(format!(
+            "p99 {:.2} ms is over the {p99_bound_ms} ms bound",
+            step.latency.p99_ms
+        ));
+    }
+    None
+}
+
+/// Why `step` does not keep up with its rate, if it does not.
+pub fn falls_behind(step: &LoadResult) -> Option<String> {
     let offered = step.expected as f64 / step.duration_s.max(f64::EPSILON);
     if step.lost > 0 || step.incomplete_receivers > 0 {
         return Some(format!(
@@ -44,12 +63,6 @@ pub fn failure(step: &LoadResult, p99_bound_ms: f64) -> Option<String> {
         return Some(format!(
             "the load generator fell {:.0} ms behind its schedule",
             step.send_lag_max_ms
-        ));
-    }
-    if step.latency.p99_ms > p99_bound_ms {
-        return Some(format!(
-            "p99 {:.2} ms is over the {p99_bound_ms} ms bound",
-            step.latency.p99_ms
         ));
     }
     if step.deliveries_per_s < 0.95 * offered {
@@ -78,14 +91,26 @@ pub async fn run(base: &Plan, search: &Search) -> anyhow::Result<SaturateResult>
             "saturate: {rate:.0} msg/s -> {:.0} deliveries/s, p99 {:.2} ms, lost {}",
             step.deliveries_per_s, step.latency.p99_ms, step.lost
         );
-        let failed = failure(&step, search.p99_bound_ms);
-        if failed.is_none() {
+        if failure(&step, search.p99_bound_ms).is_none() {
             result.highest_sustained_rate = rate;
             result.highest_sustained_deliveries_per_s = step.deliveries_per_s;
         }
+        let behind = falls_behind(&step);
+        if behind.is_none() {
+            result.highest_rate_keeping_up = rate;
+            result.highest_keeping_up_deliveries_per_s = step.deliveries_per_s;
+        }
+        let p99 = step.latency.p99_ms;
         result.steps.push(step);
-        if let Some(why) = failed {
+        if let Some(why) = behind {
             result.stopped_because = format!("at {rate:.0} msg/s: {why}");
+            break;
+        }
+        if p99 > search.give_up_p99_ms {
+            result.stopped_because = format!(
+                "at {rate:.0} msg/s: p99 {p99:.1} ms passed {} ms",
+                search.give_up_p99_ms
+            );
             break;
         }
         rate = (rate * search.factor).round();
