@@ -244,7 +244,7 @@ pub async fn main(args: BenchArgs) -> anyhow::Result<()> {
             )
         }
         Workload::Idle(i) => {
-            raise_fd_limit(i.tcp + 2 * i.sse)?;
+            raise_fd_limit(i.tcp + i.sse)?;
             let plan = idle::IdlePlan {
                 targets: i.common.targets.clone(),
                 http_targets: i.common.http_targets.clone(),
@@ -345,7 +345,7 @@ fn plan(
     rate: f64,
     connections: usize,
 ) -> anyhow::Result<Plan> {
-    raise_fd_limit(connections * 2)?;
+    raise_fd_limit(connections)?;
     anyhow::ensure!(traffic.duration > 0.0, "--duration must be above 0");
     Ok(Plan {
         rooms,
