@@ -17,6 +17,7 @@ use anyhow::Context;
 use futures::{StreamExt, TryStreamExt};
 use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::OwnedWriteHalf;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::account::{ErrorCounts, Receiver};
@@ -156,85 +157,93 @@ pub async fn run(plan: &Plan) -> anyhow::Result<LoadResult> {
     let run_id: u32 = rand::random();
     let clock = Clock::new();
 
-    // Set up every connection before anyone sends.
-    let connections: Vec<(Spec, Lines, Option<OwnedWriteHalf>)> =
+    // Set up every connection before anyone sends. Each starts reading as soon
+    // as it is ready: a thousand joins are a million events, and a member that
+    // waited for the others would be dropped as a slow consumer.
+    let stop = CancellationToken::new();
+    let barrier = Arc::new(Barrier::new(specs.len()));
+    let sender_target = Arc::new(sender_target);
+    let ctx = ReceiveContext {
+        run_id,
+        clock,
+        stop: stop.clone(),
+        barrier: barrier.clone(),
+        sender_target: sender_target.clone(),
+        room_senders: Arc::new(room_senders),
+    };
+    let opened: Vec<(Spec, JoinHandle<Received>, Option<OwnedWriteHalf>)> =
         futures::stream::iter(specs.iter().copied())
-            .map(|spec| open(plan, spec))
+            .map(|spec| {
+                let ctx = ctx.clone();
+                async move {
+                    let (spec, lines, writer) = open(plan, spec).await?;
+                    let (keep, send) = match spec.sender {
+                        Some(_) => (None, writer),
+                        None => (writer, None),
+                    };
+                    let task = tokio::spawn(receive(ctx, spec, lines, keep));
+                    anyhow::Ok((spec, task, send))
+                }
+            })
             .buffer_unordered(plan.concurrency.max(1))
             .try_collect()
             .await?;
 
+    // The barrier: one line through the room(s), then wait for every member.
+    let mut warmed_rooms = vec![false; plan.rooms.len()];
+    let mut connections = Vec::new();
+    let mut receivers = Vec::new();
+    for (spec, task, writer) in opened {
+        receivers.push(task);
+        if let Some(mut writer) = writer {
+            if !warmed_rooms[spec.room] {
+                warmed_rooms[spec.room] = true;
+                writer
+                    .write_all(format!("{}\n", payload::warm(run_id)).as_bytes())
+                    .await?;
+            }
+            connections.push((spec, writer));
+        }
+    }
+    tokio::time::timeout(READY_TIMEOUT, barrier.wait())
+        .await
+        .context("not every member received the warm-up line in time")?;
+
     let before = sample(&plan.server_pids)?;
-    let t0 = clock.now_ns() + 100_000_000;
+    let t0 = clock.now_ns() + 50_000_000;
     let end = t0 + plan.duration.as_nanos() as u64;
     let period = (senders_total as f64 / plan.rate * 1e9) as u64;
-    let stop = CancellationToken::new();
-    let sender_target = Arc::new(sender_target);
 
-    let mut receivers = Vec::new();
     let mut senders = Vec::new();
-    for (spec, mut lines, writer) in connections {
-        let (keep, send) = match spec.sender {
-            Some(id) => (None, writer.map(|w| (id, w))),
-            None => (writer, None),
-        };
-        if let Some((id, mut writer)) = send {
-            let size = plan.size;
-            let offset = (id as f64 / plan.rate * 1e9) as u64;
-            senders.push(tokio::spawn(async move {
-                let mut n = 0u64;
-                let mut lag_max_ns = 0;
-                loop {
-                    let due = t0 + offset + n * period;
-                    if due >= end {
-                        break;
-                    }
-                    tokio::time::sleep_until(clock.at(due).into()).await;
-                    let now = clock.now_ns();
-                    lag_max_ns = lag_max_ns.max(now.saturating_sub(due));
-                    let mut line = payload::message(run_id, id, n, now, size);
-                    line.push('\n');
-                    writer.write_all(line.as_bytes()).await?;
-                    n += 1;
+    for (spec, mut writer) in connections {
+        let Some(id) = spec.sender else { continue };
+        let size = plan.size;
+        let offset = (id as f64 / plan.rate * 1e9) as u64;
+        senders.push(tokio::spawn(async move {
+            let mut n = 0u64;
+            let mut lag_max_ns = 0;
+            loop {
+                let due = t0 + offset + n * period;
+                if due >= end {
+                    break;
                 }
-                let mut line = payload::end(run_id, id, n);
+                tokio::time::sleep_until(clock.at(due).into()).await;
+                let now = clock.now_ns();
+                lag_max_ns = lag_max_ns.max(now.saturating_sub(due));
+                let mut line = payload::message(run_id, id, n, now, size);
                 line.push('\n');
                 writer.write_all(line.as_bytes()).await?;
-                anyhow::Ok(Sent {
-                    sender: id,
-                    total: n,
-                    lag_max_ns,
-                    writer,
-                })
-            }));
-        }
-        let stop = stop.clone();
-        let sender_target = sender_target.clone();
-        let expected_ends = room_senders[spec.room];
-        receivers.push(tokio::spawn(async move {
-            let mut account = Receiver::new(run_id, expected_ends);
-            let mut buf = Vec::with_capacity(512);
-            let remote = |s: u32| sender_target.get(s as usize) != Some(&spec.target);
-            loop {
-                tokio::select! {
-                    biased;
-                    _ = stop.cancelled() => break,
-                    line = lines.next(&mut buf) => match line {
-                        Ok(true) => {
-                            account.on_line(&buf, clock.now_ns(), remote);
-                            if account.done() {
-                                break;
-                            }
-                        }
-                        _ => break,
-                    },
-                }
+                n += 1;
             }
-            Received {
-                room: spec.room,
-                account,
-                _writer: keep,
-            }
+            let mut line = payload::end(run_id, id, n);
+            line.push('\n');
+            writer.write_all(line.as_bytes()).await?;
+            anyhow::Ok(Sent {
+                sender: id,
+                total: n,
+                lag_max_ns,
+                writer,
+            })
         }));
     }
 
@@ -311,6 +320,89 @@ pub async fn run(plan: &Plan) -> anyhow::Result<LoadResult> {
         result.server = Some(ServerUsage::between(before, after, result.delivered));
     }
     Ok(result)
+}
+
+/// What every receiving task shares.
+#[derive(Clone)]
+struct ReceiveContext {
+    run_id: u32,
+    clock: Clock,
+    stop: CancellationToken,
+    barrier: Arc<Barrier>,
+    sender_target: Arc<Vec<usize>>,
+    room_senders: Arc<Vec<usize>>,
+}
+
+/// Counts members that have passed the warm-up line.
+struct Barrier {
+    left: std::sync::atomic::AtomicUsize,
+    passed: tokio::sync::Notify,
+}
+
+impl Barrier {
+    fn new(members: usize) -> Self {
+        Barrier {
+            left: members.into(),
+            passed: tokio::sync::Notify::new(),
+        }
+    }
+
+    fn pass(&self) {
+        use std::sync::atomic::Ordering;
+        if self.left.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.passed.notify_waiters();
+        }
+    }
+
+    async fn wait(&self) {
+        use std::sync::atomic::Ordering;
+        loop {
+            let passed = self.passed.notified();
+            if self.left.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            passed.await;
+        }
+    }
+}
+
+/// Reads one member's lines until every sender of its room is done (or the
+/// run is stopped), keeping its accounts.
+async fn receive(
+    ctx: ReceiveContext,
+    spec: Spec,
+    mut lines: Lines,
+    keep: Option<OwnedWriteHalf>,
+) -> Received {
+    let mut account = Receiver::new(ctx.run_id, ctx.room_senders[spec.room]);
+    let mut buf = Vec::with_capacity(512);
+    let mut warm = false;
+    let remote = |s: u32| ctx.sender_target.get(s as usize) != Some(&spec.target);
+    loop {
+        tokio::select! {
+            biased;
+            _ = ctx.stop.cancelled() => break,
+            line = lines.next(&mut buf) => match line {
+                Ok(true) => {
+                    if !warm && payload::is_warm(&buf, ctx.run_id) {
+                        warm = true;
+                        ctx.barrier.pass();
+                        continue;
+                    }
+                    account.on_line(&buf, ctx.clock.now_ns(), remote);
+                    if account.done() {
+                        break;
+                    }
+                }
+                _ => break,
+            },
+        }
+    }
+    Received {
+        room: spec.room,
+        account,
+        _writer: keep,
+    }
 }
 
 /// Opens one connection of the plan and makes it ready.

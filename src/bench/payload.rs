@@ -5,6 +5,7 @@
 //! ```text
 //! bz1 RUN SENDER N SENT_NS xxxx...    one measured message (padded to --size)
 //! bz1 RUN SENDER end TOTAL            sender SENDER is done and sent TOTAL
+//! bz1 RUN warm                         the barrier before measuring
 //! ```
 //!
 //! `RUN` is 8 hex digits chosen per run, so messages of earlier runs (replayed
@@ -70,6 +71,18 @@ pub fn end(run: u32, sender: u32, total: u64) -> String {
     format!("bz1 {run:08x} {sender} end {total}")
 }
 
+/// The text of the warm-up barrier: once every member has received it, every
+/// event queued before it (the joins of a thousand members) has been delivered.
+pub fn warm(run: u32) -> String {
+    format!("bz1 {run:08x} warm")
+}
+
+/// Whether `line` carries run `run`'s warm-up barrier.
+pub fn is_warm(line: &[u8], run: u32) -> bool {
+    let needle = warm(run);
+    line.windows(needle.len()).any(|w| w == needle.as_bytes())
+}
+
 /// Finds a stamp of run `run` in a received line, in any rendering.
 pub fn find(line: &[u8], run: u32) -> Option<Stamp> {
     let at = line.windows(MARK.len()).position(|w| w == MARK)?;
@@ -127,5 +140,13 @@ mod tests {
             })
         );
         assert_eq!(find(b"* bob joined", 1), None);
+    }
+
+    #[test]
+    fn the_barrier_is_not_a_stamp() {
+        let line = format!(r#"{{"text":"{}"}}"#, warm(9));
+        assert!(is_warm(line.as_bytes(), 9));
+        assert!(!is_warm(line.as_bytes(), 8));
+        assert_eq!(find(line.as_bytes(), 9), None);
     }
 }
