@@ -210,6 +210,7 @@ pub async fn run(plan: &Plan) -> anyhow::Result<LoadResult> {
         .context("not every member received the warm-up line in time")?;
 
     let before = sample(&plan.server_pids)?;
+    let generator_before = Sample::read(std::process::id()).ok();
     let t0 = clock.now_ns() + 50_000_000;
     let end = t0 + plan.duration.as_nanos() as u64;
     let period = (senders_total as f64 / plan.rate * 1e9) as u64;
@@ -266,6 +267,7 @@ pub async fn run(plan: &Plan) -> anyhow::Result<LoadResult> {
         }
     };
     let after = sample(&plan.server_pids)?;
+    let generator_after = Sample::read(std::process::id()).ok();
     drop(writers);
 
     // Which sender is in which room, to know what each receiver should have seen.
@@ -307,6 +309,10 @@ pub async fn run(plan: &Plan) -> anyhow::Result<LoadResult> {
     result.errors = errors;
     let window = last_arrival.max(end).saturating_sub(t0).max(1);
     result.deliveries_per_s = result.delivered as f64 / (window as f64 / 1e9);
+    result.window_ms = window as f64 / 1e6;
+    if let (Some(b), Some(a)) = (generator_before, generator_after) {
+        result.generator_cpu_ms = a.cpu_ms.saturating_sub(b.cpu_ms);
+    }
     result.send_lag_max_ms = lag_max_ns as f64 / 1e6;
     result.drain_ms = last_arrival.saturating_sub(sending_ended) as f64 / 1e6;
     let mut all_latencies = local.clone();

@@ -118,6 +118,11 @@ pub struct LoadResult {
     pub drain_ms: f64,
     /// The server's cost, with `--server-pid`.
     pub server: Option<ServerUsage>,
+    /// The load generator's own CPU time meanwhile, ms: near the window's
+    /// length, the generator was saturated and latency is partly its own.
+    pub generator_cpu_ms: u64,
+    /// Length of the measured window (first send to last arrival), ms.
+    pub window_ms: f64,
 }
 
 /// Memory per held-open connection (`idle`).
@@ -294,6 +299,11 @@ fn load_table(out: &mut String, r: &LoadResult) {
         out,
         "senders     worst lag behind schedule {:.1} ms; drain after sending {:.1} ms",
         r.send_lag_max_ms, r.drain_ms
+    );
+    let _ = writeln!(
+        out,
+        "generator   CPU {} ms over a {:.0} ms window",
+        r.generator_cpu_ms, r.window_ms
     );
     if let Some(s) = &r.server {
         let _ = writeln!(

@@ -76,8 +76,8 @@ pub fn markdown(reports: &[Report]) -> String {
         .filter(|(_, l)| !l.is_empty())
         .collect();
     if !load_groups.is_empty() {
-        out.push_str("| point | runs | connections | msg/s offered | deliveries/s | p50 ms | p99 ms | p99.9 ms | max ms | lost | duplicates | server CPU µs/delivery |\n");
-        out.push_str("|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+        out.push_str("| point | runs | connections | msg/s offered | deliveries/s | p50 ms | p99 ms | p99.9 ms | max ms | lost | duplicates | server CPU µs/delivery | server CPU busy | generator CPU busy |\n");
+        out.push_str("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
         for (key, runs) in &load_groups {
             let m = |f: fn(&LoadResult) -> f64| median(runs.iter().map(|r| f(r)).collect());
             let cpu = if runs.iter().all(|r| r.server.is_some()) {
@@ -88,8 +88,18 @@ pub fn markdown(reports: &[Report]) -> String {
             } else {
                 "-".to_owned()
             };
+            let busy = |cpu: fn(&LoadResult) -> f64| {
+                let shares = runs.iter().map(|r| cpu(r) / r.window_ms.max(1.0)).collect();
+                format!("{:.0}%", 100.0 * median(shares))
+            };
+            let server_busy = if cpu == "-" {
+                "-".to_owned()
+            } else {
+                busy(|r| r.server.as_ref().map_or(0.0, |s| s.cpu_ms as f64))
+            };
+            let generator_busy = busy(|r| r.generator_cpu_ms as f64);
             out.push_str(&format!(
-                "| {key} | {} | {:.0} | {:.0} | {:.0} | {:.3} | {:.3} | {:.3} | {:.3} | {:.0} | {:.0} | {cpu} |\n",
+                "| {key} | {} | {:.0} | {:.0} | {:.0} | {:.3} | {:.3} | {:.3} | {:.3} | {:.0} | {:.0} | {cpu} | {server_busy} | {generator_busy} |\n",
                 runs.len(),
                 m(|r| r.connections as f64),
                 m(|r| r.rate),
