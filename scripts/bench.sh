@@ -102,7 +102,7 @@ for run in $(seq "$RUNS"); do
   args=(fanout --target "$TCP" --members "$FAN_MEMBERS" --rate 200 --duration "$DURATION"
         --server-pid "$PID" --label "fanout $FAN_MEMBERS members @ 200 msg/s")
   [ "$run" = 1 ] && note_command "baby-discord serve --db sqlite://FILE --queue 4096  # pinned: taskset -c 0" \
-    && note_command "baby-discord bench ${args[*]}"
+    && note_command "baby-discord bench $(printf '%q ' "${args[@]}")"
   bench "${args[@]}" || true
   stop_daemons
 done
@@ -113,7 +113,7 @@ for run in $(seq "$RUNS"); do
   args=(rooms --target "$TCP" --clients "$ROOMS_CLIENTS" --rooms "$ROOMS_ROOMS" --rate 1000
         --duration "$DURATION" --server-pid "$PID"
         --label "rooms $ROOMS_CLIENTS clients / $ROOMS_ROOMS rooms @ 1000 msg/s")
-  [ "$run" = 1 ] && note_command "baby-discord bench ${args[*]}"
+  [ "$run" = 1 ] && note_command "baby-discord bench $(printf '%q ' "${args[@]}")"
   bench "${args[@]}" || true
   stop_daemons
 done
@@ -123,13 +123,13 @@ SSE_PENDING=0
 for run in $(seq "$RUNS"); do
   start_daemon --db "sqlite://$WORK/idle-$run.db"
   args=(idle --target "$TCP" --tcp "$IDLE_CONNS" --sse 0 --server-pid "$PID" --label "idle")
-  [ "$run" = 1 ] && note_command "baby-discord bench ${args[*]}"
+  [ "$run" = 1 ] && note_command "baby-discord bench $(printf '%q ' "${args[@]}")"
   bench "${args[@]}" || true
   stop_daemons
   [ "$SSE_PENDING" = 1 ] && continue
   start_daemon --db "sqlite://$WORK/idle-sse-$run.db"
   args=(idle --http-target "$HTTP" --tcp 0 --sse "$IDLE_CONNS" --server-pid "$PID" --label "idle")
-  [ "$run" = 1 ] && note_command "baby-discord bench ${args[*]}"
+  [ "$run" = 1 ] && note_command "baby-discord bench $(printf '%q ' "${args[@]}")"
   if ! "${CLIENT_CPU[@]}" "$BIN" bench "${args[@]}" --json >>"$RESULTS" 2>"$WORK/sse.err"; then
     if grep -q 503 "$WORK/sse.err"; then
       echo "idle SSE: pending HTTP adapter (the daemon answers 503)" | tee -a "$PENDING"
@@ -150,7 +150,7 @@ for run in $(seq "$RUNS"); do
         --max-rate "$SAT_MAX" --p99-ms 5 --duration 3 --server-pid "$PID"
         --label "saturate $FAN_MEMBERS members, p99 < 5 ms")
   [ "$run" = 1 ] && note_command "baby-discord serve --db sqlite://FILE --rate 0 --queue 4096" \
-    && note_command "baby-discord bench ${args[*]}"
+    && note_command "baby-discord bench $(printf '%q ' "${args[@]}")"
   bench "${args[@]}" || true
   stop_daemons
 done
@@ -169,7 +169,7 @@ for interval in 20 100; do
           --label "cluster 3 x poll $interval ms, $CLUSTER_MEMBERS members @ 50 msg/s")
     [ "$run" = 1 ] && note_command \
       "baby-discord serve --db sqlite://SHARED --bus poll --poll-interval $interval --instance iN  # x3" \
-      && note_command "baby-discord bench ${args[*]}"
+      && note_command "baby-discord bench $(printf '%q ' "${args[@]}")"
     bench "${args[@]}" || true
     stop_daemons
   done
@@ -191,7 +191,7 @@ CPU_MODEL=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//' |
   echo "## Machine"
   echo
   echo "- $(nproc)-core $(uname -m), ${MEM_GIB} GiB memory, $CPU_MODEL"
-  echo "- Linux $(uname -r), $(rustc --version 2>/dev/null || echo rustc)"
+  echo "- $(uname -s), $(rustc --version 2>/dev/null | cut -d" " -f1-2 || echo rustc)"
   echo "- release build; daemons pinned to CPU 0, the load generator to CPU 1; loopback only"
   echo
   echo "## Commands"
