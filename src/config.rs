@@ -32,6 +32,8 @@ pub struct Cli {
 pub enum Sub {
     /// Run the chat daemon (the default).
     Serve(Config),
+    /// Load-test a running daemon (see docs/benchmarks.md).
+    Bench(crate::bench::BenchArgs),
 }
 
 impl Cli {
@@ -39,7 +41,7 @@ impl Cli {
     pub fn into_config(self) -> Config {
         match self.command {
             Some(Sub::Serve(config)) => config,
-            None => self.serve,
+            Some(Sub::Bench(_)) | None => self.serve,
         }
     }
 }

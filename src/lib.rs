@@ -5,8 +5,10 @@
 //! - [`store`]: message storage (SQLite, PostgreSQL).
 //! - [`bus`]: the ordering authority and the link between instances.
 //! - [`server`]: wires them together; [`config`]: the command line.
+//! - [`bench`]: the load generator (`baby-discord bench`).
 
 pub mod adapters;
+pub mod bench;
 pub mod bus;
 pub mod config;
 pub mod core;

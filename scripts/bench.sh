@@ -1,0 +1,221 @@
+#!/usr/bin/env bash
+# Runs the standard benchmark points against release builds of the daemon and
+# writes docs/benchmarks.md (tables, medians of RUNS runs) and
+# docs/benchmarks.svg (latency by rate; poll-bus latency by poll interval).
+#
+# The daemons run pinned to CPU 0 and the load generator to CPU 1 (taskset),
+# everything on loopback, each daemon on free ports with its own database in
+# a temporary directory. Every daemon is killed on exit, whatever happens.
+#
+#   scripts/bench.sh              # the full set, about 10 minutes
+#   RUNS=1 QUICK=1 scripts/bench.sh   # a smaller smoke run
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+RUNS=${RUNS:-3}
+QUICK=${QUICK:-0}
+OUT=${OUT:-docs/benchmarks.md}
+SVG=${SVG:-docs/benchmarks.svg}
+WORK=$(mktemp -d)
+RESULTS=$WORK/results.jsonl
+COMMANDS=$WORK/commands.txt
+PENDING=$WORK/pending.txt
+DAEMONS=()
+STARTED=$(date +%s)
+
+cleanup() {
+  for pid in "${DAEMONS[@]}"; do kill "$pid" 2>/dev/null || true; done
+  for pid in "${DAEMONS[@]}"; do wait "$pid" 2>/dev/null || true; done
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+if [ "$QUICK" = 1 ]; then
+  FAN_MEMBERS=200; IDLE_CONNS=1000; ROOMS_CLIENTS=1000; ROOMS_ROOMS=100; DURATION=3
+  SAT_MAX=400; CLUSTER_MEMBERS=60
+else
+  FAN_MEMBERS=1000; IDLE_CONNS=10000; ROOMS_CLIENTS=10000; ROOMS_ROOMS=1000; DURATION=10
+  SAT_MAX=3000; CLUSTER_MEMBERS=300
+fi
+
+# Pin the server and the generator to different cores when there are two.
+if [ "$(nproc)" -ge 2 ] && command -v taskset >/dev/null; then
+  SERVER_CPU=(taskset -c 0); CLIENT_CPU=(taskset -c 1)
+else
+  SERVER_CPU=(); CLIENT_CPU=()
+fi
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+
+echo "== building in release"
+cargo build --release --quiet
+BIN=${CARGO_TARGET_DIR:-target}/release/baby-discord
+
+# start_daemon ARGS...: starts a daemon on free ports; sets PID, TCP, HTTP.
+start_daemon() {
+  local log=$WORK/daemon-${#DAEMONS[@]}.log
+  RUST_LOG=warn,baby_discord::server=info "${SERVER_CPU[@]}" "$BIN" \
+    --tcp 127.0.0.1:0 --http 127.0.0.1:0 "$@" 2>"$log" &
+  PID=$!
+  DAEMONS+=("$PID")
+  local line=""
+  for _ in $(seq 300); do
+    line=$(grep -m1 -o 'listening tcp=[^ ]* http=[0-9.:]*' "$log" 2>/dev/null || true)
+    [ -n "$line" ] && break
+    kill -0 "$PID" 2>/dev/null || { cat "$log" >&2; echo "daemon died" >&2; exit 1; }
+    sleep 0.1
+  done
+  [ -n "$line" ] || { cat "$log" >&2; echo "daemon did not start" >&2; exit 1; }
+  TCP=$(echo "$line" | sed -E 's/listening tcp=([^ ]*) .*/\1/')
+  HTTP=$(echo "$line" | sed -E 's/.*http=([0-9.:]*).*/\1/')
+}
+
+stop_daemons() {
+  for pid in "${DAEMONS[@]}"; do kill "$pid" 2>/dev/null || true; done
+  for pid in "${DAEMONS[@]}"; do wait "$pid" 2>/dev/null || true; done
+  DAEMONS=()
+}
+
+# note_command TEXT: records a command for the report (addresses shown as ADDR).
+note_command() {
+  echo "$1" | sed -E 's/127\.0\.0\.1:[0-9]+/ADDR/g; s/--server-pid [0-9]+/--server-pid PID/g' >>"$COMMANDS"
+}
+
+# bench ARGS...: one load-generator run, appended to the results. A failed run
+# is listed in the report rather than ending the script.
+bench() {
+  if ! "${CLIENT_CPU[@]}" "$BIN" bench "$@" --json >>"$RESULTS" 2>"$WORK/bench.err"; then
+    cat "$WORK/bench.err" >&2
+    echo "failed run: baby-discord bench $1 ($(grep -m1 '^Error' "$WORK/bench.err" | cut -c1-200))" \
+      | sed -E 's/127\.0\.0\.1:[0-9]+/ADDR/g' >>"$PENDING"
+    return 1
+  fi
+}
+
+# A member of a 1,000-member room is sent ~1,000 join events while the room
+# fills: at the default --queue 1024 a member is one hiccup away from being
+# dropped as a slow consumer before the first message. Rooms that large run
+# with --queue 4096; every other limit is the default.
+echo "== fanout: $FAN_MEMBERS members at 200 msg/s, local bus, default limits but --queue 4096"
+for run in $(seq "$RUNS"); do
+  start_daemon --db "sqlite://$WORK/fanout-$run.db" --queue 4096
+  args=(fanout --target "$TCP" --members "$FAN_MEMBERS" --rate 200 --duration "$DURATION"
+        --server-pid "$PID" --label "fanout $FAN_MEMBERS members @ 200 msg/s")
+  [ "$run" = 1 ] && note_command "baby-discord serve --db sqlite://FILE --queue 4096  # pinned: taskset -c 0" \
+    && note_command "baby-discord bench $(printf '%q ' "${args[@]}")"
+  bench "${args[@]}" || true
+  stop_daemons
+done
+
+echo "== rooms: $ROOMS_CLIENTS clients in $ROOMS_ROOMS rooms at 1,000 msg/s"
+for run in $(seq "$RUNS"); do
+  start_daemon --db "sqlite://$WORK/rooms-$run.db"
+  args=(rooms --target "$TCP" --clients "$ROOMS_CLIENTS" --rooms "$ROOMS_ROOMS" --rate 1000
+        --duration "$DURATION" --server-pid "$PID"
+        --label "rooms $ROOMS_CLIENTS clients / $ROOMS_ROOMS rooms @ 1000 msg/s")
+  [ "$run" = 1 ] && note_command "baby-discord bench $(printf '%q ' "${args[@]}")"
+  bench "${args[@]}" || true
+  stop_daemons
+done
+
+echo "== idle: $IDLE_CONNS TCP connections, then $IDLE_CONNS SSE"
+SSE_PENDING=0
+for run in $(seq "$RUNS"); do
+  start_daemon --db "sqlite://$WORK/idle-$run.db"
+  args=(idle --target "$TCP" --tcp "$IDLE_CONNS" --sse 0 --server-pid "$PID" --label "idle")
+  [ "$run" = 1 ] && note_command "baby-discord bench $(printf '%q ' "${args[@]}")"
+  bench "${args[@]}" || true
+  stop_daemons
+  [ "$SSE_PENDING" = 1 ] && continue
+  start_daemon --db "sqlite://$WORK/idle-sse-$run.db"
+  args=(idle --http-target "$HTTP" --tcp 0 --sse "$IDLE_CONNS" --server-pid "$PID" --label "idle")
+  [ "$run" = 1 ] && note_command "baby-discord bench $(printf '%q ' "${args[@]}")"
+  if ! "${CLIENT_CPU[@]}" "$BIN" bench "${args[@]}" --json >>"$RESULTS" 2>"$WORK/sse.err"; then
+    if grep -q 503 "$WORK/sse.err"; then
+      echo "idle SSE: pending HTTP adapter (the daemon answers 503)" | tee -a "$PENDING"
+      stop_daemons
+      SSE_PENDING=1
+      continue
+    fi
+    cat "$WORK/sse.err" >&2
+    echo "failed run: idle SSE" >>"$PENDING"
+  fi
+  stop_daemons
+done
+
+echo "== saturate: $FAN_MEMBERS members, server --rate 0, p99 bound 5 ms"
+for run in $(seq "$RUNS"); do
+  start_daemon --db "sqlite://$WORK/saturate-$run.db" --rate 0 --queue 4096
+  args=(saturate --target "$TCP" --members "$FAN_MEMBERS" --senders 20 --start 50 --factor 1.5
+        --max-rate "$SAT_MAX" --p99-ms 5 --duration 3 --server-pid "$PID"
+        --label "saturate $FAN_MEMBERS members, p99 < 5 ms")
+  [ "$run" = 1 ] && note_command "baby-discord serve --db sqlite://FILE --rate 0 --queue 4096" \
+    && note_command "baby-discord bench $(printf '%q ' "${args[@]}")"
+  bench "${args[@]}" || true
+  stop_daemons
+done
+
+for interval in 20 100; do
+  echo "== cluster: 3 instances, poll bus every $interval ms, shared SQLite"
+  for run in $(seq "$RUNS"); do
+    db="sqlite://$WORK/cluster-$interval-$run.db"
+    targets=(); pids=()
+    for i in 1 2 3; do
+      start_daemon --db "$db" --bus poll --poll-interval "$interval" --instance "i$i"
+      targets+=(--target "$TCP"); pids+=(--server-pid "$PID")
+    done
+    args=(cluster "${targets[@]}" --members "$CLUSTER_MEMBERS" --rate 50 --duration "$DURATION"
+          "${pids[@]}" --poll-interval-ms "$interval"
+          --label "cluster 3 x poll $interval ms, $CLUSTER_MEMBERS members @ 50 msg/s")
+    [ "$run" = 1 ] && note_command \
+      "baby-discord serve --db sqlite://SHARED --bus poll --poll-interval $interval --instance iN  # x3" \
+      && note_command "baby-discord bench $(printf '%q ' "${args[@]}")"
+    bench "${args[@]}" || true
+    stop_daemons
+  done
+done
+
+echo "== report"
+mkdir -p "$(dirname "$OUT")"
+ELAPSED=$(( $(date +%s) - STARTED ))
+TABLES=$("$BIN" bench report "$RESULTS" --svg "$SVG")
+MEM_GIB=$(awk '/MemTotal/ {printf "%.0f", $2/1048576}' /proc/meminfo)
+CPU_MODEL=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//' || echo unknown)
+{
+  echo "# Benchmarks"
+  echo
+  echo "Generated by \`scripts/bench.sh\` on $(date -u +%Y-%m-%d) in ${ELAPSED} s (medians of $RUNS runs)."
+  echo "Do not edit by hand: run the script again. Hand-written analysis is in"
+  echo "[benchmarks-notes.md](benchmarks-notes.md)."
+  echo
+  echo "## Machine"
+  echo
+  echo "- $(nproc)-core $(uname -m), ${MEM_GIB} GiB memory, $CPU_MODEL"
+  echo "- $(uname -s), $(rustc --version 2>/dev/null | cut -d" " -f1-2 || echo rustc)"
+  echo "- release build; daemons pinned to CPU 0, the load generator to CPU 1; loopback only"
+  echo
+  echo "## Commands"
+  echo
+  echo "Each point starts fresh daemons (on port 0, with a new SQLite file), then runs:"
+  echo
+  echo '```sh'
+  cat "$COMMANDS"
+  echo '```'
+  echo
+  echo "## Results"
+  echo
+  echo "Latency is send-to-receive, measured by the load generator from a timestamp in"
+  echo "each message (one clock, one process). Deliveries are distinct messages received"
+  echo "by members; \"lost\" are expected deliveries that never came, \"duplicates\" are"
+  echo "messages a member received twice."
+  echo
+  echo "$TABLES"
+  if [ -s "$PENDING" ]; then
+    echo "Pending or failed:"
+    echo
+    sed 's/^/- /' "$PENDING"
+    echo
+  fi
+  echo "![latency by rate, and poll-bus latency by poll interval]($(basename "$SVG"))"
+} >"$OUT"
+echo "wrote $OUT and $SVG in ${ELAPSED} s"
