@@ -66,6 +66,9 @@ pub(crate) fn sql_seq(seq: u64) -> i64 {
     i64::try_from(seq).unwrap_or(i64::MAX)
 }
 
+/// Attempts at migrating a database other instances may be migrating too.
+const MIGRATE_ATTEMPTS: u64 = 5;
+
 impl SqliteStore {
     /// Opens (creating if missing) and migrates the database.
     pub async fn open(
@@ -85,7 +88,22 @@ impl SqliteStore {
             .max_connections(4)
             .connect_with(options)
             .await?;
-        sqlx::migrate!("migrations/sqlite").run(&pool).await?;
+        // Instances started together on one new file race to migrate it, and
+        // SQLite has no advisory lock as PostgreSQL has. Each migration runs
+        // in a transaction with its bookkeeping row, so the loser's attempt
+        // rolls back whole; trying again finds the winner's work done.
+        let mut attempt = 1;
+        loop {
+            match sqlx::migrate!("migrations/sqlite").run(&pool).await {
+                Ok(()) => break,
+                Err(err) if attempt < MIGRATE_ATTEMPTS => {
+                    tracing::debug!(cause = %err, attempt, "migration raced another instance; trying again");
+                    tokio::time::sleep(Duration::from_millis(50 * attempt)).await;
+                    attempt += 1;
+                }
+                Err(err) => return Err(err.into()),
+            }
+        }
         Ok(SqliteStore { pool })
     }
 
