@@ -215,3 +215,40 @@ async fn three_instances_on_postgres() {
     three_instances_behave_as_one(&pg.url).await;
     pg.drop_now().await;
 }
+
+#[tokio::test]
+async fn instances_started_together_share_a_new_sqlite_file() {
+    let dir = temp_dir();
+    let db = format!("sqlite://{}", dir.path().join("new.db").display());
+    let start = |name: &'static str| {
+        let db = db.clone();
+        async move {
+            let args = ["--db", db.as_str(), "--bus", "poll", "--instance", name];
+            Daemon::start(&args).await
+        }
+    };
+    // All three migrate the same new file at once; each must come up.
+    let (a, b, c) = tokio::join!(start("i1"), start("i2"), start("i3"));
+    let mut alice = Client::in_room(a.tcp, "alice", "general").await;
+    let _bob = Client::in_room(c.tcp, "bob", "general").await;
+    alice
+        .expect(|v| v["type"] == "join" && v["nick"] == "bob")
+        .await;
+    alice.send("/who").await;
+    let who = alice
+        .expect(|v| v["type"] == "reply" && v["command"] == "who")
+        .await;
+    assert_eq!(who["data"]["members"], serde_json::json!(["alice", "bob"]));
+    drop(b);
+}
+
+#[tokio::test]
+async fn guests_arriving_together_on_one_instance_all_get_a_nick() {
+    let dir = temp_dir();
+    let db = format!("sqlite://{}", dir.path().join("guests.db").display());
+    let d = Daemon::start(&["--db", db.as_str(), "--bus", "poll"]).await;
+    // Each asserts its welcome; a refused one would read an error instead.
+    // A thousand draws from 65,536 guest nicks collide several times.
+    let clients = futures::future::join_all((0..1000).map(|_| Client::connect(d.tcp))).await;
+    assert_eq!(clients.len(), 1000);
+}

@@ -42,6 +42,9 @@ use rooms::Room;
 use router::{Undeliverable, fan_out};
 use sessions::Session;
 
+/// How many guest nicks a new session draws before giving up.
+const GUEST_DRAWS: usize = 16;
+
 impl Deliver for Hub {
     /// Delivers what the bus carries to the local sessions it concerns.
     fn deliver(&self, envelope: Envelope) {
@@ -199,20 +202,30 @@ impl Hub {
         replies: Replies,
         token: Option<String>,
     ) -> Result<SessionHandle, Refusal> {
-        let nick = self.claim_initial_nick(nick).await?;
-        let (outbox, events) = mpsc::channel(self.shared.limits.queue.max(1));
-        let (end, ended) = oneshot::channel();
-        let mut state = self.lock();
+        let guest = nick.is_none();
+        let mut draws = 0;
+        let (nick, mut state) = loop {
+            let nick = self.claim_initial_nick(nick.clone()).await?;
+            let state = self.lock();
+            if !state.nicks.contains_key(&nick.key()) {
+                break (nick, state);
+            }
+            // Another local session took it while we asked the cluster (the
+            // cluster's claim is per instance, so both asks succeeded). A
+            // guest draws again; an asked-for nick is taken.
+            draws += 1;
+            if !guest || draws == GUEST_DRAWS {
+                return Err(taken(&nick));
+            }
+        };
         if state.closed {
             return Err(Refusal::new(
                 ErrorCode::Unavailable,
                 "the server is shutting down",
             ));
         }
-        if state.nicks.contains_key(&nick.key()) {
-            // Another local session took it while we asked the cluster.
-            return Err(taken(&nick));
-        }
+        let (outbox, events) = mpsc::channel(self.shared.limits.queue.max(1));
+        let (end, ended) = oneshot::channel();
         let id = SessionId(self.shared.next_id.fetch_add(1, Ordering::Relaxed));
         let welcome = Event::new(EventBody::Welcome {
             nick: nick.clone(),
@@ -257,7 +270,7 @@ impl Hub {
             }
             return Ok(nick);
         }
-        for _ in 0..16 {
+        for _ in 0..GUEST_DRAWS {
             let guest = guest_nick(&self.lock().nicks);
             match directory {
                 None => return Ok(guest),
