@@ -201,6 +201,7 @@ pub async fn open(spec: &BusSpec, options: BusOptions<'_>) -> Result<Arc<dyn Bus
                 options.instance,
                 options.store,
                 options.poll_interval,
+                options.durability,
             )
             .await?,
         ),

@@ -30,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{Bus, BusError, Deliver, Directory, Envelope, Presence};
 use crate::core::{DirectMessage, Draft, Message, Nick, RoomCount, RoomName, Timestamp};
-use crate::store::Store;
+use crate::store::{Durability, Store};
 
 /// How long an instance may stay silent before its nicks are free again.
 pub const LEASE: Duration = Duration::from_secs(10);
@@ -143,10 +143,27 @@ impl PollBus {
         instance: &str,
         store: Arc<dyn Store>,
         interval: Duration,
+        durability: Durability,
     ) -> Result<Self, BusError> {
         sqlx::any::install_default_drivers();
+        // SQLite's settings are per connection, and the Any driver sets none:
+        // without these, every claim, heartbeat and message would fsync
+        // (synchronous=FULL) and a busy file would fail at once.
+        let synchronous = match durability {
+            Durability::Async => "PRAGMA synchronous = NORMAL",
+            Durability::Sync => "PRAGMA synchronous = FULL",
+        };
         let pool = AnyPoolOptions::new()
             .max_connections(4)
+            .after_connect(move |conn, _| {
+                Box::pin(async move {
+                    if conn.backend_name().eq_ignore_ascii_case("sqlite") {
+                        sqlx::query("PRAGMA busy_timeout = 5000").execute(&mut *conn).await?;
+                        sqlx::query(synchronous).execute(&mut *conn).await?;
+                    }
+                    Ok(())
+                })
+            })
             .connect(url)
             .await
             .map_err(crate::store::StoreError::from)?;
