@@ -252,3 +252,31 @@ async fn guests_arriving_together_on_one_instance_all_get_a_nick() {
     let clients = futures::future::join_all((0..1000).map(|_| Client::connect(d.tcp))).await;
     assert_eq!(clients.len(), 1000);
 }
+
+#[tokio::test]
+async fn a_join_replays_the_last_ten_before_any_live_message() {
+    let dir = temp_dir();
+    let db = format!("sqlite://{}", dir.path().join("order.db").display());
+    let d = Daemon::start(&["--db", db.as_str(), "--bus", "poll", "--rate", "0"]).await;
+    let mut alice = Client::in_room(d.tcp, "alice", "r").await;
+    let flood: String = (1..=300).map(|i| format!("m{i}\n")).collect();
+    alice.send_raw(flood.as_bytes()).await;
+    alice
+        .expect(|v| v["type"] == "message" && v["seq"] == 20)
+        .await;
+    // Join while the room is busy: join, the last ten, then live, in seq order.
+    let mut bob = Client::json(d.tcp, "bob").await;
+    bob.send("/join r").await;
+    bob.expect(|v| v["type"] == "join" && v["nick"] == "bob")
+        .await;
+    let mut seqs = Vec::new();
+    while seqs.last() != Some(&300) {
+        let m = bob.expect(|v| v["type"] == "message").await;
+        seqs.push(m["seq"].as_u64().unwrap());
+    }
+    assert!(seqs.len() >= 10, "{seqs:?}");
+    assert!(
+        seqs.windows(2).all(|w| w[1] == w[0] + 1),
+        "gap-free and in order: {seqs:?}"
+    );
+}

@@ -158,7 +158,9 @@ impl PollBus {
             .after_connect(move |conn, _| {
                 Box::pin(async move {
                     if conn.backend_name().eq_ignore_ascii_case("sqlite") {
-                        sqlx::query("PRAGMA busy_timeout = 5000").execute(&mut *conn).await?;
+                        sqlx::query("PRAGMA busy_timeout = 5000")
+                            .execute(&mut *conn)
+                            .await?;
                         sqlx::query(synchronous).execute(&mut *conn).await?;
                     }
                     Ok(())

@@ -524,10 +524,15 @@ impl Hub {
         fan_out(sessions, &entry.members, &event, &mut failed);
         entry.notify_watchers(&event);
         let mut answer = Answer(vec![(event, Delivery::Echo)]);
+        // The replay goes out under the same lock as the join: a message
+        // delivered meanwhile would otherwise overtake the last ten.
+        let outbox = sessions.get(&id).map(|s| s.replies) == Some(Replies::Outbox);
         for message in entry.history.iter() {
-            answer
-                .0
-                .push((Event::message(message.clone()), Delivery::Direct));
+            let replayed = Event::message(message.clone());
+            if outbox {
+                fan_out(sessions, [&id], &replayed, &mut failed);
+            }
+            answer.0.push((replayed, Delivery::Echo));
         }
         let delivered = entry.history.last_seq();
         self.reap(&mut state, failed);
