@@ -362,21 +362,27 @@ async fn poll_once(
     }
     let sink = cursors.sink.clone();
     drop(cursors);
-    // Read first: in WAL mode a read never blocks the other instances' writes.
-    let rows: Vec<(i64, String)> =
-        sqlx::query_as("SELECT id, payload FROM inbox WHERE instance = $1 ORDER BY id")
+    // Look first: in WAL mode a read never blocks the other instances'
+    // writes, and the inbox is empty on most polls.
+    let waiting: Option<(i64,)> =
+        sqlx::query_as("SELECT id FROM inbox WHERE instance = $1 LIMIT 1")
+            .bind(instance)
+            .fetch_optional(database.run())
+            .await
+            .map_err(db)?;
+    if waiting.is_none() {
+        return Ok(());
+    }
+    // Take what is there in one statement: the rows deleted are exactly the
+    // rows read. (Reading, then deleting up to the highest id read, would
+    // lose a row whose lower id was committed in between, on PostgreSQL.)
+    let mut rows: Vec<(i64, String)> =
+        sqlx::query_as("DELETE FROM inbox WHERE instance = $1 RETURNING id, payload")
             .bind(instance)
             .fetch_all(database.run())
             .await
             .map_err(db)?;
-    if let Some(&(last, _)) = rows.last() {
-        sqlx::query("DELETE FROM inbox WHERE instance = $1 AND id <= $2")
-            .bind(instance)
-            .bind(last)
-            .execute(database.run())
-            .await
-            .map_err(db)?;
-    }
+    rows.sort_unstable_by_key(|&(id, _)| id);
     for (_, payload) in rows {
         let envelope = serde_json::from_str::<InboxRow>(&payload)
             .ok()
