@@ -67,7 +67,7 @@ pub(crate) fn sql_seq(seq: u64) -> i64 {
 }
 
 /// Attempts at migrating a database other instances may be migrating too.
-const MIGRATE_ATTEMPTS: u64 = 5;
+const MIGRATE_ATTEMPTS: u64 = 20;
 
 impl SqliteStore {
     /// Opens (creating if missing) and migrates the database.
@@ -91,14 +91,16 @@ impl SqliteStore {
         // Instances started together on one new file race to migrate it, and
         // SQLite has no advisory lock as PostgreSQL has. Each migration runs
         // in a transaction with its bookkeeping row, so the loser's attempt
-        // rolls back whole; trying again finds the winner's work done.
+        // rolls back whole (SQLite reports a write that would wait on another
+        // transaction's snapshot as "locked" at once, without waiting); trying
+        // again finds the winner's work done.
         let mut attempt = 1;
         loop {
             match sqlx::migrate!("migrations/sqlite").run(&pool).await {
                 Ok(()) => break,
                 Err(err) if attempt < MIGRATE_ATTEMPTS => {
                     tracing::debug!(cause = %err, attempt, "migration raced another instance; trying again");
-                    tokio::time::sleep(Duration::from_millis(50 * attempt)).await;
+                    tokio::time::sleep(Duration::from_millis((50 * attempt).min(500))).await;
                     attempt += 1;
                 }
                 Err(err) => return Err(err.into()),
