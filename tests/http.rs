@@ -680,3 +680,42 @@ async fn sigterm_ends_open_streams_and_exits_zero() {
     let last = room.expect(|_, v| v["type"] == "error").await;
     assert_eq!(last.json()["code"], "unavailable");
 }
+
+#[tokio::test]
+async fn a_stream_that_stops_reading_is_cut_off() {
+    let (d, _dir, http) = daemon(&["--queue", "8", "--rate", "0"]).await;
+    let mut bob = Client::in_room(d.tcp, "bob", "general").await;
+    let (alice, _) = http.connect(Some("alice")).await;
+    assert_eq!(http.command(&alice, "/join general").await.status, 200);
+    // alice's stream is open but never read: her socket fills, then her queue.
+    let mut stuck = tokio::net::TcpStream::connect(http.addr).await.unwrap();
+    let request = format!("GET /events?session={alice} HTTP/1.1\r\nhost: x\r\n\r\n");
+    stuck.write_all(request.as_bytes()).await.unwrap();
+    let line = "x".repeat(1_900);
+    let mut dropped = false;
+    for _ in 0..20_000 {
+        bob.send(&line).await;
+        let seen = bob
+            .expect(|v| v["type"] == "message" || (v["type"] == "leave" && v["nick"] == "alice"))
+            .await;
+        if seen["type"] == "leave" {
+            dropped = true;
+            break;
+        }
+    }
+    assert!(dropped, "alice was never dropped");
+    // Her connection is closed without her reading a byte.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let metrics = http.get("/metrics").await.text();
+        if metrics.contains("baby_sse_streams 0") {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the stuck stream is still open"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await; // polling a gauge, not synchronising
+    }
+    drop(stuck);
+}

@@ -302,6 +302,14 @@ async fn supervise(
     session.ended.send_replace(Some(reason));
     // Wake a stream stuck waiting for events so it sees the end.
     session.generation.send_modify(|_| {});
+    // A reader that stopped reading never lets its stream see the end: hyper
+    // stops polling a body whose socket is full. Cut its connection once it
+    // has had a moment to take the last frame, as TCP does.
+    if reason == EndReason::SlowConsumer {
+        if let Some(connection) = session.lock_connection().take() {
+            super::sse::cut_soon(&connection);
+        }
+    }
 }
 
 #[cfg(test)]

@@ -119,7 +119,7 @@ fn replay(hub: Hub, room: RoomName, after: u64) -> impl Stream<Item = (Chunk, u6
 }
 
 /// Cuts the connection shortly, for a reader that may never take its last frame.
-fn cut_soon(connection: &CancellationToken) {
+pub(super) fn cut_soon(connection: &CancellationToken) {
     let connection = connection.clone();
     tokio::spawn(async move {
         tokio::time::sleep(PARTING).await;
