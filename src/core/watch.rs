@@ -51,6 +51,9 @@ impl Hub {
                 history: History::from_stored(stored.into_iter().map(Arc::new)),
                 watchers: Vec::new(),
             });
+            // Readers of a quiet room that have gone away are forgotten here,
+            // not only at its next event.
+            entry.watchers.retain(|w| !w.is_closed());
             entry.watchers.push(tx);
             let recent: Vec<Arc<Message>> = entry.history.iter().cloned().collect();
             (RoomWatch { recent, events }, entry.history.last_seq())
