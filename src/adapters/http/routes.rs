@@ -34,7 +34,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::metrics::{self, Metrics};
-use super::sessions::{HttpSession, Sessions, new_token};
+use super::sessions::{AttachError, HttpSession, Sessions, new_token};
 use super::sse::{self, StreamContext};
 use crate::core::{
     ErrorCode, Event, EventBody, Hub, MAX_HISTORY, MessageKind, Nick, Refusal, Replies, RoomName,
@@ -458,7 +458,15 @@ impl Routes {
         let attached = session
             .attach(connection.clone())
             .await
-            .ok_or_else(Failure::unauthorized)?;
+            .map_err(|err| match err {
+                AttachError::Ended => Failure::unauthorized(),
+                // The session is alive: say it is busy, not that it is unknown.
+                AttachError::Busy => Failure::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    ErrorCode::Unavailable,
+                    "this session's previous stream is still closing; try again",
+                ),
+            })?;
         let stream = sse::session_stream(self.stream_context(connection), attached, last);
         Ok(sse_response(stream))
     }

@@ -237,7 +237,10 @@ impl HttpSession {
     /// Makes a new stream the session's only one. An older stream is told to
     /// let go; if it does not within a second (stuck on a dead socket), its
     /// connection is cut. `connection` is the new stream's, for the same fate.
-    pub async fn attach(self: &Arc<Self>, connection: CancellationToken) -> Option<Attached> {
+    pub async fn attach(
+        self: &Arc<Self>,
+        connection: CancellationToken,
+    ) -> Result<Attached, AttachError> {
         self.generation.send_modify(|g| *g += 1);
         let feed = match tokio::time::timeout(TAKEOVER, self.feed.clone().lock_owned()).await {
             Ok(feed) => feed,
@@ -247,17 +250,17 @@ impl HttpSession {
                 }
                 tokio::time::timeout(TAKEOVER * 5, self.feed.clone().lock_owned())
                     .await
-                    .ok()?
+                    .map_err(|_| AttachError::Busy)?
             }
         };
         if self.has_ended() {
-            return None;
+            return Err(AttachError::Ended);
         }
         *self.lock_connection() = Some(connection);
         self.detached.send_replace(None);
         let mut generation = self.generation.subscribe();
         generation.borrow_and_update();
-        Some(Attached {
+        Ok(Attached {
             session: self.clone(),
             feed,
             generation,
@@ -265,9 +268,18 @@ impl HttpSession {
         })
     }
 
-    fn lock_connection(&self) -> std::sync::MutexGuard<'_, Option<CancellationToken>> {
+    pub(super) fn lock_connection(&self) -> std::sync::MutexGuard<'_, Option<CancellationToken>> {
         self.connection.lock().unwrap_or_else(|e| e.into_inner())
     }
+}
+
+/// Why a stream could not take a session over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttachError {
+    /// The session has ended.
+    Ended,
+    /// The previous stream did not let go in time.
+    Busy,
 }
 
 /// Ends the session after `linger` without a stream, and drops it from the
