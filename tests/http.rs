@@ -719,3 +719,37 @@ async fn a_stream_that_stops_reading_is_cut_off() {
     }
     drop(stuck);
 }
+
+#[tokio::test]
+async fn a_room_stream_that_stops_reading_is_cut_off() {
+    let (d, _dir, http) = daemon(&["--queue", "8", "--rate", "0"]).await;
+    let mut bob = Client::in_room(d.tcp, "bob", "general").await;
+    // A read-only stream of the room, opened and never read.
+    let mut stuck = tokio::net::TcpStream::connect(http.addr).await.unwrap();
+    stuck
+        .write_all(b"GET /messages/general HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let line = "x".repeat(1_900);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let mut sent = 0;
+    loop {
+        // Flood (reading as he goes: his queue is small too) until the
+        // stream is dropped and its connection cut.
+        for _ in 0..200 {
+            bob.send(&line).await;
+            sent += 1;
+            bob.expect(|v| v["type"] == "message" && v["seq"] == sent)
+                .await;
+        }
+        let metrics = http.get("/metrics").await.text();
+        if metrics.contains("baby_sse_streams 0") {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the stuck room stream is still open after {sent} messages"
+        );
+    }
+    drop(stuck);
+}

@@ -2,7 +2,8 @@
 
 use std::collections::BTreeSet;
 
-use tokio::sync::mpsc;
+use tokio::sync::mpsc::{self, error::TrySendError};
+use tokio::sync::oneshot;
 
 use super::event::Event;
 use super::history::History;
@@ -18,7 +19,17 @@ pub(super) struct Room {
     pub history: History,
     /// Read-only followers of the room (the HTTP room stream): they get its
     /// `message`, `join` and `leave` events but are not members.
-    pub watchers: Vec<mpsc::Sender<Event>>,
+    pub watchers: Vec<Watcher>,
+}
+
+/// A read-only follower of a room.
+#[derive(Debug)]
+pub(super) struct Watcher {
+    /// Its bounded queue of room events.
+    pub events: mpsc::Sender<Event>,
+    /// Fired if it is dropped for falling a whole queue behind: its reader
+    /// may have stopped reading, so its stream may never notice by itself.
+    pub slow: Option<oneshot::Sender<()>>,
 }
 
 impl Room {
@@ -30,7 +41,16 @@ impl Room {
             return 0;
         }
         self.watchers
-            .retain(|watcher| watcher.try_send(event.clone()).is_ok());
+            .retain_mut(|watcher| match watcher.events.try_send(event.clone()) {
+                Ok(()) => true,
+                Err(TrySendError::Full(_)) => {
+                    if let Some(slow) = watcher.slow.take() {
+                        let _ = slow.send(());
+                    }
+                    false
+                }
+                Err(TrySendError::Closed(_)) => false,
+            });
         self.watchers.len()
     }
 }

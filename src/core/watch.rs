@@ -9,13 +9,13 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use super::Hub;
 use super::event::{ErrorCode, Event, Message};
 use super::history::{History, RING};
 use super::names::{Refusal, RoomName};
-use super::rooms::Room;
+use super::rooms::{Room, Watcher};
 
 /// How long a read waits for storage to catch up with the ring before it
 /// reports the difference as a gap (storage that is down, not just behind).
@@ -30,6 +30,9 @@ pub struct RoomWatch {
     /// The room's `message`, `join` and `leave` events from then on, bounded by
     /// `--queue`. It closes if the watcher falls that far behind.
     pub events: mpsc::Receiver<Event>,
+    /// Completes (with `Ok`) if the hub dropped this watcher for falling
+    /// behind, which a stream stuck on a full socket cannot see by itself.
+    pub slow: oneshot::Receiver<()>,
 }
 
 impl Hub {
@@ -40,6 +43,7 @@ impl Hub {
         } else {
             self.stored_ring(&room).await
         };
+        let (slow_tx, slow) = oneshot::channel();
         let (tx, events) = mpsc::channel(self.shared.limits.queue.max(1));
         let (watch, delivered) = {
             let mut state = self.lock();
@@ -53,10 +57,20 @@ impl Hub {
             });
             // Readers of a quiet room that have gone away are forgotten here,
             // not only at its next event.
-            entry.watchers.retain(|w| !w.is_closed());
-            entry.watchers.push(tx);
+            entry.watchers.retain(|w| !w.events.is_closed());
+            entry.watchers.push(Watcher {
+                events: tx,
+                slow: Some(slow_tx),
+            });
             let recent: Vec<Arc<Message>> = entry.history.iter().cloned().collect();
-            (RoomWatch { recent, events }, entry.history.last_seq())
+            (
+                RoomWatch {
+                    recent,
+                    events,
+                    slow,
+                },
+                entry.history.last_seq(),
+            )
         };
         // With no member here, the bus must still bring this room's messages.
         self.shared.bus.watch(&room, delivered).await;

@@ -219,9 +219,21 @@ pub fn room_stream(
     watch: RoomWatch,
     after: Option<u64>,
 ) -> impl Stream<Item = Chunk> {
+    let RoomWatch {
+        recent,
+        mut events,
+        slow,
+    } = watch;
+    // A reader that stopped reading leaves this stream unpolled (its socket
+    // is full), so the hub's dropping it must cut the connection from outside.
+    let connection = ctx.connection.clone();
+    tokio::spawn(async move {
+        if slow.await.is_ok() {
+            cut_soon(&connection);
+        }
+    });
     async_stream::stream! {
         let _open = Open::new(&ctx.open);
-        let RoomWatch { recent, mut events } = watch;
         yield data(RETRY);
         // The highest seq sent; live copies at or below it are duplicates.
         let mut last_seq = 0;
