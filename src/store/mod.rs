@@ -5,6 +5,7 @@
 //! folder per engine, applied on start.
 
 mod postgres;
+mod rows;
 mod sqlite;
 mod writer;
 

@@ -7,9 +7,8 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
-use sqlx::{Postgres, QueryBuilder};
 
-use super::sqlite::{StoredRow, messages, sql_seq};
+use super::rows::{StoredRow, insert_batch, messages, sql_seq};
 use super::{Store, StoreError};
 use crate::core::{Message, RoomName};
 
@@ -46,24 +45,7 @@ impl Store for PostgresStore {
     }
 
     async fn append(&self, batch: &[Arc<Message>]) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await?;
-        for chunk in batch.chunks(ROWS_PER_INSERT) {
-            let mut insert: QueryBuilder<Postgres> =
-                QueryBuilder::new("INSERT INTO messages (room, seq, id, nick, text, kind, ts) ");
-            insert.push_values(chunk, |mut row, m| {
-                row.push_bind(m.room.as_str())
-                    .push_bind(sql_seq(m.seq))
-                    .push_bind(m.id.to_string())
-                    .push_bind(m.nick.as_str())
-                    .push_bind(m.text.as_str())
-                    .push_bind(m.kind.as_str())
-                    .push_bind(m.ts.0);
-            });
-            insert.push(" ON CONFLICT DO NOTHING");
-            insert.build().execute(&mut *tx).await?;
-        }
-        tx.commit().await?;
-        Ok(())
+        insert_batch(&self.pool, batch, ROWS_PER_INSERT).await
     }
 
     async fn last_seq(&self, room: &RoomName) -> Result<u64, StoreError> {

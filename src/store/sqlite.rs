@@ -11,8 +11,8 @@ use async_trait::async_trait;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
-use sqlx::{QueryBuilder, Sqlite};
 
+use super::rows::{StoredRow, insert_batch, messages, sql_seq};
 use super::{Durability, Store, StoreError};
 use crate::core::{Message, RoomName};
 
@@ -24,46 +24,6 @@ const ROWS_PER_INSERT: usize = 1_000;
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
     pool: SqlitePool,
-}
-
-/// A message as stored.
-#[derive(sqlx::FromRow)]
-pub(crate) struct StoredRow {
-    room: String,
-    seq: i64,
-    id: String,
-    nick: String,
-    text: String,
-    kind: String,
-    ts: i64,
-}
-
-impl TryFrom<StoredRow> for Message {
-    type Error = StoreError;
-
-    fn try_from(row: StoredRow) -> Result<Self, StoreError> {
-        let corrupt =
-            |what: &str| StoreError::Corrupt(format!("{what} in {}:{}", row.room, row.seq));
-        Ok(Message {
-            room: RoomName::parse(&row.room).map_err(|_| corrupt("room"))?,
-            seq: u64::try_from(row.seq).map_err(|_| corrupt("seq"))?,
-            id: row.id.parse().map_err(|_| corrupt("id"))?,
-            nick: crate::core::Nick::parse(&row.nick).map_err(|_| corrupt("nick"))?,
-            kind: crate::core::MessageKind::from_stored(&row.kind),
-            ts: crate::core::Timestamp(row.ts),
-            text: row.text,
-        })
-    }
-}
-
-/// Converts rows, stopping at the first corrupt one.
-pub(crate) fn messages(rows: Vec<StoredRow>) -> Result<Vec<Message>, StoreError> {
-    rows.into_iter().map(Message::try_from).collect()
-}
-
-/// Seq numbers are u64 in the protocol and i64 in SQL; real values never reach 2^63.
-pub(crate) fn sql_seq(seq: u64) -> i64 {
-    i64::try_from(seq).unwrap_or(i64::MAX)
 }
 
 /// Attempts at migrating a database other instances may be migrating too.
@@ -122,24 +82,7 @@ impl Store for SqliteStore {
     }
 
     async fn append(&self, batch: &[Arc<Message>]) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await?;
-        for chunk in batch.chunks(ROWS_PER_INSERT) {
-            let mut insert: QueryBuilder<Sqlite> =
-                QueryBuilder::new("INSERT INTO messages (room, seq, id, nick, text, kind, ts) ");
-            insert.push_values(chunk, |mut row, m| {
-                row.push_bind(m.room.as_str())
-                    .push_bind(sql_seq(m.seq))
-                    .push_bind(m.id.to_string())
-                    .push_bind(m.nick.as_str())
-                    .push_bind(m.text.as_str())
-                    .push_bind(m.kind.as_str())
-                    .push_bind(m.ts.0);
-            });
-            insert.push(" ON CONFLICT DO NOTHING");
-            insert.build().execute(&mut *tx).await?;
-        }
-        tx.commit().await?;
-        Ok(())
+        insert_batch(&self.pool, batch, ROWS_PER_INSERT).await
     }
 
     async fn last_seq(&self, room: &RoomName) -> Result<u64, StoreError> {
