@@ -33,7 +33,7 @@ pub use event::{
 pub use history::{History, RING};
 pub use names::{MAX_NICK, MAX_ROOM, Nick, NickKey, Refusal, RoomName, Text};
 pub use rate::TokenBucket;
-pub use sessions::{EndReason, Replies, SessionHandle, SessionId};
+pub use sessions::{Backlog, EndReason, Replies, SessionHandle, SessionId};
 pub use watch::RoomWatch;
 
 use crate::bus::{Bus, Deliver, Envelope, Presence};
@@ -237,6 +237,7 @@ impl Hub {
         });
         // A fresh channel has room for one event.
         let _ = outbox.try_send(welcome);
+        let backlog = Backlog::of(&outbox);
         state.nicks.insert(nick.key(), id);
         state.sessions.insert(
             id,
@@ -255,6 +256,7 @@ impl Hub {
             nick,
             events,
             ended,
+            backlog,
         })
     }
 
