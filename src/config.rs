@@ -106,6 +106,14 @@ pub struct Config {
     #[arg(long, env = "BABY_BURST", default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..))]
     pub burst: u32,
 
+    /// `/nick`, `/join` and `/leave` per second per session (0 turns this limit off).
+    #[arg(long, env = "BABY_COMMAND_RATE", default_value_t = 2)]
+    pub command_rate: u32,
+
+    /// `/nick`, `/join` and `/leave` a session may send in a burst.
+    #[arg(long, env = "BABY_COMMAND_BURST", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
+    pub command_burst: u32,
+
     /// Events queued per connection before it is dropped as a slow consumer.
     #[arg(long, env = "BABY_QUEUE", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
     pub queue: u32,
@@ -142,6 +150,8 @@ impl Config {
             max_text: self.max_text as usize,
             rate: self.rate,
             burst: self.burst,
+            command_rate: self.command_rate,
+            command_burst: self.command_burst,
             queue: self.queue as usize,
         }
     }
@@ -177,6 +187,7 @@ mod tests {
             (4096, 2000, 65536)
         );
         assert_eq!((config.rate, config.burst, config.queue), (10, 20, 1024));
+        assert_eq!((config.command_rate, config.command_burst), (2, 5));
         assert_eq!(config.max_conns, 100_000);
     }
 

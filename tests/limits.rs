@@ -27,14 +27,25 @@ pub async fn daemon(extra: &[&str]) -> (Daemon, tempfile::TempDir) {
 /// Writes `line` `times` times, then `last`, from its own task (so the caller
 /// can read meanwhile), and hands the writer back so the connection stays open.
 pub fn flood(
-    mut writer: OwnedWriteHalf,
+    writer: OwnedWriteHalf,
     line: &str,
     times: usize,
     last: &str,
 ) -> JoinHandle<OwnedWriteHalf> {
-    let mut bytes = format!("{line}\n").repeat(times);
-    bytes.push_str(last);
-    bytes.push('\n');
+    let lines = std::iter::repeat_n(line.to_owned(), times).chain([last.to_owned()]);
+    flood_lines(writer, lines)
+}
+
+/// Writes every line of `lines` at once from its own task (see [`flood`]).
+pub fn flood_lines(
+    mut writer: OwnedWriteHalf,
+    lines: impl IntoIterator<Item = String>,
+) -> JoinHandle<OwnedWriteHalf> {
+    let mut bytes = String::new();
+    for line in lines {
+        bytes.push_str(&line);
+        bytes.push('\n');
+    }
     tokio::spawn(async move {
         writer
             .write_all(bytes.as_bytes())
@@ -57,11 +68,15 @@ pub struct Tally {
     pub replies: std::collections::BTreeMap<String, u64>,
     /// Any other error codes.
     pub other_errors: Vec<String>,
+    /// Every event by type.
+    pub events: std::collections::BTreeMap<String, u64>,
 }
 
 impl Tally {
     /// Counts one event.
     pub fn add(&mut self, v: &Value) {
+        let kind = v["type"].as_str().unwrap_or_default().to_owned();
+        *self.events.entry(kind).or_default() += 1;
         match v["type"].as_str() {
             Some("message") => self.messages += 1,
             Some("reply") => {
@@ -179,4 +194,76 @@ async fn a_paced_client_does_not_slow_the_room() {
         })
         .await;
     let _writer = flooding.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nick_join_and_leave_are_rate_limited() {
+    let (d, _dir) = daemon(&[]).await;
+    let mut canary = Client::in_room(d.tcp, "canary", "general").await;
+    // in_room spends two of the burst of five (/nick, /join).
+    let renamer = Client::in_room(d.tcp, "renamer", "general").await;
+    let (mut reader, writer) = renamer.split();
+    let started = tokio::time::Instant::now();
+    const LINES: u64 = 300;
+    let lines = (0..LINES).map(|i| match i % 3 {
+        0 => format!("/nick r{i}"),
+        1 => format!("/join room{i}"),
+        _ => format!("/leave room{}", i - 1),
+    });
+    let flooding = flood_lines(writer, lines.chain(["/help".to_owned()]));
+    let mut tally = Tally::default();
+    let count = |t: &Tally, kind: &str| t.events.get(kind).copied().unwrap_or(0);
+    tally
+        .read_until(&mut reader, |t| {
+            t.replies.contains_key("help")
+                && count(t, "nick")
+                    + count(t, "join")
+                    + count(t, "leave")
+                    + t.refused
+                    + t.other_errors.len() as u64
+                    >= LINES
+        })
+        .await;
+    let _writer = flooding.await.unwrap();
+    // 3 left of the burst, then 2 a second.
+    let allowed = 3 + 2 * started.elapsed().as_secs_f64().ceil() as u64 + 1;
+    let done = count(&tally, "nick") + count(&tally, "join") + count(&tally, "leave");
+    assert!(done <= allowed, "{done} went through: {tally:?}");
+    assert!(tally.refused >= LINES - allowed, "{tally:?}");
+    // The canary heard of no more than went through, and still chats.
+    canary.send("still here").await;
+    let mut renames = 0;
+    loop {
+        let v = canary.event().await;
+        if v["type"] == "nick" {
+            renames += 1;
+        }
+        if v["type"] == "message" && v["text"] == "still here" {
+            break;
+        }
+    }
+    assert!(renames <= allowed, "{renames} renames reached the room");
+}
+
+#[tokio::test]
+async fn bidi_overrides_are_refused_in_texts() {
+    let (d, _dir) = daemon(&[]).await;
+    let mut alice = Client::in_room(d.tcp, "alice", "general").await;
+    // U+202E turns "<mallory> hi" around in a terminal.
+    for c in ['\u{202A}', '\u{202E}', '\u{2066}', '\u{2069}'] {
+        alice.send(&format!("look {c}ih")).await;
+        let e = alice.expect_error("bad-arguments").await;
+        assert!(
+            e["message"].as_str().unwrap().contains("bidirectional"),
+            "{e}"
+        );
+        alice.send(&format!("/me {c}waves")).await;
+        alice.expect_error("bad-arguments").await;
+        alice.send(&format!("/msg alice {c}psst")).await;
+        alice.expect_error("bad-arguments").await;
+    }
+    alice.send("שלום").await;
+    alice
+        .expect(|v| v["type"] == "message" && v["text"] == "שלום")
+        .await;
 }

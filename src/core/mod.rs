@@ -65,6 +65,10 @@ pub struct Limits {
     pub rate: u32,
     /// Messages a session may send at once before `rate` applies.
     pub burst: u32,
+    /// `/nick`, `/join` and `/leave` per second per session; 0 turns the limit off.
+    pub command_rate: u32,
+    /// Of those, how many a session may send at once.
+    pub command_burst: u32,
     /// Events that may wait for one session before it is a slow consumer.
     pub queue: usize,
 }
@@ -75,6 +79,8 @@ impl Default for Limits {
             max_text: 2_000,
             rate: 10,
             burst: 20,
+            command_rate: 2,
+            command_burst: 5,
             queue: 1_024,
         }
     }
@@ -248,6 +254,10 @@ impl Hub {
                 outbox,
                 end: Some(end),
                 bucket: TokenBucket::new(self.shared.limits.rate, self.shared.limits.burst),
+                commands: TokenBucket::new(
+                    self.shared.limits.command_rate,
+                    self.shared.limits.command_burst,
+                ),
                 replies,
             },
         );
@@ -308,6 +318,9 @@ impl Hub {
     /// when the session's replies go to the caller (HTTP); otherwise they are
     /// already in the session's outbox and the result is empty.
     pub async fn handle(&self, id: SessionId, command: Command) -> Vec<Event> {
+        if command.reaches_others() && !self.take_command_token(id) {
+            return self.answer(id, Answer::refusal(self.commands_limited()));
+        }
         let answer = match command {
             Command::Say(text) => self.say_answer(id, text, MessageKind::Text).await,
             Command::Me(text) => self.say_answer(id, text, MessageKind::Action).await,
@@ -408,6 +421,30 @@ impl Hub {
             Ok(_) => Answer::default(),
             Err(r) => Answer::refusal(r),
         }
+    }
+
+    /// Takes a token from the session's bucket for commands that reach others.
+    /// A session that has ended passes: the command will find it gone.
+    fn take_command_token(&self, id: SessionId) -> bool {
+        self.lock()
+            .sessions
+            .get_mut(&id)
+            .is_none_or(|session| session.commands.try_take())
+    }
+
+    fn commands_limited(&self) -> Refusal {
+        let Limits {
+            command_rate,
+            command_burst,
+            ..
+        } = self.shared.limits;
+        Refusal::new(
+            ErrorCode::RateLimited,
+            format!(
+                "slow down: /nick, /join and /leave at most {command_rate} a second \
+                 (bursts of {command_burst})"
+            ),
+        )
     }
 
     fn rate_limited(&self) -> Refusal {

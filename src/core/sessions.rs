@@ -86,6 +86,9 @@ pub(super) struct Session {
     pub current: Option<RoomName>,
     pub outbox: mpsc::Sender<Event>,
     pub end: Option<oneshot::Sender<EndReason>>,
+    /// Messages and DMs.
     pub bucket: TokenBucket,
+    /// Commands that reach others (`/nick`, `/join`, `/leave`).
+    pub commands: TokenBucket,
     pub replies: Replies,
 }
