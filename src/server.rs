@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::adapters::http::HttpAdapter;
+use crate::adapters::peers::Peers;
 use crate::adapters::tcp::TcpAdapter;
 use crate::bus::{self, Bus};
 use crate::config::Config;
@@ -96,18 +97,21 @@ impl Server {
         let token = CancellationToken::new();
         let tracker = TaskTracker::new();
         let connections = Arc::new(Semaphore::new(self.config.max_conns as usize));
+        let peers = Peers::new(self.config.peer_limits());
 
         self.bus.start(Arc::new(self.hub.clone()));
         let tcp = TcpAdapter {
             hub: self.hub.clone(),
             max_line: self.config.max_line as usize,
             connections: connections.clone(),
+            peers: peers.clone(),
             shutdown: token.clone(),
             tracker: tracker.clone(),
         };
         let http = HttpAdapter {
             hub: self.hub.clone(),
             connections,
+            peers,
             max_connections: self.config.max_conns as usize,
             shutdown: token.clone(),
             tracker: tracker.clone(),

@@ -7,13 +7,66 @@
 
 mod common;
 
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use common::{Client, Daemon, WAIT, sqlite_url, temp_dir};
 use serde_json::Value;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpSocket, TcpStream};
 use tokio::task::JoinHandle;
+
+/// A second client address: all of 127.0.0.0/8 reaches loopback on Linux, so
+/// a test can be two clients (with `--exempt-loopback false`).
+pub const OTHER: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, 2));
+/// The usual client address.
+pub const HOME: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+
+/// A TCP connection to `addr` from the local address `from`.
+pub async fn connect_from(from: IpAddr, addr: SocketAddr) -> TcpStream {
+    let socket = TcpSocket::new_v4().expect("a socket");
+    socket
+        .bind(SocketAddr::new(from, 0))
+        .expect("binds a loopback address");
+    socket.connect(addr).await.expect("connects")
+}
+
+/// Everything the server sends until it closes (panics after [`WAIT`]).
+pub async fn read_until_closed(stream: &mut TcpStream) -> String {
+    let mut all = Vec::new();
+    tokio::time::timeout(WAIT, stream.read_to_end(&mut all))
+        .await
+        .expect("the server closes the connection")
+        .expect("read");
+    String::from_utf8_lossy(&all).into_owned()
+}
+
+/// One HTTP/1.1 request from `from` on a fresh connection (`Connection:
+/// close`): the status and the body.
+pub async fn http_from(
+    from: IpAddr,
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> (u16, String) {
+    let mut stream = connect_from(from, addr).await;
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\
+         content-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await.expect("write");
+    let reply = read_until_closed(&mut stream).await;
+    let status = reply
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("an HTTP status: {reply}"));
+    let body = reply.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+    (status, body.to_owned())
+}
 
 /// A daemon on its own SQLite file, with `extra` flags.
 pub async fn daemon(extra: &[&str]) -> (Daemon, tempfile::TempDir) {
@@ -266,4 +319,138 @@ async fn bidi_overrides_are_refused_in_texts() {
     alice
         .expect(|v| v["type"] == "message" && v["text"] == "שלום")
         .await;
+}
+
+#[tokio::test]
+async fn connections_per_address_are_limited() {
+    let (d, _dir) = daemon(&["--max-conns-per-addr", "3", "--exempt-loopback", "false"]).await;
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let mut stream = connect_from(HOME, d.tcp).await;
+        let mut welcome = [0u8; 9];
+        stream.read_exact(&mut welcome).await.unwrap();
+        assert_eq!(&welcome, b"* welcome");
+        held.push(stream);
+    }
+    // A fourth, TCP or HTTP, is refused as the per-instance limit refuses.
+    let mut fourth = connect_from(HOME, d.tcp).await;
+    let said = read_until_closed(&mut fourth).await;
+    assert!(
+        said.starts_with("! unavailable: too many connections from your address"),
+        "{said}"
+    );
+    assert_eq!(said.lines().count(), 1, "{said}");
+    let (status, body) = http_from(HOME, d.http, "GET", "/healthz", "").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("\"code\":\"unavailable\""), "{body}");
+    // Another address is not affected.
+    let other = connect_from(OTHER, d.tcp).await;
+    let (read, mut write) = other.into_split();
+    let mut lines = BufReader::new(read).lines();
+    let welcome = lines.next_line().await.unwrap().unwrap();
+    assert!(welcome.starts_with("* welcome"), "{welcome}");
+    write.write_all(b"/help\n").await.unwrap();
+    let help = lines.next_line().await.unwrap().unwrap();
+    assert!(help.starts_with("* /"), "{help}");
+    // A connection closed is a connection given back.
+    drop(held.pop());
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let mut again = connect_from(HOME, d.tcp).await;
+        let mut first = [0u8; 9];
+        again.read_exact(&mut first).await.unwrap();
+        if &first == b"* welcome" {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the slot never came back"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await; // the closed connection's task is still ending
+    }
+}
+
+#[tokio::test]
+async fn loopback_is_exempt_by_default() {
+    let (d, _dir) = daemon(&["--max-conns-per-addr", "2"]).await;
+    let mut held = Vec::new();
+    for _ in 0..5 {
+        held.push(Client::connect(d.tcp).await);
+    }
+    let (status, _) = http_from(HOME, d.http, "GET", "/healthz", "").await;
+    assert_eq!(status, 200);
+}
+
+#[tokio::test]
+async fn new_http_sessions_are_rate_limited_per_address() {
+    let (d, _dir) = daemon(&["--exempt-loopback", "false"]).await;
+    let started = tokio::time::Instant::now();
+    let mut created = 0;
+    let mut limited = None;
+    for _ in 0..40 {
+        let (status, body) = http_from(HOME, d.http, "POST", "/connect", "{}").await;
+        match status {
+            201 => created += 1,
+            429 => limited = Some(body),
+            _ => panic!("{status} {body}"),
+        }
+    }
+    let allowed = 20 + 5 * started.elapsed().as_secs_f64().ceil() as u32;
+    assert!(created >= 20, "the burst of 20 is allowed: {created}");
+    assert!(
+        created <= allowed,
+        "{created} sessions, at most {allowed} allowed"
+    );
+    let limited = limited.expect("some were refused");
+    assert!(limited.contains("\"code\":\"rate-limited\""), "{limited}");
+    // Another address is not affected, and guest nicks keep their format.
+    let (status, body) = http_from(OTHER, d.http, "POST", "/connect", "{}").await;
+    assert_eq!(status, 201, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    let nick = v["nick"].as_str().unwrap();
+    assert!(
+        nick.len() == 10
+            && nick.starts_with("guest-")
+            && nick[6..].chars().all(|c| c.is_ascii_hexdigit()),
+        "{nick}"
+    );
+}
+
+#[tokio::test]
+async fn an_http_connection_that_sends_nothing_is_closed() {
+    let (d, _dir) = daemon(&["--header-timeout", "1"]).await;
+    let started = tokio::time::Instant::now();
+    let mut silent = connect_from(HOME, d.http).await;
+    assert_eq!(read_until_closed(&mut silent).await, "");
+    // The whole HTTP/2 preface, then nothing.
+    let mut preface = connect_from(HOME, d.http).await;
+    preface
+        .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .unwrap();
+    read_until_closed(&mut preface).await;
+    // The preface, a byte at a time.
+    let trickle = connect_from(HOME, d.http).await;
+    let (mut read, mut write) = trickle.into_split();
+    tokio::spawn(async move {
+        for b in b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" {
+            if write.write_all(&[*b]).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await; // the attack is slowness
+        }
+    });
+    let mut rest = Vec::new();
+    tokio::time::timeout(WAIT, read.read_to_end(&mut rest))
+        .await
+        .expect("the trickling connection is closed")
+        .ok();
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "{:?}",
+        started.elapsed()
+    );
+    // A client that does send a request is served as usual.
+    let (status, _) = http_from(HOME, d.http, "GET", "/healthz", "").await;
+    assert_eq!(status, 200);
 }

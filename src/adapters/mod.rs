@@ -5,4 +5,5 @@
 mod coalesce;
 pub mod http;
 pub mod lines;
+pub mod peers;
 pub mod tcp;

@@ -32,6 +32,7 @@ use tokio_util::task::TaskTracker;
 
 use super::coalesce::RateNotices;
 use super::lines::{Frame, LineCodec};
+use super::peers::Peers;
 use crate::core::{
     Backlog, Command, EndReason, ErrorCode, Event, EventBody, Format, Hub, Refusal, Replies, Reply,
     SessionHandle,
@@ -53,6 +54,8 @@ pub struct TcpAdapter {
     pub max_line: usize,
     /// Shared with the HTTP adapter: one permit per open connection.
     pub connections: Arc<Semaphore>,
+    /// Shared with the HTTP adapter: connections per client address.
+    pub peers: Arc<Peers>,
     /// Fires when the daemon stops.
     pub shutdown: CancellationToken,
     /// Tracks connection tasks so shutdown can wait for them.
@@ -83,6 +86,17 @@ impl TcpAdapter {
     }
 
     async fn connection(self, mut stream: TcpStream, peer: SocketAddr) {
+        let Some(_address_permit) = self.peers.admit(peer.ip()) else {
+            let limit = self.peers.limits().max_conns;
+            let refusal = Event::error(
+                ErrorCode::Unavailable,
+                format!(
+                    "too many connections from your address (at most {limit}); close some first"
+                ),
+            );
+            let _ = tokio::time::timeout(PARTING, stream.write_all(refusal.text())).await;
+            return;
+        };
         let Ok(_permit) = self.connections.clone().try_acquire_owned() else {
             let refusal = Event::error(
                 ErrorCode::Unavailable,

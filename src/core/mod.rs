@@ -290,7 +290,13 @@ impl Hub {
             return Ok(nick);
         }
         for _ in 0..GUEST_DRAWS {
-            let guest = guest_nick(&self.lock().nicks);
+            let Some(guest) = guest_nick(&self.lock().nicks) else {
+                return Err(Refusal::new(
+                    ErrorCode::Unavailable,
+                    "every guest nick (guest-0000 to guest-ffff) is in use; \
+                     ask for a nick of your own, or try again later",
+                ));
+            };
             match directory {
                 None => return Ok(guest),
                 Some(directory) if directory.claim_nick(&guest, id).await.map_err(bus_down)? => {
@@ -1027,16 +1033,40 @@ fn not_in(room: &RoomName) -> Refusal {
     )
 }
 
-/// `guest-` and 4 hex digits, as the protocol says; 8 when those run out.
-fn guest_nick(taken: &HashMap<NickKey, SessionId>) -> Nick {
-    for attempt in 0.. {
-        let digits = if attempt < 64 { 4 } else { 8 };
-        let n: u32 = rand::random();
-        let s = format!("guest-{:0width$x}", n >> (32 - 4 * digits), width = digits);
-        let nick = Nick::parse(&s).expect("guest nicks are valid");
-        if !taken.contains_key(&nick.key()) {
-            return nick;
+/// Random draws before [`guest_nick`] looks for a free nick in order.
+const RANDOM_GUEST_DRAWS: usize = 64;
+
+/// A free guest nick: `guest-` and 4 hex digits, as the protocol says. `None`
+/// when all 65,536 are in use on this instance (the format never changes).
+fn guest_nick(taken: &HashMap<NickKey, SessionId>) -> Option<Nick> {
+    let nick = |n: u16| Nick::parse(&format!("guest-{n:04x}")).expect("guest nicks are valid");
+    let free = |n: &u16| !taken.contains_key(&nick(*n).key());
+    // Random draws succeed at once unless nearly every guest nick is in use;
+    // then one pass in order from a random start finds a free one, if any.
+    let start: u16 = rand::random();
+    (0..RANDOM_GUEST_DRAWS)
+        .map(|_| rand::random::<u16>())
+        .chain((0..=u16::MAX).map(|i| start.wrapping_add(i)))
+        .find(free)
+        .map(nick)
+}
+
+#[cfg(test)]
+mod guest_tests {
+    use super::*;
+
+    #[test]
+    fn guest_nicks_keep_their_format_and_run_out_cleanly() {
+        let mut taken = HashMap::new();
+        for n in 0..=u16::MAX {
+            if n != 0xbeef {
+                let nick = Nick::parse(&format!("guest-{n:04x}")).unwrap();
+                taken.insert(nick.key(), SessionId(u64::from(n)));
+            }
         }
+        assert_eq!(guest_nick(&taken).unwrap().to_string(), "guest-beef");
+        let last = Nick::parse("guest-beef").unwrap();
+        taken.insert(last.key(), SessionId(1));
+        assert!(guest_nick(&taken).is_none());
     }
-    unreachable!("the loop returns")
 }
