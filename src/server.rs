@@ -17,6 +17,7 @@ use crate::adapters::tcp::TcpAdapter;
 use crate::bus::{self, Bus};
 use crate::config::Config;
 use crate::core::Hub;
+use crate::fds;
 use crate::store::{self, Store};
 
 /// How long connections get to say goodbye on shutdown.
@@ -36,7 +37,8 @@ pub struct Server {
 
 impl Server {
     /// Opens the store and bus and binds both listeners.
-    pub async fn bind(config: Config) -> anyhow::Result<Server> {
+    pub async fn bind(mut config: Config) -> anyhow::Result<Server> {
+        config.max_conns = fds::fit_max_conns(config.max_conns);
         let store = store::open(&config.db, config.durability)
             .await
             .with_context(|| format!("could not open the database {}", config.db))?;

@@ -340,7 +340,7 @@ async fn connections_per_address_are_limited() {
         "{said}"
     );
     assert_eq!(said.lines().count(), 1, "{said}");
-    let (status, body) = http_from(HOME, d.http, "GET", "/healthz", "").await;
+    let (status, body) = http_from(HOME, d.http, "GET", "/rooms", "").await;
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("\"code\":\"unavailable\""), "{body}");
     // Another address is not affected.
@@ -453,4 +453,104 @@ async fn an_http_connection_that_sends_nothing_is_closed() {
     // A client that does send a request is served as usual.
     let (status, _) = http_from(HOME, d.http, "GET", "/healthz", "").await;
     assert_eq!(status, 200);
+}
+
+/// A daemon started with a descriptor limit of `nofile` (soft and hard), as a
+/// host with `ulimit -n` low would start it. Killed when dropped.
+pub struct LimitedDaemon {
+    _child: tokio::process::Child,
+    /// TCP adapter address.
+    pub tcp: SocketAddr,
+    /// HTTP adapter address.
+    pub http: SocketAddr,
+    /// What it logged up to `listening`.
+    pub log: String,
+}
+
+impl LimitedDaemon {
+    /// Starts the binary with `args` under `nofile` descriptors.
+    pub async fn start(nofile: u64, args: &[&str]) -> LimitedDaemon {
+        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_baby-discord"));
+        command
+            .args(["--tcp", "127.0.0.1:0", "--http", "127.0.0.1:0"])
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true);
+        // SAFETY: setrlimit is async-signal-safe and touches only the child.
+        unsafe {
+            command.pre_exec(move || rlimit::setrlimit(rlimit::Resource::NOFILE, nofile, nofile));
+        }
+        let mut child = command.spawn().expect("the daemon starts");
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let mut log = String::new();
+        let (tcp, http) = loop {
+            let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+                .await
+                .expect("the daemon starts within 30 s")
+                .unwrap()
+                .unwrap_or_else(|| panic!("the daemon exited: {log}"));
+            log.push_str(&line);
+            log.push('\n');
+            if let Some(at) = line.find("listening tcp=") {
+                let mut words = line[at + "listening tcp=".len()..].split_whitespace();
+                let tcp = words.next().unwrap().parse().unwrap();
+                let http = words.next().unwrap().trim_start_matches("http=");
+                let http = http.trim_end_matches(|c: char| !c.is_ascii_digit());
+                break (tcp, http.parse().unwrap());
+            }
+        };
+        // Keep draining stderr, or the daemon blocks on logging.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        LimitedDaemon {
+            _child: child,
+            tcp,
+            http,
+            log,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_conns_is_lowered_to_fit_the_descriptor_limit() {
+    let dir = temp_dir();
+    let db = sqlite_url(&dir);
+    let d = LimitedDaemon::start(256, &["--db", &db]).await;
+    // 256 - 128 kept back = 128 connections; the rest are told, not ignored.
+    let mut welcomed = Vec::new();
+    let mut refused = 0;
+    for _ in 0..300 {
+        let stream = TcpStream::connect(d.tcp).await.unwrap();
+        let mut lines = BufReader::new(stream);
+        let mut first = String::new();
+        tokio::time::timeout(WAIT, lines.read_line(&mut first))
+            .await
+            .expect("every client gets an answer")
+            .unwrap();
+        if first.starts_with("* welcome") {
+            welcomed.push(lines);
+        } else {
+            assert!(
+                first.starts_with("! unavailable: the server is full"),
+                "{first}"
+            );
+            refused += 1;
+        }
+    }
+    assert_eq!((welcomed.len(), refused), (128, 172));
+    // Health checks still answer, on a connection past the limit.
+    let (status, body) = tokio::time::timeout(WAIT, http_from(HOME, d.http, "GET", "/healthz", ""))
+        .await
+        .expect("/healthz answers");
+    assert_eq!(status, 200, "{body}");
+    // The operator is told both limits and what was lowered.
+    assert!(d.log.contains("file descriptor limit"), "{}", d.log);
+    assert!(
+        d.log
+            .contains("--max-conns 100000 does not fit in 256 file descriptors"),
+        "{}",
+        d.log
+    );
 }

@@ -167,9 +167,12 @@ impl HttpAdapter {
                         let cut = cut.clone();
                         let refusal = refusal.clone();
                         async move {
+                            // Health checks are answered even when full: a
+                            // full instance is still a live one.
+                            let health = req.uri().path() == "/healthz";
                             let response = match &*refusal {
-                                Some(why) => routes::overloaded(why),
-                                None => routes.handle(req, cut, peer.ip()).await,
+                                Some(why) if !health => routes::overloaded(why),
+                                _ => routes.handle(req, cut, peer.ip()).await,
                             };
                             Ok::<_, Infallible>(response)
                         }
