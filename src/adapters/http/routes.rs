@@ -7,7 +7,7 @@
 //! POST /connect                  {"nick"?}            201 {"session","nick","instance"}
 //! POST /command                  {"line"}             200 {"events":[...]}
 //! POST /message                  {"room"?,"text"}     200 {"room","seq","id"}
-//! POST /disconnect                                    204
+//! POST /disconnect[?session=TOKEN&grace=S]            204
 //! GET  /events?session=TOKEN                          SSE, the session's events
 //! GET  /messages/{room}                               SSE, one room, read-only
 //! GET  /rooms                                         {"rooms":[{room,members}]}
@@ -50,6 +50,8 @@ const PAGE: &str = include_str!("page.html");
 const DEFAULT_PAGE: u32 = 50;
 /// How long a health check may take per dependency.
 const HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
+/// Longest `grace` a `POST /disconnect` may ask for, in seconds.
+const MAX_GRACE_SECS: u64 = 10;
 
 /// The state the routes share.
 pub struct Routes {
@@ -432,10 +434,47 @@ impl Routes {
         Ok(json_response(StatusCode::OK, &body))
     }
 
+    /// Ends the session now or, with `?grace=S`, in `S` seconds unless a new
+    /// stream attaches meanwhile. A closing browser tab cannot tell a reload
+    /// from a close, so the page says "I am leaving" on both: a reload's new
+    /// page reattaches and keeps the session; a closed tab frees its nick
+    /// within `S` seconds rather than after the whole linger window. The
+    /// token may come as `?session=` because `navigator.sendBeacon` cannot set
+    /// headers.
     fn disconnect(&self, req: Request<Incoming>) -> Answer {
         let session = self.session(&req)?;
-        self.hub
-            .disconnect(session.id, crate::core::EndReason::Quit);
+        let grace = match query_param(req.uri().query(), "grace") {
+            None => None,
+            Some(s) => match s.parse::<u64>() {
+                Ok(secs) if (1..=MAX_GRACE_SECS).contains(&secs) => Some(Duration::from_secs(secs)),
+                _ => {
+                    return Err(Failure::bad(format!(
+                        "grace is a number of seconds from 1 to {MAX_GRACE_SECS}"
+                    )));
+                }
+            },
+        };
+        match grace {
+            None => self
+                .hub
+                .disconnect(session.id, crate::core::EndReason::Quit),
+            Some(grace) => {
+                let hub = self.hub.clone();
+                let shutdown = self.shutdown.clone();
+                // Streams attached so far; one more means the page came back.
+                let streams_then = session.streams_attached();
+                self.tracker.spawn(async move {
+                    tokio::select! {
+                        _ = shutdown.cancelled() => {}
+                        _ = tokio::time::sleep(grace) => {
+                            if session.streams_attached() == streams_then {
+                                hub.disconnect(session.id, crate::core::EndReason::Quit);
+                            }
+                        }
+                    }
+                });
+            }
+        }
         Ok(Response::builder()
             .status(StatusCode::NO_CONTENT)
             .body(full(Bytes::new()))

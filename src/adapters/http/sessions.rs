@@ -234,6 +234,12 @@ impl HttpSession {
         self.ended.borrow().is_some()
     }
 
+    /// How many streams have attached to this session so far: a change tells
+    /// that a client came back.
+    pub fn streams_attached(&self) -> u64 {
+        *self.generation.borrow()
+    }
+
     /// Makes a new stream the session's only one. An older stream is told to
     /// let go; if it does not within a second (stuck on a dead socket), its
     /// connection is cut. `connection` is the new stream's, for the same fate.
