@@ -460,8 +460,42 @@ async fn a_reload_keeps_the_session_and_two_tabs_are_two_users() {
         .until("a live message", &log_has("after the reload"))
         .await;
 
-    // A second tab is a second user.
+    // A copy of the tab (window.open and "Duplicate tab" copy sessionStorage)
+    // does not take the session over: it starts without one.
     let first = driver.tab().await;
+    driver
+        .eval("window.open(location.href); return null;")
+        .await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while driver.tabs().await < 2 {
+        assert!(tokio::time::Instant::now() < deadline, "no copy opened");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let handles = driver.call(Method::GET, "/window/handles", None).await;
+    let copy = handles
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| **h != first)
+        .and_then(Value::as_str)
+        .unwrap()
+        .to_owned();
+    driver.switch_to(&copy).await;
+    driver
+        .until(
+            "the copy to start without the session",
+            "return document.getElementById('status').textContent.includes('copy of another');",
+        )
+        .await;
+    driver.close_tab().await;
+    driver.switch_to(&first).await;
+    bob.send("still yours").await;
+    driver
+        .until("the first tab still live", &log_has("still yours"))
+        .await;
+    assert_eq!(driver.eval(CONNECTED).await, true);
+
+    // A second tab is a second user.
     driver.new_tab().await;
     join_as(&driver, d.http, "carol", "general").await;
     let seen = bob.expect(is_join_or_leave).await;
