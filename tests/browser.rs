@@ -354,6 +354,17 @@ async fn the_page_chats_with_nc_and_shows_markup_as_text() {
         json!("baby-discord")
     );
 
+    // Even markup that did get in could not run: the CSP allows only the
+    // page's own script, by hash.
+    let injected = driver
+        .eval(
+            "const s = document.createElement('script'); \
+             s.textContent = \"document.title = 'pwned'\"; \
+             document.body.appendChild(s); return document.title;",
+        )
+        .await;
+    assert_eq!(injected, json!("baby-discord"), "an injected script ran");
+
     // /me renders as an action; the room list shows member counts.
     driver.type_into("#input", "/me waves\u{E007}").await;
     driver.until("the action", &log_has("* alice waves")).await;
