@@ -602,7 +602,7 @@ async fn scrolling_up_loads_older_history_in_order() {
 }
 
 #[tokio::test]
-async fn unread_counts_links_keys_and_the_leave_button() {
+async fn unread_counts_links_keys_leave_and_change_nick() {
     let Some((chromium, chromedriver)) = browser() else {
         return;
     };
@@ -693,6 +693,24 @@ async fn unread_counts_links_keys_and_the_leave_button() {
         )
         .await;
     driver.until("back in #general", &viewing("general")).await;
+
+    // Once connected, the nick field changes the nick.
+    assert_eq!(
+        driver
+            .eval("return document.getElementById('connect').textContent;")
+            .await,
+        "Change nick"
+    );
+    driver.type_into("#nick", "alicia").await;
+    driver.click("#connect").await;
+    bob.expect(|v| v["type"] == "nick" && v["old"] == "alice" && v["new"] == "alicia")
+        .await;
+    driver
+        .until(
+            "the new nick on the page",
+            "return document.getElementById('me').textContent.startsWith('you are alicia');",
+        )
+        .await;
     driver.quit().await;
 }
 
