@@ -3,6 +3,7 @@
 #![allow(dead_code)] // each test file uses a different part of the harness
 
 pub mod http;
+pub mod proxy;
 
 use std::net::SocketAddr;
 use std::process::Stdio;
@@ -96,10 +97,45 @@ impl Daemon {
         status.code()
     }
 
+    /// The daemon's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("the daemon is running")
+    }
+
+    /// Kills the daemon with SIGKILL (no graceful stop: a crash) and waits
+    /// until it is gone.
+    pub async fn kill9(&mut self) {
+        signal(self.pid(), "KILL");
+        tokio::time::timeout(Duration::from_secs(10), self.child.wait())
+            .await
+            .expect("the daemon dies within 10 s of SIGKILL")
+            .expect("wait works");
+    }
+
+    /// Freezes the daemon with SIGSTOP: a stalled process (a long GC pause, a
+    /// swapped-out VM), alive but silent.
+    pub fn freeze(&self) {
+        signal(self.pid(), "STOP");
+    }
+
+    /// Lets a frozen daemon run again (SIGCONT).
+    pub fn thaw(&self) {
+        signal(self.pid(), "CONT");
+    }
+
     /// The log so far, one string.
     pub fn logs(&self) -> String {
         self.log.lock().unwrap().join("\n")
     }
+}
+
+/// Sends `SIGNAME` to `pid` with kill(1), which every test machine has.
+fn signal(pid: u32, name: &str) {
+    let status = std::process::Command::new("kill")
+        .args([&format!("-{name}"), &pid.to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(status.success(), "kill -{name} {pid} failed");
 }
 
 fn parse_listening(line: &str) -> Option<(SocketAddr, SocketAddr)> {
