@@ -223,6 +223,17 @@ impl Driver {
         .await
     }
 
+    /// Cuts the tab off the network (`true`) or lets it back (`false`).
+    async fn offline(&self, offline: bool) {
+        self.cdp("Network.enable", json!({})).await;
+        self.cdp(
+            "Network.emulateNetworkConditions",
+            json!({"offline": offline, "latency": 0,
+                   "downloadThroughput": -1, "uploadThroughput": -1}),
+        )
+        .await;
+    }
+
     /// Saves a PNG of the window.
     async fn screenshot(&self, path: &str) {
         use base64_png::decode;
@@ -548,6 +559,85 @@ async fn a_reload_keeps_the_session_and_two_tabs_are_two_users() {
         (&json!("message"), &json!("alice"), &json!("still here")),
         "{next}"
     );
+    driver.quit().await;
+}
+
+#[tokio::test]
+async fn after_a_server_restart_the_page_rejoins_and_restores_what_it_missed() {
+    let Some((chromium, chromedriver)) = browser() else {
+        return;
+    };
+    let dir = temp_dir();
+    let db = sqlite_url(&dir);
+    let first = Daemon::start(&["--db", db.as_str()]).await;
+    let http = first.http;
+    let addr = http.to_string();
+    let restart = async || {
+        let d = Daemon::start(&["--db", db.as_str(), "--http", addr.as_str()]).await;
+        assert_eq!(d.http, http, "the same address");
+        d
+    };
+    let mut bob = Client::in_room(first.tcp, "bob", "general").await;
+    let driver = Driver::start(&chromium, &chromedriver).await;
+    join_as(&driver, http, "alice", "general").await;
+    bob.send("one").await;
+    driver.until("bob's first line", &log_has("one")).await;
+
+    // The tab loses the network; the server restarts on the same address
+    // (every session is gone) and bob says more meanwhile.
+    driver.offline(true).await;
+    drop(bob);
+    assert_eq!(first.terminate().await, Some(0));
+    let second = restart().await;
+    let mut bob = Client::in_room(second.tcp, "bob", "general").await;
+    for text in ["two", "three", "four", "five"] {
+        bob.send(text).await;
+    }
+    bob.expect(|v| v["type"] == "message" && v["text"] == "five")
+        .await;
+    drop(bob);
+    // Storage then loses two of them (as after a crash, or to retention),
+    // and the server restarts again.
+    assert_eq!(second.terminate().await, Some(0));
+    {
+        use sqlx::Connection;
+        let mut db = sqlx::SqliteConnection::connect(&db).await.unwrap();
+        sqlx::query("DELETE FROM messages WHERE seq IN (3, 4)")
+            .execute(&mut db)
+            .await
+            .unwrap();
+    }
+    let third = restart().await;
+    let mut bob = Client::in_room(third.tcp, "bob", "general").await;
+
+    // Back online: a new session with the same nick, the room re-joined from
+    // the last seq seen, and a notice saying exactly what that gave back.
+    driver.offline(false).await;
+    driver
+        .until(
+            "the reconnect notice",
+            &log_has(
+                "reconnected as alice; #general: messages 3–4 are no longer available, \
+                 2 missed messages restored",
+            ),
+        )
+        .await;
+    bob.expect(|v| v["type"] == "join" && v["nick"] == "alice")
+        .await;
+    let texts = driver
+        .eval("return [...document.querySelectorAll('#log .line .text')].map(e => e.textContent).filter(t => /^(one|two|five|messages)/.test(t));")
+        .await;
+    assert_eq!(
+        texts,
+        json!(["one", "two", "messages 3–4 are no longer available", "five"]),
+        "in seq order, the loss where it falls"
+    );
+    assert_eq!(driver.eval(SEQS).await, json!([1, 2, 5]));
+    driver.type_into("#input", "back\u{E007}").await;
+    let heard = bob
+        .expect(|v| v["type"] == "message" && v["text"] == "back")
+        .await;
+    assert_eq!(heard["nick"], "alice");
     driver.quit().await;
 }
 
