@@ -572,14 +572,18 @@ async fn after_a_server_restart_the_page_rejoins_and_restores_what_it_missed() {
     let first = Daemon::start(&["--db", db.as_str()]).await;
     let http = first.http;
     let addr = http.to_string();
-    let restart = async || {
-        let d = Daemon::start(&["--db", db.as_str(), "--http", addr.as_str()]).await;
+    let restart = async |rate: &str| {
+        let d = Daemon::start(&["--db", &db, "--http", &addr, "--rate", rate]).await;
         assert_eq!(d.http, http, "the same address");
         d
     };
     let mut bob = Client::in_room(first.tcp, "bob", "general").await;
     let driver = Driver::start(&chromium, &chromedriver).await;
-    join_as(&driver, http, "alice", "general").await;
+    join_as(&driver, http, "alice", "busy").await;
+    driver.type_into("#input", "/join general\u{E007}").await;
+    driver
+        .until("#general on screen", &viewing("general"))
+        .await;
     bob.send("one").await;
     driver.until("bob's first line", &log_has("one")).await;
 
@@ -588,12 +592,17 @@ async fn after_a_server_restart_the_page_rejoins_and_restores_what_it_missed() {
     driver.offline(true).await;
     drop(bob);
     assert_eq!(first.terminate().await, Some(0));
-    let second = restart().await;
+    let second = restart("0").await;
     let mut bob = Client::in_room(second.tcp, "bob", "general").await;
     for text in ["two", "three", "four", "five"] {
         bob.send(text).await;
     }
-    bob.expect(|v| v["type"] == "message" && v["text"] == "five")
+    // More in #busy than one replay gives back (1,000): the rest is found in history.
+    bob.send("/join busy").await;
+    for i in 1..=1003 {
+        bob.send(&format!("busy {i}")).await;
+    }
+    bob.expect(|v| v["type"] == "message" && v["text"] == "busy 1003")
         .await;
     drop(bob);
     // Storage then loses two of them (as after a crash, or to retention),
@@ -602,12 +611,12 @@ async fn after_a_server_restart_the_page_rejoins_and_restores_what_it_missed() {
     {
         use sqlx::Connection;
         let mut db = sqlx::SqliteConnection::connect(&db).await.unwrap();
-        sqlx::query("DELETE FROM messages WHERE seq IN (3, 4)")
+        sqlx::query("DELETE FROM messages WHERE room = 'general' AND seq IN (3, 4)")
             .execute(&mut db)
             .await
             .unwrap();
     }
-    let third = restart().await;
+    let third = restart("10").await;
     let mut bob = Client::in_room(third.tcp, "bob", "general").await;
 
     // Back online: a new session with the same nick, the room re-joined from
@@ -617,8 +626,8 @@ async fn after_a_server_restart_the_page_rejoins_and_restores_what_it_missed() {
         .until(
             "the reconnect notice",
             &log_has(
-                "reconnected as alice; #general: messages 3–4 are no longer available, \
-                 2 missed messages restored",
+                "reconnected as alice; #busy: 1003 missed messages restored; \
+                 #general: messages 3–4 are no longer available, 2 missed messages restored",
             ),
         )
         .await;
@@ -633,6 +642,22 @@ async fn after_a_server_restart_the_page_rejoins_and_restores_what_it_missed() {
         "in seq order, the loss where it falls"
     );
     assert_eq!(driver.eval(SEQS).await, json!([1, 2, 5]));
+    let busy = "#rooms li[data-room=\"busy\"]";
+    driver
+        .until("1003 unread in #busy", &badge(busy, Some(1003)))
+        .await;
+    driver.click(busy).await;
+    driver.until("#busy on screen", &viewing("busy")).await;
+    let all: Vec<u64> = (1..=1003).collect();
+    assert_eq!(
+        driver.eval(SEQS).await,
+        json!(all),
+        "all of #busy, in order"
+    );
+    driver.click("#rooms li[data-room=\"general\"]").await;
+    driver
+        .until("#general on screen", &viewing("general"))
+        .await;
     driver.type_into("#input", "back\u{E007}").await;
     let heard = bob
         .expect(|v| v["type"] == "message" && v["text"] == "back")
