@@ -804,3 +804,25 @@ async fn a_beacon_disconnect_frees_a_closed_tab_but_not_a_reloaded_one() {
         .await;
     assert!(is_message(&next, "still here"), "{next}");
 }
+
+#[tokio::test]
+async fn a_disconnected_session_is_gone_when_the_answer_comes() {
+    let (_d, _dir, http) = daemon(&[]).await;
+    for i in 0..50 {
+        let (token, _) = http.connect(Some(&format!("u{i}"))).await;
+        let bye = http
+            .request(
+                Method::POST,
+                "/disconnect",
+                &[("authorization", &format!("Bearer {token}"))],
+                None,
+            )
+            .await;
+        assert_eq!(bye.status, 204);
+        assert_eq!(
+            http.command(&token, "/rooms").await.status,
+            401,
+            "session {i} still answers after its 204"
+        );
+    }
+}

@@ -50,6 +50,8 @@ const PAGE: &str = include_str!("page.html");
 const DEFAULT_PAGE: u32 = 50;
 /// How long a health check may take per dependency.
 const HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long `POST /disconnect` waits for the session table to let go.
+const ENDING: Duration = Duration::from_secs(2);
 /// Longest `grace` a `POST /disconnect` may ask for, in seconds.
 const MAX_GRACE_SECS: u64 = 10;
 
@@ -253,7 +255,7 @@ impl Routes {
             (&Method::POST, ["connect"]) => ("/connect", self.connect(req).await),
             (&Method::POST, ["command"]) => ("/command", self.command(req).await),
             (&Method::POST, ["message"]) => ("/message", self.message(req).await),
-            (&Method::POST, ["disconnect"]) => ("/disconnect", self.disconnect(req)),
+            (&Method::POST, ["disconnect"]) => ("/disconnect", self.disconnect(req).await),
             (&Method::GET, ["events"]) => ("/events", self.events(req, connection).await),
             (&Method::GET, ["messages", room]) => (
                 "/messages/{room}",
@@ -441,7 +443,7 @@ impl Routes {
     /// within `S` seconds rather than after the whole linger window. The
     /// token may come as `?session=` because `navigator.sendBeacon` cannot set
     /// headers.
-    fn disconnect(&self, req: Request<Incoming>) -> Answer {
+    async fn disconnect(&self, req: Request<Incoming>) -> Answer {
         let session = self.session(&req)?;
         let grace = match query_param(req.uri().query(), "grace") {
             None => None,
@@ -455,9 +457,15 @@ impl Routes {
             },
         };
         match grace {
-            None => self
-                .hub
-                .disconnect(session.id, crate::core::EndReason::Quit),
+            None => {
+                self.hub
+                    .disconnect(session.id, crate::core::EndReason::Quit);
+                // The session table learns of the end from its own task:
+                // answer once it has, so the token is refused from the 204 on.
+                if tokio::time::timeout(ENDING, session.ended()).await.is_err() {
+                    tracing::warn!(session = %session.id, "a disconnected session did not end in time");
+                }
+            }
             Some(grace) => {
                 let hub = self.hub.clone();
                 let shutdown = self.shutdown.clone();

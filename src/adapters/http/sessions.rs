@@ -234,6 +234,13 @@ impl HttpSession {
         self.ended.borrow().is_some()
     }
 
+    /// Resolves once the session has ended and its token no longer answers.
+    pub async fn ended(&self) {
+        let mut ended = self.ended.subscribe();
+        // The sender lives in the session itself, so it cannot close first.
+        let _ = ended.wait_for(Option::is_some).await;
+    }
+
     /// How many streams have attached to this session so far: a change tells
     /// that a client came back.
     pub fn streams_attached(&self) -> u64 {
