@@ -951,6 +951,15 @@ impl Hub {
         }
     }
 
+    /// The rooms session `id` is in (none once it has ended).
+    pub fn rooms_of(&self, id: SessionId) -> Vec<RoomName> {
+        self.lock()
+            .sessions
+            .get(&id)
+            .map(|s| s.rooms.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
     /// Sessions and rooms with members on this instance.
     pub fn counts(&self) -> (usize, usize) {
         let state = self.lock();
