@@ -42,9 +42,16 @@ pub fn sqlite_url(dir: &tempfile::TempDir) -> String {
 
 impl Daemon {
     /// Starts a daemon on free ports with `args` (which should include `--db`).
+    /// A `--tcp` or `--http` in `args` replaces the free port (a restart on
+    /// the same address).
     pub async fn start(args: &[&str]) -> Daemon {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_baby-discord"))
-            .args(["--tcp", "127.0.0.1:0", "--http", "127.0.0.1:0"])
+        let mut command = Command::new(env!("CARGO_BIN_EXE_baby-discord"));
+        for flag in ["--tcp", "--http"] {
+            if !args.contains(&flag) {
+                command.args([flag, "127.0.0.1:0"]);
+            }
+        }
+        let mut child = command
             .args(args)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
