@@ -64,7 +64,7 @@ impl Command {
     pub fn reaches_others(&self) -> bool {
         matches!(
             self,
-            Command::Nick(..) | Command::Join(..) | Command::Leave(..)
+            Command::Nick(..) | Command::Join { .. } | Command::Leave(..)
         )
     }
 }
