@@ -554,3 +554,39 @@ async fn max_conns_is_lowered_to_fit_the_descriptor_limit() {
         d.log
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resuming_joins_in_a_row_do_not_drop_a_paced_client() {
+    let (d, _dir) = daemon(&["--rate", "0", "--command-rate", "0"]).await;
+    let speaker = Client::in_room(d.tcp, "speaker", "big").await;
+    let (mut speaker_reader, writer) = speaker.split();
+    // Long texts: a replay is then ~2 MB, more than socket buffers take at once.
+    let filler = "x".repeat(1_900);
+    let _speaker = flood(writer, &filler, 1_499, "last");
+    let mut said = Tally::default();
+    said.read_until(&mut speaker_reader, |t| t.messages == 1_500)
+        .await;
+    // Three resuming joins in a row, each answered with up to 1,000 messages
+    // (the core trims a replay to the room left in the outbox, with a gap):
+    // pacing and replays together never drop a client for asking.
+    let client = Client::json(d.tcp, "returning").await;
+    let (mut reader, writer) = client.split();
+    let lines = [
+        "/join big 0",
+        "/leave big",
+        "/join big 0",
+        "/leave big",
+        "/join big 0",
+        "/help",
+    ];
+    let _writer = flood_lines(writer, lines.map(str::to_owned));
+    let mut tally = Tally::default();
+    tally
+        .read_until(&mut reader, |t| t.replies.contains_key("help"))
+        .await;
+    assert!(tally.other_errors.is_empty(), "{:?}", tally.other_errors);
+    assert!(
+        tally.messages >= 1_000,
+        "the first replay is whole: {tally:?}"
+    );
+}

@@ -195,9 +195,10 @@ struct Pace {
 }
 
 impl Pace {
-    /// Returns once the outbox has room for what another line may produce
-    /// (one command answers with at most ~100 events, far below half of a
-    /// queue), or the session has ended.
+    /// Returns once the outbox is at most half full, or the session has ended.
+    /// Half a queue is room for any command's answer (`/history` is at most
+    /// 100 events) except a resuming `/join ROOM SEQ`, which the core trims to
+    /// the room left, with a `gap`.
     async fn wait(&self) {
         loop {
             // `notify_one` keeps a permit when nobody waits, so a drain that
