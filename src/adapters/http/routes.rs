@@ -364,6 +364,8 @@ impl Routes {
     }
 
     async fn connect(&self, req: Request<Incoming>, peer: IpAddr) -> Answer {
+        // The body is read first, even when refused, so the connection can be reused.
+        let body: ConnectBody = self.json(req, true).await?;
         if !self.peers.may_connect(peer) {
             let limits = self.peers.limits();
             return Err(Failure::new(
@@ -376,7 +378,6 @@ impl Routes {
                 ),
             ));
         }
-        let body: ConnectBody = self.json(req, true).await?;
         let nick = match body.nick.as_deref().map(str::trim) {
             None | Some("") => None,
             Some(nick) => Some(Nick::parse(nick).map_err(Failure::refused)?),
