@@ -492,7 +492,10 @@ impl Hub {
         let stored = if known {
             Vec::new()
         } else {
-            self.stored_ring(&room).await
+            match self.stored_ring(&room).await {
+                Ok(stored) => stored,
+                Err(refusal) => return Answer::refusal(refusal),
+            }
         };
         let (answer, joined) = self.apply_join(id, room, stored);
         if let (Some((room, nick, delivered)), Some(directory)) =
