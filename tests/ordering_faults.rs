@@ -384,11 +384,17 @@ async fn seqs_are_never_reused_after_kill9_on_the_local_bus() {
 /// another instance, answers the first send's receipt and sends nothing.
 #[tokio::test]
 async fn an_idempotency_key_sends_once_across_instances() {
-    let Some(db) = PgDatabase::create().await else {
-        return;
-    };
-    let one = poll_daemon(&db.url, "k1", &[]).await;
-    let two = poll_daemon(&db.url, "k2", &[]).await;
+    let dir = temp_dir();
+    keyed_sends_across_instances(&sqlite_url(&dir)).await;
+    if let Some(db) = PgDatabase::create().await {
+        keyed_sends_across_instances(&db.url).await;
+        db.drop_now().await;
+    }
+}
+
+async fn keyed_sends_across_instances(db: &str) {
+    let one = poll_daemon(db, "k1", &[]).await;
+    let two = poll_daemon(db, "k2", &[]).await;
     let (h1, h2) = (Http::new(one.http), Http::new(two.http));
     let key = "0b9f6a1e-7d2c-4c47-9a53-5f0f2a1d9e11";
 
@@ -437,7 +443,6 @@ async fn an_idempotency_key_sends_once_across_instances() {
         assert_eq!(reply.json()["code"], "bad-arguments");
     }
     drop((one, two));
-    db.drop_now().await;
 }
 
 /// The same on the local bus in async durability: a keyed send is stored

@@ -401,6 +401,11 @@ impl PollBus {
     async fn sequence(&self, draft: Draft) -> Result<Sequenced, BusError> {
         let room = draft.room.clone();
         let key = draft.key.clone();
+        if key.is_some() {
+            // Before the transaction: once COMMIT is sent, nothing may fail
+            // or time the send out.
+            self.pruner.maybe_prune(self.db.run()).await;
+        }
         // BEGIN and COMMIT are not counted.
         self.db.statements.fetch_add(1, Ordering::Relaxed);
         let mut tx = self.db.run().begin().await.map_err(db)?;
@@ -445,9 +450,6 @@ impl PollBus {
         .await
         .map_err(db)?;
         tx.commit().await.map_err(db)?;
-        if key.is_some() {
-            self.pruner.maybe_prune(self.db.run()).await;
-        }
         Ok(Sequenced::New(message))
     }
 

@@ -133,3 +133,60 @@ impl Pruner {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::str::FromStr;
+    use std::sync::Arc;
+
+    use crate::core::{MessageKind, RoomName};
+    use crate::store::{Durability, SqliteStore, Store};
+
+    use super::*;
+
+    fn message(seq: u64, text: &str) -> Arc<Message> {
+        Arc::new(Message {
+            room: RoomName::parse("keys").unwrap(),
+            seq,
+            id: uuid::Uuid::now_v7(),
+            nick: Nick::parse("Carol").unwrap(),
+            text: text.into(),
+            kind: MessageKind::Text,
+            ts: Timestamp::now(),
+        })
+    }
+
+    #[tokio::test]
+    async fn a_key_answers_once_per_window_and_expired_keys_are_pruned() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("k.db").display());
+        let options = sqlx::sqlite::SqliteConnectOptions::from_str(&url).unwrap();
+        let store = SqliteStore::open(options, Durability::Sync).await.unwrap();
+        // A key from long ago, by someone else: it must be pruned.
+        sqlx::query(
+            "INSERT INTO message_keys (nick_key, idem_key, room, seq, created_at)
+             VALUES ('old', 'k', 'keys', 99, 0)",
+        )
+        .execute(store.pool())
+        .await
+        .unwrap();
+        let key = IdempotencyKey::parse("k").unwrap();
+        let first = message(1, "once");
+        assert!(store.append_once(&first, &key).await.unwrap().is_none());
+        // The same nick in another case is the same sender.
+        let mut retry = (*message(2, "again")).clone();
+        retry.nick = Nick::parse("carol").unwrap();
+        let repeat = store.append_once(&Arc::new(retry), &key).await.unwrap();
+        assert_eq!(repeat.map(|m| (m.seq, m.id)), Some((1, first.id)));
+        assert_eq!(
+            store.last_seq(&first.room).await.unwrap(),
+            1,
+            "nothing stored twice"
+        );
+        let left: Vec<(String,)> = sqlx::query_as("SELECT nick_key FROM message_keys")
+            .fetch_all(store.pool())
+            .await
+            .unwrap();
+        assert_eq!(left, vec![("carol".to_owned(),)]);
+    }
+}

@@ -123,6 +123,9 @@ where
     for<'r> String: sqlx::Decode<'r, DB>,
     (i64,): for<'r> sqlx::FromRow<'r, DB::Row>,
 {
+    // Before the transaction, not after its commit: a caller that times the
+    // whole call out must never see a committed message reported as failed.
+    pruner.maybe_prune(pool).await;
     let mut tx = pool.begin().await?;
     if !keys::claim(&mut *tx, &message.nick, key, message).await? {
         tx.rollback().await?;
@@ -136,6 +139,5 @@ where
     }
     insert_rows(&mut *tx, std::slice::from_ref(message)).await?;
     tx.commit().await?;
-    pruner.maybe_prune(pool).await;
     Ok(None)
 }
