@@ -266,6 +266,11 @@ async fn a_join_during_an_outage_never_floods_history() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     println!("join during the outage answered in {:?}", started.elapsed());
+    // A read-only room stream opened meanwhile would be flooded the same way.
+    let stream = Http::new(behind.http)
+        .request(Method::GET, "/messages/archive", &[], None)
+        .await;
+    assert_eq!(stream.status, 503, "{}", stream.text());
     proxy.resume();
     healthy(&Http::new(behind.http)).await;
     // Refused or not, the user joins again once the database is back.
