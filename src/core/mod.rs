@@ -590,7 +590,10 @@ impl Hub {
                 } else {
                     MAX_CATCH_UP
                 };
-                let plan = catch_up.plan(entry.history.iter(), cap.min(MAX_CATCH_UP));
+                let plan = catch_up
+                    .clone()
+                    .delivered_up_to(entry.history.last_seq())
+                    .plan(entry.history.iter(), cap.min(MAX_CATCH_UP));
                 if plan.torn && !last_read {
                     return Err(Torn);
                 }
