@@ -427,3 +427,87 @@ async fn a_cursor_above_the_room_never_mutes_a_stream() {
         (Some(5), Some("mine"))
     );
 }
+
+// --- Memory -----------------------------------------------------------------
+
+/// The daemon's resident memory, from /proc (Linux), in bytes.
+fn rss(d: &Daemon) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", d.pid())).unwrap();
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS in /proc/PID/status");
+    kb * 1024
+}
+
+/// Issue 11, defect 1: a session's memory of sent frames was bounded only by
+/// count (1,024 copies of whatever size). DMs of 2,000 characters pushed it
+/// to megabytes per session. Now: 1,024 frames and 1 MiB.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_session_memory_is_bounded_by_bytes() {
+    const SESSIONS: usize = 10;
+    const DMS: usize = 1_100;
+    let (d, _dir) = daemon(&["--rate", "0"]).await;
+    let http = Http::new(d.http);
+    let mut readers = Vec::new();
+    let mut nicks = Vec::new();
+    for i in 0..SESSIONS {
+        let nick = format!("u{i}");
+        let (token, _) = http.connect(Some(&nick)).await;
+        let mut sse = events(&http, &token, None).await;
+        sse.expect(|_, v| v["type"] == "welcome").await;
+        readers.push(tokio::spawn(async move {
+            let mut dms = 0;
+            while dms < DMS {
+                if sse.event().await.event.as_deref() == Some("dm") {
+                    dms += 1;
+                }
+            }
+            sse // still attached: the session stays alive
+        }));
+        nicks.push(nick);
+    }
+    let before = rss(&d);
+    let bob = Client::json(d.tcp, "bob").await;
+    let (mut bob_in, mut bob_out) = bob.split();
+    let drain = tokio::spawn(async move {
+        use tokio::io::AsyncBufReadExt;
+        let mut line = String::new();
+        while bob_in.read_line(&mut line).await.is_ok_and(|n| n > 0) {
+            line.clear();
+        }
+    });
+    // 2,000 two-byte characters: a 4 KB frame.
+    let text = "é".repeat(2_000);
+    for _ in 0..DMS {
+        for nick in &nicks {
+            use tokio::io::AsyncWriteExt;
+            let line = format!("/msg {nick} {text}\n");
+            bob_out.write_all(line.as_bytes()).await.unwrap();
+        }
+    }
+    let mut streams = Vec::new();
+    for r in readers {
+        streams.push(
+            tokio::time::timeout(Duration::from_secs(60), r)
+                .await
+                .unwrap()
+                .unwrap(),
+        );
+    }
+    let after = rss(&d);
+    let per_session = after.saturating_sub(before) / SESSIONS as u64;
+    eprintln!(
+        "{SESSIONS} sessions x {DMS} DMs of 2,000 characters: RSS {} -> {} MiB, {:.2} MiB per session",
+        before >> 20,
+        after >> 20,
+        per_session as f64 / (1 << 20) as f64
+    );
+    assert!(
+        per_session < 2 << 20,
+        "a session's memory grew by {per_session} bytes; the bound is 1 MiB of frames"
+    );
+    drain.abort();
+    drop(streams);
+}
