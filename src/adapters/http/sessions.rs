@@ -174,6 +174,19 @@ impl HttpSession {
         self.ended.borrow().is_some()
     }
 
+    /// Resolves once the session has ended and its token no longer answers.
+    pub async fn ended(&self) {
+        let mut ended = self.ended.subscribe();
+        // The sender lives in the session itself, so it cannot close first.
+        let _ = ended.wait_for(Option::is_some).await;
+    }
+
+    /// How many streams have attached to this session so far: a change tells
+    /// that a client came back.
+    pub fn streams_attached(&self) -> u64 {
+        *self.generation.borrow()
+    }
+
     /// Makes a new stream the session's only one. An older stream is told to
     /// let go; if it does not within a second (stuck on a dead socket), its
     /// connection is cut. `connection` is the new stream's, for the same fate.
