@@ -7,6 +7,7 @@ mod common;
 use std::time::Duration;
 
 use common::http::{Http, Sse};
+use common::proxy::Proxy;
 use common::{Client, Daemon, PgDatabase, WAIT, sqlite_url, temp_dir};
 use serde_json::Value;
 
@@ -241,6 +242,61 @@ async fn join_with_a_seq_resumes_on_another_instance() {
         .expect("live messages follow");
     assert_eq!(live["seq"].as_u64(), Some(26));
     drop(daemons);
+    pg.drop_now().await;
+}
+
+/// While storage does not answer, a resuming join that the ring covers still
+/// works; one that needs storage is refused with `unavailable` in seconds,
+/// not held for the pool's timeout, and works again once storage is back.
+#[tokio::test]
+async fn join_with_a_seq_during_a_database_outage() {
+    let Some(pg) = PgDatabase::create().await else {
+        return;
+    };
+    let upstream = pg.url.split_once('@').unwrap().1.split('/').next().unwrap();
+    let proxy = Proxy::start(upstream.parse().unwrap()).await;
+    let db = proxy.url_for(&pg.url);
+    let d = Daemon::start(&["--db", &db, "--rate", "0"]).await;
+    let mut bob = Client::in_room(d.tcp, "bob", "lobby").await;
+    say(&mut bob, (1..=15).map(|i| format!("m{i}"))).await;
+    // Everything is stored before the database goes quiet.
+    let http = Http::new(d.http);
+    let mut stored = 0;
+    while stored < 15 {
+        let page = http.get("/rooms/lobby/history?limit=1").await.json();
+        stored = page["messages"][0]["seq"].as_u64().unwrap_or(0);
+    }
+    proxy.pause();
+
+    let mut carol = Client::json(d.tcp, "carol").await;
+    carol.send("/join lobby 12").await;
+    carol
+        .expect(|v| v["type"] == "join" && v["nick"] == "carol")
+        .await;
+    assert_eq!(seqs(&replay_until(&mut carol, 15).await), [13, 14, 15]);
+
+    let mut dave = Client::json(d.tcp, "dave").await;
+    let asked = std::time::Instant::now();
+    dave.send("/join lobby 1").await;
+    let refused = dave
+        .expect(|v| v["type"] == "error" || v["type"] == "join")
+        .await;
+    assert_eq!(refused["code"], "unavailable", "{refused}");
+    assert!(
+        asked.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        asked.elapsed()
+    );
+
+    proxy.resume();
+    dave.send("/join lobby 1").await;
+    dave.expect(|v| v["type"] == "join" && v["nick"] == "dave")
+        .await;
+    assert_eq!(
+        seqs(&replay_until(&mut dave, 15).await),
+        (2..=15).collect::<Vec<_>>()
+    );
+    drop(d);
     pg.drop_now().await;
 }
 
