@@ -872,24 +872,13 @@ impl Hub {
         });
         let ts = dm.ts;
         let mut failed = Undeliverable::default();
-        let to_recipient = Event::at(
-            EventBody::Dm {
-                dm: dm.clone(),
-                peer: from,
-            },
-            ts,
-        );
+        let to_recipient = Event::at(EventBody::Dm { dm, peer: from }, ts);
         fan_out(sessions, [&target], &to_recipient, &mut failed);
         let echo = if target == id {
             to_recipient
         } else {
-            let to_sender = Event::at(
-                EventBody::Dm {
-                    dm,
-                    peer: recipient,
-                },
-                ts,
-            );
+            // One rendering for both sides: the JSON does not name the peer.
+            let to_sender = to_recipient.for_peer(recipient);
             fan_out(sessions, [&id], &to_sender, &mut failed);
             to_sender
         };
