@@ -13,6 +13,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use baby_discord::bus::LEASE;
+use common::http::Http;
 use common::proxy::Proxy;
 use common::{Client, Daemon, PgDatabase, temp_dir};
 use serde_json::Value;
@@ -359,11 +360,12 @@ fn pg_address(url: &str) -> SocketAddr {
         .expect("an address")
 }
 
-/// SIGKILL the third instance: the survivors' users see each of its users
-/// leave each room within the lease, once; `/who` drops them; restarting it
-/// under the same name announces nobody who is not there.
+/// SIGKILL the third instance: the survivors' users and room streams see
+/// each of its users leave each room within the lease, once; `/who` drops
+/// them; restarting it under the same name announces nobody who is not there.
 async fn a_killed_instance_users_leave(db: &str) {
     let (mut daemons, mut peers) = cluster([db, db, db]).await;
+    let mut stream = Http::new(daemons[0].http).sse("/messages/side", None).await;
     let started = Instant::now();
     daemons[2].kill9().await;
 
@@ -376,6 +378,13 @@ async fn a_killed_instance_users_leave(db: &str) {
     let announced = started.elapsed();
     eprintln!("departures announced {announced:?} after the fault");
     assert!(announced <= DEPARTURE, "leaves after {announced:?}");
+    // The room stream got them with the members (so they are queued by now).
+    let mut streamed = Vec::new();
+    while streamed.len() < 3 {
+        let f = stream.expect(|_, v| v["type"] == "leave").await;
+        streamed.push(text(&f.json()["nick"]));
+    }
+    assert_eq!(sorted(streamed), ["u6", "u7", "u8"]);
     let live: Vec<String> = (0..6).map(|u| format!("u{u}")).collect();
     for i in [0, 3] {
         assert_eq!(peers[i].who("general").await, live);
@@ -413,4 +422,47 @@ async fn a_killed_instance_users_leave_on_postgres() {
 async fn a_killed_instance_users_leave_on_sqlite() {
     let dir = temp_dir();
     a_killed_instance_users_leave(&common::sqlite_url(&dir)).await;
+}
+
+/// Every instance loses PostgreSQL for longer than the lease; the first gets
+/// it back a few seconds before the others. Nobody was away much longer than
+/// anyone else, so nobody leaves and every nick and room is kept: the first
+/// instance back does not reap the others, which are as alive as it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_everyone_sees_gives_nothing_away() {
+    let Some(pg) = PgDatabase::create().await else {
+        return;
+    };
+    let first = Proxy::start(pg_address(&pg.url)).await;
+    let others = Proxy::start(pg_address(&pg.url)).await;
+    let (early, late) = (first.url_for(&pg.url), others.url_for(&pg.url));
+    let (daemons, mut peers) = cluster([&early, &late, &late]).await;
+
+    // The outage's shape is the fault itself, not a synchronisation: all
+    // down past the lease, then the first instance back 3 s before the rest.
+    first.pause();
+    others.pause();
+    tokio::time::sleep(LEASE + Duration::from_secs(3)).await;
+    first.resume();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    others.resume();
+
+    let _marker = Peer::join_rooms(daemons[0].tcp, "marker", &["general"]).await;
+    for watcher in [0, 3] {
+        // A join from before the outage may still be on its way; a leave
+        // would be a live user given away.
+        let leave = peers[watcher]
+            .expect("the marker's join", |v| {
+                v["type"] == "leave" || (v["type"] == "join" && v["nick"] == "marker")
+            })
+            .await;
+        assert_eq!(leave["type"], "join", "a user left in the outage: {leave}");
+    }
+    let mut all: Vec<String> = (0..9).map(|u| format!("u{u}")).collect();
+    all.push("marker".to_owned());
+    for i in [0, 3, 6] {
+        assert_eq!(peers[i].who("general").await, sorted(all.clone()));
+    }
+    drop(daemons);
+    pg.drop_now().await;
 }

@@ -243,16 +243,16 @@ impl PollBus {
     }
 }
 
-/// Puts `row` in the inbox of every live instance but `instance`: one
-/// statement, whatever the cluster's size.
+/// Puts `row` in the inbox of every registered instance but `instance`: one
+/// statement, whatever the cluster's size. One that is late but not reaped
+/// gets it too, and reads it when it is back; reaping empties its inbox.
 async fn broadcast(database: &Db, instance: &str, row: &InboxRow) -> Result<(), BusError> {
     sqlx::query(
         "INSERT INTO inbox (instance, payload)
-         SELECT instance, $1 FROM instances WHERE instance <> $2 AND seen_at >= $3",
+         SELECT instance, $1 FROM instances WHERE instance <> $2",
     )
     .bind(row.to_json())
     .bind(instance)
-    .bind(alive_since())
     .execute(database.run())
     .await
     .map_err(db)?;

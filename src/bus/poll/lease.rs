@@ -17,14 +17,22 @@
 //! has no row in `instances`), never from one that is merely late: an
 //! instance whose row survived its stall still holds everything it held, and
 //! one whose row was reaped always finds out on its next heartbeat.
+//!
+//! An instance reaps only once it has itself renewed steadily for a whole
+//! lease. After an outage of the database that every instance saw, all
+//! leases look expired at once; the first instance back must not reap the
+//! others, which are just as alive and about to renew.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use sqlx::{Any, Transaction};
 
-use super::{Db, InboxRow, Member, alive_since, broadcast, db, now_ms};
+use super::{Db, InboxRow, LEASE, Member, alive_since, broadcast, db, now_ms};
 use crate::bus::{BusError, Claim, Deliver, Envelope};
 use crate::core::{Nick, RoomName, SessionId};
 
@@ -34,6 +42,9 @@ const ROWS_PER_STATEMENT: usize = 500;
 /// Memberships per announcement row in the inbox, so a reaped instance with
 /// many users becomes a few rows of bounded size.
 const MEMBERS_PER_ROW: usize = 500;
+/// A gap between two renewals longer than this means this instance was away
+/// (stalled, or cut off) long enough that others may have been too.
+const AWAY: Duration = Duration::from_secs(LEASE.as_secs() / 2);
 
 /// This instance's lease, kept by its poller.
 pub(super) struct Lease {
@@ -41,6 +52,11 @@ pub(super) struct Lease {
     /// Set when the lease was found reaped; cleared once every claim has been
     /// re-asserted, so a re-assertion cut short by an error is tried again.
     reassert: bool,
+    /// When this instance last renewed its row.
+    renewed_at: Instant,
+    /// Since when it has renewed without a gap of [`AWAY`]: it reaps others
+    /// only after a whole lease of this.
+    steady_since: Instant,
 }
 
 /// Whose claims a reap removes.
@@ -66,9 +82,12 @@ impl Lease {
         .execute(database.run())
         .await
         .map_err(db)?;
+        let now = Instant::now();
         Ok(Lease {
             instance: instance.to_owned(),
             reassert: false,
+            renewed_at: now,
+            steady_since: now,
         })
     }
 
@@ -78,6 +97,10 @@ impl Lease {
         database: &Db,
         sink: Option<&Arc<dyn Deliver>>,
     ) -> Result<(), BusError> {
+        let started = Instant::now();
+        if started.duration_since(self.renewed_at) > AWAY {
+            self.steady_since = started;
+        }
         let renewed = sqlx::query("UPDATE instances SET seen_at = $2 WHERE instance = $1")
             .bind(self.instance.as_str())
             .bind(now_ms())
@@ -101,13 +124,16 @@ impl Lease {
             );
             self.reassert = true;
         }
+        self.renewed_at = started;
         if self.reassert {
             if let Some(sink) = sink {
                 reassert(database, &self.instance, sink.as_ref()).await?;
             }
             self.reassert = false;
         }
-        reap(database, Reap::Expired).await?;
+        if started.duration_since(self.steady_since) >= LEASE {
+            reap(database, Reap::Expired).await?;
+        }
         Ok(())
     }
 
