@@ -305,12 +305,26 @@ async fn record_presence(
 /// `instances` rows: whoever deletes a row announces its users, the other
 /// sees nothing to delete.
 async fn reap(database: &Db, which: Reap<'_>) -> Result<(), BusError> {
+    let dead_since = alive_since();
+    if let Reap::Expired = which {
+        // Look first: nearly always nobody is dead, and a read takes no write
+        // lock (SQLite has one for the whole file).
+        let expired: Option<(String,)> =
+            sqlx::query_as("SELECT instance FROM instances WHERE seen_at < $1 LIMIT 1")
+                .bind(dead_since)
+                .fetch_optional(database.run())
+                .await
+                .map_err(db)?;
+        if expired.is_none() {
+            return Ok(());
+        }
+    }
     let mut tx = database.pool.begin().await.map_err(db)?;
     let dead: Vec<String> = match which {
         Reap::Expired => {
             let rows: Vec<(String,)> =
                 sqlx::query_as("DELETE FROM instances WHERE seen_at < $1 RETURNING instance")
-                    .bind(alive_since())
+                    .bind(dead_since)
                     .fetch_all(counted(database, &mut tx))
                     .await
                     .map_err(db)?;
