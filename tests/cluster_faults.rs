@@ -169,10 +169,13 @@ async fn cluster(dbs: [&str; 3]) -> (Vec<Daemon>, Vec<Peer>) {
     for u in 0..9 {
         peers.push(Peer::join(daemons[u / 3].tcp, &format!("u{u}")).await);
     }
-    // Every instance sees all nine before the fault.
+    // Every instance sees all nine in both rooms before the fault (a join
+    // is answered before the directory has recorded it).
     let all: Vec<String> = (0..9).map(|u| format!("u{u}")).collect();
     for i in [0, 3, 6] {
-        converge(&mut peers[i], "general", &all).await;
+        for room in ROOMS {
+            converge(&mut peers[i], room, &all).await;
+        }
     }
     (daemons, peers)
 }
