@@ -6,7 +6,7 @@
 //! GET  /                         the browser page
 //! POST /connect                  {"nick"?}            201 {"session","nick","instance"}
 //! POST /command                  {"line"}             200 {"events":[...]}
-//! POST /message                  {"room"?,"text"}     200 {"room","seq","id"}
+//! POST /message                  {"room"?,"text"}     200 {"room","seq","id"} (Idempotency-Key?)
 //! POST /disconnect[?session=TOKEN&grace=S]            204
 //! GET  /events?session=TOKEN                          SSE, the session's events
 //! GET  /messages/{room}                               SSE, one room, read-only
@@ -37,8 +37,8 @@ use super::metrics::{self, Metrics};
 use super::sessions::{AttachError, HttpSession, Sessions, new_token};
 use super::sse::{self, StreamContext};
 use crate::core::{
-    ErrorCode, Event, EventBody, Hub, MAX_HISTORY, MessageKind, Nick, Refusal, Replies, RoomName,
-    Text,
+    ErrorCode, Event, EventBody, Hub, IdempotencyKey, MAX_HISTORY, MessageKind, Nick, Refusal,
+    Replies, RoomName, Text,
 };
 
 /// Every response body: a whole buffer or an SSE stream.
@@ -417,6 +417,7 @@ impl Routes {
 
     async fn message(&self, req: Request<Incoming>) -> Answer {
         let session = self.session(&req)?;
+        let key = idempotency_key(req.headers())?;
         let body: MessageBody = self.json(req, false).await?;
         let room = match body.room.as_deref() {
             None | Some("") => None,
@@ -425,7 +426,7 @@ impl Routes {
         let text = Text::parse(&body.text, self.hub.limits().max_text).map_err(Failure::refused)?;
         let message = self
             .hub
-            .say(session.id, room, text, MessageKind::Text)
+            .say(session.id, room, text, MessageKind::Text, key)
             .await
             .map_err(Failure::refused)?;
         let body = Sent {
@@ -660,6 +661,18 @@ fn page() -> Response<Body> {
         .header(header::X_CONTENT_TYPE_OPTIONS, "nosniff")
         .body(full(PAGE))
         .expect("static headers are valid")
+}
+
+/// The `Idempotency-Key` of a `POST /message`, if any: a retry with the same
+/// key is answered with the first send's receipt (PROTOCOL.md).
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<IdempotencyKey>, Failure> {
+    let Some(value) = headers.get("idempotency-key") else {
+        return Ok(None);
+    };
+    let value = value.to_str().unwrap_or_default();
+    IdempotencyKey::parse(value)
+        .map(Some)
+        .map_err(Failure::refused)
 }
 
 fn last_event_id(headers: &HeaderMap) -> Option<String> {
