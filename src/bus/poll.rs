@@ -711,13 +711,16 @@ impl Directory for PollBus {
         self.broadcast(&row).await
     }
 
+    // Members, rooms and DM recipients count while their instance is
+    // registered: a late instance's users stay listed until it is reaped, at
+    // the moment the others are told they left, so what `/who` says and the
+    // `join`/`leave` events agree (and an outage hides nobody).
     async fn members(&self, room: &RoomName) -> Result<Vec<Nick>, BusError> {
         let rows: Vec<(String,)> = sqlx::query_as(
             "SELECT p.nick FROM presence p JOIN instances i ON i.instance = p.instance
-             WHERE p.room = $1 AND i.seen_at >= $2",
+             WHERE p.room = $1",
         )
         .bind(room.as_str())
-        .bind(alive_since())
         .fetch_all(self.db.run())
         .await
         .map_err(db)?;
@@ -729,9 +732,8 @@ impl Directory for PollBus {
     async fn rooms(&self) -> Result<Vec<RoomCount>, BusError> {
         let rows: Vec<(String, i64)> = sqlx::query_as(
             "SELECT p.room, COUNT(*) FROM presence p JOIN instances i ON i.instance = p.instance
-             WHERE i.seen_at >= $1 GROUP BY p.room ORDER BY p.room",
+             GROUP BY p.room ORDER BY p.room",
         )
-        .bind(alive_since())
         .fetch_all(self.db.run())
         .await
         .map_err(db)?;
@@ -749,10 +751,9 @@ impl Directory for PollBus {
     async fn send_dm(&self, dm: &DirectMessage) -> Result<Option<Nick>, BusError> {
         let owner: Option<(String, String)> = sqlx::query_as(
             "SELECT n.instance, n.nick FROM nicks n JOIN instances i ON i.instance = n.instance
-             WHERE n.nick_key = $1 AND i.seen_at >= $2",
+             WHERE n.nick_key = $1",
         )
         .bind(dm.to.key().as_str())
-        .bind(alive_since())
         .fetch_optional(self.db.run())
         .await
         .map_err(db)?;
