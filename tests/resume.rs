@@ -244,6 +244,46 @@ async fn join_with_a_seq_resumes_on_another_instance() {
     pg.drop_now().await;
 }
 
+#[tokio::test]
+async fn join_with_a_seq_on_a_lagging_instance_sends_nothing_twice() {
+    let Some(pg) = PgDatabase::create().await else {
+        return;
+    };
+    let cluster = format!("resume-{}", uuid::Uuid::now_v7().simple());
+    let mut daemons = Vec::new();
+    // i2 polls slowly: storage is ahead of what it has delivered for a while.
+    for (name, interval) in [("i1", "20"), ("i2", "1500")] {
+        let args = [
+            "--db",
+            &pg.url,
+            "--bus",
+            "poll",
+            "--poll-interval",
+            interval,
+            "--instance",
+            name,
+            "--cluster",
+            &cluster,
+            "--rate",
+            "0",
+        ];
+        daemons.push(Daemon::start(&args).await);
+    }
+    let mut bob = Client::in_room(daemons[0].tcp, "bob", "lobby").await;
+    let _carol = Client::in_room(daemons[1].tcp, "carol", "lobby").await;
+    say(&mut bob, (1..=3).map(|i| format!("m{i}"))).await;
+    // Dave re-joins on i2 before it has polled bob's messages: the replay
+    // (read from storage) and the live path must not both send them.
+    let mut dave = Client::json(daemons[1].tcp, "dave").await;
+    dave.send("/join lobby 0").await;
+    let mut got = replay_until(&mut dave, 3).await;
+    bob.send("m4").await;
+    got.extend(replay_until(&mut dave, 4).await);
+    assert_eq!(seqs(&got), [1, 2, 3, 4], "each message once, in order");
+    drop(daemons);
+    pg.drop_now().await;
+}
+
 // --- SSE session streams that reconnect -------------------------------------
 
 /// Opens a session's stream, resuming after `last` if given, past `retry:`.

@@ -75,6 +75,16 @@ impl CatchUp {
         self.read.last().map_or(self.after, |m| m.seq)
     }
 
+    /// Only what this instance has delivered in the room (up to
+    /// `delivered`, its ring's last seq): storage can be ahead of delivery
+    /// (another instance's message, stored but not yet polled here), and
+    /// what is newer reaches the client live. Replaying it too would send it
+    /// twice.
+    pub fn delivered_up_to(mut self, delivered: u64) -> CatchUp {
+        self.read.retain(|m| m.seq <= delivered);
+        self
+    }
+
     /// Appends a later read, made after [`CatchUp::read_end`].
     pub fn extend(&mut self, later: CatchUp) {
         let end = self.read_end();
@@ -215,6 +225,18 @@ mod tests {
         let plan = c.plan(ring.iter(), 1000);
         assert_eq!(shape(&plan), ["4", "5", "6", "7", "8", "9", "10"]);
         assert!(!plan.torn);
+    }
+
+    #[test]
+    fn what_storage_holds_beyond_delivery_is_left_to_the_live_path() {
+        let c = CatchUp {
+            after: 3,
+            read: msgs(4..=12),
+        }
+        .delivered_up_to(10);
+        let ring = msgs(1..=10);
+        let plan = c.plan(ring.iter(), 1000);
+        assert_eq!(shape(&plan), ["4", "5", "6", "7", "8", "9", "10"]);
     }
 
     #[test]
