@@ -61,7 +61,9 @@ impl Hub {
             }
             let mut guest = None;
             for _ in 0..GUEST_DRAWS {
-                let candidate = guest_nick(&self.lock().nicks);
+                let Some(candidate) = guest_nick(&self.lock().nicks) else {
+                    break; // every guest nick is in use here: try again later
+                };
                 match directory.claim_nick(&candidate, session).await {
                     Ok(true) => {
                         guest = Some(candidate);
