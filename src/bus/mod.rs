@@ -8,7 +8,8 @@
 //!
 //! - `local`: one instance; an in-memory counter per room, seeded from the store.
 //! - `poll`: instances share the database, which orders every room.
-//! - `redis://` (later, a file beside these).
+//! - `redis://`: instances connected through Redis or Valkey, which orders
+//!   every room (the `redis` folder).
 //!
 //! A bus that connects instances also offers a [`Directory`]: the cluster's
 //! view of nicks and room membership. The local bus has none; the hub's own
@@ -16,6 +17,7 @@
 
 mod local;
 mod poll;
+mod redis;
 
 use std::sync::Arc;
 
@@ -26,6 +28,7 @@ use crate::store::{Durability, Store};
 
 pub use local::LocalBus;
 pub use poll::{LEASE, PollBus};
+pub use redis::RedisBus;
 
 /// What travels from the bus to an instance.
 #[derive(Debug, Clone)]
@@ -68,6 +71,9 @@ pub enum BusError {
     /// The bus's last attempt to reach the other instances failed.
     #[error("the bus cannot reach the other instances")]
     Unreachable,
+    /// Redis refused, failed or did not answer; says why.
+    #[error("redis: {0}")]
+    Redis(String),
 }
 
 /// Which bus `--bus` asked for.
@@ -77,7 +83,19 @@ pub enum BusSpec {
     Local,
     /// Instances sharing the database (`--db`), polling it.
     Poll,
+    /// Instances connected through Redis or Valkey at this URL.
+    Redis(String),
 }
+
+/// URL schemes of the Redis bus: plain, Valkey's name, TLS, and a cluster.
+const REDIS_SCHEMES: [&str; 6] = [
+    "redis://",
+    "valkey://",
+    "rediss://",
+    "valkeys://",
+    "redis-cluster://",
+    "valkey-cluster://",
+];
 
 impl std::str::FromStr for BusSpec {
     type Err = String;
@@ -86,10 +104,12 @@ impl std::str::FromStr for BusSpec {
         match s {
             "local" => Ok(BusSpec::Local),
             "poll" => Ok(BusSpec::Poll),
-            s if s.starts_with("redis://") || s.starts_with("valkey://") => {
-                Err("--bus redis:// is not built yet; use --bus local or --bus poll".into())
+            s if REDIS_SCHEMES.iter().any(|scheme| s.starts_with(scheme)) => {
+                Ok(BusSpec::Redis(s.to_owned()))
             }
-            other => Err(format!("unknown bus {other:?}: use local or poll")),
+            other => Err(format!(
+                "unknown bus {other:?}: use local, poll or redis://HOST:PORT[/DB]"
+            )),
         }
     }
 }
@@ -98,6 +118,12 @@ impl std::str::FromStr for BusSpec {
 pub trait Deliver: Send + Sync + 'static {
     /// Takes one envelope. Must not block: it runs on the bus's own path.
     fn deliver(&self, envelope: Envelope);
+
+    /// Whether this instance still wants `room`'s messages (it has members or
+    /// readers there). A bus that subscribes per room asks before it stops.
+    fn wants(&self, _room: &RoomName) -> bool {
+        true
+    }
 }
 
 /// Carries messages between instances and orders each room.
@@ -191,6 +217,8 @@ pub struct BusOptions<'a> {
     pub instance: &'a str,
     /// `--poll-interval`.
     pub poll_interval: std::time::Duration,
+    /// `--cluster`: the namespace of the Redis bus's keys and channels.
+    pub cluster: &'a str,
 }
 
 /// Builds the bus `spec` names.
@@ -207,5 +235,8 @@ pub async fn open(spec: &BusSpec, options: BusOptions<'_>) -> Result<Arc<dyn Bus
             )
             .await?,
         ),
+        BusSpec::Redis(url) => {
+            Arc::new(RedisBus::open(url, options.cluster, options.instance, options.store).await?)
+        }
     })
 }

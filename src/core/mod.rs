@@ -54,6 +54,12 @@ impl Deliver for Hub {
             Envelope::Presence(change) => self.deliver_presence(change),
         }
     }
+
+    fn wants(&self, room: &RoomName) -> bool {
+        self.lock().rooms.get(room).is_some_and(|r| {
+            !r.members.is_empty() || r.watchers.iter().any(|w| !w.events.is_closed())
+        })
+    }
 }
 
 /// The limits the core enforces (PROTOCOL.md, "Limits").
