@@ -3,6 +3,7 @@
 #![allow(dead_code)] // each test file uses a different part of the harness
 
 pub mod http;
+pub mod proxy;
 
 use std::net::SocketAddr;
 use std::process::Stdio;
@@ -41,9 +42,16 @@ pub fn sqlite_url(dir: &tempfile::TempDir) -> String {
 
 impl Daemon {
     /// Starts a daemon on free ports with `args` (which should include `--db`).
+    /// A `--tcp` or `--http` in `args` replaces the free port (a restart on
+    /// the same address).
     pub async fn start(args: &[&str]) -> Daemon {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_baby-discord"))
-            .args(["--tcp", "127.0.0.1:0", "--http", "127.0.0.1:0"])
+        let mut command = Command::new(env!("CARGO_BIN_EXE_baby-discord"));
+        for flag in ["--tcp", "--http"] {
+            if !args.contains(&flag) {
+                command.args([flag, "127.0.0.1:0"]);
+            }
+        }
+        let mut child = command
             .args(args)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
@@ -96,10 +104,72 @@ impl Daemon {
         status.code()
     }
 
+    /// The daemon's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("the daemon is running")
+    }
+
+    /// Kills the daemon with SIGKILL (no graceful stop: a crash) and waits
+    /// until it is gone.
+    pub async fn kill9(&mut self) {
+        signal(self.pid(), "KILL");
+        tokio::time::timeout(Duration::from_secs(10), self.child.wait())
+            .await
+            .expect("the daemon dies within 10 s of SIGKILL")
+            .expect("wait works");
+    }
+
+    /// Freezes the daemon with SIGSTOP: a stalled process (a long GC pause, a
+    /// swapped-out VM), alive but silent. Returns once every thread has
+    /// stopped: kill(1) returns when the signal is sent, and a thread running
+    /// on another core can still do a little work before it takes it.
+    pub fn freeze(&self) {
+        let pid = self.pid();
+        signal(pid, "STOP");
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !all_threads_stopped(pid) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the daemon did not stop within 5 s of SIGSTOP"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// Lets a frozen daemon run again (SIGCONT).
+    pub fn thaw(&self) {
+        signal(self.pid(), "CONT");
+    }
+
     /// The log so far, one string.
     pub fn logs(&self) -> String {
         self.log.lock().unwrap().join("\n")
     }
+}
+
+/// Whether every thread of `pid` is in the stopped state (`T` in
+/// /proc/PID/task/TID/stat).
+fn all_threads_stopped(pid: u32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.flatten().all(|task| {
+        std::fs::read_to_string(task.path().join("stat")).is_ok_and(|stat| {
+            // The state follows the command name, which is in parentheses.
+            stat.rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().next())
+                == Some("T")
+        })
+    })
+}
+
+/// Sends `SIGNAME` to `pid` with kill(1), which every test machine has.
+fn signal(pid: u32, name: &str) {
+    let status = std::process::Command::new("kill")
+        .args([&format!("-{name}"), &pid.to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(status.success(), "kill -{name} {pid} failed");
 }
 
 fn parse_listening(line: &str) -> Option<(SocketAddr, SocketAddr)> {
