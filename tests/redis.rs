@@ -481,6 +481,10 @@ async fn kill_9_of_an_instance_loses_no_acknowledged_message() {
     }
     // Every message alice has seen numbered was accepted by the cluster.
     acknowledged.extend(messages(&mut alice, 150).await);
+    // While all are alive, storage follows within moments (well before any
+    // entry could be claimed from a silent reader).
+    let early: Vec<u64> = acknowledged.keys().copied().collect();
+    wait_stored(&pg.url, &early, Duration::from_secs(5)).await;
     drop(daemons.pop()); // SIGKILL i3 while messages are still flowing
     for i in 200..300 {
         alice.send(&format!("a{i}")).await;
@@ -542,4 +546,102 @@ async fn kill_9_of_an_instance_loses_no_acknowledged_message() {
 
 async fn alice_line(client: &mut Client) -> Option<String> {
     client.line().await
+}
+
+/// Reads events until one matches, waiting up to `within` (longer than the
+/// harness's per-line limit: a departure takes a whole lease).
+async fn expect_within(
+    client: &mut Client,
+    within: Duration,
+    matches: impl Fn(&Value) -> bool,
+) -> Value {
+    let deadline = Instant::now() + within;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = tokio::time::timeout(left.min(Duration::from_secs(9)), client.line()).await;
+        match line {
+            Ok(Some(line)) => {
+                let v: Value = serde_json::from_str(&line).unwrap();
+                if matches(&v) {
+                    return v;
+                }
+            }
+            Ok(None) => panic!("the server closed the connection"),
+            Err(_) => assert!(
+                Instant::now() < deadline,
+                "nothing matching within {within:?}"
+            ),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_instance_leaves_then_comes_back_with_its_users() {
+    let Some(redis) = shared_redis().await else {
+        return;
+    };
+    let dir = temp_dir();
+    let db = common::sqlite_url(&dir);
+    let cluster = cluster_name("stall");
+    let daemons = start_cluster(&redis, &db, &cluster, &[]).await;
+    let mut alice = Client::in_room(daemons[0].tcp, "alice", "general").await;
+    let mut carol = Client::in_room(daemons[2].tcp, "carol", "general").await;
+    alice
+        .expect(|v| v["type"] == "join" && v["nick"] == "carol")
+        .await;
+
+    // Stalled past its lease: the others see carol leave, once.
+    daemons[2].freeze();
+    let gone = expect_within(&mut alice, Duration::from_secs(16), |v| {
+        v["type"] == "leave"
+    })
+    .await;
+    assert_eq!(gone["nick"], "carol");
+    // Awake again: it asserts carol's nick and room; the others see her come back.
+    daemons[2].thaw();
+    let back = expect_within(&mut alice, Duration::from_secs(8), |v| v["type"] == "join").await;
+    assert_eq!(back["nick"], "carol");
+    alice.send("/who").await;
+    let who = alice.expect(|v| v["type"] == "reply").await;
+    assert_eq!(
+        who["data"]["members"],
+        serde_json::json!(["alice", "carol"])
+    );
+    carol.send("I was away").await;
+    let m = alice.expect(|v| v["type"] == "message").await;
+    assert_eq!(m["text"], "I was away");
+    // Nobody could take her nick while she held it again.
+    let mut mallory = Client::json(daemons[1].tcp, "mallory").await;
+    mallory.send("/nick carol").await;
+    mallory.expect_error("nick-taken").await;
+    drop(daemons);
+    forget_cluster(&redis, &cluster);
+}
+
+/// Waits until every seq of `general` in `seqs` is in PostgreSQL.
+async fn wait_stored(url: &str, seqs: &[u64], within: Duration) {
+    use sqlx::Connection;
+    let mut conn = sqlx::PgConnection::connect(url).await.unwrap();
+    let started = Instant::now();
+    loop {
+        let stored: Vec<(i64,)> = sqlx::query_as("SELECT seq FROM messages WHERE room = 'general'")
+            .fetch_all(&mut conn)
+            .await
+            .unwrap();
+        let stored: std::collections::BTreeSet<u64> =
+            stored.into_iter().map(|(s,)| s as u64).collect();
+        let missing: Vec<u64> = seqs
+            .iter()
+            .copied()
+            .filter(|s| !stored.contains(s))
+            .collect();
+        if missing.is_empty() {
+            return;
+        }
+        assert!(
+            started.elapsed() < within,
+            "not stored within {within:?}: {missing:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await; // polling storage
+    }
 }

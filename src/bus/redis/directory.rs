@@ -109,8 +109,11 @@ impl Registry {
     /// One heartbeat: renew this instance's lease and its nicks', assert its
     /// claims again if it was reaped, and reap instances that died. Returns
     /// the memberships this call reaped (to announce), and this instance's
-    /// claims another session took while it was away.
-    pub async fn beat(&self, cmd: &Client) -> Result<(Vec<(RoomName, Nick)>, Vec<Nick>), BusError> {
+    /// claims another session took while it was away (session, nick).
+    pub async fn beat(
+        &self,
+        cmd: &Client,
+    ) -> Result<(Vec<(RoomName, Nick)>, Vec<(SessionId, Nick)>), BusError> {
         let alive = self.keys.dir(&format!("alive:{}", self.instance));
         let fresh: i64 = self
             .heartbeat
@@ -138,14 +141,14 @@ impl Registry {
             lost.extend(
                 gone.into_iter()
                     .filter_map(|i| chunk.get(usize::try_from(i - 1).ok()?))
-                    .map(|h| h.nick.clone()),
+                    .map(|h| (h.owner, h.nick.clone())),
             );
         }
         if fresh == 1 {
             // Reaped while away (or just started, holding nothing): the
             // memberships are gone from Redis; put back those still held.
             for h in &held {
-                if lost.contains(&h.nick) {
+                if lost.iter().any(|(_, nick)| nick == &h.nick) {
                     continue;
                 }
                 for room in &h.rooms {
@@ -158,20 +161,31 @@ impl Registry {
                 }
             }
         }
-        for nick in &lost {
+        for (_, nick) in &lost {
             tracing::warn!(%nick, "a nick this instance held was taken while it was away");
             self.held().remove(&nick.key());
         }
+        let reaped = self.reap(cmd, "").await?;
+        Ok((reaped, lost))
+    }
+
+    /// Reaps dead instances, and `forget` (an instance name, or "") whatever
+    /// its lease says; returns the memberships removed.
+    async fn reap(&self, cmd: &Client, forget: &str) -> Result<Vec<(RoomName, Nick)>, BusError> {
         let reaped: Vec<String> = self
             .reap
             .call(
                 cmd,
                 vec![self.keys.dir("instances"), self.keys.dir("rooms")],
-                vec![self.alive_prefix(), self.keys.dir("room:")],
+                vec![
+                    self.alive_prefix(),
+                    self.keys.dir("room:"),
+                    forget.to_owned(),
+                ],
             )
             .await
             .map_err(unreachable)?;
-        let reaped = reaped
+        Ok(reaped
             .chunks(2)
             .filter_map(|pair| {
                 Some((
@@ -179,8 +193,24 @@ impl Registry {
                     Nick::parse(pair.get(1)?).ok()?,
                 ))
             })
-            .collect();
-        Ok((reaped, lost))
+            .collect())
+    }
+
+    /// Before this instance serves: what a previous life under its name left
+    /// (it was killed less than a lease ago) leaves now, announced.
+    pub async fn forget_previous_life(&self, cmd: &Client) -> Result<(), BusError> {
+        for (room, nick) in self.reap(cmd, &self.instance).await? {
+            self.announce_in_room(
+                cmd,
+                &room,
+                &Presence::Left {
+                    room: room.clone(),
+                    nick,
+                },
+            )
+            .await?;
+        }
+        Ok(())
     }
 
     async fn record_join(

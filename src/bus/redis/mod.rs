@@ -149,6 +149,7 @@ impl RedisBus {
             sink: StdMutex::new(None),
         });
         // Registered before serving, so this instance's first claims count.
+        inner.registry.forget_previous_life(&cmd).await?;
         inner.registry.beat(&cmd).await?;
         let persister = Persister {
             cmd,
@@ -255,7 +256,14 @@ impl Inner {
             let beat = self.registry.beat(&self.cmd).await;
             let ok = beat.is_ok();
             match beat {
-                Ok((reaped, _lost)) => {
+                Ok((reaped, lost)) => {
+                    // Taken by another session while this instance was away:
+                    // the hub renames its user rather than hold it twice.
+                    if let Some(sink) = self.sink() {
+                        for (session, nick) in lost {
+                            sink.deliver(Envelope::ClaimLost { session, nick });
+                        }
+                    }
                     for (room, nick) in reaped {
                         tracing::info!(%room, %nick, "a silent instance's member left");
                         let change = Presence::Left {

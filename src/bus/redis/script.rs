@@ -162,15 +162,17 @@ redis.call('SET', KEYS[1], '1', 'PX', ARGV[2])
 return redis.call('SADD', KEYS[2], ARGV[1])
 "#;
 
-/// Reaps instances whose lease ran out: forgets them and removes their
+/// Reaps instances whose lease ran out (and `ARGV[3]`, an instance starting
+/// again under the name of a previous life): forgets them and removes their
 /// memberships, atomically, so exactly one caller announces each departure.
 /// Returns the memberships removed, flattened `room, nick, ...`.
-/// KEYS: instances set, rooms set. ARGV: live-instance key prefix, member hash prefix.
+/// KEYS: instances set, rooms set.
+/// ARGV: live-instance key prefix, member hash prefix, instance to forget or "".
 pub const REAP: &str = r#"
 local dead = {}
 local any = false
 for _, inst in ipairs(redis.call('SMEMBERS', KEYS[1])) do
-  if redis.call('EXISTS', ARGV[1] .. inst) == 0 then
+  if inst == ARGV[3] or redis.call('EXISTS', ARGV[1] .. inst) == 0 then
     dead[inst] = true
     any = true
     redis.call('SREM', KEYS[1], inst)
