@@ -120,7 +120,9 @@ impl Persister {
                     } else {
                         tracing::debug!(cause = %err, "persister: read failed");
                     }
-                    continue;
+                    // Claims still run: they are what rescues a dead
+                    // reader's entries, whatever this read found.
+                    Vec::new()
                 }
             };
             if claim {
@@ -135,9 +137,9 @@ impl Persister {
     }
 
     async fn read(&self, key: &str) -> Result<Vec<Entry>, fred::error::Error> {
-        let response: HashMap<String, Vec<Entry>> = self
+        let reply: Value = self
             .cmd
-            .xreadgroup_map(
+            .xreadgroup(
                 GROUP,
                 self.instance.as_str(),
                 Some(BATCH),
@@ -147,13 +149,15 @@ impl Persister {
                 ">",
             )
             .await?;
-        Ok(response.into_values().flatten().collect())
+        Ok(read_entries(reply))
     }
 
     async fn claim(&self, key: &str) -> Vec<Entry> {
-        let claimed = self
+        // Read as a plain value: fred's typed XAUTOCLAIM conversion fails on
+        // Redis 7's reply (it adds a third element, the deleted ids).
+        let claimed: Result<Value, _> = self
             .cmd
-            .xautoclaim_values::<String, String, String, _, _, _, _>(
+            .xautoclaim(
                 key,
                 GROUP,
                 self.instance.as_str(),
@@ -164,7 +168,8 @@ impl Persister {
             )
             .await;
         match claimed {
-            Ok((_, entries)) => {
+            Ok(reply) => {
+                let entries = claimed_entries(reply);
                 if !entries.is_empty() {
                     tracing::info!(
                         entries = entries.len(),
@@ -174,7 +179,7 @@ impl Persister {
                 entries
             }
             Err(err) => {
-                tracing::debug!(cause = %err, "persister: claim failed");
+                tracing::warn!(cause = %err, "persister: claim failed");
                 Vec::new()
             }
         }
@@ -232,5 +237,98 @@ impl Persister {
             tracing::warn!(cause = %err, "persister: could not acknowledge stored messages");
         }
         batch.len()
+    }
+}
+
+/// The entries of an `XREADGROUP` reply on one stream: nil when nothing is
+/// new, else `[[key, [entry, ...]]]` (a map of key to entries in RESP3).
+/// Parsed by hand: fred 10's typed conversions refuse both shapes.
+fn read_entries(reply: Value) -> Vec<Entry> {
+    match reply {
+        Value::Array(streams) => streams
+            .into_iter()
+            .flat_map(|stream| match stream {
+                Value::Array(mut pair) if pair.len() == 2 => {
+                    entries(pair.pop().expect("two elements"))
+                }
+                _ => Vec::new(),
+            })
+            .collect(),
+        Value::Map(streams) => streams.inner().into_values().flat_map(entries).collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// The entries of an `XAUTOCLAIM` reply: `[cursor, [entry, ...], deleted]`
+/// (Redis 7 adds `deleted`).
+fn claimed_entries(reply: Value) -> Vec<Entry> {
+    let Value::Array(mut parts) = reply else {
+        return Vec::new();
+    };
+    if parts.len() < 2 {
+        return Vec::new();
+    }
+    entries(parts.swap_remove(1))
+}
+
+/// Stream entries `[[id, [field, value, ...]], ...]`; an entry deleted
+/// meanwhile comes as `[id, nil]` and is skipped.
+fn entries(list: Value) -> Vec<Entry> {
+    let Value::Array(list) = list else {
+        return Vec::new();
+    };
+    list.into_iter()
+        .filter_map(|entry| {
+            let Value::Array(mut pair) = entry else {
+                return None;
+            };
+            if pair.len() != 2 {
+                return None;
+            }
+            let Value::Array(flat) = pair.pop()? else {
+                return None;
+            };
+            let id = pair.pop()?.as_string()?;
+            let fields = flat
+                .chunks(2)
+                .filter_map(|kv| Some((kv.first()?.as_string()?, kv.get(1)?.as_string()?)))
+                .collect();
+            Some((id, fields))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entries_of_one(id: &str, field: &str, value: &str) -> Vec<Entry> {
+        vec![(id.into(), HashMap::from([(field.into(), value.into())]))]
+    }
+
+    #[test]
+    fn read_and_claim_replies_read_as_entries() {
+        let s = |s: &str| Value::from(s);
+        let reply = Value::Array(vec![
+            s("0-0"),
+            Value::Array(vec![Value::Array(vec![
+                s("1-0"),
+                Value::Array(vec![s("r"), s("general"), s("s"), s("7")]),
+            ])]),
+            Value::Array(vec![s("0-1")]),
+        ]);
+        let entries = claimed_entries(reply);
+        assert_eq!(entries.len(), 1);
+        let read = Value::Array(vec![Value::Array(vec![
+            s("key"),
+            Value::Array(vec![Value::Array(vec![
+                s("1-0"),
+                Value::Array(vec![s("s"), s("7")]),
+            ])]),
+        ])]);
+        assert_eq!(read_entries(read), entries_of_one("1-0", "s", "7"));
+        assert!(read_entries(Value::Null).is_empty());
+        assert_eq!(entries[0].0, "1-0");
+        assert_eq!(entries[0].1["s"], "7");
     }
 }
