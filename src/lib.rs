@@ -12,5 +12,8 @@ pub mod bench;
 pub mod bus;
 pub mod config;
 pub mod core;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod server;
 pub mod store;

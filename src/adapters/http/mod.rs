@@ -31,6 +31,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 
 use crate::core::Hub;
 use metrics::{Metrics, Sources};
@@ -38,6 +39,11 @@ use routes::Routes;
 use sessions::Sessions;
 
 pub use sessions::new_token;
+
+#[cfg(feature = "fuzzing")]
+pub(crate) use routes::check_bodies;
+#[cfg(feature = "fuzzing")]
+pub(crate) use sse::parse_room_id;
 
 /// How long open connections get to finish once the daemon stops.
 const DRAIN: Duration = Duration::from_secs(2);
@@ -95,7 +101,7 @@ impl HttpAdapter {
                 _ = self.shutdown.cancelled() => return,
                 accepted = listener.accept() => accepted,
             };
-            let (stream, _peer) = match accepted {
+            let (stream, peer) = match accepted {
                 Ok(accepted) => accepted,
                 Err(err) => {
                     // Usually EMFILE: back off instead of spinning.
@@ -108,49 +114,52 @@ impl HttpAdapter {
             let this = self.clone();
             let routes = routes.clone();
             let open = http_connections.clone();
-            self.tracker.spawn(async move {
-                let permit = this.connections.clone().try_acquire_owned().ok();
-                let full = permit.is_none();
-                open.fetch_add(1, Ordering::Relaxed);
-                // Cancelled to cut this connection (a stream's reader is stuck).
-                let cut = CancellationToken::new();
-                let mut builder = auto::Builder::new(TokioExecutor::new());
-                builder
-                    .http1()
-                    .timer(TokioTimer::new())
-                    .header_read_timeout(this.header_timeout);
-                builder
-                    .http2()
-                    .timer(TokioTimer::new())
-                    .max_concurrent_streams(100);
-                let service = {
-                    let cut = cut.clone();
-                    hyper::service::service_fn(move |req: Request<Incoming>| {
-                        let routes = routes.clone();
+            self.tracker.spawn(
+                async move {
+                    let permit = this.connections.clone().try_acquire_owned().ok();
+                    let full = permit.is_none();
+                    open.fetch_add(1, Ordering::Relaxed);
+                    // Cancelled to cut this connection (a stream's reader is stuck).
+                    let cut = CancellationToken::new();
+                    let mut builder = auto::Builder::new(TokioExecutor::new());
+                    builder
+                        .http1()
+                        .timer(TokioTimer::new())
+                        .header_read_timeout(this.header_timeout);
+                    builder
+                        .http2()
+                        .timer(TokioTimer::new())
+                        .max_concurrent_streams(100);
+                    let service = {
                         let cut = cut.clone();
-                        async move {
-                            let response = if full {
-                                routes::overloaded()
-                            } else {
-                                routes.handle(req, cut).await
-                            };
-                            Ok::<_, Infallible>(response)
+                        hyper::service::service_fn(move |req: Request<Incoming>| {
+                            let routes = routes.clone();
+                            let cut = cut.clone();
+                            async move {
+                                let response = if full {
+                                    routes::overloaded()
+                                } else {
+                                    routes.handle(req, cut).await
+                                };
+                                Ok::<_, Infallible>(response)
+                            }
+                        })
+                    };
+                    let conn = builder.serve_connection(TokioIo::new(stream), service);
+                    tokio::pin!(conn);
+                    tokio::select! {
+                        _ = conn.as_mut() => {}
+                        _ = cut.cancelled() => {}
+                        _ = this.shutdown.cancelled() => {
+                            conn.as_mut().graceful_shutdown();
+                            let _ = tokio::time::timeout(DRAIN, conn).await;
                         }
-                    })
-                };
-                let conn = builder.serve_connection(TokioIo::new(stream), service);
-                tokio::pin!(conn);
-                tokio::select! {
-                    _ = conn.as_mut() => {}
-                    _ = cut.cancelled() => {}
-                    _ = this.shutdown.cancelled() => {
-                        conn.as_mut().graceful_shutdown();
-                        let _ = tokio::time::timeout(DRAIN, conn).await;
                     }
+                    open.fetch_sub(1, Ordering::Relaxed);
+                    drop(permit);
                 }
-                open.fetch_sub(1, Ordering::Relaxed);
-                drop(permit);
-            });
+                .instrument(tracing::info_span!("http", %peer)),
+            );
         }
     }
 }
