@@ -7,7 +7,6 @@
 //! never waits for either: when the outbox is full it ends the session as a
 //! slow consumer, and the writer says so before closing.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,6 +19,7 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 
 use super::lines::{Frame, LineCodec};
 use crate::core::{
@@ -60,8 +60,13 @@ impl TcpAdapter {
             match accepted {
                 Ok((stream, peer)) => {
                     let this = self.clone();
-                    self.tracker
-                        .spawn(async move { this.connection(stream, peer).await });
+                    // Every line logged during the connection's life names it.
+                    let span = tracing::info_span!(
+                        "tcp",
+                        %peer,
+                        session = tracing::field::Empty
+                    );
+                    self.tracker.spawn(this.connection(stream).instrument(span));
                 }
                 Err(err) => {
                     // Usually EMFILE: back off instead of spinning.
@@ -72,7 +77,7 @@ impl TcpAdapter {
         }
     }
 
-    async fn connection(self, mut stream: TcpStream, peer: SocketAddr) {
+    async fn connection(self, mut stream: TcpStream) {
         let Ok(_permit) = self.connections.clone().try_acquire_owned() else {
             let refusal = Event::error(
                 ErrorCode::Unavailable,
@@ -91,31 +96,41 @@ impl TcpAdapter {
             }
         };
         let id = session.id;
-        tracing::debug!(%peer, session = %id, nick = %session.nick, "tcp connected");
+        tracing::Span::current().record("session", tracing::field::display(id));
+        tracing::info!(nick = %session.nick, "connected");
         let (read, write) = stream.into_split();
         let SessionHandle { events, ended, .. } = session;
         let (done_tx, done_rx) = oneshot::channel();
-        let mut writer = tokio::spawn(write_events(write, events, ended, done_rx));
+        let mut writer = tokio::spawn(
+            write_events(write, events, ended, done_rx).instrument(tracing::Span::current()),
+        );
         // Start small: most lines are short and an idle connection should
         // cost little (the buffer grows for long lines, up to --max-line).
         let mut lines = FramedRead::with_capacity(read, LineCodec::new(self.max_line), READ_BUFFER);
-        let mut writer_finished = false;
-        loop {
+        let mut writer_stop = None;
+        let reason = loop {
             let frame = tokio::select! {
                 frame = lines.next() => frame,
                 // The core ended the session (slow consumer): stop reading too.
-                _ = &mut writer => {
-                    writer_finished = true;
-                    break;
+                stop = &mut writer => {
+                    let stop = stop.unwrap_or(Stop::Closed);
+                    let reason = stop.describe();
+                    writer_stop = Some(stop);
+                    break reason;
                 }
                 // The writer sees the session end and says goodbye.
-                _ = self.shutdown.cancelled() => break,
+                _ = self.shutdown.cancelled() => break "shutdown",
             };
             let refusal = match frame {
-                None | Some(Err(_)) => break,
+                None => break "closed by the client",
+                Some(Err(_)) => break "read error",
                 Some(Ok(Frame::Line(line))) => match self.hub.parse(&line) {
                     Ok(None) => continue,
-                    Ok(Some(Command::Quit)) => break,
+                    Ok(Some(Command::Quit)) => {
+                        // The hub queues a goodbye, then ends the session.
+                        self.hub.handle(id, Command::Quit).await;
+                        break "quit";
+                    }
                     Ok(Some(command)) => {
                         self.hub.handle(id, command).await;
                         continue;
@@ -135,15 +150,15 @@ impl TcpAdapter {
                 ),
             };
             self.hub.refuse(id, refusal);
-        }
+        };
         if !self.shutdown.is_cancelled() {
             let _ = done_tx.send(());
             self.hub.disconnect(id, EndReason::Quit);
         }
-        if !writer_finished {
+        if writer_stop.is_none() {
             let _ = writer.await;
         }
-        tracing::debug!(%peer, session = %id, "tcp closed");
+        tracing::info!(reason, "disconnected");
     }
 }
 
@@ -155,13 +170,25 @@ enum Stop {
     Closed,
 }
 
+impl Stop {
+    /// For the disconnect log line, when the writer stopped first.
+    fn describe(&self) -> &'static str {
+        match self {
+            Stop::Ended(EndReason::SlowConsumer) => "slow consumer",
+            Stop::Ended(EndReason::Shutdown) => "shutdown",
+            Stop::Ended(_) => "ended",
+            Stop::Closed => "write failed",
+        }
+    }
+}
+
 /// The writer half: outbox to socket, batching whatever is queued.
 async fn write_events(
     mut socket: OwnedWriteHalf,
     mut events: mpsc::Receiver<Event>,
     mut ended: oneshot::Receiver<EndReason>,
     mut reader_done: oneshot::Receiver<()>,
-) {
+) -> Stop {
     let mut format = Format::Text;
     // Allocated per batch and released once written, so an idle connection
     // holds no write buffer (one allocation per write is cheap next to the
@@ -196,7 +223,7 @@ async fn write_events(
         buf = BytesMut::new();
     };
     buf.clear();
-    let parting = match stop {
+    let parting = match &stop {
         // Its socket is full: what is queued would never get through.
         Stop::Ended(EndReason::SlowConsumer) => Some(Event::error(
             ErrorCode::SlowConsumer,
@@ -221,6 +248,7 @@ async fn write_events(
         let _ = tokio::time::timeout(PARTING, socket.write_all(&buf)).await;
     }
     let _ = tokio::time::timeout(PARTING, socket.shutdown()).await;
+    stop
 }
 
 /// Renders everything still queued.

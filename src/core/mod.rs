@@ -325,8 +325,10 @@ impl Hub {
                 commands: HELP.to_vec(),
             }),
             Command::Quit => {
+                // Said before the session ends, so it is still delivered.
+                let bye = self.answer(id, Answer::reply(Reply::Quit {}));
                 self.disconnect(id, EndReason::Quit);
-                Answer::default()
+                return bye;
             }
         };
         self.answer(id, answer)
@@ -519,11 +521,10 @@ impl Hub {
         let Some(session) = sessions.get_mut(&id) else {
             return (Answer::default(), None);
         };
-        let entry = rooms.entry(room.clone()).or_insert_with(|| Room {
-            members: BTreeSet::new(),
-            history: History::from_stored(stored.into_iter().map(Arc::new)),
-            watchers: Vec::new(),
-        });
+        let entry = rooms
+            .entry(room.clone())
+            .or_insert_with(|| Room::new(stored));
+        entry.touch();
         session.current = Some(room.clone());
         if session.rooms.contains(&room) {
             return (Answer::reply(Reply::Switch { room }), None);
@@ -596,6 +597,7 @@ impl Hub {
             fan_out(sessions, &entry.members, &event, &mut failed);
             entry.notify_watchers(&event);
             entry.members.remove(&id);
+            entry.touch();
         }
         self.reap(&mut state, failed);
         Answer(vec![(event, Delivery::Echo)])
@@ -841,6 +843,7 @@ impl Hub {
             return; // already delivered: buses may repeat after a reconnect
         }
         room.history.push(message.clone());
+        room.touch();
         let event = Event::message(message);
         let mut failed = Undeliverable::default();
         let sent =
@@ -925,6 +928,7 @@ impl Hub {
         for room in &session.rooms {
             if let Some(entry) = state.rooms.get_mut(room) {
                 entry.members.remove(&id);
+                entry.touch();
                 let event = Event::new(EventBody::Leave {
                     room: room.clone(),
                     nick: session.nick.clone(),

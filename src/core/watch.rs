@@ -5,7 +5,6 @@
 //! Storage may lag the batching writer by a moment while the ring never does,
 //! so every read here takes what storage has and completes it from the ring.
 
-use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,7 +12,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::Hub;
 use super::event::{ErrorCode, Event, Message};
-use super::history::{History, RING};
+use super::history::RING;
 use super::names::{Refusal, RoomName};
 use super::rooms::{Room, Watcher};
 
@@ -50,11 +49,11 @@ impl Hub {
             if state.closed {
                 return Err(shutting_down());
             }
-            let entry = state.rooms.entry(room.clone()).or_insert_with(|| Room {
-                members: BTreeSet::new(),
-                history: History::from_stored(stored.into_iter().map(Arc::new)),
-                watchers: Vec::new(),
-            });
+            let entry = state
+                .rooms
+                .entry(room.clone())
+                .or_insert_with(|| Room::new(stored));
+            entry.touch();
             // Readers of a quiet room that have gone away are forgotten here,
             // not only at its next event.
             entry.watchers.retain(|w| !w.events.is_closed());
