@@ -43,9 +43,16 @@ pub fn sqlite_url(dir: &tempfile::TempDir) -> String {
 impl Daemon {
     /// Starts a daemon on free ports with `args` (which should include `--db`).
     pub async fn start(args: &[&str]) -> Daemon {
+        let mut argv = vec!["--tcp", "127.0.0.1:0", "--http", "127.0.0.1:0"];
+        argv.extend_from_slice(args);
+        Daemon::start_argv(&argv).await
+    }
+
+    /// Starts a daemon with exactly the command line `argv` (after the program
+    /// name), which must pick free ports itself.
+    pub async fn start_argv(argv: &[&str]) -> Daemon {
         let mut child = Command::new(env!("CARGO_BIN_EXE_baby-discord"))
-            .args(["--tcp", "127.0.0.1:0", "--http", "127.0.0.1:0"])
-            .args(args)
+            .args(argv)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
