@@ -8,6 +8,7 @@
 //! `.await`, and events reach sessions through bounded outboxes with
 //! `try_send`, so no client can make the core wait.
 
+mod catchup;
 mod commands;
 mod event;
 mod history;
@@ -31,19 +32,35 @@ pub use event::{
     Reply, RoomCount, Timestamp,
 };
 pub use history::{History, RING};
-pub use names::{MAX_NICK, MAX_ROOM, Nick, NickKey, Refusal, RoomName, Text};
+pub use names::{
+    IdempotencyKey, MAX_IDEMPOTENCY_KEY, MAX_NICK, MAX_ROOM, Nick, NickKey, Refusal, RoomName, Text,
+};
 pub use rate::TokenBucket;
-pub use sessions::{EndReason, Replies, SessionHandle, SessionId};
+pub use sessions::{Backlog, EndReason, Replies, SessionHandle, SessionId};
 pub use watch::RoomWatch;
 
 use crate::bus::{Bus, Deliver, Envelope, Presence};
 use crate::store::Store;
+use catchup::{CatchUp, MAX_CATCH_UP};
 use rooms::Room;
 use router::{Undeliverable, fan_out};
 use sessions::Session;
 
 /// How many guest nicks a new session draws before giving up.
 const GUEST_DRAWS: usize = 16;
+/// How many times a resuming join reads storage before it announces, as a
+/// gap, messages that keep arriving faster than it can read them.
+const CATCH_UP_READS: usize = 3;
+/// Queue slots a TCP client's catch-up leaves free (its `join`, gaps, and
+/// whatever arrives next).
+const CATCH_UP_RESERVE: usize = 8;
+
+/// A resuming join's read was overtaken by more messages than the ring holds.
+struct Torn;
+
+/// A new membership for the directory: the room, the nick, and the last seq
+/// delivered here (where the bus picks up).
+type Joined = (RoomName, Nick, u64);
 
 impl Deliver for Hub {
     /// Delivers what the bus carries to the local sessions it concerns.
@@ -65,6 +82,10 @@ pub struct Limits {
     pub rate: u32,
     /// Messages a session may send at once before `rate` applies.
     pub burst: u32,
+    /// `/nick`, `/join` and `/leave` per second per session; 0 turns the limit off.
+    pub command_rate: u32,
+    /// Of those, how many a session may send at once.
+    pub command_burst: u32,
     /// Events that may wait for one session before it is a slow consumer.
     pub queue: usize,
 }
@@ -75,6 +96,8 @@ impl Default for Limits {
             max_text: 2_000,
             rate: 10,
             burst: 20,
+            command_rate: 2,
+            command_burst: 5,
             queue: 1_024,
         }
     }
@@ -237,6 +260,7 @@ impl Hub {
         });
         // A fresh channel has room for one event.
         let _ = outbox.try_send(welcome);
+        let backlog = Backlog::of(&outbox);
         state.nicks.insert(nick.key(), id);
         state.sessions.insert(
             id,
@@ -247,6 +271,10 @@ impl Hub {
                 outbox,
                 end: Some(end),
                 bucket: TokenBucket::new(self.shared.limits.rate, self.shared.limits.burst),
+                commands: TokenBucket::new(
+                    self.shared.limits.command_rate,
+                    self.shared.limits.command_burst,
+                ),
                 replies,
             },
         );
@@ -255,6 +283,7 @@ impl Hub {
             nick,
             events,
             ended,
+            backlog,
         })
     }
 
@@ -278,7 +307,13 @@ impl Hub {
             return Ok(nick);
         }
         for _ in 0..GUEST_DRAWS {
-            let guest = guest_nick(&self.lock().nicks);
+            let Some(guest) = guest_nick(&self.lock().nicks) else {
+                return Err(Refusal::new(
+                    ErrorCode::Unavailable,
+                    "every guest nick (guest-0000 to guest-ffff) is in use; \
+                     ask for a nick of your own, or try again later",
+                ));
+            };
             match directory {
                 None => return Ok(guest),
                 Some(directory) if directory.claim_nick(&guest, id).await.map_err(bus_down)? => {
@@ -306,11 +341,14 @@ impl Hub {
     /// when the session's replies go to the caller (HTTP); otherwise they are
     /// already in the session's outbox and the result is empty.
     pub async fn handle(&self, id: SessionId, command: Command) -> Vec<Event> {
+        if command.reaches_others() && !self.take_command_token(id) {
+            return self.answer(id, Answer::refusal(self.commands_limited()));
+        }
         let answer = match command {
             Command::Say(text) => self.say_answer(id, text, MessageKind::Text).await,
             Command::Me(text) => self.say_answer(id, text, MessageKind::Action).await,
             Command::Nick(nick) => self.rename(id, nick).await,
-            Command::Join(room) => self.join(id, room).await,
+            Command::Join { room, after } => self.join(id, room, after).await,
             Command::Leave(room) => self.leave(id, room).await,
             Command::Switch(room) => self.switch(id, room),
             Command::Rooms => match self.room_list().await {
@@ -359,13 +397,16 @@ impl Hub {
     }
 
     /// Says `text` in `room` (default: the current room). Returns the message
-    /// with its `seq` once the bus has ordered it.
+    /// with its `seq` once the bus has ordered it. With `key`, a repeat of a
+    /// key this nick used within the store's window sends nothing and
+    /// returns the first message sent with it.
     pub async fn say(
         &self,
         id: SessionId,
         room: Option<RoomName>,
         text: Text,
         kind: MessageKind,
+        key: Option<IdempotencyKey>,
     ) -> Result<Arc<Message>, Refusal> {
         let draft = {
             let mut state = self.lock();
@@ -387,6 +428,7 @@ impl Hub {
                 text: text.into_string(),
                 kind,
                 ts: Timestamp::now(),
+                key,
             }
         };
         self.shared
@@ -403,11 +445,35 @@ impl Hub {
     }
 
     async fn say_answer(&self, id: SessionId, text: Text, kind: MessageKind) -> Answer {
-        match self.say(id, None, text, kind).await {
+        match self.say(id, None, text, kind, None).await {
             // The sender's copy arrives through the bus like everyone else's.
             Ok(_) => Answer::default(),
             Err(r) => Answer::refusal(r),
         }
+    }
+
+    /// Takes a token from the session's bucket for commands that reach others.
+    /// A session that has ended passes: the command will find it gone.
+    fn take_command_token(&self, id: SessionId) -> bool {
+        self.lock()
+            .sessions
+            .get_mut(&id)
+            .is_none_or(|session| session.commands.try_take())
+    }
+
+    fn commands_limited(&self) -> Refusal {
+        let Limits {
+            command_rate,
+            command_burst,
+            ..
+        } = self.shared.limits;
+        Refusal::new(
+            ErrorCode::RateLimited,
+            format!(
+                "slow down: /nick, /join and /leave at most {command_rate} a second \
+                 (bursts of {command_burst})"
+            ),
+        )
     }
 
     fn rate_limited(&self) -> Refusal {
@@ -488,15 +554,43 @@ impl Hub {
         Answer(vec![(event, Delivery::Echo)])
     }
 
-    async fn join(&self, id: SessionId, room: RoomName) -> Answer {
+    async fn join(&self, id: SessionId, room: RoomName, after: Option<u64>) -> Answer {
         // The first use of a room seeds its ring from storage, outside the lock.
         let known = self.lock().rooms.contains_key(&room);
-        let stored = if known {
+        let mut stored = if known {
             Vec::new()
         } else {
-            self.stored_ring(&room).await
+            match self.stored_ring(&room).await {
+                Ok(stored) => stored,
+                Err(refusal) => return Answer::refusal(refusal),
+            }
         };
-        let (answer, joined) = self.apply_join(id, room, stored);
+        let mut catch_up: Option<CatchUp> = None;
+        let mut reads = 0;
+        let (answer, joined) = loop {
+            // A resuming join reads what the client missed, also outside the
+            // lock; a second read only fetches what arrived since the first.
+            if let Some(after) = after {
+                let read = match &catch_up {
+                    None => self.catch_up(&room, after).await,
+                    Some(earlier) => self.catch_up(&room, earlier.read_end()).await,
+                };
+                match read {
+                    Ok(read) => match &mut catch_up {
+                        None => catch_up = Some(read),
+                        Some(earlier) => earlier.extend(read),
+                    },
+                    Err(refusal) => return Answer::refusal(refusal),
+                }
+            }
+            reads += 1;
+            let last_read = reads == CATCH_UP_READS;
+            let seed = std::mem::take(&mut stored);
+            match self.apply_join(id, room.clone(), seed, catch_up.as_ref(), last_read) {
+                Ok(done) => break done,
+                Err(Torn) => continue,
+            }
+        };
         if let (Some((room, nick, delivered)), Some(directory)) =
             (joined, self.shared.bus.directory())
         {
@@ -508,52 +602,90 @@ impl Hub {
     }
 
     /// The locked part of a join; also returns what the directory must record.
+    /// With `catch_up`, the replay is everything after the client's cursor
+    /// instead of the ring; `Err(Torn)` asks for a fresh read (unless
+    /// `last_read`) when more messages arrived since the read than the ring holds.
     fn apply_join(
         &self,
         id: SessionId,
         room: RoomName,
         stored: Vec<Message>,
-    ) -> (Answer, Option<(RoomName, Nick, u64)>) {
+        catch_up: Option<&CatchUp>,
+        last_read: bool,
+    ) -> Result<(Answer, Option<Joined>), Torn> {
         let mut state = self.lock();
         let State {
             sessions, rooms, ..
         } = &mut *state;
         let Some(session) = sessions.get_mut(&id) else {
-            return (Answer::default(), None);
+            return Ok((Answer::default(), None));
         };
         let entry = rooms
             .entry(room.clone())
             .or_insert_with(|| Room::new(stored));
         entry.touch();
+        let outbox = session.replies == Replies::Outbox;
+        // What follows the join: the ring, or all the client missed.
+        let replay: Vec<Event> = match catch_up {
+            None => entry.history.iter().cloned().map(Event::message).collect(),
+            Some(catch_up) => {
+                // A TCP client's replay must fit its queue, or it would be
+                // dropped as a slow consumer for asking.
+                let cap = if outbox {
+                    session.outbox.capacity().saturating_sub(CATCH_UP_RESERVE)
+                } else {
+                    MAX_CATCH_UP
+                };
+                let plan = catch_up
+                    .clone()
+                    .delivered_up_to(entry.history.last_seq())
+                    .plan(entry.history.iter(), cap.min(MAX_CATCH_UP));
+                if plan.torn && !last_read {
+                    return Err(Torn);
+                }
+                plan.items
+                    .into_iter()
+                    .map(|i| i.into_event(&room))
+                    .collect()
+            }
+        };
         session.current = Some(room.clone());
-        if session.rooms.contains(&room) {
-            return (Answer::reply(Reply::Switch { room }), None);
+        let member = !session.rooms.insert(room.clone());
+        if member && catch_up.is_none() {
+            return Ok((Answer::reply(Reply::Switch { room }), None));
         }
-        session.rooms.insert(room.clone());
-        entry.members.insert(id);
-        let room_name = room.clone();
         let nick = session.nick.clone();
-        let event = Event::new(EventBody::Join {
-            room,
-            nick: session.nick.clone(),
-        });
         let mut failed = Undeliverable::default();
-        fan_out(sessions, &entry.members, &event, &mut failed);
-        entry.notify_watchers(&event);
-        let mut answer = Answer(vec![(event, Delivery::Echo)]);
+        let mut answer = Answer::default();
+        let mut joined = None;
+        if member {
+            // Resuming a room it is in: a reply, then the replay.
+            let reply = Event::new(EventBody::Reply(Reply::Switch { room: room.clone() }));
+            if outbox {
+                fan_out(sessions, [&id], &reply, &mut failed);
+            }
+            answer.0.push((reply, Delivery::Echo));
+        } else {
+            entry.members.insert(id);
+            let event = Event::new(EventBody::Join {
+                room: room.clone(),
+                nick: nick.clone(),
+            });
+            fan_out(sessions, &entry.members, &event, &mut failed);
+            entry.notify_watchers(&event);
+            answer.0.push((event, Delivery::Echo));
+            joined = Some((room, nick, entry.history.last_seq()));
+        }
         // The replay goes out under the same lock as the join: a message
-        // delivered meanwhile would otherwise overtake the last ten.
-        let outbox = sessions.get(&id).map(|s| s.replies) == Some(Replies::Outbox);
-        for message in entry.history.iter() {
-            let replayed = Event::message(message.clone());
+        // delivered meanwhile would otherwise overtake it.
+        for replayed in replay {
             if outbox {
                 fan_out(sessions, [&id], &replayed, &mut failed);
             }
             answer.0.push((replayed, Delivery::Echo));
         }
-        let delivered = entry.history.last_seq();
         self.reap(&mut state, failed);
-        (answer, Some((room_name, nick, delivered)))
+        Ok((answer, joined))
     }
 
     async fn leave(&self, id: SessionId, room: Option<RoomName>) -> Answer {
@@ -879,6 +1011,15 @@ impl Hub {
         }
     }
 
+    /// The rooms session `id` is in (none once it has ended).
+    pub fn rooms_of(&self, id: SessionId) -> Vec<RoomName> {
+        self.lock()
+            .sessions
+            .get(&id)
+            .map(|s| s.rooms.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
     /// Sessions and rooms with members on this instance.
     pub fn counts(&self) -> (usize, usize) {
         let state = self.lock();
@@ -992,16 +1133,40 @@ fn not_in(room: &RoomName) -> Refusal {
     )
 }
 
-/// `guest-` and 4 hex digits, as the protocol says; 8 when those run out.
-fn guest_nick(taken: &HashMap<NickKey, SessionId>) -> Nick {
-    for attempt in 0.. {
-        let digits = if attempt < 64 { 4 } else { 8 };
-        let n: u32 = rand::random();
-        let s = format!("guest-{:0width$x}", n >> (32 - 4 * digits), width = digits);
-        let nick = Nick::parse(&s).expect("guest nicks are valid");
-        if !taken.contains_key(&nick.key()) {
-            return nick;
+/// Random draws before [`guest_nick`] looks for a free nick in order.
+const RANDOM_GUEST_DRAWS: usize = 64;
+
+/// A free guest nick: `guest-` and 4 hex digits, as the protocol says. `None`
+/// when all 65,536 are in use on this instance (the format never changes).
+fn guest_nick(taken: &HashMap<NickKey, SessionId>) -> Option<Nick> {
+    let nick = |n: u16| Nick::parse(&format!("guest-{n:04x}")).expect("guest nicks are valid");
+    let free = |n: &u16| !taken.contains_key(&nick(*n).key());
+    // Random draws succeed at once unless nearly every guest nick is in use;
+    // then one pass in order from a random start finds a free one, if any.
+    let start: u16 = rand::random();
+    (0..RANDOM_GUEST_DRAWS)
+        .map(|_| rand::random::<u16>())
+        .chain((0..=u16::MAX).map(|i| start.wrapping_add(i)))
+        .find(free)
+        .map(nick)
+}
+
+#[cfg(test)]
+mod guest_tests {
+    use super::*;
+
+    #[test]
+    fn guest_nicks_keep_their_format_and_run_out_cleanly() {
+        let mut taken = HashMap::new();
+        for n in 0..=u16::MAX {
+            if n != 0xbeef {
+                let nick = Nick::parse(&format!("guest-{n:04x}")).unwrap();
+                taken.insert(nick.key(), SessionId(u64::from(n)));
+            }
         }
+        assert_eq!(guest_nick(&taken).unwrap().to_string(), "guest-beef");
+        let last = Nick::parse("guest-beef").unwrap();
+        taken.insert(last.key(), SessionId(1));
+        assert!(guest_nick(&taken).is_none());
     }
-    unreachable!("the loop returns")
 }

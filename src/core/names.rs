@@ -69,6 +69,37 @@ impl fmt::Display for Nick {
     }
 }
 
+/// Longest `Idempotency-Key`, in characters.
+pub const MAX_IDEMPOTENCY_KEY: usize = 64;
+
+/// The client's name for one send (`Idempotency-Key` on `POST /message`): a
+/// retry under the same key, by the same nick, within the store's window is
+/// answered with the first send's receipt and sends nothing.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct IdempotencyKey(String);
+
+impl IdempotencyKey {
+    /// 1 to 64 visible ASCII characters (a UUID fits; spaces and control
+    /// characters do not, so a key always survives an HTTP header as sent).
+    pub fn parse(s: &str) -> Result<IdempotencyKey, Refusal> {
+        let ok =
+            (1..=MAX_IDEMPOTENCY_KEY).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_graphic());
+        if ok {
+            Ok(IdempotencyKey(s.to_owned()))
+        } else {
+            Err(Refusal::new(
+                ErrorCode::BadArguments,
+                "Idempotency-Key must be 1 to 64 visible ASCII characters (a UUID is a good key)",
+            ))
+        }
+    }
+
+    /// The key as sent.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
 /// A nick folded to lower case: two nicks with the same key are the same user.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct NickKey(String);
@@ -142,6 +173,13 @@ impl Text {
                 "the text may not contain control characters (tab is fine)",
             ));
         }
+        if s.chars().any(is_bidi_override) {
+            return Err(Refusal::new(
+                ErrorCode::BadArguments,
+                "the text may not contain bidirectional overrides or isolates \
+                 (U+202A-202E, U+2066-2069): they can make a line look like someone else's",
+            ));
+        }
         Ok(Text(s.to_owned()))
     }
 
@@ -156,9 +194,41 @@ impl Text {
     }
 }
 
+/// The embedding, override and isolate controls of Unicode's bidirectional
+/// algorithm. In a terminal they reorder the rest of the line, so a message
+/// could show `<alice>` where it says `<mallory>`. (Nicks and rooms are ASCII
+/// and cannot hold them.)
+fn is_bidi_override(c: char) -> bool {
+    matches!(c, '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn texts_refuse_bidi_overrides_and_isolates_but_not_other_scripts() {
+        for c in ['\u{202A}', '\u{202E}', '\u{2066}', '\u{2069}'] {
+            let e = Text::parse(&format!("hi {c}olleh"), 100).unwrap_err();
+            assert_eq!(e.code, ErrorCode::BadArguments);
+        }
+        assert!(Text::parse("שלום مرحبا", 100).is_ok());
+        // Only the ranges: their neighbours are not refused for this reason.
+        assert!(Text::parse("\u{2029}\u{202F}\u{2065}\u{206A}", 100).is_ok());
+        assert!(Nick::parse("a\u{202E}").is_err());
+        assert!(RoomName::parse("a\u{2066}").is_err());
+    }
+
+    #[test]
+    fn idempotency_keys_are_1_to_64_visible_ascii() {
+        assert!(IdempotencyKey::parse("0b9f6a1e-7d2c-4c47-9a53-5f0f2a1d9e11").is_ok());
+        assert!(IdempotencyKey::parse(&"k".repeat(64)).is_ok());
+        for bad in ["", "has space", "tab\t", "é"] {
+            let refusal = IdempotencyKey::parse(bad).expect_err(bad);
+            assert_eq!(refusal.code, ErrorCode::BadArguments);
+        }
+        assert!(IdempotencyKey::parse(&"k".repeat(65)).is_err());
+    }
 
     #[test]
     fn nicks_follow_the_grammar_and_fold_case() {
