@@ -10,6 +10,32 @@
 #   scripts/bench.sh              # the full set, about 10 minutes
 #   RUNS=1 QUICK=1 scripts/bench.sh   # a smaller smoke run
 set -euo pipefail
+
+usage() {
+  cat <<'USAGE'
+usage: scripts/bench.sh [-h|--help]
+
+Builds the daemon in release, runs the standard benchmark points on loopback
+and REWRITES docs/benchmarks.md and docs/benchmarks.svg (about 10 minutes).
+It takes no arguments; settings come from the environment:
+
+  RUNS=N     runs per point, the median is reported (default 3)
+  QUICK=1    smaller loads and shorter runs, for a smoke test (default 0)
+  OUT=FILE   the Markdown report (default docs/benchmarks.md)
+  SVG=FILE   the latency chart (default docs/benchmarks.svg)
+
+example: RUNS=1 QUICK=1 OUT=/tmp/b.md SVG=/tmp/b.svg scripts/bench.sh
+USAGE
+}
+
+# Any argument is either a request for help or a mistake: never start a run
+# (and overwrite the docs) because of one.
+case "${1-}" in
+  "") ;;
+  -h|--help|help) usage; exit 0 ;;
+  *) echo "scripts/bench.sh: unexpected argument '$1'" >&2; usage >&2; exit 2 ;;
+esac
+
 cd "$(dirname "$0")/.."
 
 RUNS=${RUNS:-3}

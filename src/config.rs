@@ -37,15 +37,31 @@ pub enum Sub {
     Bench(crate::bench::BenchArgs),
 }
 
+/// What the binary was asked to do, with its settings.
+#[derive(Debug)]
+pub enum Action {
+    /// Run the daemon.
+    Serve(Config),
+    /// Run the load generator.
+    Bench(crate::bench::BenchArgs),
+}
+
 impl Cli {
-    /// The daemon's settings, whichever way they were given.
-    pub fn into_config(self) -> Config {
+    /// The command line's meaning. `serve` with flags and flags alone mean the
+    /// same: only one of the two carries settings, so take that one.
+    pub fn into_action(self) -> Action {
         match self.command {
-            Some(Sub::Serve(config)) => config,
-            Some(Sub::Bench(_)) | None => self.serve,
+            Some(Sub::Serve(config)) => Action::Serve(config),
+            Some(Sub::Bench(args)) => Action::Bench(args),
+            None => Action::Serve(self.serve),
         }
     }
 }
+
+/// `--bus` help, in one place: says what is built today.
+const BUS_HELP: &str = "How instances are connected: local (one instance), poll (through the \
+database), or redis://HOST:PORT[/DB] (also valkey://, rediss://, \
+redis-cluster://HOST:PORT?node=HOST:PORT)";
 
 /// How logs are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -71,9 +87,7 @@ pub struct Config {
     #[arg(long, env = "BABY_DB", default_value = "sqlite://baby-discord.db")]
     pub db: String,
 
-    /// How instances are connected: local (one instance), poll, or redis://HOST:PORT[/DB]
-    /// (also valkey://, rediss://, redis-cluster://HOST:PORT?node=HOST:PORT).
-    #[arg(long, env = "BABY_BUS", default_value = "local", value_parser = parse_bus)]
+    #[arg(long, env = "BABY_BUS", default_value = "local", value_parser = parse_bus, help = BUS_HELP)]
     pub bus: BusSpec,
 
     /// This instance's name (default: a short random id).
@@ -156,6 +170,11 @@ pub struct Config {
     #[arg(long, env = "BABY_SSE_PING", default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..))]
     pub sse_ping: u64,
 
+    /// Seconds a room with no member and no reader is kept before it is
+    /// evicted from memory (its messages stay in storage).
+    #[arg(long, env = "BABY_ROOM_IDLE", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+    pub room_idle: u64,
+
     /// Log format (filter with RUST_LOG, e.g. RUST_LOG=baby_discord=debug).
     #[arg(long, env = "BABY_LOG_FORMAT", value_enum, default_value = "human")]
     pub log_format: LogFormat,
@@ -204,10 +223,18 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::CommandFactory;
+
+    fn config(argv: &[&str]) -> Config {
+        match Cli::try_parse_from(argv).unwrap().into_action() {
+            Action::Serve(config) => config,
+            Action::Bench(_) => panic!("{argv:?} is not serve"),
+        }
+    }
 
     #[test]
     fn defaults_match_the_protocol() {
-        let config = Cli::try_parse_from(["baby-discord"]).unwrap().into_config();
+        let config = config(&["baby-discord"]);
         assert_eq!(config.tcp.to_string(), "127.0.0.1:9001");
         assert_eq!(config.http.to_string(), "127.0.0.1:3001");
         assert_eq!(config.db, "sqlite://baby-discord.db");
@@ -229,25 +256,27 @@ mod tests {
 
     #[test]
     fn serve_subcommand_takes_the_same_flags() {
-        let config = Cli::try_parse_from([
+        let config = config(&[
             "baby-discord",
             "serve",
             "--tcp",
             "127.0.0.1:0",
             "--rate",
             "0",
-        ])
-        .unwrap()
-        .into_config();
+        ]);
         assert_eq!(config.tcp.port(), 0);
         assert_eq!(config.rate, 0);
     }
 
     #[test]
+    fn help_names_every_bus() {
+        let help = Cli::command().render_help().to_string();
+        assert!(help.contains("redis://HOST:PORT[/DB]"), "{help}");
+    }
+
+    #[test]
     fn the_loopback_exemption_can_be_turned_off() {
-        let config = Cli::try_parse_from(["baby-discord", "--exempt-loopback", "false"])
-            .unwrap()
-            .into_config();
+        let config = config(&["baby-discord", "--exempt-loopback", "false"]);
         assert!(!config.peer_limits().exempt_loopback);
     }
 
@@ -258,9 +287,7 @@ mod tests {
             "valkey://valkey:6379",
             "rediss://h:6380",
         ] {
-            let config = Cli::try_parse_from(["baby-discord", "--bus", url])
-                .unwrap()
-                .into_config();
+            let config = config(&["baby-discord", "--bus", url]);
             assert_eq!(config.bus, BusSpec::Redis(url.to_owned()));
         }
     }

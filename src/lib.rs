@@ -14,5 +14,8 @@ pub mod bus;
 pub mod config;
 pub mod core;
 pub mod fds;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod server;
 pub mod store;

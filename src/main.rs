@@ -4,16 +4,15 @@ use anyhow::Context;
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
-use baby_discord::config::{Cli, LogFormat, Sub};
+use baby_discord::config::{Action, Cli, LogFormat};
 use baby_discord::server::Server;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let mut cli = Cli::parse();
-    if let Some(Sub::Bench(args)) = cli.command.take() {
-        return baby_discord::bench::main(args).await;
-    }
-    let config = cli.into_config();
+    let config = match Cli::parse().into_action() {
+        Action::Bench(args) => return baby_discord::bench::main(args).await,
+        Action::Serve(config) => config,
+    };
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)

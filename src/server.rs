@@ -123,6 +123,11 @@ impl Server {
             session_linger: Duration::from_secs(self.config.session_linger),
             sse_ping: Duration::from_secs(self.config.sse_ping),
         };
+        tracker.spawn(
+            self.hub
+                .clone()
+                .sweep_rooms(Duration::from_secs(self.config.room_idle), token.clone()),
+        );
         tracker.spawn(tcp.serve(self.tcp));
         tracker.spawn(http.serve(self.http));
         tracing::info!(

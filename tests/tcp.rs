@@ -176,7 +176,7 @@ async fn every_command_works() {
     assert_eq!(bob.line().await.unwrap(), "* format is now text");
 
     bob.send("/quit").await;
-    assert_eq!(bob.read_to_end().await, "");
+    assert_eq!(bob.read_to_end().await, "* bye\n");
     alice.send("/who").await;
     let w = alice.expect(|v| v["type"] == "reply").await;
     assert_eq!(w["data"]["members"], serde_json::json!(["alice"]));
@@ -480,4 +480,35 @@ async fn a_client_that_never_reads_is_dropped_and_the_room_goes_on() {
         last_line.contains("\"code\":\"slow-consumer\""),
         "{last_line}"
     );
+}
+
+#[tokio::test]
+async fn a_new_user_gets_plain_answers() {
+    let (d, _dir) = daemon(&[]).await;
+    let stream = tokio::net::TcpStream::connect(d.tcp).await.unwrap();
+    let (read, mut write) = stream.into_split();
+    let mut lines = tokio::io::BufReader::new(read).lines();
+    let mut next = async || {
+        tokio::time::timeout(WAIT, lines.next_line())
+            .await
+            .unwrap()
+            .unwrap()
+    };
+    assert!(next().await.unwrap().starts_with("* welcome"));
+    use tokio::io::AsyncWriteExt;
+    // A blank line is ignored like an empty one: nothing is said, and the
+    // next answer is the one to /who.
+    write
+        .write_all(b"/join general\n   \n\t \r\n/who nosuch\n/quit\n")
+        .await
+        .unwrap();
+    let join = next().await.unwrap();
+    assert!(
+        unclocked(&join).starts_with("#general * ") && join.ends_with(" joined"),
+        "{join}"
+    );
+    let who = next().await.unwrap();
+    assert_eq!(who, "* members of #nosuch (0)", "no trailing space");
+    assert_eq!(next().await.as_deref(), Some("* bye"));
+    assert_eq!(next().await, None, "closed after bye");
 }

@@ -29,6 +29,7 @@ use tokio::time::Instant;
 use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 
 use super::coalesce::RateNotices;
 use super::lines::{Frame, LineCodec};
@@ -73,8 +74,14 @@ impl TcpAdapter {
             match accepted {
                 Ok((stream, peer)) => {
                     let this = self.clone();
+                    // Every line logged during the connection's life names it.
+                    let span = tracing::info_span!(
+                        "tcp",
+                        %peer,
+                        session = tracing::field::Empty
+                    );
                     self.tracker
-                        .spawn(async move { this.connection(stream, peer).await });
+                        .spawn(this.connection(stream, peer).instrument(span));
                 }
                 Err(err) => {
                     // Usually EMFILE: back off instead of spinning.
@@ -115,7 +122,8 @@ impl TcpAdapter {
             }
         };
         let id = session.id;
-        tracing::debug!(%peer, session = %id, nick = %session.nick, "tcp connected");
+        tracing::Span::current().record("session", tracing::field::display(id));
+        tracing::info!(nick = %session.nick, "connected");
         let (read, write) = stream.into_split();
         let SessionHandle {
             events,
@@ -125,7 +133,10 @@ impl TcpAdapter {
         } = session;
         let (done_tx, done_rx) = oneshot::channel();
         let drained = Arc::new(Notify::new());
-        let mut writer = tokio::spawn(write_events(write, events, ended, done_rx, drained.clone()));
+        let mut writer = tokio::spawn(
+            write_events(write, events, ended, done_rx, drained.clone())
+                .instrument(tracing::Span::current()),
+        );
         // Start small: most lines are short and an idle connection should
         // cost little (the buffer grows for long lines, up to --max-line).
         let mut lines = FramedRead::with_capacity(read, LineCodec::new(self.max_line), READ_BUFFER);
@@ -134,26 +145,33 @@ impl TcpAdapter {
             drained,
             high: self.hub.limits().queue / 2,
         };
-        let mut writer_finished = false;
-        loop {
+        let mut writer_stop = None;
+        let reason = loop {
             let frame = tokio::select! {
                 frame = async {
                     pace.wait().await;
                     lines.next().await
                 } => frame,
                 // The core ended the session (slow consumer): stop reading too.
-                _ = &mut writer => {
-                    writer_finished = true;
-                    break;
+                stop = &mut writer => {
+                    let stop = stop.unwrap_or(Stop::Closed);
+                    let reason = stop.describe();
+                    writer_stop = Some(stop);
+                    break reason;
                 }
                 // The writer sees the session end and says goodbye.
-                _ = self.shutdown.cancelled() => break,
+                _ = self.shutdown.cancelled() => break "shutdown",
             };
             let refusal = match frame {
-                None | Some(Err(_)) => break,
+                None => break "closed by the client",
+                Some(Err(_)) => break "read error",
                 Some(Ok(Frame::Line(line))) => match self.hub.parse(&line) {
                     Ok(None) => continue,
-                    Ok(Some(Command::Quit)) => break,
+                    Ok(Some(Command::Quit)) => {
+                        // The hub queues a goodbye, then ends the session.
+                        self.hub.handle(id, Command::Quit).await;
+                        break "quit";
+                    }
                     Ok(Some(command)) => {
                         self.hub.handle(id, command).await;
                         continue;
@@ -173,15 +191,15 @@ impl TcpAdapter {
                 ),
             };
             self.hub.refuse(id, refusal);
-        }
+        };
         if !self.shutdown.is_cancelled() {
             let _ = done_tx.send(());
             self.hub.disconnect(id, EndReason::Quit);
         }
-        if !writer_finished {
+        if writer_stop.is_none() {
             let _ = writer.await;
         }
-        tracing::debug!(%peer, session = %id, "tcp closed");
+        tracing::info!(reason, "disconnected");
     }
 }
 
@@ -219,6 +237,18 @@ enum Stop {
     Closed,
 }
 
+impl Stop {
+    /// For the disconnect log line, when the writer stopped first.
+    fn describe(&self) -> &'static str {
+        match self {
+            Stop::Ended(EndReason::SlowConsumer) => "slow consumer",
+            Stop::Ended(EndReason::Shutdown) => "shutdown",
+            Stop::Ended(_) => "ended",
+            Stop::Closed => "write failed",
+        }
+    }
+}
+
 /// The writer half: outbox to socket, batching whatever is queued.
 async fn write_events(
     mut socket: OwnedWriteHalf,
@@ -226,7 +256,7 @@ async fn write_events(
     mut ended: oneshot::Receiver<EndReason>,
     mut reader_done: oneshot::Receiver<()>,
     drained: Arc<Notify>,
-) {
+) -> Stop {
     let mut format = Format::Text;
     let mut notices = RateNotices::default();
     // Allocated per batch and released once written, so an idle connection
@@ -277,7 +307,7 @@ async fn write_events(
     // The reader may be waiting for room that will never come.
     drained.notify_one();
     buf.clear();
-    let parting = match stop {
+    let parting = match &stop {
         // Its socket is full: what is queued would never get through.
         Stop::Ended(EndReason::SlowConsumer) => Some(Event::error(
             ErrorCode::SlowConsumer,
@@ -302,6 +332,7 @@ async fn write_events(
         let _ = tokio::time::timeout(PARTING, socket.write_all(&buf)).await;
     }
     let _ = tokio::time::timeout(PARTING, socket.shutdown()).await;
+    stop
 }
 
 /// Sleeps until `deadline`, or forever without one.

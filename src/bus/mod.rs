@@ -217,6 +217,11 @@ pub trait Bus: Send + Sync + 'static {
     /// (`local`) has nothing to do.
     async fn watch(&self, _room: &RoomName, _delivered: u64) {}
 
+    /// Stops delivering `room` to this instance and forgets what the bus kept
+    /// for it: the hub has evicted the room (no member, no reader, idle). The
+    /// inverse of [`Bus::watch`]; a later join or reader watches it again.
+    async fn unwatch(&self, _room: &RoomName) {}
+
     /// Waits until every message published so far can be read from the
     /// store. Only a bus that stores behind delivery (`local` with async
     /// durability) has anything to wait for.

@@ -584,6 +584,10 @@ impl Bus for PollBus {
         *cursor = (*cursor).max(delivered);
     }
 
+    async fn unwatch(&self, room: &RoomName) {
+        self.state.lock().await.delivered.remove(room);
+    }
+
     fn statements(&self) -> Option<u64> {
         Some(self.db.statements.load(Ordering::Relaxed))
     }
@@ -810,6 +814,22 @@ mod tests {
                 ],
             }
         );
+    }
+
+    #[tokio::test]
+    async fn an_unwatched_room_is_no_longer_polled() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("bus.db").display());
+        let store = crate::store::open(&url, Durability::Sync).await.unwrap();
+        let bus = PollBus::open(&url, "t", store, Duration::from_secs(1), Durability::Sync)
+            .await
+            .unwrap();
+        let (a, b) = (RoomName::parse("a").unwrap(), RoomName::parse("b").unwrap());
+        Bus::watch(&bus, &a, 3).await;
+        Bus::watch(&bus, &b, 0).await;
+        Bus::unwatch(&bus, &a).await;
+        let watched: Vec<RoomName> = bus.state.lock().await.delivered.keys().cloned().collect();
+        assert_eq!(watched, vec![b]);
     }
 
     #[test]

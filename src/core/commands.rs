@@ -127,10 +127,10 @@ pub const HELP: &[HelpLine] = &[
 
 /// Parses one line (without its line ending).
 ///
-/// `Ok(None)` is an empty line, which the protocol ignores. `max_text` is the
-/// longest message text in characters (`--max-text`).
+/// `Ok(None)` is an empty line, or one of only white space, which the protocol
+/// ignores. `max_text` is the longest message text in characters (`--max-text`).
 pub fn parse(line: &str, max_text: usize) -> Result<Option<Command>, Refusal> {
-    if line.is_empty() {
+    if line.trim().is_empty() {
         return Ok(None);
     }
     let Some(rest) = line.strip_prefix('/') else {
@@ -278,6 +278,14 @@ mod tests {
     fn plain_lines_are_messages() {
         assert_eq!(ok("hello world"), Command::Say(text("hello world")));
         assert_eq!(parse("", 2000), Ok(None));
+    }
+
+    #[test]
+    fn blank_lines_are_ignored_like_empty_ones() {
+        assert_eq!(parse("   ", 2000), Ok(None));
+        assert_eq!(parse(" \t ", 2000), Ok(None));
+        assert_eq!(code("/me   "), ErrorCode::BadArguments);
+        assert_eq!(code("/msg bob \t"), ErrorCode::BadArguments);
     }
 
     #[test]

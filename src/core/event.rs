@@ -224,6 +224,8 @@ pub enum Reply {
     Format { format: Format },
     /// `/help`: every command.
     Help { commands: Vec<HelpLine> },
+    /// `/quit`: the last word before the connection closes.
+    Quit {},
 }
 
 /// What happened, without the `ts` every event carries.
@@ -458,6 +460,10 @@ fn render_reply(reply: &Reply) -> String {
                 .collect();
             format!("* rooms: {}", list.join(", "))
         }
+        // An empty room has no list to introduce, so no ": " either.
+        Reply::Who { room, members } if members.is_empty() => {
+            format!("* members of #{room} (0)")
+        }
         Reply::Who { room, members } => {
             let names: Vec<&str> = members.iter().map(Nick::as_str).collect();
             format!(
@@ -470,6 +476,7 @@ fn render_reply(reply: &Reply) -> String {
             Format::Text => "* format is now text".to_owned(),
             Format::Json => "* format is now json".to_owned(),
         },
+        Reply::Quit {} => "* bye".to_owned(),
         Reply::Help { commands } => {
             let lines: Vec<String> = commands
                 .iter()
@@ -559,6 +566,11 @@ mod tests {
             members: vec![nick("alice"), nick("bob")],
         }));
         assert_eq!(&e.text()[..], b"* members of #general (2): alice, bob\n");
+        let nobody = Event::new(EventBody::Reply(Reply::Who {
+            room: room("nosuch"),
+            members: vec![],
+        }));
+        assert_eq!(&nobody.text()[..], b"* members of #nosuch (0)\n");
         let v: serde_json::Value = serde_json::from_slice(e.json()).unwrap();
         assert_eq!(v["type"], "reply");
         assert_eq!(v["command"], "who");

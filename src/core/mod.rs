@@ -383,8 +383,10 @@ impl Hub {
                 commands: HELP.to_vec(),
             }),
             Command::Quit => {
+                // Said before the session ends, so it is still delivered.
+                let bye = self.answer(id, Answer::reply(Reply::Quit {}));
                 self.disconnect(id, EndReason::Quit);
-                Answer::default()
+                return bye;
             }
         };
         self.answer(id, answer)
@@ -650,10 +652,10 @@ impl Hub {
         let Some(session) = sessions.get_mut(&id) else {
             return Ok((Answer::default(), None));
         };
-        let entry = rooms.entry(room.clone()).or_insert_with(|| Room {
-            history: History::from_stored(stored.into_iter().map(Arc::new)),
-            ..Room::default()
-        });
+        let entry = rooms
+            .entry(room.clone())
+            .or_insert_with(|| Room::new(stored));
+        entry.touch();
         let outbox = session.replies == Replies::Outbox;
         // What follows the join: the ring, or all the client missed.
         let replay: Vec<Event> = match catch_up {
@@ -763,6 +765,7 @@ impl Hub {
             entry.notify_watchers(&event);
             entry.members.remove(&id);
             entry.ahead.remove(&id);
+            entry.touch();
         }
         self.reap(&mut state, failed);
         Answer(vec![(event, Delivery::Echo)])
@@ -1015,6 +1018,7 @@ impl Hub {
             return; // already delivered: buses may repeat after a reconnect
         }
         room.history.push(message.clone());
+        room.touch();
         let event = Event::message(message);
         let mut failed = Undeliverable::default();
         let seq = room.history.last_seq();
@@ -1114,7 +1118,7 @@ impl Hub {
             if let Some(entry) = state.rooms.get_mut(room) {
                 entry.members.remove(&id);
                 entry.ahead.remove(&id);
-                entry.ahead.remove(&id);
+                entry.touch();
                 let event = Event::new(EventBody::Leave {
                     room: room.clone(),
                     nick: session.nick.clone(),

@@ -148,14 +148,16 @@ impl fmt::Display for RoomName {
     }
 }
 
-/// A message text: 1 to `max` characters, no control characters but tab.
+/// A message text: 1 to `max` characters, not all of them white space, no
+/// control characters but tab.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Text(String);
 
 impl Text {
     /// Checks length (in characters, not bytes) and content.
     pub fn parse(s: &str, max_chars: usize) -> Result<Text, Refusal> {
-        if s.is_empty() {
+        // Blank text would arrive as an empty-looking line from nowhere.
+        if s.trim().is_empty() {
             return Err(Refusal::new(ErrorCode::BadArguments, "the text is empty"));
         }
         let chars = s.chars().count();
@@ -267,5 +269,10 @@ mod tests {
             Text::parse("", 10).unwrap_err().code,
             ErrorCode::BadArguments
         );
+        assert_eq!(
+            Text::parse(" \t\u{a0} ", 10).unwrap_err().code,
+            ErrorCode::BadArguments
+        );
+        assert!(Text::parse(" x ", 10).is_ok());
     }
 }

@@ -1,17 +1,33 @@
-//! A room: who is in it on this instance, and its recent messages.
+//! A room: who is in it on this instance, and its recent messages; and the
+//! eviction of rooms nobody uses.
+//!
+//! A room is created by its first join or reader. It is kept while it has a
+//! member or a reader and for `--room-idle` after its last use, then evicted:
+//! anyone may open a reader on any valid room name without a session, so rooms
+//! kept forever would be memory anyone can grow. Nothing is lost by evicting:
+//! the ring is re-read from storage when the room is next used, and the bus
+//! forgets its cursor for the room ([`Bus::unwatch`](crate::bus::Bus::unwatch)).
 
 use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc::{self, error::TrySendError};
 use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
 
-use super::event::Event;
+use super::Hub;
+use super::event::{Event, Message};
 use super::history::History;
+use super::names::RoomName;
 use super::sessions::SessionId;
 
-/// One room as this instance sees it. A room is created on first join and kept
-/// (with its ring) after its last member leaves, so a later join still replays.
-#[derive(Debug, Default)]
+/// How long eviction waits for storage to hold every published message, so a
+/// re-read ring is complete. A sweep that cannot wait that long evicts nothing.
+const SETTLE: Duration = Duration::from_secs(1);
+
+/// One room as this instance sees it.
+#[derive(Debug)]
 pub(super) struct Room {
     /// Local members. A `BTreeSet` keeps fan-out order stable (easier to debug).
     pub members: BTreeSet<SessionId>,
@@ -26,6 +42,9 @@ pub(super) struct Room {
     /// to it are not sent again. Almost always empty; an entry goes once its
     /// seq has been passed.
     pub ahead: HashMap<SessionId, u64>,
+    /// When the room was last seen in use: created, joined, left, sent to, or
+    /// found with a member or reader by a sweep.
+    last_used: Instant,
 }
 
 /// A read-only follower of a room.
@@ -54,6 +73,34 @@ impl Room {
         to
     }
 
+    /// A room with no member yet, its ring seeded with `stored` (oldest first).
+    pub fn new(stored: Vec<Message>) -> Self {
+        Room {
+            members: BTreeSet::new(),
+            history: History::from_stored(stored.into_iter().map(Arc::new)),
+            watchers: Vec::new(),
+            ahead: HashMap::new(),
+            last_used: Instant::now(),
+        }
+    }
+
+    /// Marks the room as in use now.
+    pub fn touch(&mut self) {
+        self.last_used = Instant::now();
+    }
+
+    /// Whether the room may be evicted at `now`: no member, no reader (readers
+    /// that went away are forgotten here), and unused for `idle`. A room in
+    /// use counts as used now, so its idle time starts when that use ends.
+    fn idle(&mut self, now: Instant, idle: Duration) -> bool {
+        self.watchers.retain(|w| !w.events.is_closed());
+        if !self.members.is_empty() || !self.watchers.is_empty() {
+            self.last_used = self.last_used.max(now);
+            return false;
+        }
+        now.saturating_duration_since(self.last_used) >= idle
+    }
+
     /// Hands a room event to every watcher without waiting. A watcher that
     /// cannot take it is dropped: its stream then ends as a slow consumer.
     /// Returns how many took it.
@@ -73,5 +120,84 @@ impl Room {
                 Err(TrySendError::Closed(_)) => false,
             });
         self.watchers.len()
+    }
+}
+
+impl Hub {
+    /// Rooms held in memory on this instance, with or without members.
+    pub fn rooms_held(&self) -> usize {
+        self.lock().rooms.len()
+    }
+
+    /// Evicts every room with no member and no reader that has not been used
+    /// for `idle`; returns how many went.
+    ///
+    /// The bus forgets a room before the hub does, and a room that came back
+    /// into use meanwhile is watched again from the hub's last seq, so no
+    /// interleaving with a join or a new reader loses its messages.
+    pub async fn evict_idle_rooms(&self, idle: Duration) -> usize {
+        let now = Instant::now();
+        let candidates: Vec<RoomName> = self
+            .lock()
+            .rooms
+            .iter_mut()
+            .filter_map(|(name, room)| room.idle(now, idle).then(|| name.clone()))
+            .collect();
+        if candidates.is_empty() {
+            return 0;
+        }
+        // A ring re-read from storage must not miss messages still queued in
+        // the batching writer.
+        if tokio::time::timeout(SETTLE, self.shared.bus.settled())
+            .await
+            .is_err()
+        {
+            tracing::debug!("storage is behind; idle rooms are kept for now");
+            return 0;
+        }
+        for room in &candidates {
+            self.shared.bus.unwatch(room).await;
+        }
+        let mut revived = Vec::new();
+        let mut evicted = 0;
+        {
+            let mut state = self.lock();
+            let rooms = &mut state.rooms;
+            for name in candidates {
+                let Some(room) = rooms.get_mut(&name) else {
+                    continue;
+                };
+                if room.idle(now, idle) {
+                    rooms.remove(&name);
+                    evicted += 1;
+                } else {
+                    revived.push((name, room.history.last_seq()));
+                }
+            }
+            // Give back the table's memory after a wave of rooms has gone.
+            let keep = rooms.len() * 2;
+            rooms.shrink_to(keep);
+        }
+        for (room, delivered) in revived {
+            self.shared.bus.watch(&room, delivered).await;
+        }
+        evicted
+    }
+
+    /// Evicts idle rooms every `idle / 2` (at least every 100 ms) until
+    /// `stop` fires.
+    pub async fn sweep_rooms(self, idle: Duration, stop: CancellationToken) {
+        let mut every = tokio::time::interval((idle / 2).max(Duration::from_millis(100)));
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = every.tick() => {}
+            }
+            let evicted = self.evict_idle_rooms(idle).await;
+            if evicted > 0 {
+                tracing::debug!(evicted, held = self.rooms_held(), "idle rooms evicted");
+            }
+        }
     }
 }

@@ -32,6 +32,17 @@ pub enum EndReason {
     Expired,
 }
 
+impl fmt::Display for EndReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            EndReason::Quit => "quit",
+            EndReason::SlowConsumer => "slow consumer",
+            EndReason::Shutdown => "shutdown",
+            EndReason::Expired => "expired",
+        })
+    }
+}
+
 /// Where the events a command produces for its own caller go.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Replies {

@@ -12,7 +12,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::Hub;
 use super::event::{ErrorCode, Event, Message};
-use super::history::{History, RING};
+use super::history::RING;
 use super::names::{Refusal, RoomName};
 use super::rooms::{Room, Watcher};
 
@@ -53,10 +53,11 @@ impl Hub {
             if state.closed {
                 return Err(shutting_down());
             }
-            let entry = state.rooms.entry(room.clone()).or_insert_with(|| Room {
-                history: History::from_stored(stored.into_iter().map(Arc::new)),
-                ..Room::default()
-            });
+            let entry = state
+                .rooms
+                .entry(room.clone())
+                .or_insert_with(|| Room::new(stored));
+            entry.touch();
             // Readers of a quiet room that have gone away are forgotten here,
             // not only at its next event.
             entry.watchers.retain(|w| !w.events.is_closed());

@@ -39,6 +39,14 @@ pub enum StoreError {
     /// The database refused or could not be reached.
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
+    /// The database server could not be reached at start.
+    #[error("could not reach the database at {target}: {cause}; is it running, and is --db right?")]
+    Unreachable {
+        /// `host:port`.
+        target: String,
+        /// What the connection attempt said (e.g. connection refused).
+        cause: String,
+    },
     /// Migrations could not be applied.
     #[error("could not apply migrations: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),

@@ -4,15 +4,20 @@
 //! per transaction.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::Connection;
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
 
 use super::keys::Pruner;
 use super::rows::{StoredRow, insert_batch, insert_once, messages, sql_seq};
 use super::seqs;
 use super::{Store, StoreError};
 use crate::core::{IdempotencyKey, Message, RoomName};
+
+/// How long the daemon waits for PostgreSQL at start before giving up.
+const FIRST_CONNECT: Duration = Duration::from_secs(5);
 
 /// PostgreSQL allows 65,535 bound parameters; seven per row.
 const ROWS_PER_INSERT: usize = 5_000;
@@ -28,6 +33,7 @@ pub struct PostgresStore {
 impl PostgresStore {
     /// Connects and migrates.
     pub async fn open(options: PgConnectOptions) -> Result<Self, StoreError> {
+        probe(&options).await?;
         let pool = PgPoolOptions::new()
             .max_connections(8)
             .connect_with(options)
@@ -42,6 +48,27 @@ impl PostgresStore {
     /// The pool, for the poll bus that shares this database.
     pub fn pool(&self) -> &PgPool {
         &self.pool
+    }
+}
+
+/// One direct connection before the pool is built. A pool retries a refused
+/// connection until its 30 s acquire timeout and then says only "pool timed
+/// out"; a daemon that cannot start should say why, at once.
+async fn probe(options: &PgConnectOptions) -> Result<(), StoreError> {
+    let target = format!("{}:{}", options.get_host(), options.get_port());
+    match tokio::time::timeout(FIRST_CONNECT, PgConnection::connect_with(options)).await {
+        Ok(Ok(connection)) => {
+            let _ = connection.close().await;
+            Ok(())
+        }
+        Ok(Err(err)) => Err(StoreError::Unreachable {
+            target,
+            cause: err.to_string(),
+        }),
+        Err(_) => Err(StoreError::Unreachable {
+            target,
+            cause: format!("no answer within {} s", FIRST_CONNECT.as_secs()),
+        }),
     }
 }
 

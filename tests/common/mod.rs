@@ -45,14 +45,21 @@ impl Daemon {
     /// A `--tcp` or `--http` in `args` replaces the free port (a restart on
     /// the same address).
     pub async fn start(args: &[&str]) -> Daemon {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_baby-discord"));
+        let mut argv = Vec::new();
         for flag in ["--tcp", "--http"] {
             if !args.contains(&flag) {
-                command.args([flag, "127.0.0.1:0"]);
+                argv.extend([flag, "127.0.0.1:0"]);
             }
         }
-        let mut child = command
-            .args(args)
+        argv.extend_from_slice(args);
+        Daemon::start_argv(&argv).await
+    }
+
+    /// Starts a daemon with exactly the command line `argv` (after the program
+    /// name), which must pick free ports itself.
+    pub async fn start_argv(argv: &[&str]) -> Daemon {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_baby-discord"))
+            .args(argv)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())

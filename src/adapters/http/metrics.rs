@@ -164,6 +164,22 @@ impl Collector for Snapshot {
             "Rooms with members on this instance",
             rooms as i64,
         )?;
+        gauge(
+            &mut encoder,
+            "rooms_held",
+            "Rooms held in memory, with or without members (idle ones are evicted)",
+            s.hub.rooms_held() as i64,
+        )?;
+        // Where /proc exists: what the process costs, on the same page as
+        // what it holds.
+        if let Ok(sample) = crate::bench::procfs::Sample::read(std::process::id()) {
+            gauge(
+                &mut encoder,
+                "process_resident_memory_bytes",
+                "Resident memory of this process",
+                (sample.rss_kib * 1024) as i64,
+            )?;
+        }
 
         let stats = s.hub.stats();
         counter(

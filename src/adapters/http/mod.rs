@@ -33,6 +33,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 
 use super::peers::Peers;
 use crate::core::Hub;
@@ -41,6 +42,11 @@ use routes::Routes;
 use sessions::Sessions;
 
 pub use sessions::new_token;
+
+#[cfg(feature = "fuzzing")]
+pub(crate) use routes::check_bodies;
+#[cfg(feature = "fuzzing")]
+pub(crate) use sse::parse_room_id;
 
 /// How long open connections get to finish once the daemon stops.
 const DRAIN: Duration = Duration::from_secs(2);
@@ -196,7 +202,7 @@ impl HttpAdapter {
                 open.fetch_sub(1, Ordering::Relaxed);
                 drop(permit);
                 drop(address_permit);
-            });
+            }.instrument(tracing::info_span!("http", %peer)));
         }
     }
 }

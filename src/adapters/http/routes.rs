@@ -245,6 +245,56 @@ struct MessageBody {
     text: String,
 }
 
+/// Parses a JSON body; an empty one reads as `{}` when `empty_ok`.
+fn decode_json<T: for<'de> Deserialize<'de>>(bytes: &[u8], empty_ok: bool) -> Result<T, Failure> {
+    let bytes: &[u8] = if empty_ok && bytes.iter().all(u8::is_ascii_whitespace) {
+        b"{}"
+    } else {
+        bytes
+    };
+    serde_json::from_slice(bytes).map_err(|err| Failure::bad(format!("bad JSON: {err}")))
+}
+
+/// Runs `bytes` through every body decoder and the checks the handlers apply
+/// before anything reaches the hub, as the fuzz target needs them. A refusal
+/// must be a client error: a 5xx here would blame the server for bad input.
+#[cfg(feature = "fuzzing")]
+pub(crate) fn check_bodies(bytes: &[u8], max_text: usize) {
+    let client_error = |f: &Failure| {
+        assert!(f.0.is_client_error(), "{} for bad input", f.0);
+    };
+    match decode_json::<ConnectBody>(bytes, true) {
+        Ok(body) => {
+            if let Some(nick) = body
+                .nick
+                .as_deref()
+                .map(str::trim)
+                .filter(|n| !n.is_empty())
+            {
+                let _ = Nick::parse(nick).map_err(|r| client_error(&Failure::refused(r)));
+            }
+        }
+        Err(f) => client_error(&f),
+    }
+    match decode_json::<CommandBody>(bytes, false) {
+        Ok(body) => {
+            let _ = crate::core::parse(&body.line, max_text)
+                .map_err(|r| client_error(&Failure::refused(r)));
+        }
+        Err(f) => client_error(&f),
+    }
+    match decode_json::<MessageBody>(bytes, false) {
+        Ok(body) => {
+            if let Some(room) = body.room.as_deref().filter(|r| !r.is_empty()) {
+                let _ = RoomName::parse(room).map_err(|r| client_error(&Failure::refused(r)));
+            }
+            let _ =
+                Text::parse(&body.text, max_text).map_err(|r| client_error(&Failure::refused(r)));
+        }
+        Err(f) => client_error(&f),
+    }
+}
+
 impl Routes {
     /// Answers one request.
     pub async fn handle(
@@ -337,12 +387,7 @@ impl Routes {
         empty_ok: bool,
     ) -> Result<T, Failure> {
         let bytes = self.body(req).await?;
-        let bytes: &[u8] = if empty_ok && bytes.iter().all(u8::is_ascii_whitespace) {
-            b"{}"
-        } else {
-            &bytes
-        };
-        serde_json::from_slice(bytes).map_err(|err| Failure::bad(format!("bad JSON: {err}")))
+        decode_json(&bytes, empty_ok)
     }
 
     /// The session a request names: `Authorization: Bearer TOKEN` or `?session=TOKEN`.
@@ -408,7 +453,7 @@ impl Routes {
                 "too many sessions; try again later",
             ));
         }
-        tracing::debug!(session = %id, %nick, "http session opened");
+        tracing::info!(session = %id, %nick, "http session opened");
         let body = Connected {
             session: &token,
             nick: &nick,

@@ -16,6 +16,7 @@ use tokio::sync::{OwnedMutexGuard, mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 
 use super::resend::Memory;
 use crate::core::{EndReason, Event, Hub, SessionHandle, SessionId};
@@ -148,13 +149,12 @@ impl Sessions {
             }
             table.insert(token.clone(), session.clone());
         }
-        tracker.spawn(supervise(
-            self.clone(),
-            hub.clone(),
-            token,
-            session.clone(),
-            ended,
-        ));
+        // The session outlives the request that opened it: its own span, so
+        // its end is logged under its id.
+        let span = tracing::info_span!("http_session", session = %id);
+        tracker.spawn(
+            supervise(self.clone(), hub.clone(), token, session.clone(), ended).instrument(span),
+        );
         Ok(session)
     }
 
@@ -258,11 +258,11 @@ async fn supervise(
             reason = &mut ended => break reason.unwrap_or(EndReason::Quit),
             _ = detached.changed() => {}
             _ = expiry => {
-                tracing::debug!(session = %session.id, "http session expired");
                 hub.disconnect(session.id, EndReason::Expired);
             }
         }
     };
+    tracing::info!(%reason, "http session ended");
     sessions.remove(&token);
     session.ended.send_replace(Some(reason));
     // Wake a stream stuck waiting for events so it sees the end.
