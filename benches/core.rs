@@ -54,7 +54,14 @@ fn hub_with_room(
                 .connect(None, Replies::Outbox, None)
                 .await
                 .expect("a session");
-            hub.handle(session.id, Command::Join(room.clone())).await;
+            hub.handle(
+                session.id,
+                Command::Join {
+                    room: room.clone(),
+                    after: None,
+                },
+            )
+            .await;
             queues.push(session.events);
         }
         for q in &mut queues {

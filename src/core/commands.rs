@@ -7,7 +7,7 @@
 //! ```text
 //! hello             say "hello" in the current room
 //! //etc/passwd      say "/etc/passwd" (a leading // escapes one /)
-//! /nick NAME        /join ROOM        /leave [ROOM]     /switch ROOM
+//! /nick NAME        /join ROOM [SEQ]  /leave [ROOM]     /switch ROOM
 //! /rooms            /who [ROOM]       /msg NICK TEXT    /me TEXT
 //! /history [N]      /format text|json /help             /quit
 //! ```
@@ -29,8 +29,14 @@ pub enum Command {
     Me(Text),
     /// `/nick NAME`.
     Nick(Nick),
-    /// `/join ROOM`.
-    Join(RoomName),
+    /// `/join ROOM [SEQ]`: join, then replay the room's last messages or,
+    /// with `after`, every message after that seq (a client's own cursor).
+    Join {
+        /// The room to join.
+        room: RoomName,
+        /// Resume after this seq instead of replaying the last ten.
+        after: Option<u64>,
+    },
     /// `/leave [ROOM]`; `None` is the current room.
     Leave(Option<RoomName>),
     /// `/switch ROOM`.
@@ -58,8 +64,8 @@ pub const HELP: &[HelpLine] = &[
         help: "change your nick",
     },
     HelpLine {
-        usage: "/join ROOM",
-        help: "join a room (created if new) and make it current",
+        usage: "/join ROOM [SEQ]",
+        help: "join a room (created if new) and make it current; with SEQ, replay every message after it",
     },
     HelpLine {
         usage: "/leave [ROOM]",
@@ -127,7 +133,7 @@ pub fn parse(line: &str, max_text: usize) -> Result<Option<Command>, Refusal> {
     };
     let command = match name.to_ascii_lowercase().as_str() {
         "nick" => Command::Nick(Nick::parse(one(args, "/nick NAME")?)?),
-        "join" => Command::Join(RoomName::parse(one(args, "/join ROOM")?)?),
+        "join" => join(args)?,
         "leave" => Command::Leave(
             optional(args, "/leave [ROOM]")?
                 .map(RoomName::parse)
@@ -175,6 +181,26 @@ pub fn parse(line: &str, max_text: usize) -> Result<Option<Command>, Refusal> {
         _ => return Err(unknown(name)),
     };
     Ok(Some(command))
+}
+
+/// `/join ROOM [SEQ]`: a seq is a whole number (0 replays from the start).
+fn join(args: &str) -> Result<Command, Refusal> {
+    let usage = "/join ROOM [SEQ]";
+    let mut words = args.split(' ').filter(|w| !w.is_empty());
+    let (Some(room), seq, None) = (words.next(), words.next(), words.next()) else {
+        return Err(bad(usage));
+    };
+    let after = match seq {
+        None => None,
+        Some(seq) => Some(
+            seq.parse::<u64>()
+                .map_err(|_| bad("/join ROOM [SEQ] with SEQ a whole number"))?,
+        ),
+    };
+    Ok(Command::Join {
+        room: RoomName::parse(room)?,
+        after,
+    })
 }
 
 fn bad(usage: &str) -> Refusal {
@@ -253,7 +279,17 @@ mod tests {
         assert_eq!(ok("/nick Al"), Command::Nick(Nick::parse("Al").unwrap()));
         assert_eq!(
             ok("/join #General"),
-            Command::Join(RoomName::parse("general").unwrap())
+            Command::Join {
+                room: RoomName::parse("general").unwrap(),
+                after: None
+            }
+        );
+        assert_eq!(
+            ok("/join general  42 "),
+            Command::Join {
+                room: RoomName::parse("general").unwrap(),
+                after: Some(42)
+            }
         );
         assert_eq!(ok("/leave"), Command::Leave(None));
         assert_eq!(
@@ -284,7 +320,13 @@ mod tests {
         assert_eq!(ok("/format text"), Command::Format(Format::Text));
         assert_eq!(ok("/help"), Command::Help);
         assert_eq!(ok("/quit"), Command::Quit);
-        assert_eq!(ok("/JOIN x"), Command::Join(RoomName::parse("x").unwrap()));
+        assert_eq!(
+            ok("/JOIN x 0"),
+            Command::Join {
+                room: RoomName::parse("x").unwrap(),
+                after: Some(0)
+            }
+        );
     }
 
     #[test]
@@ -296,6 +338,13 @@ mod tests {
         assert_eq!(code("/nick a.b"), ErrorCode::InvalidNick);
         assert_eq!(code("/join"), ErrorCode::BadArguments);
         assert_eq!(code("/join #"), ErrorCode::InvalidRoom);
+        assert_eq!(code("/join x -1"), ErrorCode::BadArguments);
+        assert_eq!(code("/join x 1.5"), ErrorCode::BadArguments);
+        assert_eq!(
+            code("/join x 99999999999999999999"),
+            ErrorCode::BadArguments
+        );
+        assert_eq!(code("/join x 1 2"), ErrorCode::BadArguments);
         assert_eq!(code("/msg bob"), ErrorCode::BadArguments);
         assert_eq!(code("/msg b.b hi"), ErrorCode::InvalidNick);
         assert_eq!(code("/me"), ErrorCode::BadArguments);

@@ -8,6 +8,7 @@
 //! `.await`, and events reach sessions through bounded outboxes with
 //! `try_send`, so no client can make the core wait.
 
+mod catchup;
 mod commands;
 mod event;
 mod history;
@@ -38,12 +39,26 @@ pub use watch::RoomWatch;
 
 use crate::bus::{Bus, Deliver, Envelope, Presence};
 use crate::store::Store;
+use catchup::{CatchUp, MAX_CATCH_UP};
 use rooms::Room;
 use router::{Undeliverable, fan_out};
 use sessions::Session;
 
 /// How many guest nicks a new session draws before giving up.
 const GUEST_DRAWS: usize = 16;
+/// How many times a resuming join reads storage before it announces, as a
+/// gap, messages that keep arriving faster than it can read them.
+const CATCH_UP_READS: usize = 3;
+/// Queue slots a TCP client's catch-up leaves free (its `join`, gaps, and
+/// whatever arrives next).
+const CATCH_UP_RESERVE: usize = 8;
+
+/// A resuming join's read was overtaken by more messages than the ring holds.
+struct Torn;
+
+/// A new membership for the directory: the room, the nick, and the last seq
+/// delivered here (where the bus picks up).
+type Joined = (RoomName, Nick, u64);
 
 impl Deliver for Hub {
     /// Delivers what the bus carries to the local sessions it concerns.
@@ -310,7 +325,7 @@ impl Hub {
             Command::Say(text) => self.say_answer(id, text, MessageKind::Text).await,
             Command::Me(text) => self.say_answer(id, text, MessageKind::Action).await,
             Command::Nick(nick) => self.rename(id, nick).await,
-            Command::Join(room) => self.join(id, room).await,
+            Command::Join { room, after } => self.join(id, room, after).await,
             Command::Leave(room) => self.leave(id, room).await,
             Command::Switch(room) => self.switch(id, room),
             Command::Rooms => match self.room_list().await {
@@ -486,15 +501,40 @@ impl Hub {
         Answer(vec![(event, Delivery::Echo)])
     }
 
-    async fn join(&self, id: SessionId, room: RoomName) -> Answer {
+    async fn join(&self, id: SessionId, room: RoomName, after: Option<u64>) -> Answer {
         // The first use of a room seeds its ring from storage, outside the lock.
         let known = self.lock().rooms.contains_key(&room);
-        let stored = if known {
+        let mut stored = if known {
             Vec::new()
         } else {
             self.stored_ring(&room).await
         };
-        let (answer, joined) = self.apply_join(id, room, stored);
+        let mut catch_up: Option<CatchUp> = None;
+        let mut reads = 0;
+        let (answer, joined) = loop {
+            // A resuming join reads what the client missed, also outside the
+            // lock; a second read only fetches what arrived since the first.
+            if let Some(after) = after {
+                let read = match &catch_up {
+                    None => self.catch_up(&room, after).await,
+                    Some(earlier) => self.catch_up(&room, earlier.read_end()).await,
+                };
+                match read {
+                    Ok(read) => match &mut catch_up {
+                        None => catch_up = Some(read),
+                        Some(earlier) => earlier.extend(read),
+                    },
+                    Err(refusal) => return Answer::refusal(refusal),
+                }
+            }
+            reads += 1;
+            let last_read = reads == CATCH_UP_READS;
+            let seed = std::mem::take(&mut stored);
+            match self.apply_join(id, room.clone(), seed, catch_up.as_ref(), last_read) {
+                Ok(done) => break done,
+                Err(Torn) => continue,
+            }
+        };
         if let (Some((room, nick, delivered)), Some(directory)) =
             (joined, self.shared.bus.directory())
         {
@@ -506,53 +546,88 @@ impl Hub {
     }
 
     /// The locked part of a join; also returns what the directory must record.
+    /// With `catch_up`, the replay is everything after the client's cursor
+    /// instead of the ring; `Err(Torn)` asks for a fresh read (unless
+    /// `last_read`) when more messages arrived since the read than the ring holds.
     fn apply_join(
         &self,
         id: SessionId,
         room: RoomName,
         stored: Vec<Message>,
-    ) -> (Answer, Option<(RoomName, Nick, u64)>) {
+        catch_up: Option<&CatchUp>,
+        last_read: bool,
+    ) -> Result<(Answer, Option<Joined>), Torn> {
         let mut state = self.lock();
         let State {
             sessions, rooms, ..
         } = &mut *state;
         let Some(session) = sessions.get_mut(&id) else {
-            return (Answer::default(), None);
+            return Ok((Answer::default(), None));
         };
         let entry = rooms.entry(room.clone()).or_insert_with(|| Room {
             members: BTreeSet::new(),
             history: History::from_stored(stored.into_iter().map(Arc::new)),
             watchers: Vec::new(),
         });
+        let outbox = session.replies == Replies::Outbox;
+        // What follows the join: the ring, or all the client missed.
+        let replay: Vec<Event> = match catch_up {
+            None => entry.history.iter().cloned().map(Event::message).collect(),
+            Some(catch_up) => {
+                // A TCP client's replay must fit its queue, or it would be
+                // dropped as a slow consumer for asking.
+                let cap = if outbox {
+                    session.outbox.capacity().saturating_sub(CATCH_UP_RESERVE)
+                } else {
+                    MAX_CATCH_UP
+                };
+                let plan = catch_up.plan(entry.history.iter(), cap.min(MAX_CATCH_UP));
+                if plan.torn && !last_read {
+                    return Err(Torn);
+                }
+                plan.items
+                    .into_iter()
+                    .map(|i| i.into_event(&room))
+                    .collect()
+            }
+        };
         session.current = Some(room.clone());
-        if session.rooms.contains(&room) {
-            return (Answer::reply(Reply::Switch { room }), None);
+        let member = !session.rooms.insert(room.clone());
+        if member && catch_up.is_none() {
+            return Ok((Answer::reply(Reply::Switch { room }), None));
         }
-        session.rooms.insert(room.clone());
-        entry.members.insert(id);
-        let room_name = room.clone();
         let nick = session.nick.clone();
-        let event = Event::new(EventBody::Join {
-            room,
-            nick: session.nick.clone(),
-        });
         let mut failed = Undeliverable::default();
-        fan_out(sessions, &entry.members, &event, &mut failed);
-        entry.notify_watchers(&event);
-        let mut answer = Answer(vec![(event, Delivery::Echo)]);
+        let mut answer = Answer::default();
+        let mut joined = None;
+        if member {
+            // Resuming a room it is in: a reply, then the replay.
+            let reply = Event::new(EventBody::Reply(Reply::Switch { room: room.clone() }));
+            if outbox {
+                fan_out(sessions, [&id], &reply, &mut failed);
+            }
+            answer.0.push((reply, Delivery::Echo));
+        } else {
+            entry.members.insert(id);
+            let event = Event::new(EventBody::Join {
+                room: room.clone(),
+                nick: nick.clone(),
+            });
+            fan_out(sessions, &entry.members, &event, &mut failed);
+            entry.notify_watchers(&event);
+            answer.0.push((event, Delivery::Echo));
+            joined = Some((room, nick, entry.history.last_seq()));
+        }
         // The replay goes out under the same lock as the join: a message
-        // delivered meanwhile would otherwise overtake the last ten.
-        let outbox = sessions.get(&id).map(|s| s.replies) == Some(Replies::Outbox);
-        for message in entry.history.iter() {
-            let replayed = Event::message(message.clone());
+        // delivered meanwhile would otherwise overtake it.
+        for replayed in replay {
             if outbox {
                 fan_out(sessions, [&id], &replayed, &mut failed);
             }
             answer.0.push((replayed, Delivery::Echo));
         }
-        let delivered = entry.history.last_seq();
         self.reap(&mut state, failed);
-        (answer, Some((room_name, nick, delivered)))
+        Ok((answer, joined))
     }
 
     async fn leave(&self, id: SessionId, room: Option<RoomName>) -> Answer {

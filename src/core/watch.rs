@@ -166,7 +166,7 @@ impl Hub {
     }
 
     /// A copy of the room's ring, oldest first (empty if the room is unknown).
-    fn ring(&self, room: &RoomName) -> Vec<Arc<Message>> {
+    pub(super) fn ring(&self, room: &RoomName) -> Vec<Arc<Message>> {
         self.lock()
             .rooms
             .get(room)

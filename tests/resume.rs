@@ -1,0 +1,245 @@
+//! Resuming, against the real binary: `/join ROOM SEQ` (a client that carries
+//! its own cursor, on any instance) and SSE streams that reconnect with
+//! `Last-Event-ID`. Every resume is gap-free, or announces the gap.
+
+mod common;
+
+use std::time::Duration;
+
+use common::http::Http;
+use common::{Client, Daemon, PgDatabase, WAIT, sqlite_url, temp_dir};
+use serde_json::Value;
+
+/// One daemon on a fresh SQLite file, with `extra` arguments.
+async fn daemon(extra: &[&str]) -> (Daemon, tempfile::TempDir) {
+    let dir = temp_dir();
+    let db = sqlite_url(&dir);
+    let mut args = vec!["--db", db.as_str()];
+    args.extend_from_slice(extra);
+    (Daemon::start(&args).await, dir)
+}
+
+/// Sends `texts` and waits for the sender's own copy of the last one, so they
+/// are all sequenced.
+async fn say(client: &mut Client, texts: impl IntoIterator<Item = String>) -> u64 {
+    let mut last = None;
+    for text in texts {
+        client.send(&text).await;
+        last = Some(text);
+    }
+    let last = last.expect("something to say");
+    let v = client
+        .expect(|v| v["type"] == "message" && v["text"] == last.as_str())
+        .await;
+    v["seq"].as_u64().unwrap()
+}
+
+/// What a client got after its `join`: `message` seqs and `gap` ranges, in
+/// order, until it has the message with seq `until`.
+async fn replay_until(client: &mut Client, until: u64) -> Vec<Value> {
+    let mut got = Vec::new();
+    loop {
+        let v = client.event().await;
+        match v["type"].as_str() {
+            Some("message") => {
+                let seq = v["seq"].as_u64().unwrap();
+                got.push(v);
+                if seq >= until {
+                    return got;
+                }
+            }
+            Some("gap") => got.push(v),
+            _ => {}
+        }
+    }
+}
+
+fn seqs(events: &[Value]) -> Vec<u64> {
+    events
+        .iter()
+        .filter(|v| v["type"] == "message")
+        .map(|v| v["seq"].as_u64().unwrap())
+        .collect()
+}
+
+#[tokio::test]
+async fn join_with_a_seq_replays_every_message_after_it_then_live_ones() {
+    let (d, _dir) = daemon(&[]).await;
+    let mut bob = Client::in_room(d.tcp, "bob", "general").await;
+    let last = say(&mut bob, (1..=15).map(|i| format!("m{i}"))).await;
+    assert_eq!(last, 15);
+
+    // Beyond the ring of ten: the first five come from storage.
+    let mut carol = Client::json(d.tcp, "carol").await;
+    carol.send("/join general 2").await;
+    let join = carol.event().await;
+    assert_eq!(
+        (join["type"].as_str(), join["nick"].as_str()),
+        (Some("join"), Some("carol"))
+    );
+    let got = replay_until(&mut carol, 15).await;
+    assert_eq!(seqs(&got), (3..=15).collect::<Vec<_>>(), "{got:?}");
+    assert!(
+        got.iter().all(|v| v["type"] == "message"),
+        "no gap: {got:?}"
+    );
+    bob.send("live").await;
+    let live = carol.expect(|v| v["type"] == "message").await;
+    assert_eq!(
+        (live["seq"].as_u64(), live["text"].as_str()),
+        (Some(16), Some("live"))
+    );
+
+    // A cursor at or above the room's seq replays nothing, and does not mute.
+    let mut dave = Client::json(d.tcp, "dave").await;
+    dave.send("/join general 999999999").await;
+    dave.expect(|v| v["type"] == "join" && v["nick"] == "dave")
+        .await;
+    bob.send("after dave").await;
+    let next = dave.expect(|v| v["type"] == "message").await;
+    assert_eq!(
+        (next["seq"].as_u64(), next["text"].as_str()),
+        (Some(17), Some("after dave"))
+    );
+
+    // A member resuming again gets a reply, then the replay.
+    carol.send("/join general 14").await;
+    carol
+        .expect(|v| v["type"] == "reply" && v["command"] == "switch")
+        .await;
+    let again = replay_until(&mut carol, 17).await;
+    assert_eq!(seqs(&again), [15, 16, 17]);
+}
+
+#[tokio::test]
+async fn join_with_a_seq_sends_at_most_a_thousand_after_one_gap() {
+    let (d, _dir) = daemon(&["--rate", "0"]).await;
+    let mut bob = Client::in_room(d.tcp, "bob", "general").await;
+    let last = say(&mut bob, (1..=1_010).map(|i| format!("m{i}"))).await;
+    assert_eq!(last, 1_010);
+
+    let mut carol = Client::json(d.tcp, "carol").await;
+    carol.send("/join general 0").await;
+    carol
+        .expect(|v| v["type"] == "join" && v["nick"] == "carol")
+        .await;
+    let got = replay_until(&mut carol, 1_010).await;
+    assert_eq!(got[0]["type"], "gap", "the older part first: {}", got[0]);
+    assert_eq!(
+        (
+            got[0]["room"].as_str(),
+            got[0]["from_seq"].as_u64(),
+            got[0]["to_seq"].as_u64()
+        ),
+        (Some("general"), Some(1), Some(10))
+    );
+    assert_eq!(seqs(&got), (11..=1_010).collect::<Vec<_>>());
+    assert_eq!(got.len(), 1_001, "one gap and the newest 1,000");
+}
+
+#[tokio::test]
+async fn join_with_a_seq_over_http_answers_the_replay() {
+    let (d, _dir) = daemon(&[]).await;
+    let http = Http::new(d.http);
+    let mut bob = Client::in_room(d.tcp, "bob", "general").await;
+    say(&mut bob, (1..=12).map(|i| format!("m{i}"))).await;
+
+    let (alice, _) = http.connect(Some("alice")).await;
+    let reply = http.command(&alice, "/join #general 1").await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let events = reply.json()["events"].as_array().unwrap().clone();
+    assert_eq!(events[0]["type"], "join");
+    assert_eq!(seqs(&events[1..]), (2..=12).collect::<Vec<_>>());
+    assert_eq!(events.len(), 12, "nothing but the join and the replay");
+
+    let bad = http.command(&alice, "/join general x").await;
+    assert_eq!(bad.status, 400);
+    assert_eq!(bad.json()["code"], "bad-arguments");
+
+    // The help says how.
+    let help = http.command(&alice, "/help").await.json();
+    let usages: Vec<&str> = help["events"][0]["data"]["commands"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["usage"].as_str().unwrap())
+        .collect();
+    assert!(usages.contains(&"/join ROOM [SEQ]"), "{usages:?}");
+}
+
+#[tokio::test]
+async fn join_with_a_seq_goes_out_before_any_live_message() {
+    let (d, _dir) = daemon(&["--rate", "0"]).await;
+    let mut bob = Client::in_room(d.tcp, "bob", "general").await;
+    say(&mut bob, (1..=30).map(|i| format!("m{i}"))).await;
+    // Bob keeps talking while carol resumes: her replay and the live messages
+    // must meet with no gap and no duplicate.
+    let (_reader, mut writer) = bob.split();
+    let talker = tokio::spawn(async move {
+        use tokio::io::AsyncWriteExt;
+        for i in 31..=400 {
+            if writer
+                .write_all(format!("m{i}\n").as_bytes())
+                .await
+                .is_err()
+            {
+                break;
+            }
+            // A busy room: a hundred users at the rate limit.
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        writer
+    });
+    let mut carol = Client::json(d.tcp, "carol").await;
+    carol.send("/join general 5").await;
+    carol
+        .expect(|v| v["type"] == "join" && v["nick"] == "carol")
+        .await;
+    let got = replay_until(&mut carol, 400).await;
+    assert_eq!(seqs(&got), (6..=400).collect::<Vec<_>>());
+    assert!(got.iter().all(|v| v["type"] == "message"), "no gap");
+    let _ = talker.await;
+}
+
+#[tokio::test]
+async fn join_with_a_seq_resumes_on_another_instance() {
+    let Some(pg) = PgDatabase::create().await else {
+        return;
+    };
+    let cluster = format!("resume-{}", uuid::Uuid::now_v7().simple());
+    let mut daemons = Vec::new();
+    for name in ["i1", "i2"] {
+        let args = [
+            "--db",
+            &pg.url,
+            "--bus",
+            "poll",
+            "--poll-interval",
+            "20",
+            "--instance",
+            name,
+            "--cluster",
+            &cluster,
+            "--rate",
+            "0",
+        ];
+        daemons.push(Daemon::start(&args).await);
+    }
+    let mut bob = Client::in_room(daemons[0].tcp, "bob", "lobby").await;
+    say(&mut bob, (1..=25).map(|i| format!("m{i}"))).await;
+    // Carol's instance died after she saw seq 4; she re-joins on the other.
+    let mut carol = Client::json(daemons[1].tcp, "carol").await;
+    carol.send("/join lobby 4").await;
+    carol
+        .expect(|v| v["type"] == "join" && v["nick"] == "carol")
+        .await;
+    let got = replay_until(&mut carol, 25).await;
+    assert_eq!(seqs(&got), (5..=25).collect::<Vec<_>>());
+    bob.send("welcome back").await;
+    let live = tokio::time::timeout(WAIT, carol.expect(|v| v["type"] == "message"))
+        .await
+        .expect("live messages follow");
+    assert_eq!(live["seq"].as_u64(), Some(26));
+    drop(daemons);
+    pg.drop_now().await;
+}
