@@ -753,3 +753,76 @@ async fn a_room_stream_that_stops_reading_is_cut_off() {
     }
     drop(stuck);
 }
+
+#[tokio::test]
+async fn a_beacon_disconnect_frees_a_closed_tab_but_not_a_reloaded_one() {
+    let (d, _dir, http) = daemon(&[]).await;
+    let mut bob = Client::in_room(d.tcp, "bob", "general").await;
+    // sendBeacon cannot set headers: the token comes in the query string.
+    let beacon = async |token: &str, grace: &str| {
+        http.request(
+            Method::POST,
+            &format!("/disconnect?session={token}{grace}"),
+            &[],
+            None,
+        )
+        .await
+        .status
+    };
+
+    // Without `grace` it ends the session at once, as with a header.
+    let (dave, _sse) = joined(&http, "dave", "general").await;
+    assert_eq!(beacon(&dave, "").await, 204);
+    bob.expect(|v| v["type"] == "leave" && v["nick"] == "dave")
+        .await;
+    assert_eq!(http.command(&dave, "/rooms").await.status, 401);
+    let (alice, sse) = joined(&http, "alice", "general").await;
+    for bad in ["&grace=0", "&grace=11", "&grace=soon"] {
+        assert_eq!(beacon(&alice, bad).await, 400, "{bad}");
+    }
+
+    // A reload: the old page's beacon, then the new page's stream.
+    drop(sse);
+    assert_eq!(beacon(&alice, "&grace=1").await, 204);
+    let _reloaded = events(&http, &alice, None).await;
+    // A closed tab: the beacon, and nothing after it.
+    let (carol, sse) = joined(&http, "carol", "general").await;
+    drop(sse);
+    assert_eq!(beacon(&carol, "&grace=1").await, 204);
+    bob.expect(|v| v["type"] == "leave" && v["nick"] == "carol")
+        .await;
+    // Carol's grace ran out after alice's did, and alice is still there.
+    assert_eq!(http.command(&alice, "/who").await.status, 200);
+    assert_eq!(
+        http.post("/message", Some(&alice), &json!({"text": "still here"}))
+            .await
+            .status,
+        200
+    );
+    let next = bob
+        .expect(|v| v["type"] == "message" || v["type"] == "leave")
+        .await;
+    assert!(is_message(&next, "still here"), "{next}");
+}
+
+#[tokio::test]
+async fn a_disconnected_session_is_gone_when_the_answer_comes() {
+    let (_d, _dir, http) = daemon(&[]).await;
+    for i in 0..50 {
+        let (token, _) = http.connect(Some(&format!("u{i}"))).await;
+        let bye = http
+            .request(
+                Method::POST,
+                "/disconnect",
+                &[("authorization", &format!("Bearer {token}"))],
+                None,
+            )
+            .await;
+        assert_eq!(bye.status, 204);
+        assert_eq!(
+            http.command(&token, "/rooms").await.status,
+            401,
+            "session {i} still answers after its 204"
+        );
+    }
+}

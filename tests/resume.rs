@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::http::Http;
+use common::http::{Http, Sse};
 use common::{Client, Daemon, PgDatabase, WAIT, sqlite_url, temp_dir};
 use serde_json::Value;
 
@@ -242,4 +242,188 @@ async fn join_with_a_seq_resumes_on_another_instance() {
     assert_eq!(live["seq"].as_u64(), Some(26));
     drop(daemons);
     pg.drop_now().await;
+}
+
+// --- SSE session streams that reconnect -------------------------------------
+
+/// Opens a session's stream, resuming after `last` if given, past `retry:`.
+async fn events(http: &Http, token: &str, last: Option<&str>) -> Sse {
+    let mut sse = http.sse(&format!("/events?session={token}"), last).await;
+    let first = sse.frame().await.expect("a first frame");
+    assert_eq!(first.retry, Some(2000), "the stream starts with retry:");
+    sse
+}
+
+/// An HTTP session in `rooms`, with its stream open past the joins.
+async fn http_member(http: &Http, nick: &str, rooms: &[&str]) -> (String, Sse) {
+    let (token, _) = http.connect(Some(nick)).await;
+    let mut sse = events(http, &token, None).await;
+    for room in rooms {
+        let reply = http.command(&token, &format!("/join {room}")).await;
+        assert_eq!(reply.status, 200, "{}", reply.text());
+        sse.expect(|_, v| v["type"] == "join" && v["nick"] == nick && v["room"] == *room)
+            .await;
+    }
+    (token, sse)
+}
+
+/// `(room, seq)` of a message frame, or of a gap's last seq (`gap` true).
+fn place(v: &Value) -> Option<(String, u64, bool)> {
+    match v["type"].as_str()? {
+        "message" => Some((v["room"].as_str()?.to_owned(), v["seq"].as_u64()?, false)),
+        "gap" => Some((v["room"].as_str()?.to_owned(), v["to_seq"].as_u64()?, true)),
+        _ => None,
+    }
+}
+
+/// Reads room frames until `done` says so; returns `(room, seq, is_gap)`.
+async fn read_places(
+    sse: &mut Sse,
+    done: impl Fn(&[(String, u64, bool)]) -> bool,
+) -> Vec<(String, u64, bool)> {
+    let mut got = Vec::new();
+    while !done(&got) {
+        let f = sse.event().await;
+        if let Some(p) = place(&f.json()) {
+            got.push(p);
+        }
+    }
+    got
+}
+
+fn has(room: &str, seq: u64) -> impl Fn(&[(String, u64, bool)]) -> bool {
+    let room = room.to_owned();
+    move |got| got.iter().any(|(r, s, _)| *r == room && *s >= seq)
+}
+
+fn of_room(got: &[(String, u64, bool)], room: &str) -> Vec<u64> {
+    got.iter()
+        .filter(|(r, _, gap)| r == room && !gap)
+        .map(|(_, s, _)| *s)
+        .collect()
+}
+
+/// Issue 9, defect 2: frames replayed from storage were not remembered, so a
+/// second resume from one of them jumped back to memory and skipped the rest.
+#[tokio::test]
+async fn a_chained_resume_skips_nothing() {
+    let (d, _dir) = daemon(&["--rate", "0"]).await;
+    let http = Http::new(d.http);
+    let mut bob = Client::in_room(d.tcp, "bob", "chain").await;
+    let (alice, mut sse) = http_member(&http, "alice", &["chain"]).await;
+    say(&mut bob, (1..=5).map(|i| format!("m{i}"))).await;
+    read_places(&mut sse, has("chain", 5)).await;
+    drop(sse);
+    // Frames 1-5 were lost on the way; 6-20 wait in the session.
+    say(&mut bob, (6..=20).map(|i| format!("m{i}"))).await;
+
+    let mut first = events(&http, &alice, Some("chain:0")).await;
+    let got = read_places(&mut first, has("chain", 2)).await;
+    assert_eq!(of_room(&got, "chain"), [1, 2]);
+    drop(first); // dropped again after 2
+
+    let mut second = events(&http, &alice, Some("chain:2")).await;
+    let got = read_places(&mut second, has("chain", 20)).await;
+    assert_eq!(
+        of_room(&got, "chain"),
+        (3..=20).collect::<Vec<_>>(),
+        "{got:?}"
+    );
+    bob.send("m21").await;
+    let got = read_places(&mut second, has("chain", 21)).await;
+    assert_eq!(of_room(&got, "chain"), [21]);
+}
+
+/// Issue 9, defect 3: a session whose client is older than the session's
+/// memory resumes every room it is in, not only the one its id names.
+#[tokio::test]
+async fn a_session_resumes_every_room() {
+    let (d, _dir) = daemon(&["--rate", "0"]).await;
+    let http = Http::new(d.http);
+    let rooms = ["a", "b", "c"];
+    let mut bobs = Vec::new();
+    for room in rooms {
+        bobs.push(Client::in_room(d.tcp, &format!("bob-{room}"), room).await);
+    }
+    let (alice, sse) = http_member(&http, "alice", &rooms).await;
+    for bob in &mut bobs {
+        say(bob, ["first".to_owned()]).await;
+    }
+    let mut sse = sse;
+    let got = read_places(&mut sse, |g| g.len() == 3).await;
+    let last = sse.last_id.clone().unwrap();
+    assert!(got.iter().all(|(_, s, _)| *s == 1), "{got:?}");
+    // The stream stalls: 1,200 frames leave the server but never reach the
+    // client (this test reads and discards them), more than a session
+    // remembers. Then the client comes back with the last id it saw.
+    let (sent, mut sse) = {
+        let reader = tokio::spawn(async move {
+            read_places(&mut sse, |g| ["a", "b", "c"].iter().all(|r| has(r, 401)(g))).await;
+            sse
+        });
+        for bob in &mut bobs {
+            say(bob, (2..=401).map(|i| format!("m{i}"))).await;
+        }
+        (401, reader.await.unwrap())
+    };
+    drop(sse.last_id.take());
+    drop(sse);
+
+    let mut resumed = events(&http, &alice, Some(&last)).await;
+    let got = read_places(&mut resumed, |g| rooms.iter().all(|r| has(r, sent)(g))).await;
+    for room in rooms {
+        let seqs = of_room(&got, room);
+        // Every message after the client's position, in order; a room other
+        // than the named one may repeat its first (the client had it).
+        let from = seqs[0];
+        assert!(from <= 2, "#{room} starts at {from}: {seqs:?}");
+        assert_eq!(seqs, (from..=sent).collect::<Vec<_>>(), "#{room}");
+    }
+    assert!(
+        got.iter().all(|(_, _, gap)| !gap),
+        "nothing was lost: {got:?}"
+    );
+}
+
+/// Issue 11, defect 4: a `Last-Event-ID` above the room's seq is "nothing
+/// missed", on a room stream and on a session stream, and never sticks.
+#[tokio::test]
+async fn a_cursor_above_the_room_never_mutes_a_stream() {
+    let (d, _dir) = daemon(&[]).await;
+    let http = Http::new(d.http);
+    let mut bob = Client::in_room(d.tcp, "bob", "general").await;
+    say(&mut bob, (1..=3).map(|i| format!("m{i}"))).await;
+
+    let mut room = http
+        .sse("/messages/general", Some("general:999999999"))
+        .await;
+    let (alice, sse) = http_member(&http, "alice", &["general"]).await;
+    drop(sse);
+    let mut session = events(&http, &alice, Some("general:999999999")).await;
+    bob.send("live").await;
+    let f = room.expect(|_, v| v["type"] == "message").await;
+    assert_eq!(
+        (f.json()["seq"].as_u64(), f.json()["text"].as_str()),
+        (Some(4), Some("live"))
+    );
+    let f = session.expect(|_, v| v["type"] == "message").await;
+    assert_eq!(f.json()["seq"].as_u64(), Some(4));
+
+    // Not sticky: a later stream without the header gets everything,
+    // the session's own messages included.
+    drop(session);
+    let mut session = events(&http, &alice, None).await;
+    let reply = http
+        .post(
+            "/message",
+            Some(&alice),
+            &serde_json::json!({"text": "mine"}),
+        )
+        .await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let f = session.expect(|_, v| v["type"] == "message").await;
+    assert_eq!(
+        (f.json()["seq"].as_u64(), f.json()["text"].as_str()),
+        (Some(5), Some("mine"))
+    );
 }

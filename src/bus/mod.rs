@@ -14,6 +14,7 @@
 //! view of nicks and room membership. The local bus has none; the hub's own
 //! state is then the whole truth.
 
+mod gate;
 mod local;
 mod poll;
 
@@ -68,6 +69,38 @@ pub enum BusError {
     /// The bus's last attempt to reach the other instances failed.
     #[error("the bus cannot reach the other instances")]
     Unreachable,
+    /// The ordering authority is not answering: messages are refused (at
+    /// once, not after a wait) until it does.
+    #[error(
+        "the ordering authority has not answered for {for_secs} s ({cause}); messages are refused until it does"
+    )]
+    Down {
+        /// Since when, in seconds.
+        for_secs: u64,
+        /// The failure that shut the gate.
+        cause: String,
+    },
+}
+
+impl BusError {
+    /// Whether this failure says the authority cannot be reached (as opposed
+    /// to refusing one statement), so that the next attempts should not wait
+    /// for it.
+    pub fn is_unreachable(&self) -> bool {
+        match self {
+            BusError::Unreachable | BusError::Down { .. } => true,
+            BusError::Store(crate::store::StoreError::Database(err)) => matches!(
+                err,
+                sqlx::Error::Io(_)
+                    | sqlx::Error::Tls(_)
+                    | sqlx::Error::Protocol(_)
+                    | sqlx::Error::PoolTimedOut
+                    | sqlx::Error::PoolClosed
+                    | sqlx::Error::WorkerCrashed
+            ),
+            BusError::Store(_) | BusError::Closed => false,
+        }
+    }
 }
 
 /// Which bus `--bus` asked for.

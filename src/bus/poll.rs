@@ -16,7 +16,7 @@
 //! statements use only `$N` parameters, integers and text, which both accept.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex as StdMutex};
 use std::time::Duration;
 
@@ -28,8 +28,10 @@ use tokio::sync::Mutex;
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
+use super::gate::{self, Gate};
 use super::{Bus, BusError, Deliver, Directory, Envelope, Presence};
 use crate::core::{DirectMessage, Draft, Message, Nick, RoomCount, RoomName, SessionId, Timestamp};
+use crate::store::keys::{self as idempotency, Pruner as KeyPruner};
 use crate::store::{Durability, Store};
 
 /// How long an instance may stay silent before its nicks are free again.
@@ -41,6 +43,9 @@ const HEARTBEAT: Duration = Duration::from_secs(2);
 const ROOMS_PER_QUERY: usize = 500;
 /// Most rows read per room per poll.
 const CATCH_UP: u32 = 1_000;
+/// Longest one poll (and heartbeat) may take before the database counts as
+/// unreachable. Generous: a poll may catch up on thousands of rows.
+const POLL_DEADLINE: Duration = Duration::from_secs(5);
 
 /// The poll bus of one instance.
 pub struct PollBus {
@@ -51,7 +56,11 @@ pub struct PollBus {
     /// Rooms watched and the last seq delivered in each. The lock also orders
     /// delivery between the poller and this instance's own publications.
     state: Arc<Mutex<Cursors>>,
-    healthy: Arc<AtomicBool>,
+    /// Shut while the database (the ordering authority) does not answer:
+    /// publishes are then refused at once instead of waiting.
+    gate: Arc<Gate>,
+    /// Deletes expired idempotency keys now and then.
+    pruner: KeyPruner,
     stop: CancellationToken,
     poller: StdMutex<Option<tokio::task::JoinHandle<()>>>,
 }
@@ -178,7 +187,8 @@ impl PollBus {
             store,
             interval,
             state: Arc::new(Mutex::new(Cursors::default())),
-            healthy: Arc::new(AtomicBool::new(true)),
+            gate: Arc::default(),
+            pruner: KeyPruner::default(),
             stop: CancellationToken::new(),
             poller: StdMutex::new(None),
         };
@@ -376,55 +386,27 @@ async fn poll_once(
     Ok(())
 }
 
-#[async_trait]
-impl Bus for PollBus {
-    fn name(&self) -> &'static str {
-        "poll"
-    }
+/// What numbering a draft came to.
+enum Sequenced {
+    /// Stored with the room's next seq.
+    New(Arc<Message>),
+    /// Its idempotency key was used by the same nick within the window:
+    /// nothing was stored; this is the first message sent with it.
+    Repeat(Message),
+}
 
-    fn start(&self, sink: Arc<dyn Deliver>) {
-        self.state
-            .try_lock()
-            .expect("start is called before anything else")
-            .sink = Some(sink);
-        let (database, store, state, healthy, stop) = (
-            self.db.clone(),
-            self.store.clone(),
-            self.state.clone(),
-            self.healthy.clone(),
-            self.stop.clone(),
-        );
-        let (instance, interval) = (self.instance.clone(), self.interval);
-        let task = tokio::spawn(async move {
-            let mut tick = tokio::time::interval(interval);
-            tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
-            let mut last_beat = Instant::now();
-            loop {
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    _ = tick.tick() => {}
-                }
-                let mut result = poll_once(&database, store.as_ref(), &state, &instance).await;
-                if result.is_ok() && last_beat.elapsed() >= HEARTBEAT {
-                    result = heartbeat(&database, &instance).await;
-                    last_beat = Instant::now();
-                }
-                let was = healthy.swap(result.is_ok(), Ordering::Relaxed);
-                match result {
-                    Err(err) if was => {
-                        tracing::error!(cause = %err, "poll bus: database unreachable")
-                    }
-                    Ok(()) if !was => tracing::info!("poll bus: database reachable again"),
-                    _ => {}
-                }
-            }
-        });
-        *self.poller.lock().expect("not poisoned") = Some(task);
-    }
-
-    async fn publish(&self, draft: Draft) -> Result<Arc<Message>, BusError> {
+impl PollBus {
+    /// Gives `draft` its room's next seq and stores it, in one transaction,
+    /// with its idempotency key if it has one.
+    async fn sequence(&self, draft: Draft) -> Result<Sequenced, BusError> {
         let room = draft.room.clone();
-        // Two statements in one transaction (BEGIN and COMMIT are not counted).
+        let key = draft.key.clone();
+        if key.is_some() {
+            // Before the transaction: once COMMIT is sent, nothing may fail
+            // or time the send out.
+            self.pruner.maybe_prune(self.db.run()).await;
+        }
+        // BEGIN and COMMIT are not counted.
         self.db.statements.fetch_add(1, Ordering::Relaxed);
         let mut tx = self.db.run().begin().await.map_err(db)?;
         let seq: i64 = sqlx::query_scalar(
@@ -438,6 +420,21 @@ impl Bus for PollBus {
         .await
         .map_err(db)?;
         let message = Arc::new(draft.sequence(seq.max(1) as u64));
+        if let Some(key) = &key {
+            self.db.statements.fetch_add(1, Ordering::Relaxed);
+            if !idempotency::claim(&mut *tx, &message.nick, key, &message).await? {
+                // Rolling back also un-bumps the room's seq: nothing was used.
+                tx.rollback().await.map_err(db)?;
+                let first = idempotency::original(self.db.run(), &message.nick, key).await?;
+                return first.map(Sequenced::Repeat).ok_or_else(|| {
+                    BusError::Store(crate::store::StoreError::Corrupt(format!(
+                        "idempotency key {:?} names no message",
+                        key.as_str()
+                    )))
+                });
+            }
+        }
+        self.db.statements.fetch_add(1, Ordering::Relaxed);
         sqlx::query(
             "INSERT INTO messages (room, seq, id, nick, text, kind, ts)
              VALUES ($1, $2, $3, $4, $5, $6, $7)",
@@ -453,38 +450,119 @@ impl Bus for PollBus {
         .await
         .map_err(db)?;
         tx.commit().await.map_err(db)?;
+        Ok(Sequenced::New(message))
+    }
 
-        // Deliver at once, after anything older this instance has not seen yet.
+    /// Delivers this instance's own message at once, after anything older it
+    /// has not delivered yet, so a sender does not wait for a poll.
+    async fn deliver_own(&self, message: &Arc<Message>) {
+        let room = &message.room;
         let mut cursors = self.state.lock().await;
-        if cursors.delivered.contains_key(&room) {
-            catch_up(
-                &self.db.statements,
-                self.store.as_ref(),
-                &mut cursors,
-                &room,
-                message.seq - 1,
-            )
-            .await?;
-            if cursors
-                .delivered
-                .get(&room)
-                .is_some_and(|&d| d < message.seq)
-            {
-                cursors.delivered.insert(room, message.seq);
-                if let Some(sink) = &cursors.sink {
-                    sink.deliver(Envelope::Message(message.clone()));
+        if !cursors.delivered.contains_key(room) {
+            return;
+        }
+        let older = catch_up(
+            &self.db.statements,
+            self.store.as_ref(),
+            &mut cursors,
+            room,
+            message.seq - 1,
+        )
+        .await;
+        if let Err(err) = older {
+            // Delivering this one now would skip the older ones: the poller
+            // delivers them all in order instead.
+            tracing::debug!(cause = %err, %room, "catch-up before own message failed");
+            return;
+        }
+        if cursors
+            .delivered
+            .get(room)
+            .is_some_and(|&d| d < message.seq)
+        {
+            cursors.delivered.insert(room.clone(), message.seq);
+            if let Some(sink) = &cursors.sink {
+                sink.deliver(Envelope::Message(message.clone()));
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Bus for PollBus {
+    fn name(&self) -> &'static str {
+        "poll"
+    }
+
+    fn start(&self, sink: Arc<dyn Deliver>) {
+        self.state
+            .try_lock()
+            .expect("start is called before anything else")
+            .sink = Some(sink);
+        let (database, store, state, gate, stop) = (
+            self.db.clone(),
+            self.store.clone(),
+            self.state.clone(),
+            self.gate.clone(),
+            self.stop.clone(),
+        );
+        let (instance, interval) = (self.instance.clone(), self.interval);
+        let task = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(interval);
+            tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+            let mut last_beat = Instant::now();
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tick.tick() => {}
+                }
+                let cycle = async {
+                    let mut result = poll_once(&database, store.as_ref(), &state, &instance).await;
+                    if result.is_ok() && last_beat.elapsed() >= HEARTBEAT {
+                        result = heartbeat(&database, &instance).await;
+                        last_beat = Instant::now();
+                    }
+                    result
+                };
+                // A database that stops answering (rather than refusing)
+                // would otherwise hold the poller, and the cursors, forever.
+                let result = tokio::time::timeout(POLL_DEADLINE, cycle)
+                    .await
+                    .unwrap_or_else(|_| Err(BusError::Unreachable));
+                match result {
+                    // The database answered: messages may be numbered again.
+                    Ok(()) => gate.open(),
+                    Err(err) if err.is_unreachable() => gate.shut(format!("poll: {err}")),
+                    Err(err) => tracing::warn!(cause = %err, "poll bus: poll failed"),
                 }
             }
+        });
+        *self.poller.lock().expect("not poisoned") = Some(task);
+    }
+
+    async fn publish(&self, draft: Draft) -> Result<Arc<Message>, BusError> {
+        // While the database is known to be away, refuse at once: a sender's
+        // next lines must not queue up behind a statement that cannot finish.
+        self.gate.admit()?;
+        let sequenced =
+            gate::attempt(&self.gate, "numbering a message", self.sequence(draft)).await?;
+        let message = match sequenced {
+            Sequenced::New(message) => message,
+            Sequenced::Repeat(first) => return Ok(Arc::new(first)),
+        };
+        // The message is committed: from here on nothing may fail the send.
+        // If delivering at once takes too long, the poller delivers it.
+        if tokio::time::timeout(gate::ATTEMPT, self.deliver_own(&message))
+            .await
+            .is_err()
+        {
+            tracing::debug!(room = %message.room, seq = message.seq, "own message left to the poller");
         }
         Ok(message)
     }
 
     async fn health(&self) -> Result<(), BusError> {
-        if self.healthy.load(Ordering::Relaxed) {
-            Ok(())
-        } else {
-            Err(BusError::Unreachable)
-        }
+        self.gate.status()
     }
 
     async fn watch(&self, room: &RoomName, delivered: u64) {

@@ -137,6 +137,42 @@ impl Hub {
     }
 }
 
+impl Hub {
+    /// The messages of `room` in `after+1..=up_to`, oldest first, for an HTTP
+    /// session catching a stream up from storage: at most [`MAX_CATCH_UP`]
+    /// (the newest, after one `gap` for the older part), with a `gap` wherever
+    /// storage no longer has some.
+    pub async fn missed(
+        &self,
+        room: &RoomName,
+        after: u64,
+        up_to: u64,
+    ) -> Result<Vec<Event>, Refusal> {
+        if up_to <= after {
+            return Ok(Vec::new());
+        }
+        let span = up_to - after;
+        let read = if span <= MAX_CATCH_UP as u64 {
+            self.replay(room, after, span as u32).await?
+        } else {
+            self.history_page(room, Some(up_to + 1), MAX_CATCH_UP as u32)
+                .await?
+        };
+        let read: Vec<Arc<Message>> = read.into_iter().filter(|m| m.seq <= up_to).collect();
+        let catch_up = CatchUp { after, read };
+        let end = catch_up.read_end();
+        let mut items = catch_up.plan(std::iter::empty(), MAX_CATCH_UP).items;
+        if end < up_to {
+            // Sent once, but storage has none of them now.
+            items.push(Item::Gap {
+                from: end + 1,
+                to: up_to,
+            });
+        }
+        Ok(items.into_iter().map(|i| i.into_event(room)).collect())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -14,7 +14,7 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use serde::{Serialize, Serializer};
 use uuid::Uuid;
 
-use super::names::{Nick, RoomName};
+use super::names::{IdempotencyKey, Nick, RoomName};
 
 /// Milliseconds since the Unix epoch, UTC: the `ts` of every event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -148,6 +148,9 @@ pub struct Draft {
     pub kind: MessageKind,
     /// When it was accepted.
     pub ts: Timestamp,
+    /// The client's name for this send, if it gave one: the bus stores it with
+    /// the message and answers a repeat with the first message instead.
+    pub key: Option<IdempotencyKey>,
 }
 
 impl Draft {

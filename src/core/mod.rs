@@ -32,7 +32,9 @@ pub use event::{
     Reply, RoomCount, Timestamp,
 };
 pub use history::{History, RING};
-pub use names::{MAX_NICK, MAX_ROOM, Nick, NickKey, Refusal, RoomName, Text};
+pub use names::{
+    IdempotencyKey, MAX_IDEMPOTENCY_KEY, MAX_NICK, MAX_ROOM, Nick, NickKey, Refusal, RoomName, Text,
+};
 pub use rate::TokenBucket;
 pub use sessions::{EndReason, Replies, SessionHandle, SessionId};
 pub use watch::RoomWatch;
@@ -372,13 +374,16 @@ impl Hub {
     }
 
     /// Says `text` in `room` (default: the current room). Returns the message
-    /// with its `seq` once the bus has ordered it.
+    /// with its `seq` once the bus has ordered it. With `key`, a repeat of a
+    /// key this nick used within the store's window sends nothing and
+    /// returns the first message sent with it.
     pub async fn say(
         &self,
         id: SessionId,
         room: Option<RoomName>,
         text: Text,
         kind: MessageKind,
+        key: Option<IdempotencyKey>,
     ) -> Result<Arc<Message>, Refusal> {
         let draft = {
             let mut state = self.lock();
@@ -400,6 +405,7 @@ impl Hub {
                 text: text.into_string(),
                 kind,
                 ts: Timestamp::now(),
+                key,
             }
         };
         self.shared
@@ -416,7 +422,7 @@ impl Hub {
     }
 
     async fn say_answer(&self, id: SessionId, text: Text, kind: MessageKind) -> Answer {
-        match self.say(id, None, text, kind).await {
+        match self.say(id, None, text, kind, None).await {
             // The sender's copy arrives through the bus like everyone else's.
             Ok(_) => Answer::default(),
             Err(r) => Answer::refusal(r),
@@ -507,7 +513,10 @@ impl Hub {
         let mut stored = if known {
             Vec::new()
         } else {
-            self.stored_ring(&room).await
+            match self.stored_ring(&room).await {
+                Ok(stored) => stored,
+                Err(refusal) => return Answer::refusal(refusal),
+            }
         };
         let mut catch_up: Option<CatchUp> = None;
         let mut reads = 0;
@@ -949,6 +958,15 @@ impl Hub {
                 let _ = end.send(EndReason::Shutdown);
             }
         }
+    }
+
+    /// The rooms session `id` is in (none once it has ended).
+    pub fn rooms_of(&self, id: SessionId) -> Vec<RoomName> {
+        self.lock()
+            .sessions
+            .get(&id)
+            .map(|s| s.rooms.iter().cloned().collect())
+            .unwrap_or_default()
     }
 
     /// Sessions and rooms with members on this instance.

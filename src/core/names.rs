@@ -69,6 +69,37 @@ impl fmt::Display for Nick {
     }
 }
 
+/// Longest `Idempotency-Key`, in characters.
+pub const MAX_IDEMPOTENCY_KEY: usize = 64;
+
+/// The client's name for one send (`Idempotency-Key` on `POST /message`): a
+/// retry under the same key, by the same nick, within the store's window is
+/// answered with the first send's receipt and sends nothing.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct IdempotencyKey(String);
+
+impl IdempotencyKey {
+    /// 1 to 64 visible ASCII characters (a UUID fits; spaces and control
+    /// characters do not, so a key always survives an HTTP header as sent).
+    pub fn parse(s: &str) -> Result<IdempotencyKey, Refusal> {
+        let ok =
+            (1..=MAX_IDEMPOTENCY_KEY).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_graphic());
+        if ok {
+            Ok(IdempotencyKey(s.to_owned()))
+        } else {
+            Err(Refusal::new(
+                ErrorCode::BadArguments,
+                "Idempotency-Key must be 1 to 64 visible ASCII characters (a UUID is a good key)",
+            ))
+        }
+    }
+
+    /// The key as sent.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
 /// A nick folded to lower case: two nicks with the same key are the same user.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct NickKey(String);
@@ -157,6 +188,17 @@ impl Text {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn idempotency_keys_are_1_to_64_visible_ascii() {
+        assert!(IdempotencyKey::parse("0b9f6a1e-7d2c-4c47-9a53-5f0f2a1d9e11").is_ok());
+        assert!(IdempotencyKey::parse(&"k".repeat(64)).is_ok());
+        for bad in ["", "has space", "tab\t", "é"] {
+            let refusal = IdempotencyKey::parse(bad).expect_err(bad);
+            assert_eq!(refusal.code, ErrorCode::BadArguments);
+        }
+        assert!(IdempotencyKey::parse(&"k".repeat(65)).is_err());
+    }
 
     #[test]
     fn nicks_follow_the_grammar_and_fold_case() {

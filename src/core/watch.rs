@@ -21,6 +21,10 @@ use super::rooms::{Room, Watcher};
 /// reports the difference as a gap (storage that is down, not just behind).
 const SETTLE: Duration = Duration::from_secs(1);
 
+/// How long reading a room's recent messages (its position) may take before
+/// a join or a room stream is refused as `unavailable`.
+const POSITION_READ: Duration = Duration::from_secs(1);
+
 /// A read-only subscription to one room.
 #[derive(Debug)]
 pub struct RoomWatch {
@@ -41,7 +45,7 @@ impl Hub {
         let stored = if self.lock().rooms.contains_key(&room) {
             Vec::new()
         } else {
-            self.stored_ring(&room).await
+            self.stored_ring(&room).await?
         };
         let (slow_tx, slow) = oneshot::channel();
         let (tx, events) = mpsc::channel(self.shared.limits.queue.max(1));
@@ -174,23 +178,38 @@ impl Hub {
             .unwrap_or_default()
     }
 
-    /// The last [`RING`] stored messages, oldest first, to seed a new room's ring.
-    pub(super) async fn stored_ring(&self, room: &RoomName) -> Vec<Message> {
-        match self.shared.store.page(room, None, RING as u32).await {
-            Ok(mut page) => {
+    /// The last [`RING`] stored messages, oldest first, to seed a new room's
+    /// ring, within [`POSITION_READ`].
+    ///
+    /// This read also tells the instance where the room stands: the bus
+    /// delivers the room from the ring's last seq on. A room whose position
+    /// could not be read is therefore not created at all (the join or stream
+    /// is refused, and can be retried) rather than started from seq 0, which
+    /// would deliver its whole history as live messages once the database
+    /// answered again.
+    pub(super) async fn stored_ring(&self, room: &RoomName) -> Result<Vec<Message>, Refusal> {
+        let read = self.shared.store.page(room, None, RING as u32);
+        match tokio::time::timeout(POSITION_READ, read).await {
+            Ok(Ok(mut page)) => {
                 page.reverse();
-                page
+                Ok(page)
             }
-            Err(err) => {
-                tracing::warn!(cause = %err, %room, "could not read history; the room starts empty");
-                Vec::new()
-            }
+            Ok(Err(err)) => Err(position_unknown(room, &err)),
+            Err(_) => Err(position_unknown(room, &"no answer in time")),
         }
     }
 }
 
 fn shutting_down() -> Refusal {
     Refusal::new(ErrorCode::Unavailable, "the server is shutting down")
+}
+
+fn position_unknown(room: &RoomName, cause: &dyn std::fmt::Display) -> Refusal {
+    tracing::warn!(%cause, %room, "could not read where the room stands; refusing rather than starting it from 0");
+    Refusal::new(
+        ErrorCode::Unavailable,
+        format!("#{room} cannot be opened right now: storage is not answering; try again shortly"),
+    )
 }
 
 fn storage_down(room: &RoomName, err: crate::store::StoreError) -> Refusal {

@@ -4,8 +4,10 @@
 //! instances that share a database across hosts. SQL lives in `migrations/`, one
 //! folder per engine, applied on start.
 
+pub(crate) mod keys;
 mod postgres;
 mod rows;
+mod seqs;
 mod sqlite;
 mod writer;
 
@@ -14,8 +16,9 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
-use crate::core::{Message, RoomName};
+use crate::core::{IdempotencyKey, Message, RoomName};
 
+pub use keys::WINDOW as IDEMPOTENCY_WINDOW;
 pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
 pub use writer::{Writer, WriterStats, WriterTask};
@@ -59,6 +62,28 @@ pub trait Store: Send + Sync + 'static {
 
     /// The highest `seq` stored for `room`, 0 if none.
     async fn last_seq(&self, room: &RoomName) -> Result<u64, StoreError>;
+
+    /// Stores one message with the sender's idempotency `key`, in one
+    /// transaction, unless the same nick used `key` within
+    /// [`IDEMPOTENCY_WINDOW`]: then nothing is stored and the first message
+    /// is returned.
+    async fn append_once(
+        &self,
+        message: &Arc<Message>,
+        key: &IdempotencyKey,
+    ) -> Result<Option<Message>, StoreError>;
+
+    /// The seq `room` must continue above after a restart: the higher of its
+    /// reservation mark and its highest stored seq (0 for a new room).
+    async fn seq_floor(&self, room: &RoomName) -> Result<u64, StoreError>;
+
+    /// Durably raises `room`'s reservation mark to `upto`: a bus that numbers
+    /// in memory calls this before handing out any seq above the old mark.
+    async fn reserve_seqs(&self, room: &RoomName, upto: u64) -> Result<(), StoreError>;
+
+    /// Lowers reservation marks to the seqs really used (a clean stop, after
+    /// everything handed out is stored), so a restart leaves no hole.
+    async fn release_seqs(&self, used: &[(RoomName, u64)]) -> Result<(), StoreError>;
 
     /// Up to `limit` messages with `seq < before` (newest when `None`), newest first.
     async fn page(

@@ -8,9 +8,11 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 
-use super::rows::{StoredRow, insert_batch, messages, sql_seq};
+use super::keys::Pruner;
+use super::rows::{StoredRow, insert_batch, insert_once, messages, sql_seq};
+use super::seqs;
 use super::{Store, StoreError};
-use crate::core::{Message, RoomName};
+use crate::core::{IdempotencyKey, Message, RoomName};
 
 /// PostgreSQL allows 65,535 bound parameters; seven per row.
 const ROWS_PER_INSERT: usize = 5_000;
@@ -19,6 +21,8 @@ const ROWS_PER_INSERT: usize = 5_000;
 #[derive(Debug, Clone)]
 pub struct PostgresStore {
     pool: PgPool,
+    /// Deletes expired idempotency keys now and then.
+    pruner: Arc<Pruner>,
 }
 
 impl PostgresStore {
@@ -29,7 +33,10 @@ impl PostgresStore {
             .connect_with(options)
             .await?;
         sqlx::migrate!("migrations/postgres").run(&pool).await?;
-        Ok(PostgresStore { pool })
+        Ok(PostgresStore {
+            pool,
+            pruner: Arc::default(),
+        })
     }
 
     /// The pool, for the poll bus that shares this database.
@@ -54,6 +61,26 @@ impl Store for PostgresStore {
             .fetch_one(&self.pool)
             .await?;
         Ok(seq.map_or(0, |s| s.max(0) as u64))
+    }
+
+    async fn append_once(
+        &self,
+        message: &Arc<Message>,
+        key: &IdempotencyKey,
+    ) -> Result<Option<Message>, StoreError> {
+        insert_once(&self.pool, &self.pruner, message, key).await
+    }
+
+    async fn seq_floor(&self, room: &RoomName) -> Result<u64, StoreError> {
+        seqs::floor(&self.pool, room).await
+    }
+
+    async fn reserve_seqs(&self, room: &RoomName, upto: u64) -> Result<(), StoreError> {
+        seqs::reserve(&self.pool, room, upto).await
+    }
+
+    async fn release_seqs(&self, used: &[(RoomName, u64)]) -> Result<(), StoreError> {
+        seqs::release(&self.pool, used).await
     }
 
     async fn page(

@@ -6,8 +6,8 @@ use std::sync::Arc;
 
 use sqlx::{Database, Encode, Executor, IntoArguments, Pool, QueryBuilder, Type};
 
-use super::StoreError;
-use crate::core::{Message, RoomName};
+use super::{StoreError, keys};
+use crate::core::{IdempotencyKey, Message, RoomName};
 
 /// A message as stored.
 #[derive(sqlx::FromRow)]
@@ -67,20 +67,77 @@ where
 {
     let mut tx = pool.begin().await?;
     for chunk in batch.chunks(rows_per_insert) {
-        let mut insert: QueryBuilder<DB> =
-            QueryBuilder::new("INSERT INTO messages (room, seq, id, nick, text, kind, ts) ");
-        insert.push_values(chunk, |mut row, m| {
-            row.push_bind(m.room.as_str())
-                .push_bind(sql_seq(m.seq))
-                .push_bind(m.id.to_string())
-                .push_bind(m.nick.as_str())
-                .push_bind(m.text.as_str())
-                .push_bind(m.kind.as_str())
-                .push_bind(m.ts.0);
-        });
-        insert.push(" ON CONFLICT DO NOTHING");
-        insert.build().execute(&mut *tx).await?;
+        insert_rows(&mut *tx, chunk).await?;
     }
     tx.commit().await?;
     Ok(())
+}
+
+/// One multi-row `INSERT` of `rows`; a row already stored is skipped.
+pub(crate) async fn insert_rows<'c, DB, E>(
+    executor: E,
+    rows: &[Arc<Message>],
+) -> Result<(), StoreError>
+where
+    DB: Database,
+    E: Executor<'c, Database = DB>,
+    DB::Arguments: IntoArguments<DB>,
+    for<'a> &'a str: Encode<'a, DB> + Type<DB>,
+    for<'a> String: Encode<'a, DB> + Type<DB>,
+    for<'a> i64: Encode<'a, DB> + Type<DB>,
+{
+    let mut insert: QueryBuilder<DB> =
+        QueryBuilder::new("INSERT INTO messages (room, seq, id, nick, text, kind, ts) ");
+    insert.push_values(rows, |mut row, m| {
+        row.push_bind(m.room.as_str())
+            .push_bind(sql_seq(m.seq))
+            .push_bind(m.id.to_string())
+            .push_bind(m.nick.as_str())
+            .push_bind(m.text.as_str())
+            .push_bind(m.kind.as_str())
+            .push_bind(m.ts.0);
+    });
+    insert.push(" ON CONFLICT DO NOTHING");
+    insert.build().execute(executor).await?;
+    Ok(())
+}
+
+/// Stores `message` with its idempotency `key` in one transaction, unless
+/// the sender used `key` within the window: then stores nothing and returns
+/// the message it was first used with.
+pub(crate) async fn insert_once<DB>(
+    pool: &Pool<DB>,
+    pruner: &keys::Pruner,
+    message: &Arc<Message>,
+    key: &IdempotencyKey,
+) -> Result<Option<Message>, StoreError>
+where
+    DB: Database,
+    for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
+    for<'c> &'c Pool<DB>: Executor<'c, Database = DB>,
+    for<'a> DB::Arguments: IntoArguments<DB>,
+    for<'a> &'a str: Encode<'a, DB> + Type<DB>,
+    for<'a> String: Encode<'a, DB> + Type<DB>,
+    for<'a> i64: Encode<'a, DB> + Type<DB>,
+    for<'r> StoredRow: sqlx::FromRow<'r, DB::Row>,
+    for<'r> String: sqlx::Decode<'r, DB>,
+    (i64,): for<'r> sqlx::FromRow<'r, DB::Row>,
+{
+    // Before the transaction, not after its commit: a caller that times the
+    // whole call out must never see a committed message reported as failed.
+    pruner.maybe_prune(pool).await;
+    let mut tx = pool.begin().await?;
+    if !keys::claim(&mut *tx, &message.nick, key, message).await? {
+        tx.rollback().await?;
+        let first = keys::original(pool, &message.nick, key).await?;
+        return first.map(Some).ok_or_else(|| {
+            StoreError::Corrupt(format!(
+                "idempotency key {:?} names no message",
+                key.as_str()
+            ))
+        });
+    }
+    insert_rows(&mut *tx, std::slice::from_ref(message)).await?;
+    tx.commit().await?;
+    Ok(None)
 }

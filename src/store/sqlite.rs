@@ -12,9 +12,11 @@ use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
 
-use super::rows::{StoredRow, insert_batch, messages, sql_seq};
+use super::keys::Pruner;
+use super::rows::{StoredRow, insert_batch, insert_once, messages, sql_seq};
+use super::seqs;
 use super::{Durability, Store, StoreError};
-use crate::core::{Message, RoomName};
+use crate::core::{IdempotencyKey, Message, RoomName};
 
 /// SQLite's limit on bound parameters is 32,766; seven per row keeps a batch
 /// of this size well inside it.
@@ -24,6 +26,8 @@ const ROWS_PER_INSERT: usize = 1_000;
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
     pool: SqlitePool,
+    /// Deletes expired idempotency keys now and then.
+    pruner: Arc<Pruner>,
 }
 
 /// Attempts at migrating a database other instances may be migrating too.
@@ -66,7 +70,10 @@ impl SqliteStore {
                 Err(err) => return Err(err.into()),
             }
         }
-        Ok(SqliteStore { pool })
+        Ok(SqliteStore {
+            pool,
+            pruner: Arc::default(),
+        })
     }
 
     /// The pool, for the poll bus that shares this database.
@@ -91,6 +98,26 @@ impl Store for SqliteStore {
             .fetch_one(&self.pool)
             .await?;
         Ok(seq.map_or(0, |s| s.max(0) as u64))
+    }
+
+    async fn append_once(
+        &self,
+        message: &Arc<Message>,
+        key: &IdempotencyKey,
+    ) -> Result<Option<Message>, StoreError> {
+        insert_once(&self.pool, &self.pruner, message, key).await
+    }
+
+    async fn seq_floor(&self, room: &RoomName) -> Result<u64, StoreError> {
+        seqs::floor(&self.pool, room).await
+    }
+
+    async fn reserve_seqs(&self, room: &RoomName, upto: u64) -> Result<(), StoreError> {
+        seqs::reserve(&self.pool, room, upto).await
+    }
+
+    async fn release_seqs(&self, used: &[(RoomName, u64)]) -> Result<(), StoreError> {
+        seqs::release(&self.pool, used).await
     }
 
     async fn page(

@@ -42,9 +42,16 @@ pub fn sqlite_url(dir: &tempfile::TempDir) -> String {
 
 impl Daemon {
     /// Starts a daemon on free ports with `args` (which should include `--db`).
+    /// A `--tcp` or `--http` in `args` replaces the free port (a restart on
+    /// the same address).
     pub async fn start(args: &[&str]) -> Daemon {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_baby-discord"))
-            .args(["--tcp", "127.0.0.1:0", "--http", "127.0.0.1:0"])
+        let mut command = Command::new(env!("CARGO_BIN_EXE_baby-discord"));
+        for flag in ["--tcp", "--http"] {
+            if !args.contains(&flag) {
+                command.args([flag, "127.0.0.1:0"]);
+            }
+        }
+        let mut child = command
             .args(args)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
@@ -113,9 +120,20 @@ impl Daemon {
     }
 
     /// Freezes the daemon with SIGSTOP: a stalled process (a long GC pause, a
-    /// swapped-out VM), alive but silent.
+    /// swapped-out VM), alive but silent. Returns once every thread has
+    /// stopped: kill(1) returns when the signal is sent, and a thread running
+    /// on another core can still do a little work before it takes it.
     pub fn freeze(&self) {
-        signal(self.pid(), "STOP");
+        let pid = self.pid();
+        signal(pid, "STOP");
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !all_threads_stopped(pid) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the daemon did not stop within 5 s of SIGSTOP"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
 
     /// Lets a frozen daemon run again (SIGCONT).
@@ -127,6 +145,22 @@ impl Daemon {
     pub fn logs(&self) -> String {
         self.log.lock().unwrap().join("\n")
     }
+}
+
+/// Whether every thread of `pid` is in the stopped state (`T` in
+/// /proc/PID/task/TID/stat).
+fn all_threads_stopped(pid: u32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.flatten().all(|task| {
+        std::fs::read_to_string(task.path().join("stat")).is_ok_and(|stat| {
+            // The state follows the command name, which is in parentheses.
+            stat.rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().next())
+                == Some("T")
+        })
+    })
 }
 
 /// Sends `SIGNAME` to `pid` with kill(1), which every test machine has.

@@ -9,11 +9,13 @@
 //!
 //! - `routes.rs`: the routes, statuses and JSON shapes of PROTOCOL.md.
 //! - `sessions.rs`: tokens, and each session's feed, which outlives a stream.
+//! - `resend.rs`: what a session sent lately, and how a reconnect resumes.
 //! - `sse.rs`: the session and room streams, resume and gaps.
 //! - `metrics.rs`: `/metrics`.
 //! - `page.html`: the browser client, embedded in the binary.
 
 mod metrics;
+mod resend;
 mod routes;
 mod sessions;
 mod sse;

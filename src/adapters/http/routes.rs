@@ -6,8 +6,8 @@
 //! GET  /                         the browser page
 //! POST /connect                  {"nick"?}            201 {"session","nick","instance"}
 //! POST /command                  {"line"}             200 {"events":[...]}
-//! POST /message                  {"room"?,"text"}     200 {"room","seq","id"}
-//! POST /disconnect                                    204
+//! POST /message                  {"room"?,"text"}     200 {"room","seq","id"} (Idempotency-Key?)
+//! POST /disconnect[?session=TOKEN&grace=S]            204
 //! GET  /events?session=TOKEN                          SSE, the session's events
 //! GET  /messages/{room}                               SSE, one room, read-only
 //! GET  /rooms                                         {"rooms":[{room,members}]}
@@ -37,8 +37,8 @@ use super::metrics::{self, Metrics};
 use super::sessions::{AttachError, HttpSession, Sessions, new_token};
 use super::sse::{self, StreamContext};
 use crate::core::{
-    ErrorCode, Event, EventBody, Hub, MAX_HISTORY, MessageKind, Nick, Refusal, Replies, RoomName,
-    Text,
+    ErrorCode, Event, EventBody, Hub, IdempotencyKey, MAX_HISTORY, MessageKind, Nick, Refusal,
+    Replies, RoomName, Text,
 };
 
 /// Every response body: a whole buffer or an SSE stream.
@@ -50,6 +50,10 @@ const PAGE: &str = include_str!("page.html");
 const DEFAULT_PAGE: u32 = 50;
 /// How long a health check may take per dependency.
 const HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long `POST /disconnect` waits for the session table to let go.
+const ENDING: Duration = Duration::from_secs(2);
+/// Longest `grace` a `POST /disconnect` may ask for, in seconds.
+const MAX_GRACE_SECS: u64 = 10;
 
 /// The state the routes share.
 pub struct Routes {
@@ -251,7 +255,7 @@ impl Routes {
             (&Method::POST, ["connect"]) => ("/connect", self.connect(req).await),
             (&Method::POST, ["command"]) => ("/command", self.command(req).await),
             (&Method::POST, ["message"]) => ("/message", self.message(req).await),
-            (&Method::POST, ["disconnect"]) => ("/disconnect", self.disconnect(req)),
+            (&Method::POST, ["disconnect"]) => ("/disconnect", self.disconnect(req).await),
             (&Method::GET, ["events"]) => ("/events", self.events(req, connection).await),
             (&Method::GET, ["messages", room]) => (
                 "/messages/{room}",
@@ -413,6 +417,7 @@ impl Routes {
 
     async fn message(&self, req: Request<Incoming>) -> Answer {
         let session = self.session(&req)?;
+        let key = idempotency_key(req.headers())?;
         let body: MessageBody = self.json(req, false).await?;
         let room = match body.room.as_deref() {
             None | Some("") => None,
@@ -421,7 +426,7 @@ impl Routes {
         let text = Text::parse(&body.text, self.hub.limits().max_text).map_err(Failure::refused)?;
         let message = self
             .hub
-            .say(session.id, room, text, MessageKind::Text)
+            .say(session.id, room, text, MessageKind::Text, key)
             .await
             .map_err(Failure::refused)?;
         let body = Sent {
@@ -432,10 +437,53 @@ impl Routes {
         Ok(json_response(StatusCode::OK, &body))
     }
 
-    fn disconnect(&self, req: Request<Incoming>) -> Answer {
+    /// Ends the session now or, with `?grace=S`, in `S` seconds unless a new
+    /// stream attaches meanwhile. A closing browser tab cannot tell a reload
+    /// from a close, so the page says "I am leaving" on both: a reload's new
+    /// page reattaches and keeps the session; a closed tab frees its nick
+    /// within `S` seconds rather than after the whole linger window. The
+    /// token may come as `?session=` because `navigator.sendBeacon` cannot set
+    /// headers.
+    async fn disconnect(&self, req: Request<Incoming>) -> Answer {
         let session = self.session(&req)?;
-        self.hub
-            .disconnect(session.id, crate::core::EndReason::Quit);
+        let grace = match query_param(req.uri().query(), "grace") {
+            None => None,
+            Some(s) => match s.parse::<u64>() {
+                Ok(secs) if (1..=MAX_GRACE_SECS).contains(&secs) => Some(Duration::from_secs(secs)),
+                _ => {
+                    return Err(Failure::bad(format!(
+                        "grace is a number of seconds from 1 to {MAX_GRACE_SECS}"
+                    )));
+                }
+            },
+        };
+        match grace {
+            None => {
+                self.hub
+                    .disconnect(session.id, crate::core::EndReason::Quit);
+                // The session table learns of the end from its own task:
+                // answer once it has, so the token is refused from the 204 on.
+                if tokio::time::timeout(ENDING, session.ended()).await.is_err() {
+                    tracing::warn!(session = %session.id, "a disconnected session did not end in time");
+                }
+            }
+            Some(grace) => {
+                let hub = self.hub.clone();
+                let shutdown = self.shutdown.clone();
+                // Streams attached so far; one more means the page came back.
+                let streams_then = session.streams_attached();
+                self.tracker.spawn(async move {
+                    tokio::select! {
+                        _ = shutdown.cancelled() => {}
+                        _ = tokio::time::sleep(grace) => {
+                            if session.streams_attached() == streams_then {
+                                hub.disconnect(session.id, crate::core::EndReason::Quit);
+                            }
+                        }
+                    }
+                });
+            }
+        }
         Ok(Response::builder()
             .status(StatusCode::NO_CONTENT)
             .body(full(Bytes::new()))
@@ -582,16 +630,49 @@ impl Routes {
     }
 }
 
+/// The page's Content-Security-Policy: its one inline script and one inline
+/// style are allowed by their SHA-256, nothing else runs or styles the page
+/// (no `'unsafe-inline'`), and it talks only to its own origin.
+fn page_csp() -> &'static str {
+    static CSP: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    CSP.get_or_init(|| {
+        let hash = |open: &str, close: &str| {
+            use base64::Engine as _;
+            use sha2::Digest as _;
+            let start = PAGE.find(open).expect("the page has the element") + open.len();
+            let len = PAGE[start..].find(close).expect("the element is closed");
+            let digest = sha2::Sha256::digest(&PAGE.as_bytes()[start..start + len]);
+            base64::engine::general_purpose::STANDARD.encode(digest)
+        };
+        format!(
+            "default-src 'none'; script-src 'sha256-{}'; style-src 'sha256-{}'; \
+             connect-src 'self'; img-src 'none'; base-uri 'none'; form-action 'none'; \
+             frame-ancestors 'none'",
+            hash("<script>", "</script>"),
+            hash("<style>", "</style>"),
+        )
+    })
+}
+
 fn page() -> Response<Body> {
     Response::builder()
         .header(header::CONTENT_TYPE, "text/html; charset=utf-8")
-        .header(
-            header::CONTENT_SECURITY_POLICY,
-            "default-src 'self'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src 'none'",
-        )
+        .header(header::CONTENT_SECURITY_POLICY, page_csp())
         .header(header::X_CONTENT_TYPE_OPTIONS, "nosniff")
         .body(full(PAGE))
         .expect("static headers are valid")
+}
+
+/// The `Idempotency-Key` of a `POST /message`, if any: a retry with the same
+/// key is answered with the first send's receipt (PROTOCOL.md).
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<IdempotencyKey>, Failure> {
+    let Some(value) = headers.get("idempotency-key") else {
+        return Ok(None);
+    };
+    let value = value.to_str().unwrap_or_default();
+    IdempotencyKey::parse(value)
+        .map(Some)
+        .map_err(Failure::refused)
 }
 
 fn last_event_id(headers: &HeaderMap) -> Option<String> {

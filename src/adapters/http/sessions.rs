@@ -8,20 +8,18 @@
 //! session with no stream for `linger` (60 s) is ended, which frees its nick;
 //! one whose queue overflows meanwhile is a slow consumer, as on TCP.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::{BufMut, Bytes, BytesMut};
 use tokio::sync::{OwnedMutexGuard, mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::core::{EndReason, Event, Hub, RoomName, SessionHandle, SessionId};
+use super::resend::Memory;
+use crate::core::{EndReason, Event, Hub, SessionHandle, SessionId};
 
-/// How many frames a session remembers having sent, to resend after a reconnect.
-pub const RESEND: usize = 1024;
 /// How long a new stream waits for the old one to let go before cutting its
 /// connection (it may be stuck writing to a dead socket).
 const TAKEOVER: Duration = Duration::from_secs(1);
@@ -57,79 +55,21 @@ pub struct HttpSession {
     ended: watch::Sender<Option<EndReason>>,
 }
 
-/// What a stream drains: the session's queue and what was sent from it lately.
+/// What a stream drains: the session's queue, and its memory of what it
+/// sent, which outlives any one stream.
 pub struct Feed {
     /// The core's bounded outbox for this session.
     pub events: mpsc::Receiver<Event>,
-    /// Frames sent lately, by SSE id, oldest first, at most [`RESEND`].
-    sent: VecDeque<(String, Bytes)>,
-    /// Numbers the `id:` of events that are not room messages (`e1`, `e2`...).
-    counter: u64,
-    /// Room messages up to these seqs were already sent from storage: skip
-    /// their queued copies.
-    floors: HashMap<RoomName, u64>,
+    /// Frames sent lately and each room's seqs, for resuming.
+    pub memory: Memory,
 }
 
 impl Feed {
     fn new(events: mpsc::Receiver<Event>) -> Self {
         Feed {
             events,
-            sent: VecDeque::new(),
-            counter: 0,
-            floors: HashMap::new(),
+            memory: Memory::default(),
         }
-    }
-
-    /// The frame for `event`, remembered for resending; `None` if the client
-    /// already has it (sent from storage during a resume).
-    pub fn frame(&mut self, event: &Event) -> Option<Bytes> {
-        let (id, frame) = match event.sse_id() {
-            Some(id) => {
-                if let crate::core::EventBody::Message(m) = event.body() {
-                    if self
-                        .floors
-                        .get(&m.room)
-                        .is_some_and(|&floor| m.seq <= floor)
-                    {
-                        return None;
-                    }
-                }
-                (id, event.sse().clone())
-            }
-            None => {
-                self.counter += 1;
-                let id = format!("e{}", self.counter);
-                let mut frame = BytesMut::with_capacity(event.sse().len() + id.len() + 5);
-                frame.put_slice(b"id: ");
-                frame.put_slice(id.as_bytes());
-                frame.put_u8(b'\n');
-                frame.put_slice(event.sse());
-                (id, frame.freeze())
-            }
-        };
-        if self.sent.len() == RESEND {
-            self.sent.pop_front();
-        }
-        self.sent.push_back((id, frame.clone()));
-        Some(frame)
-    }
-
-    /// The frames sent after the one with SSE id `last`, if it is remembered.
-    pub fn after(&self, last: &str) -> Option<Vec<Bytes>> {
-        let at = self.sent.iter().position(|(id, _)| id == last)?;
-        Some(
-            self.sent
-                .iter()
-                .skip(at + 1)
-                .map(|(_, f)| f.clone())
-                .collect(),
-        )
-    }
-
-    /// Notes that `room` was sent from storage up to `seq`.
-    pub fn sent_up_to(&mut self, room: RoomName, seq: u64) {
-        let floor = self.floors.entry(room).or_default();
-        *floor = (*floor).max(seq);
     }
 }
 
@@ -234,6 +174,19 @@ impl HttpSession {
         self.ended.borrow().is_some()
     }
 
+    /// Resolves once the session has ended and its token no longer answers.
+    pub async fn ended(&self) {
+        let mut ended = self.ended.subscribe();
+        // The sender lives in the session itself, so it cannot close first.
+        let _ = ended.wait_for(Option::is_some).await;
+    }
+
+    /// How many streams have attached to this session so far: a change tells
+    /// that a client came back.
+    pub fn streams_attached(&self) -> u64 {
+        *self.generation.borrow()
+    }
+
     /// Makes a new stream the session's only one. An older stream is told to
     /// let go; if it does not within a second (stuck on a dead socket), its
     /// connection is cut. `connection` is the new stream's, for the same fate.
@@ -327,31 +280,6 @@ async fn supervise(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::{EventBody, Message, MessageKind, Nick, Timestamp};
-    use uuid::Uuid;
-
-    fn message(room: &str, seq: u64) -> Event {
-        Event::message(Arc::new(Message {
-            room: RoomName::parse(room).unwrap(),
-            seq,
-            id: Uuid::now_v7(),
-            nick: Nick::parse("alice").unwrap(),
-            text: format!("m{seq}"),
-            kind: MessageKind::Text,
-            ts: Timestamp::now(),
-        }))
-    }
-
-    fn join() -> Event {
-        Event::new(EventBody::Join {
-            room: RoomName::parse("general").unwrap(),
-            nick: Nick::parse("bob").unwrap(),
-        })
-    }
-
-    fn feed() -> Feed {
-        Feed::new(mpsc::channel(1).1)
-    }
 
     #[test]
     fn tokens_are_128_bits_of_hex_and_differ() {
@@ -360,52 +288,5 @@ mod tests {
         assert_eq!(a.len(), 32);
         assert!(a.bytes().all(|c| c.is_ascii_hexdigit()));
         assert_ne!(a, b);
-    }
-
-    #[test]
-    fn frames_get_room_seq_or_counter_ids() {
-        let mut f = feed();
-        let m = f.frame(&message("general", 7)).unwrap();
-        assert!(m.starts_with(b"id: general:7\nevent: message\n"));
-        let j = f.frame(&join()).unwrap();
-        assert!(j.starts_with(b"id: e1\nevent: join\n"));
-        let j2 = f.frame(&join()).unwrap();
-        assert!(j2.starts_with(b"id: e2\n"));
-    }
-
-    #[test]
-    fn resend_starts_after_the_last_id_the_client_saw() {
-        let mut f = feed();
-        let frames: Vec<Bytes> = [message("general", 1), join(), message("general", 2)]
-            .iter()
-            .map(|e| f.frame(e).unwrap())
-            .collect();
-        assert_eq!(f.after("general:1").unwrap(), frames[1..].to_vec());
-        assert_eq!(f.after("e1").unwrap(), frames[2..].to_vec());
-        assert_eq!(f.after("general:2").unwrap(), Vec::<Bytes>::new());
-        assert!(
-            f.after("general:0").is_none(),
-            "unknown ids are not guessed"
-        );
-    }
-
-    #[test]
-    fn resend_memory_is_bounded() {
-        let mut f = feed();
-        for seq in 1..=(RESEND as u64 + 5) {
-            f.frame(&message("general", seq));
-        }
-        assert_eq!(f.sent.len(), RESEND);
-        assert!(f.after("general:5").is_none());
-        assert!(f.after("general:6").is_some());
-    }
-
-    #[test]
-    fn messages_sent_from_storage_are_not_sent_again() {
-        let mut f = feed();
-        f.sent_up_to(RoomName::parse("general").unwrap(), 5);
-        assert!(f.frame(&message("general", 5)).is_none());
-        assert!(f.frame(&message("general", 6)).is_some());
-        assert!(f.frame(&message("random", 1)).is_some());
     }
 }

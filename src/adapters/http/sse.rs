@@ -4,9 +4,12 @@
 //! Each stream is an `async_stream` loop over the cancel token, a ping timer
 //! and the event queue, turned into a hyper body. Frames come from
 //! [`Event::sse`], rendered once per event. A reconnecting client names the
-//! last frame it got (`Last-Event-ID`); the stream resends what followed it,
-//! from the session's memory of recent frames or, for room messages, from
-//! storage, reporting an `event: gap` where storage no longer has them.
+//! last frame it got (`Last-Event-ID`). A session stream resends what
+//! followed it from the session's memory, or catches every room of the
+//! session up from storage when the client is older than that memory
+//! (`resend.rs` decides which); a room stream replays its room from storage.
+//! Either reports an `event: gap` where storage no longer has messages, and a
+//! cursor above the room's seq means "nothing missed", never a muted stream.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -18,6 +21,7 @@ use futures::{Stream, StreamExt};
 use hyper::body::Frame;
 use tokio_util::sync::CancellationToken;
 
+use super::resend::{Memory, Resume, Wire};
 use super::sessions::Attached;
 use crate::core::{EndReason, ErrorCode, Event, EventBody, Hub, RoomName, RoomWatch};
 
@@ -118,6 +122,37 @@ fn replay(hub: Hub, room: RoomName, after: u64) -> impl Stream<Item = (Chunk, u6
     }
 }
 
+/// What a session stream that reconnects with `last` sends before its queue:
+/// what followed that frame, from memory; or, when the client is older than
+/// the memory, every room it was sent messages of, caught up from storage,
+/// then the remembered frames. Frames read from storage join the memory, so
+/// the next reconnect finds its place among them.
+async fn catch_up(hub: &Hub, memory: &mut Memory, last: &str) -> Vec<Wire> {
+    let (reads, named) = match memory.resume(last) {
+        Resume::Remembered(wires) => return wires,
+        Resume::Storage { reads, named } => (reads, named),
+    };
+    let mut replayed = Vec::new();
+    let mut failures = Vec::new();
+    for (room, after, up_to) in reads {
+        match hub.missed(&room, after, up_to).await {
+            Ok(events) => replayed.extend(events),
+            Err(refusal) => failures.push(Wire {
+                id: None,
+                frame: error(
+                    refusal.code,
+                    &format!("#{room} could not be caught up: {}", refusal.message),
+                ),
+            }),
+        }
+    }
+    let remembered = memory.remembered(named.as_ref());
+    let mut wires = failures;
+    wires.extend(memory.record_replayed(&replayed));
+    wires.extend(remembered);
+    wires
+}
+
 /// Cuts the connection shortly, for a reader that may never take its last frame.
 pub(super) fn cut_soon(connection: &CancellationToken) {
     let connection = connection.clone();
@@ -139,21 +174,15 @@ pub fn session_stream(
         let _open = Open::new(&ctx.open);
         let mut attached = attached;
         yield data(RETRY);
+        // The rooms the session left and has nothing remembered of are forgotten.
+        attached.feed.memory.retain_rooms(&ctx.hub.rooms_of(attached.session.id));
         if let Some(last) = last_event_id {
-            if let Some(frames) = attached.feed.after(&last) {
-                for frame in frames {
-                    yield data(frame);
+            let wires = catch_up(&ctx.hub, &mut attached.feed.memory, &last).await;
+            for wire in wires {
+                if let Some(id) = wire.id {
+                    yield data(id);
                 }
-            } else if let Some((room, after)) = parse_room_id(&last) {
-                // Older than what this session remembers: read storage.
-                let mut last_seq = after;
-                let replayed = replay(ctx.hub.clone(), room.clone(), after);
-                futures::pin_mut!(replayed);
-                while let Some((frame, seq)) = replayed.next().await {
-                    last_seq = seq;
-                    yield frame;
-                }
-                attached.feed.sent_up_to(room, last_seq);
+                yield data(wire.frame);
             }
         }
         let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + ctx.ping, ctx.ping);
@@ -174,8 +203,15 @@ pub fn session_stream(
                 }
                 event = attached.feed.events.recv() => match event {
                     Some(event) => {
-                        if let Some(frame) = attached.feed.frame(&event) {
-                            yield data(frame);
+                        if let Some(wire) = attached.feed.memory.record(&event) {
+                            if let Some(id) = wire.id {
+                                yield data(id);
+                            }
+                            yield data(wire.frame);
+                        }
+                        if attached.feed.memory.crowded() {
+                            let rooms = ctx.hub.rooms_of(attached.session.id);
+                            attached.feed.memory.retain_rooms(&rooms);
                         }
                     }
                     None => {
@@ -243,6 +279,11 @@ pub fn room_stream(
                     last_seq = m.seq;
                     yield data(Event::message(m).sse().clone());
                 }
+            }
+            Some(after) if after >= recent.last().map_or(0, |m| m.seq) => {
+                // Nothing missed (a cursor above the room's seq is a wiped
+                // database or garbage): live messages flow at once.
+                last_seq = recent.last().map_or(0, |m| m.seq);
             }
             Some(after) => {
                 last_seq = after;
