@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::adapters::peers::PeerLimits;
 use crate::bus::BusSpec;
 use crate::core::Limits;
 use crate::store::Durability;
@@ -106,6 +107,14 @@ pub struct Config {
     #[arg(long, env = "BABY_BURST", default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..))]
     pub burst: u32,
 
+    /// `/nick`, `/join` and `/leave` per second per session (0 turns this limit off).
+    #[arg(long, env = "BABY_COMMAND_RATE", default_value_t = 2)]
+    pub command_rate: u32,
+
+    /// `/nick`, `/join` and `/leave` a session may send in a burst.
+    #[arg(long, env = "BABY_COMMAND_BURST", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
+    pub command_burst: u32,
+
     /// Events queued per connection before it is dropped as a slow consumer.
     #[arg(long, env = "BABY_QUEUE", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
     pub queue: u32,
@@ -113,6 +122,26 @@ pub struct Config {
     /// Connections per instance, TCP and HTTP together.
     #[arg(long, env = "BABY_MAX_CONNS", default_value_t = 100_000, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_conns: u32,
+
+    /// Connections per client address (IPv6: per /64), TCP and HTTP together.
+    #[arg(long, env = "BABY_MAX_CONNS_PER_ADDR", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_conns_per_addr: u32,
+
+    /// New HTTP sessions (`POST /connect`) per second per client address (0 turns this limit off).
+    #[arg(long, env = "BABY_CONNECT_RATE", default_value_t = 5)]
+    pub connect_rate: u32,
+
+    /// New HTTP sessions a client address may open in a burst.
+    #[arg(long, env = "BABY_CONNECT_BURST", default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..))]
+    pub connect_burst: u32,
+
+    /// Whether loopback clients escape the per-address limits (benchmarks, a local reverse proxy).
+    #[arg(long, env = "BABY_EXEMPT_LOOPBACK", default_value_t = true, action = clap::ArgAction::Set)]
+    pub exempt_loopback: bool,
+
+    /// Seconds an HTTP connection may take to send a request head (also when it sends nothing).
+    #[arg(long, env = "BABY_HEADER_TIMEOUT", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    pub header_timeout: u64,
 
     /// How often the poll bus reads the database for other instances' messages (ms).
     #[arg(long, env = "BABY_POLL_INTERVAL", default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..))]
@@ -142,6 +171,8 @@ impl Config {
             max_text: self.max_text as usize,
             rate: self.rate,
             burst: self.burst,
+            command_rate: self.command_rate,
+            command_burst: self.command_burst,
             queue: self.queue as usize,
         }
     }
@@ -155,7 +186,17 @@ impl Config {
 
     /// How long an HTTP request head may take to arrive.
     pub fn header_timeout(&self) -> Duration {
-        Duration::from_secs(10)
+        Duration::from_secs(self.header_timeout)
+    }
+
+    /// The limits per client address.
+    pub fn peer_limits(&self) -> PeerLimits {
+        PeerLimits {
+            max_conns: self.max_conns_per_addr as usize,
+            connect_rate: self.connect_rate,
+            connect_burst: self.connect_burst,
+            exempt_loopback: self.exempt_loopback,
+        }
     }
 }
 
@@ -177,6 +218,11 @@ mod tests {
             (4096, 2000, 65536)
         );
         assert_eq!((config.rate, config.burst, config.queue), (10, 20, 1024));
+        assert_eq!((config.command_rate, config.command_burst), (2, 5));
+        assert_eq!(config.max_conns_per_addr, 256);
+        assert_eq!((config.connect_rate, config.connect_burst), (5, 20));
+        assert!(config.exempt_loopback);
+        assert_eq!(config.header_timeout(), Duration::from_secs(10));
         assert_eq!(config.max_conns, 100_000);
     }
 
@@ -194,6 +240,14 @@ mod tests {
         .into_config();
         assert_eq!(config.tcp.port(), 0);
         assert_eq!(config.rate, 0);
+    }
+
+    #[test]
+    fn the_loopback_exemption_can_be_turned_off() {
+        let config = Cli::try_parse_from(["baby-discord", "--exempt-loopback", "false"])
+            .unwrap()
+            .into_config();
+        assert!(!config.peer_limits().exempt_loopback);
     }
 
     #[test]

@@ -12,10 +12,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::adapters::http::HttpAdapter;
+use crate::adapters::peers::Peers;
 use crate::adapters::tcp::TcpAdapter;
 use crate::bus::{self, Bus};
 use crate::config::Config;
 use crate::core::Hub;
+use crate::fds;
 use crate::store::{self, Store};
 
 /// How long connections get to say goodbye on shutdown.
@@ -35,7 +37,8 @@ pub struct Server {
 
 impl Server {
     /// Opens the store and bus and binds both listeners.
-    pub async fn bind(config: Config) -> anyhow::Result<Server> {
+    pub async fn bind(mut config: Config) -> anyhow::Result<Server> {
+        config.max_conns = fds::fit_max_conns(config.max_conns);
         let store = store::open(&config.db, config.durability)
             .await
             .with_context(|| format!("could not open the database {}", config.db))?;
@@ -96,18 +99,21 @@ impl Server {
         let token = CancellationToken::new();
         let tracker = TaskTracker::new();
         let connections = Arc::new(Semaphore::new(self.config.max_conns as usize));
+        let peers = Peers::new(self.config.peer_limits());
 
         self.bus.start(Arc::new(self.hub.clone()));
         let tcp = TcpAdapter {
             hub: self.hub.clone(),
             max_line: self.config.max_line as usize,
             connections: connections.clone(),
+            peers: peers.clone(),
             shutdown: token.clone(),
             tracker: tracker.clone(),
         };
         let http = HttpAdapter {
             hub: self.hub.clone(),
             connections,
+            peers,
             max_connections: self.config.max_conns as usize,
             shutdown: token.clone(),
             tracker: tracker.clone(),

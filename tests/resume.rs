@@ -7,6 +7,7 @@ mod common;
 use std::time::Duration;
 
 use common::http::{Http, Sse};
+use common::proxy::Proxy;
 use common::{Client, Daemon, PgDatabase, WAIT, sqlite_url, temp_dir};
 use serde_json::Value;
 
@@ -244,6 +245,101 @@ async fn join_with_a_seq_resumes_on_another_instance() {
     pg.drop_now().await;
 }
 
+/// While storage does not answer, a resuming join that the ring covers still
+/// works; one that needs storage is refused with `unavailable` in seconds,
+/// not held for the pool's timeout, and works again once storage is back.
+#[tokio::test]
+async fn join_with_a_seq_during_a_database_outage() {
+    let Some(pg) = PgDatabase::create().await else {
+        return;
+    };
+    let upstream = pg.url.split_once('@').unwrap().1.split('/').next().unwrap();
+    let proxy = Proxy::start(upstream.parse().unwrap()).await;
+    let db = proxy.url_for(&pg.url);
+    let d = Daemon::start(&["--db", &db, "--rate", "0"]).await;
+    let mut bob = Client::in_room(d.tcp, "bob", "lobby").await;
+    say(&mut bob, (1..=15).map(|i| format!("m{i}"))).await;
+    // Everything is stored before the database goes quiet.
+    let http = Http::new(d.http);
+    let mut stored = 0;
+    while stored < 15 {
+        let page = http.get("/rooms/lobby/history?limit=1").await.json();
+        stored = page["messages"][0]["seq"].as_u64().unwrap_or(0);
+    }
+    proxy.pause();
+
+    let mut carol = Client::json(d.tcp, "carol").await;
+    carol.send("/join lobby 12").await;
+    carol
+        .expect(|v| v["type"] == "join" && v["nick"] == "carol")
+        .await;
+    assert_eq!(seqs(&replay_until(&mut carol, 15).await), [13, 14, 15]);
+
+    let mut dave = Client::json(d.tcp, "dave").await;
+    let asked = std::time::Instant::now();
+    dave.send("/join lobby 1").await;
+    let refused = dave
+        .expect(|v| v["type"] == "error" || v["type"] == "join")
+        .await;
+    assert_eq!(refused["code"], "unavailable", "{refused}");
+    assert!(
+        asked.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        asked.elapsed()
+    );
+
+    proxy.resume();
+    dave.send("/join lobby 1").await;
+    dave.expect(|v| v["type"] == "join" && v["nick"] == "dave")
+        .await;
+    assert_eq!(
+        seqs(&replay_until(&mut dave, 15).await),
+        (2..=15).collect::<Vec<_>>()
+    );
+    drop(d);
+    pg.drop_now().await;
+}
+
+#[tokio::test]
+async fn join_with_a_seq_on_a_lagging_instance_sends_nothing_twice() {
+    let Some(pg) = PgDatabase::create().await else {
+        return;
+    };
+    let cluster = format!("resume-{}", uuid::Uuid::now_v7().simple());
+    let mut daemons = Vec::new();
+    // i2 polls slowly: storage is ahead of what it has delivered for a while.
+    for (name, interval) in [("i1", "20"), ("i2", "1500")] {
+        let args = [
+            "--db",
+            &pg.url,
+            "--bus",
+            "poll",
+            "--poll-interval",
+            interval,
+            "--instance",
+            name,
+            "--cluster",
+            &cluster,
+            "--rate",
+            "0",
+        ];
+        daemons.push(Daemon::start(&args).await);
+    }
+    let mut bob = Client::in_room(daemons[0].tcp, "bob", "lobby").await;
+    let _carol = Client::in_room(daemons[1].tcp, "carol", "lobby").await;
+    say(&mut bob, (1..=3).map(|i| format!("m{i}"))).await;
+    // Dave re-joins on i2 before it has polled bob's messages: the replay
+    // (read from storage) and the live path must not both send them.
+    let mut dave = Client::json(daemons[1].tcp, "dave").await;
+    dave.send("/join lobby 0").await;
+    let mut got = replay_until(&mut dave, 3).await;
+    bob.send("m4").await;
+    got.extend(replay_until(&mut dave, 4).await);
+    assert_eq!(seqs(&got), [1, 2, 3, 4], "each message once, in order");
+    drop(daemons);
+    pg.drop_now().await;
+}
+
 // --- SSE session streams that reconnect -------------------------------------
 
 /// Opens a session's stream, resuming after `last` if given, past `retry:`.
@@ -426,4 +522,88 @@ async fn a_cursor_above_the_room_never_mutes_a_stream() {
         (f.json()["seq"].as_u64(), f.json()["text"].as_str()),
         (Some(5), Some("mine"))
     );
+}
+
+// --- Memory -----------------------------------------------------------------
+
+/// The daemon's resident memory, from /proc (Linux), in bytes.
+fn rss(d: &Daemon) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", d.pid())).unwrap();
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS in /proc/PID/status");
+    kb * 1024
+}
+
+/// Issue 11, defect 1: a session's memory of sent frames was bounded only by
+/// count (1,024 copies of whatever size). DMs of 2,000 characters pushed it
+/// to megabytes per session. Now: 1,024 frames and 1 MiB.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_session_memory_is_bounded_by_bytes() {
+    const SESSIONS: usize = 10;
+    const DMS: usize = 1_100;
+    let (d, _dir) = daemon(&["--rate", "0"]).await;
+    let http = Http::new(d.http);
+    let mut readers = Vec::new();
+    let mut nicks = Vec::new();
+    for i in 0..SESSIONS {
+        let nick = format!("u{i}");
+        let (token, _) = http.connect(Some(&nick)).await;
+        let mut sse = events(&http, &token, None).await;
+        sse.expect(|_, v| v["type"] == "welcome").await;
+        readers.push(tokio::spawn(async move {
+            let mut dms = 0;
+            while dms < DMS {
+                if sse.event().await.event.as_deref() == Some("dm") {
+                    dms += 1;
+                }
+            }
+            sse // still attached: the session stays alive
+        }));
+        nicks.push(nick);
+    }
+    let before = rss(&d);
+    let bob = Client::json(d.tcp, "bob").await;
+    let (mut bob_in, mut bob_out) = bob.split();
+    let drain = tokio::spawn(async move {
+        use tokio::io::AsyncBufReadExt;
+        let mut line = String::new();
+        while bob_in.read_line(&mut line).await.is_ok_and(|n| n > 0) {
+            line.clear();
+        }
+    });
+    // 2,000 two-byte characters: a 4 KB frame.
+    let text = "é".repeat(2_000);
+    for _ in 0..DMS {
+        for nick in &nicks {
+            use tokio::io::AsyncWriteExt;
+            let line = format!("/msg {nick} {text}\n");
+            bob_out.write_all(line.as_bytes()).await.unwrap();
+        }
+    }
+    let mut streams = Vec::new();
+    for r in readers {
+        streams.push(
+            tokio::time::timeout(Duration::from_secs(60), r)
+                .await
+                .unwrap()
+                .unwrap(),
+        );
+    }
+    let after = rss(&d);
+    let per_session = after.saturating_sub(before) / SESSIONS as u64;
+    eprintln!(
+        "{SESSIONS} sessions x {DMS} DMs of 2,000 characters: RSS {} -> {} MiB, {:.2} MiB per session",
+        before >> 20,
+        after >> 20,
+        per_session as f64 / (1 << 20) as f64
+    );
+    assert!(
+        per_session < 2 << 20,
+        "a session's memory grew by {per_session} bytes; the bound is 1 MiB of frames"
+    );
+    drain.abort();
+    drop(streams);
 }

@@ -2,6 +2,8 @@
 //! framing, input limits and per-connection writers; they never decide chat
 //! behaviour. A new transport is one new file here.
 
+mod coalesce;
 pub mod http;
 pub mod lines;
+pub mod peers;
 pub mod tcp;

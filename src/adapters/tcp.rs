@@ -6,6 +6,14 @@
 //! JSON, and writes everything that is waiting in one buffer per write. The hub
 //! never waits for either: when the outbox is full it ends the session as a
 //! slow consumer, and the writer says so before closing.
+//!
+//! A client that sends faster than it reads its answers is paced, not dropped:
+//! while its outbox is over half full the reader takes no more lines (TCP
+//! back-pressure: the client's sends block once the socket buffers fill), and
+//! resumes as the writer drains it. Only events the client did not ask for
+//! (room traffic) can then fill the rest, so only a client that does not read
+//! at all becomes a slow consumer. `rate-limited` errors are coalesced to one
+//! a second (see [`super::coalesce`]).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -16,14 +24,17 @@ use futures::StreamExt;
 use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::sync::{Notify, Semaphore, mpsc, oneshot};
+use tokio::time::Instant;
 use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::coalesce::RateNotices;
 use super::lines::{Frame, LineCodec};
+use super::peers::Peers;
 use crate::core::{
-    Command, EndReason, ErrorCode, Event, EventBody, Format, Hub, Refusal, Replies, Reply,
+    Backlog, Command, EndReason, ErrorCode, Event, EventBody, Format, Hub, Refusal, Replies, Reply,
     SessionHandle,
 };
 
@@ -43,6 +54,8 @@ pub struct TcpAdapter {
     pub max_line: usize,
     /// Shared with the HTTP adapter: one permit per open connection.
     pub connections: Arc<Semaphore>,
+    /// Shared with the HTTP adapter: connections per client address.
+    pub peers: Arc<Peers>,
     /// Fires when the daemon stops.
     pub shutdown: CancellationToken,
     /// Tracks connection tasks so shutdown can wait for them.
@@ -73,6 +86,17 @@ impl TcpAdapter {
     }
 
     async fn connection(self, mut stream: TcpStream, peer: SocketAddr) {
+        let Some(_address_permit) = self.peers.admit(peer.ip()) else {
+            let limit = self.peers.limits().max_conns;
+            let refusal = Event::error(
+                ErrorCode::Unavailable,
+                format!(
+                    "too many connections from your address (at most {limit}); close some first"
+                ),
+            );
+            let _ = tokio::time::timeout(PARTING, stream.write_all(refusal.text())).await;
+            return;
+        };
         let Ok(_permit) = self.connections.clone().try_acquire_owned() else {
             let refusal = Event::error(
                 ErrorCode::Unavailable,
@@ -93,16 +117,30 @@ impl TcpAdapter {
         let id = session.id;
         tracing::debug!(%peer, session = %id, nick = %session.nick, "tcp connected");
         let (read, write) = stream.into_split();
-        let SessionHandle { events, ended, .. } = session;
+        let SessionHandle {
+            events,
+            ended,
+            backlog,
+            ..
+        } = session;
         let (done_tx, done_rx) = oneshot::channel();
-        let mut writer = tokio::spawn(write_events(write, events, ended, done_rx));
+        let drained = Arc::new(Notify::new());
+        let mut writer = tokio::spawn(write_events(write, events, ended, done_rx, drained.clone()));
         // Start small: most lines are short and an idle connection should
         // cost little (the buffer grows for long lines, up to --max-line).
         let mut lines = FramedRead::with_capacity(read, LineCodec::new(self.max_line), READ_BUFFER);
+        let pace = Pace {
+            backlog,
+            drained,
+            high: self.hub.limits().queue / 2,
+        };
         let mut writer_finished = false;
         loop {
             let frame = tokio::select! {
-                frame = lines.next() => frame,
+                frame = async {
+                    pace.wait().await;
+                    lines.next().await
+                } => frame,
                 // The core ended the session (slow consumer): stop reading too.
                 _ = &mut writer => {
                     writer_finished = true;
@@ -147,6 +185,32 @@ impl TcpAdapter {
     }
 }
 
+/// Back-pressure for one connection's reader.
+struct Pace {
+    backlog: Backlog,
+    /// Signalled by the writer each time it has taken events off the outbox.
+    drained: Arc<Notify>,
+    /// Above this many queued events the reader takes no more lines.
+    high: usize,
+}
+
+impl Pace {
+    /// Returns once the outbox is at most half full, or the session has ended.
+    /// Half a queue is room for any command's answer (`/history` is at most
+    /// 100 events) except a resuming `/join ROOM SEQ`, which the core trims to
+    /// the room left, with a `gap`.
+    async fn wait(&self) {
+        loop {
+            // `notify_one` keeps a permit when nobody waits, so a drain that
+            // happens between this check and the wait below is not missed.
+            match self.backlog.queued() {
+                Some(queued) if queued > self.high => self.drained.notified().await,
+                _ => return,
+            }
+        }
+    }
+}
+
 /// Why the writer stops.
 enum Stop {
     /// The core ended the session.
@@ -161,8 +225,10 @@ async fn write_events(
     mut events: mpsc::Receiver<Event>,
     mut ended: oneshot::Receiver<EndReason>,
     mut reader_done: oneshot::Receiver<()>,
+    drained: Arc<Notify>,
 ) {
     let mut format = Format::Text;
+    let mut notices = RateNotices::default();
     // Allocated per batch and released once written, so an idle connection
     // holds no write buffer (one allocation per write is cheap next to the
     // system call).
@@ -173,16 +239,27 @@ async fn write_events(
             reason = &mut ended => break Stop::Ended(reason.unwrap_or(EndReason::Quit)),
             _ = &mut reader_done => break Stop::Closed,
             event = events.recv() => match event {
-                Some(event) => event,
+                Some(event) => notices.filter(event, Instant::now()),
                 None => break Stop::Closed,
             },
+            () = sleep_until(notices.due()) => notices.summary(Instant::now()),
         };
-        render(&first, &mut format, &mut buf);
+        if let Some(first) = first {
+            render(&first, &mut format, &mut buf);
+        }
         while buf.len() < WRITE_BUFFER {
             match events.try_recv() {
-                Ok(event) => render(&event, &mut format, &mut buf),
+                Ok(event) => {
+                    if let Some(event) = notices.filter(event, Instant::now()) {
+                        render(&event, &mut format, &mut buf);
+                    }
+                }
                 Err(_) => break,
             }
+        }
+        drained.notify_one();
+        if buf.is_empty() {
+            continue; // every event taken was a held-back refusal
         }
         // A client that does not read blocks this write; the core then ends
         // the session, which must interrupt it.
@@ -193,8 +270,12 @@ async fn write_events(
         if written.is_err() {
             break Stop::Closed;
         }
+        // What was taken before the write is on its way: let the reader go on.
+        drained.notify_one();
         buf = BytesMut::new();
     };
+    // The reader may be waiting for room that will never come.
+    drained.notify_one();
     buf.clear();
     let parting = match stop {
         // Its socket is full: what is queued would never get through.
@@ -203,14 +284,14 @@ async fn write_events(
             "you were not reading fast enough; disconnected",
         )),
         Stop::Ended(EndReason::Shutdown) => {
-            drain(&mut events, &mut format, &mut buf);
+            drain(&mut events, &mut notices, &mut format, &mut buf);
             Some(Event::error(
                 ErrorCode::Unavailable,
                 "the server is shutting down",
             ))
         }
         Stop::Ended(_) | Stop::Closed => {
-            drain(&mut events, &mut format, &mut buf);
+            drain(&mut events, &mut notices, &mut format, &mut buf);
             None
         }
     };
@@ -223,10 +304,29 @@ async fn write_events(
     let _ = tokio::time::timeout(PARTING, socket.shutdown()).await;
 }
 
-/// Renders everything still queued.
-fn drain(events: &mut mpsc::Receiver<Event>, format: &mut Format, buf: &mut BytesMut) {
+/// Sleeps until `deadline`, or forever without one.
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Renders everything still queued, ending with any held-back refusals.
+fn drain(
+    events: &mut mpsc::Receiver<Event>,
+    notices: &mut RateNotices,
+    format: &mut Format,
+    buf: &mut BytesMut,
+) {
+    let now = Instant::now();
     while let Ok(event) = events.try_recv() {
-        render(&event, format, buf);
+        if let Some(event) = notices.filter(event, now) {
+            render(&event, format, buf);
+        }
+    }
+    if let Some(summary) = notices.summary(now) {
+        render(&summary, format, buf);
     }
 }
 

@@ -17,13 +17,20 @@
 //! current seq replays nothing.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use super::Hub;
+use super::event::ErrorCode;
 use super::event::{Event, EventBody, Message};
 use super::names::{Refusal, RoomName};
 
 /// Most messages one `/join ROOM SEQ` replays.
 pub const MAX_CATCH_UP: usize = 1_000;
+/// How long a catch-up may wait for storage before it is refused: a
+/// database that does not answer must not hold a join (or a stream's
+/// resume) for the pool's whole timeout. Longer than the one-second wait
+/// for the batching writer that a read may include.
+const READ_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// What a resuming join sends after its `join` event, oldest first.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -73,6 +80,16 @@ impl CatchUp {
     /// The newest seq read (the cursor when nothing was).
     pub fn read_end(&self) -> u64 {
         self.read.last().map_or(self.after, |m| m.seq)
+    }
+
+    /// Only what this instance has delivered in the room (up to
+    /// `delivered`, its ring's last seq): storage can be ahead of delivery
+    /// (another instance's message, stored but not yet polled here), and
+    /// what is newer reaches the client live. Replaying it too would send it
+    /// twice.
+    pub fn delivered_up_to(mut self, delivered: u64) -> CatchUp {
+        self.read.retain(|m| m.seq <= delivered);
+        self
     }
 
     /// Appends a later read, made after [`CatchUp::read_end`].
@@ -128,11 +145,15 @@ impl Hub {
                 read: Vec::new(),
             });
         }
-        let mut read = self.replay(room, after, MAX_CATCH_UP as u32 + 1).await?;
-        if read.len() > MAX_CATCH_UP {
-            // More than a replay's worth: only the newest are sent.
-            read = self.history_page(room, None, MAX_CATCH_UP as u32).await?;
-        }
+        let read = async {
+            let read = self.replay(room, after, MAX_CATCH_UP as u32 + 1).await?;
+            if read.len() > MAX_CATCH_UP {
+                // More than a replay's worth: only the newest are sent.
+                return self.history_page(room, None, MAX_CATCH_UP as u32).await;
+            }
+            Ok(read)
+        };
+        let read = within_time(room, read).await?;
         Ok(CatchUp { after, read })
     }
 }
@@ -152,12 +173,15 @@ impl Hub {
             return Ok(Vec::new());
         }
         let span = up_to - after;
-        let read = if span <= MAX_CATCH_UP as u64 {
-            self.replay(room, after, span as u32).await?
-        } else {
-            self.history_page(room, Some(up_to + 1), MAX_CATCH_UP as u32)
-                .await?
-        };
+        let read = within_time(room, async {
+            if span <= MAX_CATCH_UP as u64 {
+                self.replay(room, after, span as u32).await
+            } else {
+                self.history_page(room, Some(up_to + 1), MAX_CATCH_UP as u32)
+                    .await
+            }
+        })
+        .await?;
         let read: Vec<Arc<Message>> = read.into_iter().filter(|m| m.seq <= up_to).collect();
         let catch_up = CatchUp { after, read };
         let end = catch_up.read_end();
@@ -170,6 +194,23 @@ impl Hub {
             });
         }
         Ok(items.into_iter().map(|i| i.into_event(room)).collect())
+    }
+}
+
+/// A storage read, refused as `unavailable` if it takes over [`READ_TIMEOUT`].
+async fn within_time<T>(
+    room: &RoomName,
+    read: impl Future<Output = Result<T, Refusal>>,
+) -> Result<T, Refusal> {
+    match tokio::time::timeout(READ_TIMEOUT, read).await {
+        Ok(read) => read,
+        Err(_) => {
+            tracing::warn!(%room, "catch-up read timed out");
+            Err(Refusal::new(
+                ErrorCode::Unavailable,
+                "history is unavailable: storage is not answering; try again",
+            ))
+        }
     }
 }
 
@@ -215,6 +256,18 @@ mod tests {
         let plan = c.plan(ring.iter(), 1000);
         assert_eq!(shape(&plan), ["4", "5", "6", "7", "8", "9", "10"]);
         assert!(!plan.torn);
+    }
+
+    #[test]
+    fn what_storage_holds_beyond_delivery_is_left_to_the_live_path() {
+        let c = CatchUp {
+            after: 3,
+            read: msgs(4..=12),
+        }
+        .delivered_up_to(10);
+        let ring = msgs(1..=10);
+        let plan = c.plan(ring.iter(), 1000);
+        assert_eq!(shape(&plan), ["4", "5", "6", "7", "8", "9", "10"]);
     }
 
     #[test]

@@ -57,6 +57,18 @@ pub enum Command {
     Quit,
 }
 
+impl Command {
+    /// Whether every member of the caller's rooms hears of it (`/nick`,
+    /// `/join`, `/leave`): those are rate-limited like messages, or one client
+    /// could flood a room with presence events it never has to type.
+    pub fn reaches_others(&self) -> bool {
+        matches!(
+            self,
+            Command::Nick(..) | Command::Join { .. } | Command::Leave(..)
+        )
+    }
+}
+
 /// Every command, for `/help` (and the README).
 pub const HELP: &[HelpLine] = &[
     HelpLine {

@@ -315,6 +315,27 @@ impl Event {
         })
     }
 
+    /// The same DM as seen by its other party: only `peer`, which the JSON
+    /// and SSE renderings do not show, differs, so the copy shares those
+    /// renderings (rendered here, once) instead of making its own. Any other
+    /// event is returned as is.
+    pub fn for_peer(&self, peer: Nick) -> Event {
+        let EventBody::Dm { dm, .. } = &self.0.body else {
+            return self.clone();
+        };
+        self.sse();
+        Event(Arc::new(Inner {
+            body: EventBody::Dm {
+                dm: dm.clone(),
+                peer,
+            },
+            ts: self.0.ts,
+            json: self.0.json.clone(),
+            text: OnceLock::new(),
+            sse: self.0.sse.clone(),
+        }))
+    }
+
     /// What happened.
     pub fn body(&self) -> &EventBody {
         &self.0.body
@@ -617,5 +638,28 @@ mod tests {
         );
         let v: serde_json::Value = serde_json::from_slice(e.json()).unwrap();
         assert!(v.get("session").is_none());
+    }
+
+    #[test]
+    fn both_sides_of_a_dm_share_one_rendering() {
+        let dm = Arc::new(DirectMessage {
+            id: Uuid::now_v7(),
+            from: Nick::parse("alice").unwrap(),
+            to: Nick::parse("bob").unwrap(),
+            text: "psst".to_owned(),
+            ts: Timestamp(0),
+        });
+        let to_bob = Event::at(
+            EventBody::Dm {
+                dm,
+                peer: Nick::parse("alice").unwrap(),
+            },
+            Timestamp(0),
+        );
+        let to_alice = to_bob.for_peer(Nick::parse("bob").unwrap());
+        assert_eq!(to_alice.sse().as_ptr(), to_bob.sse().as_ptr());
+        assert_eq!(to_alice.json().as_ptr(), to_bob.json().as_ptr());
+        assert!(to_bob.text().starts_with(b"[00:00:00] @alice <alice> psst"));
+        assert!(to_alice.text().starts_with(b"[00:00:00] @bob <alice> psst"));
     }
 }

@@ -36,7 +36,7 @@ pub use names::{
     IdempotencyKey, MAX_IDEMPOTENCY_KEY, MAX_NICK, MAX_ROOM, Nick, NickKey, Refusal, RoomName, Text,
 };
 pub use rate::TokenBucket;
-pub use sessions::{EndReason, Replies, SessionHandle, SessionId};
+pub use sessions::{Backlog, EndReason, Replies, SessionHandle, SessionId};
 pub use watch::RoomWatch;
 
 use crate::bus::{Bus, Deliver, Envelope, Presence};
@@ -82,6 +82,10 @@ pub struct Limits {
     pub rate: u32,
     /// Messages a session may send at once before `rate` applies.
     pub burst: u32,
+    /// `/nick`, `/join` and `/leave` per second per session; 0 turns the limit off.
+    pub command_rate: u32,
+    /// Of those, how many a session may send at once.
+    pub command_burst: u32,
     /// Events that may wait for one session before it is a slow consumer.
     pub queue: usize,
 }
@@ -92,6 +96,8 @@ impl Default for Limits {
             max_text: 2_000,
             rate: 10,
             burst: 20,
+            command_rate: 2,
+            command_burst: 5,
             queue: 1_024,
         }
     }
@@ -254,6 +260,7 @@ impl Hub {
         });
         // A fresh channel has room for one event.
         let _ = outbox.try_send(welcome);
+        let backlog = Backlog::of(&outbox);
         state.nicks.insert(nick.key(), id);
         state.sessions.insert(
             id,
@@ -264,6 +271,10 @@ impl Hub {
                 outbox,
                 end: Some(end),
                 bucket: TokenBucket::new(self.shared.limits.rate, self.shared.limits.burst),
+                commands: TokenBucket::new(
+                    self.shared.limits.command_rate,
+                    self.shared.limits.command_burst,
+                ),
                 replies,
             },
         );
@@ -272,6 +283,7 @@ impl Hub {
             nick,
             events,
             ended,
+            backlog,
         })
     }
 
@@ -295,7 +307,13 @@ impl Hub {
             return Ok(nick);
         }
         for _ in 0..GUEST_DRAWS {
-            let guest = guest_nick(&self.lock().nicks);
+            let Some(guest) = guest_nick(&self.lock().nicks) else {
+                return Err(Refusal::new(
+                    ErrorCode::Unavailable,
+                    "every guest nick (guest-0000 to guest-ffff) is in use; \
+                     ask for a nick of your own, or try again later",
+                ));
+            };
             match directory {
                 None => return Ok(guest),
                 Some(directory) if directory.claim_nick(&guest, id).await.map_err(bus_down)? => {
@@ -323,6 +341,9 @@ impl Hub {
     /// when the session's replies go to the caller (HTTP); otherwise they are
     /// already in the session's outbox and the result is empty.
     pub async fn handle(&self, id: SessionId, command: Command) -> Vec<Event> {
+        if command.reaches_others() && !self.take_command_token(id) {
+            return self.answer(id, Answer::refusal(self.commands_limited()));
+        }
         let answer = match command {
             Command::Say(text) => self.say_answer(id, text, MessageKind::Text).await,
             Command::Me(text) => self.say_answer(id, text, MessageKind::Action).await,
@@ -427,6 +448,30 @@ impl Hub {
             Ok(_) => Answer::default(),
             Err(r) => Answer::refusal(r),
         }
+    }
+
+    /// Takes a token from the session's bucket for commands that reach others.
+    /// A session that has ended passes: the command will find it gone.
+    fn take_command_token(&self, id: SessionId) -> bool {
+        self.lock()
+            .sessions
+            .get_mut(&id)
+            .is_none_or(|session| session.commands.try_take())
+    }
+
+    fn commands_limited(&self) -> Refusal {
+        let Limits {
+            command_rate,
+            command_burst,
+            ..
+        } = self.shared.limits;
+        Refusal::new(
+            ErrorCode::RateLimited,
+            format!(
+                "slow down: /nick, /join and /leave at most {command_rate} a second \
+                 (bursts of {command_burst})"
+            ),
+        )
     }
 
     fn rate_limited(&self) -> Refusal {
@@ -590,7 +635,10 @@ impl Hub {
                 } else {
                     MAX_CATCH_UP
                 };
-                let plan = catch_up.plan(entry.history.iter(), cap.min(MAX_CATCH_UP));
+                let plan = catch_up
+                    .clone()
+                    .delivered_up_to(entry.history.last_seq())
+                    .plan(entry.history.iter(), cap.min(MAX_CATCH_UP));
                 if plan.torn && !last_read {
                     return Err(Torn);
                 }
@@ -824,24 +872,13 @@ impl Hub {
         });
         let ts = dm.ts;
         let mut failed = Undeliverable::default();
-        let to_recipient = Event::at(
-            EventBody::Dm {
-                dm: dm.clone(),
-                peer: from,
-            },
-            ts,
-        );
+        let to_recipient = Event::at(EventBody::Dm { dm, peer: from }, ts);
         fan_out(sessions, [&target], &to_recipient, &mut failed);
         let echo = if target == id {
             to_recipient
         } else {
-            let to_sender = Event::at(
-                EventBody::Dm {
-                    dm,
-                    peer: recipient,
-                },
-                ts,
-            );
+            // One rendering for both sides: the JSON does not name the peer.
+            let to_sender = to_recipient.for_peer(recipient);
             fan_out(sessions, [&id], &to_sender, &mut failed);
             to_sender
         };
@@ -1081,16 +1118,40 @@ fn not_in(room: &RoomName) -> Refusal {
     )
 }
 
-/// `guest-` and 4 hex digits, as the protocol says; 8 when those run out.
-fn guest_nick(taken: &HashMap<NickKey, SessionId>) -> Nick {
-    for attempt in 0.. {
-        let digits = if attempt < 64 { 4 } else { 8 };
-        let n: u32 = rand::random();
-        let s = format!("guest-{:0width$x}", n >> (32 - 4 * digits), width = digits);
-        let nick = Nick::parse(&s).expect("guest nicks are valid");
-        if !taken.contains_key(&nick.key()) {
-            return nick;
+/// Random draws before [`guest_nick`] looks for a free nick in order.
+const RANDOM_GUEST_DRAWS: usize = 64;
+
+/// A free guest nick: `guest-` and 4 hex digits, as the protocol says. `None`
+/// when all 65,536 are in use on this instance (the format never changes).
+fn guest_nick(taken: &HashMap<NickKey, SessionId>) -> Option<Nick> {
+    let nick = |n: u16| Nick::parse(&format!("guest-{n:04x}")).expect("guest nicks are valid");
+    let free = |n: &u16| !taken.contains_key(&nick(*n).key());
+    // Random draws succeed at once unless nearly every guest nick is in use;
+    // then one pass in order from a random start finds a free one, if any.
+    let start: u16 = rand::random();
+    (0..RANDOM_GUEST_DRAWS)
+        .map(|_| rand::random::<u16>())
+        .chain((0..=u16::MAX).map(|i| start.wrapping_add(i)))
+        .find(free)
+        .map(nick)
+}
+
+#[cfg(test)]
+mod guest_tests {
+    use super::*;
+
+    #[test]
+    fn guest_nicks_keep_their_format_and_run_out_cleanly() {
+        let mut taken = HashMap::new();
+        for n in 0..=u16::MAX {
+            if n != 0xbeef {
+                let nick = Nick::parse(&format!("guest-{n:04x}")).unwrap();
+                taken.insert(nick.key(), SessionId(u64::from(n)));
+            }
         }
+        assert_eq!(guest_nick(&taken).unwrap().to_string(), "guest-beef");
+        let last = Nick::parse("guest-beef").unwrap();
+        taken.insert(last.key(), SessionId(1));
+        assert!(guest_nick(&taken).is_none());
     }
-    unreachable!("the loop returns")
 }

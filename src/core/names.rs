@@ -171,6 +171,13 @@ impl Text {
                 "the text may not contain control characters (tab is fine)",
             ));
         }
+        if s.chars().any(is_bidi_override) {
+            return Err(Refusal::new(
+                ErrorCode::BadArguments,
+                "the text may not contain bidirectional overrides or isolates \
+                 (U+202A-202E, U+2066-2069): they can make a line look like someone else's",
+            ));
+        }
         Ok(Text(s.to_owned()))
     }
 
@@ -185,9 +192,30 @@ impl Text {
     }
 }
 
+/// The embedding, override and isolate controls of Unicode's bidirectional
+/// algorithm. In a terminal they reorder the rest of the line, so a message
+/// could show `<alice>` where it says `<mallory>`. (Nicks and rooms are ASCII
+/// and cannot hold them.)
+fn is_bidi_override(c: char) -> bool {
+    matches!(c, '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn texts_refuse_bidi_overrides_and_isolates_but_not_other_scripts() {
+        for c in ['\u{202A}', '\u{202E}', '\u{2066}', '\u{2069}'] {
+            let e = Text::parse(&format!("hi {c}olleh"), 100).unwrap_err();
+            assert_eq!(e.code, ErrorCode::BadArguments);
+        }
+        assert!(Text::parse("שלום مرحبا", 100).is_ok());
+        // Only the ranges: their neighbours are not refused for this reason.
+        assert!(Text::parse("\u{2029}\u{202F}\u{2065}\u{206A}", 100).is_ok());
+        assert!(Nick::parse("a\u{202E}").is_err());
+        assert!(RoomName::parse("a\u{2066}").is_err());
+    }
 
     #[test]
     fn idempotency_keys_are_1_to_64_visible_ascii() {

@@ -2,7 +2,7 @@
 
 use tokio::time::Instant;
 
-/// Limits how fast one session may send messages.
+/// Limits how fast one session (or client address) may do something.
 #[derive(Debug, Clone)]
 pub struct TokenBucket {
     rate: f64,
@@ -20,6 +20,16 @@ impl TokenBucket {
             tokens: f64::from(burst.max(1)),
             updated: Instant::now(),
         }
+    }
+
+    /// Whether the bucket has filled up again: forgetting it and starting a
+    /// fresh one would change nothing.
+    pub fn is_full(&self) -> bool {
+        if self.rate == 0.0 {
+            return true;
+        }
+        let earned = self.updated.elapsed().as_secs_f64() * self.rate;
+        self.tokens + earned >= self.burst
     }
 
     /// Takes one token if there is one.
@@ -60,6 +70,18 @@ mod tests {
             assert!(b.try_take());
         }
         assert!(!b.try_take());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn is_full_once_refilled() {
+        let mut b = TokenBucket::new(5, 20);
+        assert!(b.is_full());
+        assert!(b.try_take());
+        assert!(!b.is_full());
+        tokio::time::advance(Duration::from_millis(199)).await;
+        assert!(!b.is_full());
+        tokio::time::advance(Duration::from_millis(2)).await;
+        assert!(b.is_full());
     }
 
     #[test]

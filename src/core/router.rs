@@ -66,6 +66,7 @@ mod tests {
             outbox: tx,
             end: None,
             bucket: TokenBucket::new(0, 1),
+            commands: TokenBucket::new(0, 1),
             replies: Replies::Outbox,
         };
         (s, rx)

@@ -53,6 +53,29 @@ pub struct SessionHandle {
     pub events: mpsc::Receiver<Event>,
     /// Fires once if the core ends the session (slow consumer, quit, shutdown).
     pub ended: oneshot::Receiver<EndReason>,
+    /// How full `events` is, for an adapter that paces its reading by it.
+    pub backlog: Backlog,
+}
+
+/// A view of how many events wait in a session's outbox.
+///
+/// An adapter stops reading a client's commands while their answers are piling
+/// up (TCP back-pressure), so a client that reads is never dropped for sending
+/// fast. It holds only a weak reference: the core still decides when the
+/// session ends.
+#[derive(Debug, Clone)]
+pub struct Backlog(mpsc::WeakSender<Event>);
+
+impl Backlog {
+    pub(super) fn of(outbox: &mpsc::Sender<Event>) -> Self {
+        Backlog(outbox.downgrade())
+    }
+
+    /// Events waiting to be read, or `None` once the core has ended the session.
+    pub fn queued(&self) -> Option<usize> {
+        let outbox = self.0.upgrade()?;
+        Some(outbox.max_capacity() - outbox.capacity())
+    }
 }
 
 /// The core's record of a session.
@@ -63,6 +86,9 @@ pub(super) struct Session {
     pub current: Option<RoomName>,
     pub outbox: mpsc::Sender<Event>,
     pub end: Option<oneshot::Sender<EndReason>>,
+    /// Messages and DMs.
     pub bucket: TokenBucket,
+    /// Commands that reach others (`/nick`, `/join`, `/leave`).
+    pub commands: TokenBucket,
     pub replies: Replies,
 }

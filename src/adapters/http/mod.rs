@@ -30,10 +30,11 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::peers::Peers;
 use crate::core::Hub;
 use metrics::{Metrics, Sources};
 use routes::Routes;
@@ -44,6 +45,24 @@ pub use sessions::new_token;
 /// How long open connections get to finish once the daemon stops.
 const DRAIN: Duration = Duration::from_secs(2);
 
+/// Completes if no request has started within `timeout` of the connection
+/// opening; otherwise never.
+///
+/// hyper's HTTP/1 `header_read_timeout` starts only once hyper-util's
+/// protocol detection has decided the connection is HTTP/1, detection itself
+/// has no timeout, and HTTP/2 has no header timeout at all: a client that sends
+/// nothing, or trickles the HTTP/2 preface, would hold its descriptor and
+/// connection permit forever. This covers the whole way to a first request,
+/// whatever the protocol.
+async fn silent(timeout: Duration, first_request: &Notify) {
+    if tokio::time::timeout(timeout, first_request.notified())
+        .await
+        .is_ok()
+    {
+        std::future::pending::<()>().await;
+    }
+}
+
 /// What the HTTP adapter needs.
 #[derive(Clone)]
 pub struct HttpAdapter {
@@ -51,6 +70,8 @@ pub struct HttpAdapter {
     pub hub: Hub,
     /// Shared with the TCP adapter: one permit per open connection.
     pub connections: Arc<Semaphore>,
+    /// Shared with the TCP adapter: limits per client address.
+    pub peers: Arc<Peers>,
     /// The semaphore's size, for `/metrics`.
     pub max_connections: usize,
     /// Fires when the daemon stops.
@@ -91,13 +112,14 @@ impl HttpAdapter {
             shutdown: self.shutdown.clone(),
             tracker: self.tracker.clone(),
             streams,
+            peers: self.peers.clone(),
         });
         loop {
             let accepted = tokio::select! {
                 _ = self.shutdown.cancelled() => return,
                 accepted = listener.accept() => accepted,
             };
-            let (stream, _peer) = match accepted {
+            let (stream, peer) = match accepted {
                 Ok(accepted) => accepted,
                 Err(err) => {
                     // Usually EMFILE: back off instead of spinning.
@@ -111,8 +133,19 @@ impl HttpAdapter {
             let routes = routes.clone();
             let open = http_connections.clone();
             self.tracker.spawn(async move {
-                let permit = this.connections.clone().try_acquire_owned().ok();
-                let full = permit.is_none();
+                // Over a limit, every request on the connection is answered 503.
+                let address_permit = this.peers.admit(peer.ip());
+                let permit = address_permit
+                    .as_ref()
+                    .and_then(|_| this.connections.clone().try_acquire_owned().ok());
+                let refusal = match (&address_permit, &permit) {
+                    (None, _) => Some(format!(
+                        "too many connections from your address (at most {}); close some first",
+                        this.peers.limits().max_conns
+                    )),
+                    (Some(_), None) => Some("the server is full; try again later".to_owned()),
+                    _ => None,
+                };
                 open.fetch_add(1, Ordering::Relaxed);
                 // Cancelled to cut this connection (a stream's reader is stuck).
                 let cut = CancellationToken::new();
@@ -125,16 +158,23 @@ impl HttpAdapter {
                     .http2()
                     .timer(TokioTimer::new())
                     .max_concurrent_streams(100);
+                let refusal = Arc::new(refusal);
+                let first_request = Arc::new(Notify::new());
                 let service = {
                     let cut = cut.clone();
+                    let first_request = first_request.clone();
                     hyper::service::service_fn(move |req: Request<Incoming>| {
+                        first_request.notify_one();
                         let routes = routes.clone();
                         let cut = cut.clone();
+                        let refusal = refusal.clone();
                         async move {
-                            let response = if full {
-                                routes::overloaded()
-                            } else {
-                                routes.handle(req, cut).await
+                            // Health checks are answered even when full: a
+                            // full instance is still a live one.
+                            let health = req.uri().path() == "/healthz";
+                            let response = match &*refusal {
+                                Some(why) if !health => routes::overloaded(why),
+                                _ => routes.handle(req, cut, peer.ip()).await,
                             };
                             Ok::<_, Infallible>(response)
                         }
@@ -145,6 +185,9 @@ impl HttpAdapter {
                 tokio::select! {
                     _ = conn.as_mut() => {}
                     _ = cut.cancelled() => {}
+                    () = silent(this.header_timeout, &first_request) => {
+                        tracing::debug!(%peer, "closed an HTTP connection that sent no request in time");
+                    }
                     _ = this.shutdown.cancelled() => {
                         conn.as_mut().graceful_shutdown();
                         let _ = tokio::time::timeout(DRAIN, conn).await;
@@ -152,6 +195,7 @@ impl HttpAdapter {
                 }
                 open.fetch_sub(1, Ordering::Relaxed);
                 drop(permit);
+                drop(address_permit);
             });
         }
     }

@@ -18,7 +18,7 @@
 //! not a copy. Only frames that are not room messages get an `id: eN` line,
 //! written separately, since room messages carry theirs (`ROOM:SEQ`).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 
 use bytes::Bytes;
 
@@ -193,6 +193,14 @@ impl Memory {
             return Resume::Remembered(self.after(at, None));
         }
         let named = super::sse::parse_room_id(last);
+        if let Some((room, _)) = &named {
+            if !self.rooms.contains_key(room) {
+                // This session was never sent a message of that room: the id
+                // is not its to name (a wiped database, a made-up cursor), and
+                // claims nothing about the rest. Nothing missed.
+                return Resume::Remembered(Vec::new());
+            }
+        }
         if let Some((room, seq)) = &named {
             // The newest remembered frame of that room the client says it has:
             // it got everything sent before that too.
@@ -241,11 +249,12 @@ impl Memory {
     /// Forgets rooms the session is no longer in and has no frame of in
     /// memory, so the table follows the session's rooms.
     pub fn retain_rooms(&mut self, member_of: &[RoomName]) {
-        let remembered: Vec<RoomName> = self
+        let remembered: HashSet<&RoomName> = self
             .sent
             .iter()
-            .filter_map(|s| s.place.as_ref().map(|p| p.room.clone()))
+            .filter_map(|s| s.place.as_ref().map(|p| &p.room))
             .collect();
+        let member_of: HashSet<&RoomName> = member_of.iter().collect();
         self.rooms
             .retain(|room, _| member_of.contains(room) || remembered.contains(room));
         // A session in many rooms is not asked again at every event.
@@ -427,6 +436,11 @@ mod tests {
             Vec::<String>::new()
         );
         assert_eq!(remembered(m.resume("random:999")), ["general:2"]);
+        // A room this session was never sent anything of.
+        assert_eq!(
+            remembered(m.resume("music:999999999")),
+            Vec::<String>::new()
+        );
     }
 
     #[test]

@@ -17,6 +17,7 @@
 //! ```
 
 use std::convert::Infallible;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
@@ -33,6 +34,7 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::super::peers::Peers;
 use super::metrics::{self, Metrics};
 use super::sessions::{AttachError, HttpSession, Sessions, new_token};
 use super::sse::{self, StreamContext};
@@ -75,6 +77,8 @@ pub struct Routes {
     pub tracker: TaskTracker,
     /// Open SSE streams.
     pub streams: Arc<AtomicI64>,
+    /// Limits per client address (`POST /connect`).
+    pub peers: Arc<Peers>,
 }
 
 /// An answer that is not the happy path: status plus an `error` event.
@@ -190,12 +194,13 @@ fn error_response(Failure(status, event): Failure) -> Response<Body> {
         .expect("static headers are valid")
 }
 
-/// The answer to every request on a connection over the connection limit.
-pub fn overloaded() -> Response<Body> {
+/// The answer to every request on a connection over a connection limit
+/// (`why` says which).
+pub fn overloaded(why: &str) -> Response<Body> {
     let mut response = error_response(Failure::new(
         StatusCode::SERVICE_UNAVAILABLE,
         ErrorCode::Unavailable,
-        "the server is full; try again later",
+        why,
     ));
     response
         .headers_mut()
@@ -246,13 +251,14 @@ impl Routes {
         &self,
         req: Request<Incoming>,
         connection: CancellationToken,
+        peer: IpAddr,
     ) -> Response<Body> {
         let path = req.uri().path().to_owned();
         let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
         let method = req.method().clone();
         let (route, answer): (&'static str, Answer) = match (&method, parts.as_slice()) {
             (&Method::GET, [""]) => ("/", Ok(page())),
-            (&Method::POST, ["connect"]) => ("/connect", self.connect(req).await),
+            (&Method::POST, ["connect"]) => ("/connect", self.connect(req, peer).await),
             (&Method::POST, ["command"]) => ("/command", self.command(req).await),
             (&Method::POST, ["message"]) => ("/message", self.message(req).await),
             (&Method::POST, ["disconnect"]) => ("/disconnect", self.disconnect(req).await),
@@ -357,8 +363,21 @@ impl Routes {
         Ok(session)
     }
 
-    async fn connect(&self, req: Request<Incoming>) -> Answer {
+    async fn connect(&self, req: Request<Incoming>, peer: IpAddr) -> Answer {
+        // The body is read first, even when refused, so the connection can be reused.
         let body: ConnectBody = self.json(req, true).await?;
+        if !self.peers.may_connect(peer) {
+            let limits = self.peers.limits();
+            return Err(Failure::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                ErrorCode::RateLimited,
+                format!(
+                    "slow down: at most {} new sessions a second from one address (bursts of {}); \
+                     reuse the session you have",
+                    limits.connect_rate, limits.connect_burst
+                ),
+            ));
+        }
         let nick = match body.nick.as_deref().map(str::trim) {
             None | Some("") => None,
             Some(nick) => Some(Nick::parse(nick).map_err(Failure::refused)?),
