@@ -216,6 +216,7 @@ async fn read_sse(
     mut body: Incoming,
     kick: &Notify,
     stop: &CancellationToken,
+    last_id: &mut Option<String>,
     mut take: impl FnMut(&Value),
 ) {
     let mut buf = String::new();
@@ -235,6 +236,10 @@ async fn read_sse(
         while let Some(at) = buf.find("\n\n") {
             let raw: String = buf.drain(..at + 2).collect();
             for line in raw.lines() {
+                // EventSource's memory: the last id seen, sent on reconnect.
+                if let Some(id) = line.strip_prefix("id:") {
+                    *last_id = Some(id.trim_start().to_owned());
+                }
                 if let Some(data) = line.strip_prefix("data:") {
                     if let Ok(event) = serde_json::from_str::<Value>(data.trim_start()) {
                         take(&event);
@@ -269,7 +274,11 @@ async fn room_reader(name: String, room: &'static str, ctx: Ctx, kick: Arc<Notif
         .await
         {
             Some((200, body, _conn)) => {
-                read_sse(body, &kick, &ctx.stop, |e| record(&ctx.views, &name, e)).await;
+                let mut last_id = None;
+                read_sse(body, &kick, &ctx.stop, &mut last_id, |e| {
+                    record(&ctx.views, &name, e)
+                })
+                .await;
             }
             _ => sleep(Duration::from_millis(200)).await,
         }
@@ -281,6 +290,8 @@ async fn room_reader(name: String, room: &'static str, ctx: Ctx, kick: Arc<Notif
 /// re-joins every room with `/join ROOM SEQ`.
 async fn session_reader(name: String, ctx: Ctx, kick: Arc<Notify>) {
     let mut session: Option<(SocketAddr, String)> = None;
+    // The last SSE id this session's streams carried, as EventSource keeps it.
+    let mut last_id: Option<String> = None;
     let mut lives = 0;
     while !ctx.stop.is_cancelled() {
         let (http, token) = match session.clone() {
@@ -319,20 +330,20 @@ async fn session_reader(name: String, ctx: Ctx, kick: Arc<Notify>) {
                     continue; // a half-joined session is abandoned
                 }
                 session = Some((http, token.clone()));
+                last_id = None;
                 (http, token)
             }
         };
-        let last = format!("{}:{}", ROOMS[0], cursor(&ctx.views, &name, ROOMS[0]));
-        let headers = [
-            ("accept", "text/event-stream".to_owned()),
-            ("last-event-id", last),
-        ];
+        let mut headers = vec![("accept", "text/event-stream".to_owned())];
+        if let Some(last) = &last_id {
+            headers.push(("last-event-id", last.clone()));
+        }
         let path = format!("/events?session={token}");
         match request(http, Method::GET, &path, &headers, None).await {
             Some((200, body, _conn)) => {
                 let nicks = ctx.nicks.clone();
                 let me = name.clone();
-                read_sse(body, &kick, &ctx.stop, |e| {
+                read_sse(body, &kick, &ctx.stop, &mut last_id, |e| {
                     record(&ctx.views, &name, e);
                     follow_rename(&nicks, &me, e);
                 })
