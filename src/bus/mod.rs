@@ -13,6 +13,20 @@
 //! A bus that connects instances also offers a [`Directory`]: the cluster's
 //! view of nicks and room membership. The local bus has none; the hub's own
 //! state is then the whole truth.
+//!
+//! The directory's promises hold through stalls, crashes and outages the
+//! same way on every bus:
+//!
+//! - An instance's claims (its sessions' nicks and rooms) live under a lease
+//!   it renews. When another instance finds the lease expired it *reaps*
+//!   the claims in one atomic step, so exactly one instance announces each
+//!   departure: every live instance, the reaper included, receives
+//!   [`Presence::Left`] for every room of every reaped user.
+//! - An instance that finds its own lease reaped (it was stalled, or cut off
+//!   from the shared state) re-asserts what [`Deliver::claims`] reports:
+//!   each nick is claimed again for the same session, each room joined again
+//!   (the others see `join`). A nick another session took meanwhile comes
+//!   back as [`Envelope::ClaimLost`], and the hub renames its user.
 
 mod gate;
 mod local;
@@ -38,11 +52,29 @@ pub enum Envelope {
     /// A membership change on another instance, for the local members it
     /// concerns.
     Presence(Presence),
+    /// This instance's lease was reaped while it was away, and another
+    /// session has taken `nick` since: local session `session` no longer
+    /// holds it and must be renamed. Sent only for claims [`Deliver::claims`]
+    /// reported.
+    ClaimLost { session: SessionId, nick: Nick },
 }
 
-/// A membership change made on another instance. Room messages carry a `seq`
-/// and arrive in order; these do not, and may overtake or trail the messages
-/// around them by up to one delivery round (a poll interval).
+/// One local session's share of the cluster directory, as the hub knows it:
+/// what an instance re-asserts when it finds its lease reaped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Claim {
+    /// The session that holds the nick on this instance.
+    pub session: SessionId,
+    /// Its nick.
+    pub nick: Nick,
+    /// The rooms it is in, and the last seq this instance delivered in each.
+    pub rooms: Vec<(RoomName, u64)>,
+}
+
+/// A membership change made on another instance (or, for a reaped instance,
+/// announced on its behalf by the one that reaped it). Room messages carry a
+/// `seq` and arrive in order; these do not, and may overtake or trail the
+/// messages around them by up to one delivery round (a poll interval).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Presence {
     /// `nick` joined `room`.
@@ -131,6 +163,11 @@ impl std::str::FromStr for BusSpec {
 pub trait Deliver: Send + Sync + 'static {
     /// Takes one envelope. Must not block: it runs on the bus's own path.
     fn deliver(&self, envelope: Envelope);
+
+    /// Every local session's nick and rooms, right now. A bus asks when it
+    /// has to re-assert this instance's claims (its lease was reaped). Must
+    /// not block.
+    fn claims(&self) -> Vec<Claim>;
 }
 
 /// Carries messages between instances and orders each room.
@@ -185,10 +222,15 @@ pub trait Bus: Send + Sync + 'static {
 
 /// Who is where across the cluster. Each call is one short database or
 /// network round trip; the hub never makes one while holding its lock.
+///
+/// Claims live under this instance's lease (see the module notes): a claim
+/// that another instance reaped is re-asserted by the bus itself from
+/// [`Deliver::claims`], so the hub only says what changes.
 #[async_trait]
 pub trait Directory: Send + Sync {
     /// Takes `nick` for session `owner` of this instance; false if another
-    /// session (of this or another live instance) holds it.
+    /// session holds it: of this instance, or of another one whose claims
+    /// have not been reaped (an instance that is merely late keeps its nicks).
     async fn claim_nick(&self, nick: &Nick, owner: SessionId) -> Result<bool, BusError>;
     /// Gives `nick` up if `owner` holds it (and its room memberships: their
     /// members elsewhere see it leave). A claim that has passed to another

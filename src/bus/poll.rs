@@ -9,8 +9,10 @@
 //!   delivered. Its own messages are delivered at once (after any older rows it
 //!   has not delivered yet), so senders do not wait for a poll.
 //! - **Presence**: nick leases, room membership and a per-instance inbox (for
-//!   direct messages) are rows. Each instance heartbeats; one silent for longer
-//!   than [`LEASE`] is dead, and its nicks and memberships stop counting.
+//!   direct messages and membership changes) are rows. Each instance
+//!   heartbeats; one silent for longer than [`LEASE`] is reaped by the others,
+//!   and its users leave; one that comes back after being reaped re-asserts
+//!   its users' claims ([`lease`]).
 //!
 //! Written once for SQLite and PostgreSQL through sqlx's `Any` driver: the
 //! statements use only `$N` parameters, integers and text, which both accept.
@@ -28,13 +30,16 @@ use tokio::sync::Mutex;
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
+mod lease;
+
 use super::gate::{self, Gate};
 use super::{Bus, BusError, Deliver, Directory, Envelope, Presence};
 use crate::core::{DirectMessage, Draft, Message, Nick, RoomCount, RoomName, SessionId, Timestamp};
 use crate::store::keys::{self as idempotency, Pruner as KeyPruner};
 use crate::store::{Durability, Store};
 
-/// How long an instance may stay silent before its nicks are free again.
+/// How long an instance may stay silent before the others reap its claims
+/// (its users leave every room, its nicks are free).
 pub const LEASE: Duration = Duration::from_secs(10);
 /// How often an instance says it is alive.
 const HEARTBEAT: Duration = Duration::from_secs(2);
@@ -63,6 +68,8 @@ pub struct PollBus {
     pruner: KeyPruner,
     stop: CancellationToken,
     poller: StdMutex<Option<tokio::task::JoinHandle<()>>>,
+    /// This instance's lease, until the poller takes it over.
+    lease: StdMutex<Option<lease::Lease>>,
 }
 
 #[derive(Default)]
@@ -96,9 +103,43 @@ enum InboxRow {
         new: String,
         rooms: Vec<String>,
     },
+    /// Users of a reaped instance left these rooms (posted by the reaper).
+    Gone {
+        members: Vec<Member>,
+    },
+    /// Users of an instance that was reaped while away are back in these rooms.
+    Back {
+        members: Vec<Member>,
+    },
+}
+
+/// One membership, in an announcement of many.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Member {
+    room: String,
+    nick: String,
 }
 
 impl InboxRow {
+    /// What the row says, as envelopes; names that do not parse are dropped.
+    fn into_envelopes(self) -> Vec<Envelope> {
+        let room = |r: &str| RoomName::parse(r).ok();
+        let nick = |n: &str| Nick::parse(n).ok();
+        let each = |members: Vec<Member>, change: fn(RoomName, Nick) -> Presence| {
+            members
+                .iter()
+                .filter_map(|m| Some(Envelope::Presence(change(room(&m.room)?, nick(&m.nick)?))))
+                .collect()
+        };
+        match self {
+            InboxRow::Gone { members } => each(members, |room, nick| Presence::Left { room, nick }),
+            InboxRow::Back { members } => {
+                each(members, |room, nick| Presence::Joined { room, nick })
+            }
+            single => single.into_envelope().into_iter().collect(),
+        }
+    }
+
     fn into_envelope(self) -> Option<Envelope> {
         let room = |r: &str| RoomName::parse(r).ok();
         let nick = |n: &str| Nick::parse(n).ok();
@@ -129,6 +170,7 @@ impl InboxRow {
                 new: nick(&new)?,
                 rooms: rooms.iter().filter_map(|r| room(r)).collect(),
             }),
+            InboxRow::Gone { .. } | InboxRow::Back { .. } => return None,
         })
     }
 
@@ -191,10 +233,10 @@ impl PollBus {
             pruner: KeyPruner::default(),
             stop: CancellationToken::new(),
             poller: StdMutex::new(None),
+            lease: StdMutex::new(None),
         };
-        // A previous life under the same name left nothing that should count.
-        bus.forget_instance().await?;
-        bus.heartbeat().await?;
+        let lease = lease::Lease::register(&bus.db, instance).await?;
+        *bus.lease.lock().expect("not poisoned") = Some(lease);
         Ok(bus)
     }
 
@@ -206,36 +248,25 @@ impl PollBus {
         Ok(q.execute(self.db.run()).await.map_err(db)?.rows_affected())
     }
 
-    async fn forget_instance(&self) -> Result<(), BusError> {
-        let me = self.instance.as_str();
-        self.exec("DELETE FROM nicks WHERE instance = $1", &[me])
-            .await?;
-        self.exec("DELETE FROM presence WHERE instance = $1", &[me])
-            .await?;
-        self.exec("DELETE FROM inbox WHERE instance = $1", &[me])
-            .await?;
-        Ok(())
-    }
-
-    async fn heartbeat(&self) -> Result<(), BusError> {
-        heartbeat(&self.db, &self.instance).await
-    }
-
-    /// Puts `row` in the inbox of every other live instance: one statement,
-    /// whatever the cluster's size.
     async fn broadcast(&self, row: &InboxRow) -> Result<(), BusError> {
-        sqlx::query(
-            "INSERT INTO inbox (instance, payload)
-             SELECT instance, $1 FROM instances WHERE instance <> $2 AND seen_at >= $3",
-        )
-        .bind(row.to_json())
-        .bind(self.instance.as_str())
-        .bind(alive_since())
-        .execute(self.db.run())
-        .await
-        .map_err(db)?;
-        Ok(())
+        broadcast(&self.db, &self.instance, row).await
     }
+}
+
+/// Puts `row` in the inbox of every registered instance but `instance`: one
+/// statement, whatever the cluster's size. One that is late but not reaped
+/// gets it too, and reads it when it is back; reaping empties its inbox.
+async fn broadcast(database: &Db, instance: &str, row: &InboxRow) -> Result<(), BusError> {
+    sqlx::query(
+        "INSERT INTO inbox (instance, payload)
+         SELECT instance, $1 FROM instances WHERE instance <> $2",
+    )
+    .bind(row.to_json())
+    .bind(instance)
+    .execute(database.run())
+    .await
+    .map_err(db)?;
+    Ok(())
 }
 
 /// The shared database, counting the statements this instance sends it: the
@@ -256,32 +287,6 @@ impl Db {
 
 fn db(err: sqlx::Error) -> BusError {
     BusError::Store(err.into())
-}
-
-async fn heartbeat(database: &Db, instance: &str) -> Result<(), BusError> {
-    sqlx::query(
-        "INSERT INTO instances (instance, seen_at) VALUES ($1, $2)
-         ON CONFLICT (instance) DO UPDATE SET seen_at = excluded.seen_at",
-    )
-    .bind(instance)
-    .bind(now_ms())
-    .execute(database.run())
-    .await
-    .map_err(db)?;
-    // Clean up after instances that died without saying so.
-    let dead = alive_since();
-    for sql in [
-        "DELETE FROM nicks WHERE instance IN (SELECT instance FROM instances WHERE seen_at < $1)",
-        "DELETE FROM presence WHERE instance IN (SELECT instance FROM instances WHERE seen_at < $1)",
-        "DELETE FROM instances WHERE seen_at < $1",
-    ] {
-        sqlx::query(sql)
-            .bind(dead)
-            .execute(database.run())
-            .await
-            .map_err(db)?;
-    }
-    Ok(())
 }
 
 /// Delivers rows of `room` after the cursor up to `upto` (inclusive), in order.
@@ -374,13 +379,14 @@ async fn poll_once(
             .map_err(db)?;
     rows.sort_unstable_by_key(|&(id, _)| id);
     for (_, payload) in rows {
-        let envelope = serde_json::from_str::<InboxRow>(&payload)
-            .ok()
-            .and_then(InboxRow::into_envelope);
-        match (envelope, &sink) {
-            (Some(envelope), Some(sink)) => sink.deliver(envelope),
-            (None, _) => tracing::warn!("unreadable inbox row skipped"),
-            (Some(_), None) => {}
+        let Ok(row) = serde_json::from_str::<InboxRow>(&payload) else {
+            tracing::warn!("unreadable inbox row skipped");
+            continue;
+        };
+        if let Some(sink) = &sink {
+            for envelope in row.into_envelopes() {
+                sink.deliver(envelope);
+            }
         }
     }
     Ok(())
@@ -507,6 +513,12 @@ impl Bus for PollBus {
             self.stop.clone(),
         );
         let (instance, interval) = (self.instance.clone(), self.interval);
+        let mut lease = self
+            .lease
+            .lock()
+            .expect("not poisoned")
+            .take()
+            .expect("start is called once, after open");
         let task = tokio::spawn(async move {
             let mut tick = tokio::time::interval(interval);
             tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -519,7 +531,8 @@ impl Bus for PollBus {
                 let cycle = async {
                     let mut result = poll_once(&database, store.as_ref(), &state, &instance).await;
                     if result.is_ok() && last_beat.elapsed() >= HEARTBEAT {
-                        result = heartbeat(&database, &instance).await;
+                        let sink = state.lock().await.sink.clone();
+                        result = lease.renew(&database, sink.as_ref()).await;
                         last_beat = Instant::now();
                     }
                     result
@@ -581,14 +594,11 @@ impl Bus for PollBus {
         if let Some(task) = task {
             let _ = task.await;
         }
-        // Free this instance's nicks now rather than after the lease.
-        let _ = self.forget_instance().await;
-        let _ = self
-            .exec(
-                "DELETE FROM instances WHERE instance = $1",
-                &[&self.instance],
-            )
-            .await;
+        // Free this instance's nicks now rather than after the lease; its
+        // users leave at once.
+        if let Err(err) = lease::Lease::release(&self.db, &self.instance).await {
+            tracing::warn!(cause = %err, "could not give this instance's claims back; its lease will");
+        }
         self.state.lock().await.sink = None;
         self.db.pool.close().await;
     }
@@ -601,23 +611,10 @@ impl Bus for PollBus {
 #[async_trait]
 impl Directory for PollBus {
     async fn claim_nick(&self, nick: &Nick, owner: SessionId) -> Result<bool, BusError> {
-        let claimed = sqlx::query(
-            "INSERT INTO nicks (nick_key, nick, instance, owner) VALUES ($1, $2, $3, $4)
-             ON CONFLICT (nick_key) DO UPDATE
-             SET nick = excluded.nick, instance = excluded.instance, owner = excluded.owner
-             WHERE (nicks.instance = excluded.instance AND nicks.owner = excluded.owner)
-                OR nicks.instance NOT IN (SELECT instance FROM instances WHERE seen_at >= $5)",
-        )
-        .bind(nick.key().as_str())
-        .bind(nick.as_str())
-        .bind(self.instance.as_str())
-        .bind(owner.to_string())
-        .bind(alive_since())
-        .execute(self.db.run())
-        .await
-        .map_err(db)?
-        .rows_affected();
-        Ok(claimed == 1)
+        // Never from a live instance, nor from one merely late: only a reaped
+        // instance's claims are free, and a reaped instance finds out.
+        let held = lease::claim_nicks(&self.db, &self.instance, &[(nick, owner)]).await?;
+        Ok(held.contains(nick.key().as_str()))
     }
 
     async fn release_nick(&self, nick: &Nick, owner: SessionId) -> Result<(), BusError> {
@@ -714,13 +711,16 @@ impl Directory for PollBus {
         self.broadcast(&row).await
     }
 
+    // Members, rooms and DM recipients count while their instance is
+    // registered: a late instance's users stay listed until it is reaped, at
+    // the moment the others are told they left, so what `/who` says and the
+    // `join`/`leave` events agree (and an outage hides nobody).
     async fn members(&self, room: &RoomName) -> Result<Vec<Nick>, BusError> {
         let rows: Vec<(String,)> = sqlx::query_as(
             "SELECT p.nick FROM presence p JOIN instances i ON i.instance = p.instance
-             WHERE p.room = $1 AND i.seen_at >= $2",
+             WHERE p.room = $1",
         )
         .bind(room.as_str())
-        .bind(alive_since())
         .fetch_all(self.db.run())
         .await
         .map_err(db)?;
@@ -732,9 +732,8 @@ impl Directory for PollBus {
     async fn rooms(&self) -> Result<Vec<RoomCount>, BusError> {
         let rows: Vec<(String, i64)> = sqlx::query_as(
             "SELECT p.room, COUNT(*) FROM presence p JOIN instances i ON i.instance = p.instance
-             WHERE i.seen_at >= $1 GROUP BY p.room ORDER BY p.room",
+             GROUP BY p.room ORDER BY p.room",
         )
-        .bind(alive_since())
         .fetch_all(self.db.run())
         .await
         .map_err(db)?;
@@ -752,10 +751,9 @@ impl Directory for PollBus {
     async fn send_dm(&self, dm: &DirectMessage) -> Result<Option<Nick>, BusError> {
         let owner: Option<(String, String)> = sqlx::query_as(
             "SELECT n.instance, n.nick FROM nicks n JOIN instances i ON i.instance = n.instance
-             WHERE n.nick_key = $1 AND i.seen_at >= $2",
+             WHERE n.nick_key = $1",
         )
         .bind(dm.to.key().as_str())
-        .bind(alive_since())
         .fetch_optional(self.db.run())
         .await
         .map_err(db)?;
@@ -812,6 +810,33 @@ mod tests {
                 ],
             }
         );
+    }
+
+    #[test]
+    fn a_reaped_instance_s_departures_arrive_one_per_membership() {
+        let member = |room: &str, nick: &str| Member {
+            room: room.into(),
+            nick: nick.into(),
+        };
+        let row = InboxRow::Gone {
+            members: vec![
+                member("general", "carol"),
+                member("no spaces allowed", "dave"),
+                member("random", "carol"),
+            ],
+        };
+        let row: InboxRow = serde_json::from_str(&row.to_json()).unwrap();
+        let left = |room: &str| {
+            Envelope::Presence(Presence::Left {
+                room: RoomName::parse(room).unwrap(),
+                nick: Nick::parse("carol").unwrap(),
+            })
+        };
+        let envelopes = row.into_envelopes();
+        assert_eq!(envelopes.len(), 2, "the unreadable membership is dropped");
+        for (got, want) in envelopes.iter().zip([left("general"), left("random")]) {
+            assert_eq!(format!("{got:?}"), format!("{want:?}"));
+        }
     }
 
     #[test]

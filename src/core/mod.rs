@@ -9,6 +9,7 @@
 //! `try_send`, so no client can make the core wait.
 
 mod catchup;
+mod cluster;
 mod commands;
 mod event;
 mod history;
@@ -39,7 +40,7 @@ pub use rate::TokenBucket;
 pub use sessions::{Backlog, EndReason, Replies, SessionHandle, SessionId};
 pub use watch::RoomWatch;
 
-use crate::bus::{Bus, Deliver, Envelope, Presence};
+use crate::bus::{Bus, Claim, Deliver, Envelope, Presence};
 use crate::store::Store;
 use catchup::{CatchUp, MAX_CATCH_UP};
 use rooms::Room;
@@ -69,7 +70,13 @@ impl Deliver for Hub {
             Envelope::Message(message) => self.deliver_message(message),
             Envelope::Dm(dm) => self.deliver_dm(dm),
             Envelope::Presence(change) => self.deliver_presence(change),
+            Envelope::ClaimLost { session, nick } => self.claim_lost(session, nick),
         }
+    }
+
+    /// Every local session's nick and rooms.
+    fn claims(&self) -> Vec<Claim> {
+        self.local_claims()
     }
 }
 
@@ -162,6 +169,13 @@ impl Answer {
 
     fn reply(reply: Reply) -> Self {
         Self::direct(Event::new(EventBody::Reply(reply)))
+    }
+
+    /// Whether a rename took place.
+    fn renames(&self) -> bool {
+        self.0
+            .iter()
+            .any(|(e, _)| matches!(e.body(), EventBody::Nick { .. }))
     }
 }
 
@@ -502,13 +516,9 @@ impl Hub {
                 Err(err) => return Answer::refusal(bus_down(err)),
             }
         }
-        let answer = self.apply_rename(id, new.clone());
+        let answer = self.apply_rename(id, new.clone(), None);
         if let Some(directory) = directory {
-            let renamed = answer
-                .0
-                .iter()
-                .any(|(e, _)| matches!(e.body(), EventBody::Nick { .. }));
-            if renamed {
+            if answer.renames() {
                 if let Err(err) = directory.renamed(&old, &new, id).await {
                     tracing::warn!(cause = %err, "could not move presence to the new nick");
                 }
@@ -517,7 +527,10 @@ impl Hub {
         answer
     }
 
-    fn apply_rename(&self, id: SessionId, new: Nick) -> Answer {
+    /// Renames session `id` to `new` (already claimed cluster-wide) and tells
+    /// it and its rooms' local members; with `from`, only if it is still
+    /// called that.
+    fn apply_rename(&self, id: SessionId, new: Nick, from: Option<&Nick>) -> Answer {
         let mut state = self.lock();
         let State {
             sessions,
@@ -528,7 +541,7 @@ impl Hub {
         let Some(session) = sessions.get_mut(&id) else {
             return Answer::default();
         };
-        if session.nick == new {
+        if session.nick == new || from.is_some_and(|from| *from != session.nick) {
             return Answer::default();
         }
         let old = session.nick.clone();
@@ -927,26 +940,44 @@ impl Hub {
         let State {
             sessions, rooms, ..
         } = &mut *state;
-        let members_of = |room: &RoomName| rooms.get(room).map(|r| r.members.iter().copied());
-        let (to, event): (BTreeSet<SessionId>, _) = match change {
+        // A join or leave also goes to the room's streams; a rename does not
+        // (a room stream carries messages, joins and leaves).
+        let (to, event, streamed): (BTreeSet<SessionId>, _, _) = match change {
             Presence::Joined { room, nick } => (
-                members_of(&room).into_iter().flatten().collect(),
-                EventBody::Join { room, nick },
+                members_in(rooms, &room),
+                EventBody::Join {
+                    room: room.clone(),
+                    nick,
+                },
+                Some(room),
             ),
             Presence::Left { room, nick } => (
-                members_of(&room).into_iter().flatten().collect(),
-                EventBody::Leave { room, nick },
+                members_in(rooms, &room),
+                EventBody::Leave {
+                    room: room.clone(),
+                    nick,
+                },
+                Some(room),
             ),
-            Presence::Renamed { old, new, rooms } => (
-                rooms.iter().filter_map(members_of).flatten().collect(),
+            Presence::Renamed {
+                old,
+                new,
+                rooms: of,
+            } => (
+                of.iter().flat_map(|room| members_in(rooms, room)).collect(),
                 EventBody::Nick { old, new },
+                None,
             ),
         };
+        let event = Event::new(event);
+        if let Some(entry) = streamed.and_then(|room| rooms.get_mut(&room)) {
+            entry.notify_watchers(&event);
+        }
         if to.is_empty() {
             return;
         }
         let mut failed = Undeliverable::default();
-        fan_out(sessions, &to, &Event::new(event), &mut failed);
+        fan_out(sessions, &to, &event, &mut failed);
         self.reap(&mut state, failed);
     }
 
@@ -1079,6 +1110,14 @@ impl Hub {
         }
         failed
     }
+}
+
+/// The local members of `room`.
+fn members_in(rooms: &HashMap<RoomName, Room>, room: &RoomName) -> BTreeSet<SessionId> {
+    rooms
+        .get(room)
+        .map(|r| r.members.iter().copied().collect())
+        .unwrap_or_default()
 }
 
 fn taken(nick: &Nick) -> Refusal {

@@ -1,0 +1,404 @@
+//! The poll bus's leases: how the directory stays true when an instance
+//! dies, stalls, or loses the database for a while.
+//!
+//! An instance's claims (rows of `nicks` and `presence`) count while its row
+//! in `instances` exists. Every heartbeat each instance
+//!
+//! 1. renews its own row. If the row is gone, another instance reaped it
+//!    while this one was away: it registers again and re-asserts every local
+//!    claim (the hub reports them through [`Deliver::claims`]);
+//! 2. reaps every instance silent for longer than [`LEASE`]: the instance
+//!    row, its nicks, its memberships and its inbox go in one transaction,
+//!    which also posts one `leave` per membership to every instance left.
+//!    Two instances reaping at once cannot both see a row they delete, so
+//!    each departure is announced exactly once.
+//!
+//! A claim is only ever taken from a *reaped* instance (a row whose instance
+//! has no row in `instances`), never from one that is merely late: an
+//! instance whose row survived its stall still holds everything it held, and
+//! one whose row was reaped always finds out on its next heartbeat.
+//!
+//! An instance reaps only once it has itself renewed steadily for a whole
+//! lease. After an outage of the database that every instance saw, all
+//! leases look expired at once; the first instance back must not reap the
+//! others, which are just as alive and about to renew.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use sqlx::{Any, Transaction};
+
+use super::{Db, InboxRow, LEASE, Member, alive_since, broadcast, db, now_ms};
+use crate::bus::{BusError, Claim, Deliver, Envelope};
+use crate::core::{Nick, RoomName, SessionId};
+
+/// Claims (or memberships) per statement: three parameters each, well under
+/// both engines' limits (SQLite 32,766, PostgreSQL 65,535).
+const ROWS_PER_STATEMENT: usize = 500;
+/// Memberships per announcement row in the inbox, so a reaped instance with
+/// many users becomes a few rows of bounded size.
+const MEMBERS_PER_ROW: usize = 500;
+/// A gap between two renewals longer than this means this instance was away
+/// (stalled, or cut off) long enough that others may have been too.
+const AWAY: Duration = Duration::from_secs(LEASE.as_secs() / 2);
+
+/// This instance's lease, kept by its poller.
+pub(super) struct Lease {
+    instance: String,
+    /// Set when the lease was found reaped; cleared once every claim has been
+    /// re-asserted, so a re-assertion cut short by an error is tried again.
+    reassert: bool,
+    /// When this instance last renewed its row.
+    renewed_at: Instant,
+    /// Since when it has renewed without a gap of [`AWAY`]: it reaps others
+    /// only after a whole lease of this.
+    steady_since: Instant,
+}
+
+/// Whose claims a reap removes.
+enum Reap<'a> {
+    /// Every instance silent for longer than the lease.
+    Expired,
+    /// One instance by name: this one, at start (a previous life's leftovers)
+    /// or at a graceful stop.
+    Named(&'a str),
+}
+
+impl Lease {
+    /// Registers `instance`, first reaping what a previous life under the
+    /// same name left (its users leave, as if it had been reaped by another).
+    pub(super) async fn register(database: &Db, instance: &str) -> Result<Lease, BusError> {
+        reap(database, Reap::Named(instance)).await?;
+        sqlx::query(
+            "INSERT INTO instances (instance, seen_at) VALUES ($1, $2)
+             ON CONFLICT (instance) DO UPDATE SET seen_at = excluded.seen_at",
+        )
+        .bind(instance)
+        .bind(now_ms())
+        .execute(database.run())
+        .await
+        .map_err(db)?;
+        let now = Instant::now();
+        Ok(Lease {
+            instance: instance.to_owned(),
+            reassert: false,
+            renewed_at: now,
+            steady_since: now,
+        })
+    }
+
+    /// One heartbeat: renew, re-assert if the lease was reaped, reap others.
+    pub(super) async fn renew(
+        &mut self,
+        database: &Db,
+        sink: Option<&Arc<dyn Deliver>>,
+    ) -> Result<(), BusError> {
+        let started = Instant::now();
+        if started.duration_since(self.renewed_at) > AWAY {
+            self.steady_since = started;
+        }
+        let renewed = sqlx::query("UPDATE instances SET seen_at = $2 WHERE instance = $1")
+            .bind(self.instance.as_str())
+            .bind(now_ms())
+            .execute(database.run())
+            .await
+            .map_err(db)?
+            .rows_affected();
+        if renewed == 0 {
+            sqlx::query(
+                "INSERT INTO instances (instance, seen_at) VALUES ($1, $2)
+                 ON CONFLICT (instance) DO UPDATE SET seen_at = excluded.seen_at",
+            )
+            .bind(self.instance.as_str())
+            .bind(now_ms())
+            .execute(database.run())
+            .await
+            .map_err(db)?;
+            tracing::warn!(
+                instance = %self.instance,
+                "this instance's lease ran out and was reaped: re-asserting its users' nicks and rooms"
+            );
+            self.reassert = true;
+        }
+        self.renewed_at = started;
+        if self.reassert {
+            if let Some(sink) = sink {
+                reassert(database, &self.instance, sink.as_ref()).await?;
+            }
+            self.reassert = false;
+        }
+        if started.duration_since(self.steady_since) >= LEASE {
+            reap(database, Reap::Expired).await?;
+        }
+        Ok(())
+    }
+
+    /// Gives every claim up at a graceful stop: the others announce nothing,
+    /// this instance does (its users leave at once, not after the lease).
+    pub(super) async fn release(database: &Db, instance: &str) -> Result<(), BusError> {
+        reap(database, Reap::Named(instance)).await
+    }
+}
+
+/// Claims `nicks` for their sessions of `instance` in as few statements as
+/// the parameter limits allow. A nick is taken if it is free, already this
+/// session's, or left by a reaped instance. Returns the keys now held.
+pub(super) async fn claim_nicks(
+    database: &Db,
+    instance: &str,
+    nicks: &[(&Nick, SessionId)],
+) -> Result<HashSet<String>, BusError> {
+    let mut held = HashSet::with_capacity(nicks.len());
+    for chunk in nicks.chunks(ROWS_PER_STATEMENT) {
+        let values = placeholders(chunk.len(), |i| {
+            format!("(${}, ${}, $1, ${})", 3 * i + 2, 3 * i + 3, 3 * i + 4)
+        });
+        let sql = format!(
+            "INSERT INTO nicks (nick_key, nick, instance, owner) VALUES {values}
+             ON CONFLICT (nick_key) DO UPDATE
+             SET nick = excluded.nick, instance = excluded.instance, owner = excluded.owner
+             WHERE (nicks.instance = excluded.instance AND nicks.owner = excluded.owner)
+                OR nicks.instance NOT IN (SELECT instance FROM instances)
+             RETURNING nick_key"
+        );
+        // Only `$N` placeholders are formatted in; every value is bound.
+        let mut q = sqlx::query_as::<_, (String,)>(sqlx::AssertSqlSafe(sql)).bind(instance);
+        for (nick, owner) in chunk {
+            q = q
+                .bind(nick.key().as_str().to_owned())
+                .bind(nick.as_str())
+                .bind(owner.to_string());
+        }
+        let rows = q.fetch_all(database.run()).await.map_err(db)?;
+        held.extend(rows.into_iter().map(|(key,)| key));
+    }
+    Ok(held)
+}
+
+/// Claims again what the hub holds, after this instance's lease was reaped.
+/// Memberships of nicks still held are recorded and announced (`join`); a
+/// nick another session took meanwhile goes back to the hub as lost.
+async fn reassert(database: &Db, instance: &str, sink: &dyn Deliver) -> Result<(), BusError> {
+    let claims = sink.claims();
+    let nicks: Vec<(&Nick, SessionId)> = claims.iter().map(|c| (&c.nick, c.session)).collect();
+    let held = claim_nicks(database, instance, &nicks).await?;
+    let (kept, lost): (Vec<&Claim>, Vec<&Claim>) = claims
+        .iter()
+        .partition(|c| held.contains(c.nick.key().as_str()));
+    let back: Vec<(&RoomName, &Nick)> = kept
+        .iter()
+        .flat_map(|c| c.rooms.iter().map(|(room, _)| (room, &c.nick)))
+        .collect();
+    record_presence(database, instance, &back).await?;
+    for chunk in back.chunks(MEMBERS_PER_ROW) {
+        let members = chunk
+            .iter()
+            .map(|(room, nick)| Member {
+                room: room.to_string(),
+                nick: nick.to_string(),
+            })
+            .collect();
+        broadcast(database, instance, &InboxRow::Back { members }).await?;
+    }
+    tracing::info!(
+        kept = kept.len(),
+        lost = lost.len(),
+        rooms = back.len(),
+        "claims re-asserted"
+    );
+    for claim in lost {
+        sink.deliver(Envelope::ClaimLost {
+            session: claim.session,
+            nick: claim.nick.clone(),
+        });
+    }
+    // A session that ended, renamed, joined or left while the claims above
+    // were in flight has already told the directory; what was re-asserted
+    // for it from the older snapshot must not outlive it.
+    tidy(database, instance, &claims, &sink.claims()).await
+}
+
+/// Withdraws re-asserted claims that the hub no longer has: the nick of a
+/// session that ended or renamed since `before`, and rooms it left.
+async fn tidy(
+    database: &Db,
+    instance: &str,
+    before: &[Claim],
+    after: &[Claim],
+) -> Result<(), BusError> {
+    let now: HashMap<SessionId, &Claim> = after.iter().map(|c| (c.session, c)).collect();
+    for old in before {
+        let current = now.get(&old.session).filter(|c| c.nick == old.nick);
+        let gone = old
+            .rooms
+            .iter()
+            .filter(|(room, _)| current.is_none_or(|c| !c.rooms.iter().any(|(r, _)| r == room)));
+        let mut left = Vec::new();
+        for (room, _) in gone {
+            let removed = sqlx::query(
+                "DELETE FROM presence WHERE room = $1 AND nick_key = $2 AND instance = $3",
+            )
+            .bind(room.as_str())
+            .bind(old.nick.key().as_str())
+            .bind(instance)
+            .execute(database.run())
+            .await
+            .map_err(db)?
+            .rows_affected();
+            if removed > 0 {
+                left.push(Member {
+                    room: room.to_string(),
+                    nick: old.nick.to_string(),
+                });
+            }
+        }
+        if current.is_none() {
+            sqlx::query("DELETE FROM nicks WHERE nick_key = $1 AND instance = $2 AND owner = $3")
+                .bind(old.nick.key().as_str())
+                .bind(instance)
+                .bind(old.session.to_string())
+                .execute(database.run())
+                .await
+                .map_err(db)?;
+        }
+        if !left.is_empty() {
+            broadcast(database, instance, &InboxRow::Gone { members: left }).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Records memberships of `instance`, many rows per statement.
+async fn record_presence(
+    database: &Db,
+    instance: &str,
+    members: &[(&RoomName, &Nick)],
+) -> Result<(), BusError> {
+    for chunk in members.chunks(ROWS_PER_STATEMENT) {
+        let values = placeholders(chunk.len(), |i| {
+            format!("(${}, ${}, ${}, $1)", 3 * i + 2, 3 * i + 3, 3 * i + 4)
+        });
+        let sql = format!(
+            "INSERT INTO presence (room, nick_key, nick, instance) VALUES {values}
+             ON CONFLICT (room, nick_key) DO UPDATE
+             SET nick = excluded.nick, instance = excluded.instance"
+        );
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(instance);
+        for (room, nick) in chunk {
+            q = q
+                .bind(room.as_str())
+                .bind(nick.key().as_str().to_owned())
+                .bind(nick.as_str());
+        }
+        q.execute(database.run()).await.map_err(db)?;
+    }
+    Ok(())
+}
+
+/// Removes the claims of the instances `which` names, in one transaction, and
+/// posts their users' departures to every instance that remains (this one
+/// too: its hub tells its own members). Concurrent reapers serialise on the
+/// `instances` rows: whoever deletes a row announces its users, the other
+/// sees nothing to delete.
+async fn reap(database: &Db, which: Reap<'_>) -> Result<(), BusError> {
+    let dead_since = alive_since();
+    if let Reap::Expired = which {
+        // Look first: nearly always nobody is dead, and a read takes no write
+        // lock (SQLite has one for the whole file).
+        let expired: Option<(String,)> =
+            sqlx::query_as("SELECT instance FROM instances WHERE seen_at < $1 LIMIT 1")
+                .bind(dead_since)
+                .fetch_optional(database.run())
+                .await
+                .map_err(db)?;
+        if expired.is_none() {
+            return Ok(());
+        }
+    }
+    let mut tx = database.pool.begin().await.map_err(db)?;
+    let dead: Vec<String> = match which {
+        Reap::Expired => {
+            let rows: Vec<(String,)> =
+                sqlx::query_as("DELETE FROM instances WHERE seen_at < $1 RETURNING instance")
+                    .bind(dead_since)
+                    .fetch_all(counted(database, &mut tx))
+                    .await
+                    .map_err(db)?;
+            rows.into_iter().map(|(i,)| i).collect()
+        }
+        Reap::Named(name) => {
+            // Its leftovers count even if its row is already gone.
+            sqlx::query("DELETE FROM instances WHERE instance = $1")
+                .bind(name)
+                .execute(counted(database, &mut tx))
+                .await
+                .map_err(db)?;
+            vec![name.to_owned()]
+        }
+    };
+    if dead.is_empty() {
+        tx.commit().await.map_err(db)?;
+        return Ok(());
+    }
+    let list = placeholders(dead.len(), |i| format!("${}", i + 1));
+    let bind_all = |sql: String| {
+        let mut q = sqlx::query_as::<_, (String, String)>(sqlx::AssertSqlSafe(sql));
+        for name in &dead {
+            q = q.bind(name.as_str());
+        }
+        q
+    };
+    let gone: Vec<(String, String)> = bind_all(format!(
+        "DELETE FROM presence WHERE instance IN ({list}) RETURNING room, nick"
+    ))
+    .fetch_all(counted(database, &mut tx))
+    .await
+    .map_err(db)?;
+    for table in ["nicks", "inbox"] {
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DELETE FROM {table} WHERE instance IN ({list})"
+        )));
+        for name in &dead {
+            q = q.bind(name.as_str());
+        }
+        q.execute(counted(database, &mut tx)).await.map_err(db)?;
+    }
+    let members: Vec<Member> = gone
+        .into_iter()
+        .map(|(room, nick)| Member { room, nick })
+        .collect();
+    for chunk in members.chunks(MEMBERS_PER_ROW) {
+        let row = InboxRow::Gone {
+            members: chunk.to_vec(),
+        };
+        sqlx::query("INSERT INTO inbox (instance, payload) SELECT instance, $1 FROM instances")
+            .bind(row.to_json())
+            .execute(counted(database, &mut tx))
+            .await
+            .map_err(db)?;
+    }
+    tx.commit().await.map_err(db)?;
+    if !members.is_empty() {
+        tracing::info!(instances = ?dead, memberships = members.len(), "reaped: their users left");
+    }
+    Ok(())
+}
+
+/// The transaction, for one more counted statement.
+fn counted<'t>(
+    database: &Db,
+    tx: &'t mut Transaction<'static, Any>,
+) -> &'t mut sqlx::AnyConnection {
+    database.statements.fetch_add(1, Ordering::Relaxed);
+    &mut *tx
+}
+
+/// `n` comma-separated groups of placeholders, the `i`th made by `group(i)`.
+/// Only `$N` placeholders are ever formatted into SQL; values are bound.
+fn placeholders(n: usize, group: impl Fn(usize) -> String) -> String {
+    (0..n).map(group).collect::<Vec<_>>().join(", ")
+}

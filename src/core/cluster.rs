@@ -1,0 +1,123 @@
+//! The hub's side of the cluster directory's leases: what it reports when
+//! its bus re-asserts this instance's claims, and how it renames a user whose
+//! nick another session took while this instance was away.
+//!
+//! A nick lost that way is never fought over: the other session got it
+//! fairly (this instance's lease had been reaped). The local user gets a
+//! fresh guest nick instead, claimed cluster-wide first, and sees a `nick`
+//! event from their old nick to the new one; that event is the notice (no
+//! `error`: nothing the user did was refused). The rooms follow the user:
+//! the other instances see the guest nick `join` them.
+
+use std::time::Duration;
+
+use super::{GUEST_DRAWS, Hub, Nick, SessionId, State, guest_nick};
+use crate::bus::Claim;
+
+/// How long to wait before trying a rename again while the directory is
+/// unreachable.
+const RETRY: Duration = Duration::from_secs(1);
+
+impl Hub {
+    /// Every local session's nick and rooms (with the last seq delivered in
+    /// each room), for a bus that must re-assert them.
+    pub(super) fn local_claims(&self) -> Vec<Claim> {
+        let state = self.lock();
+        state
+            .sessions
+            .keys()
+            .filter_map(|&id| claim_of(&state, id))
+            .collect()
+    }
+
+    /// `session` no longer holds `nick` in the cluster: rename it, in the
+    /// background (this runs on the bus's delivery path, which must not wait).
+    pub(super) fn claim_lost(&self, session: SessionId, nick: Nick) {
+        if !self.still_called(session, &nick) {
+            return; // ended or renamed since the bus looked
+        }
+        tracing::warn!(%session, %nick, "nick taken by another session while this instance was away; renaming");
+        let hub = self.clone();
+        tokio::spawn(async move { hub.rename_away(session, nick).await });
+    }
+
+    fn still_called(&self, session: SessionId, nick: &Nick) -> bool {
+        self.lock()
+            .sessions
+            .get(&session)
+            .is_some_and(|s| s.nick == *nick)
+    }
+
+    /// Claims a fresh guest nick for `session`, records its rooms under it,
+    /// then renames it locally. Retries while the directory is unreachable,
+    /// for as long as the session still goes by `lost`.
+    async fn rename_away(&self, session: SessionId, lost: Nick) {
+        let Some(directory) = self.shared.bus.directory() else {
+            return;
+        };
+        loop {
+            if !self.still_called(session, &lost) {
+                return;
+            }
+            let mut guest = None;
+            for _ in 0..GUEST_DRAWS {
+                let Some(candidate) = guest_nick(&self.lock().nicks) else {
+                    break; // every guest nick is in use here: try again later
+                };
+                match directory.claim_nick(&candidate, session).await {
+                    Ok(true) => {
+                        guest = Some(candidate);
+                        break;
+                    }
+                    Ok(false) => continue,
+                    Err(err) => {
+                        tracing::warn!(cause = %err, %lost, "cannot rename yet: directory unreachable");
+                        break;
+                    }
+                }
+            }
+            let Some(guest) = guest else {
+                tokio::time::sleep(RETRY).await;
+                continue;
+            };
+            // The cluster knows the user by the new nick before the user does,
+            // so a `/who` after the `nick` event already lists it.
+            let rooms = claim_of(&self.lock(), session).map_or_else(Vec::new, |c| c.rooms);
+            for (room, delivered) in &rooms {
+                if let Err(err) = directory.joined(room, &guest, *delivered).await {
+                    tracing::warn!(cause = %err, %room, "could not record the renamed user's room");
+                }
+            }
+            if !self
+                .apply_rename(session, guest.clone(), Some(&lost))
+                .renames()
+            {
+                // The session ended or renamed itself meanwhile: give the
+                // guest nick (and the rooms recorded under it) back.
+                if let Err(err) = directory.release_nick(&guest, session).await {
+                    tracing::warn!(cause = %err, %guest, "could not give back an unused guest nick; its lease will");
+                }
+            }
+            return;
+        }
+    }
+}
+
+/// What session `id` holds: its nick, and its rooms with the last seq this
+/// instance delivered in each.
+fn claim_of(state: &State, id: SessionId) -> Option<Claim> {
+    let session = state.sessions.get(&id)?;
+    let rooms = session
+        .rooms
+        .iter()
+        .map(|room| {
+            let seq = state.rooms.get(room).map_or(0, |r| r.history.last_seq());
+            (room.clone(), seq)
+        })
+        .collect();
+    Some(Claim {
+        session: id,
+        nick: session.nick.clone(),
+        rooms,
+    })
+}

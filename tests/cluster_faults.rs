@@ -1,0 +1,471 @@
+//! The cluster directory under faults, with real daemons on a shared database
+//! (`--bus poll`): an instance frozen with SIGSTOP, an instance whose link to
+//! PostgreSQL stalls, an instance killed with SIGKILL. Each time the cluster's
+//! view of nicks and rooms must end up true: dead users leave (and only once),
+//! live users keep their nick and rooms or, if another session fairly took
+//! their nick meanwhile, are renamed with a `nick` event; never do two
+//! sessions hold one nick.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use baby_discord::bus::LEASE;
+use common::http::Http;
+use common::proxy::Proxy;
+use common::{Client, Daemon, PgDatabase, temp_dir};
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+
+/// Both rooms every user is in.
+const ROOMS: [&str; 2] = ["general", "side"];
+/// From a crash (or the start of a stall) until the others announce its
+/// users' departures: the lease, the heartbeat that finds it expired, one poll.
+const DEPARTURE: Duration = Duration::from_secs(LEASE.as_secs() + 3);
+
+/// A TCP user in JSON mode whose reads may wait longer than the harness's
+/// per-line limit: a departure takes a whole lease to be announced.
+struct Peer {
+    nick: String,
+    reader: BufReader<OwnedReadHalf>,
+    writer: OwnedWriteHalf,
+}
+
+impl Peer {
+    /// Connects as `nick` and joins every room in [`ROOMS`].
+    async fn join(addr: SocketAddr, nick: &str) -> Peer {
+        Self::join_rooms(addr, nick, &ROOMS).await
+    }
+
+    async fn join_rooms(addr: SocketAddr, nick: &str, rooms: &[&str]) -> Peer {
+        let (reader, writer) = Client::json(addr, nick).await.split();
+        let mut peer = Peer {
+            nick: nick.to_owned(),
+            reader,
+            writer,
+        };
+        for room in rooms {
+            peer.send(&format!("/join {room}")).await;
+            peer.expect("its own join", |v| {
+                v["type"] == "join" && v["nick"] == nick && v["room"] == *room
+            })
+            .await;
+        }
+        peer
+    }
+
+    async fn send(&mut self, line: &str) {
+        self.writer
+            .write_all(format!("{line}\n").as_bytes())
+            .await
+            .expect("write");
+    }
+
+    /// The next event matching `matches`, skipping others; panics with `what`
+    /// if none arrives within [`DEPARTURE`] plus a margin.
+    async fn expect(&mut self, what: &str, matches: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + DEPARTURE + Duration::from_secs(5);
+        self.expect_by(deadline, what, matches).await
+    }
+
+    async fn expect_by(
+        &mut self,
+        deadline: Instant,
+        what: &str,
+        matches: impl Fn(&Value) -> bool,
+    ) -> Value {
+        loop {
+            let mut line = String::new();
+            let left = deadline.saturating_duration_since(Instant::now());
+            let read = tokio::time::timeout(left, self.reader.read_line(&mut line)).await;
+            let n = read
+                .unwrap_or_else(|_| panic!("{}: no {what} in time", self.nick))
+                .expect("read");
+            assert!(n > 0, "{}: connection closed waiting for {what}", self.nick);
+            let v: Value = serde_json::from_str(line.trim_end()).expect("a JSON event");
+            if matches(&v) {
+                return v;
+            }
+        }
+    }
+
+    /// The members of `room` according to this peer's instance.
+    async fn who(&mut self, room: &str) -> Vec<String> {
+        self.send(&format!("/who {room}")).await;
+        let reply = self
+            .expect("a /who reply", |v| {
+                v["type"] == "reply" && v["command"] == "who" && v["data"]["room"] == room
+            })
+            .await;
+        nicks(&reply["data"]["members"])
+    }
+
+    /// Reads `join`/`leave` events until it has seen every (room, nick) in
+    /// `wanted`, by `deadline`; returns all it saw of that kind, in order.
+    async fn presence(
+        &mut self,
+        kind: &str,
+        wanted: &BTreeSet<(String, String)>,
+        deadline: Instant,
+    ) -> Vec<(String, String)> {
+        let mut seen = Vec::new();
+        while !wanted.iter().all(|w| seen.contains(w)) {
+            let what = format!("{kind} of {wanted:?} (saw {seen:?})");
+            let v = self.expect_by(deadline, &what, |v| v["type"] == kind).await;
+            seen.push((text(&v["room"]), text(&v["nick"])));
+        }
+        seen
+    }
+}
+
+fn text(v: &Value) -> String {
+    v.as_str().expect("a string").to_owned()
+}
+
+fn nicks(v: &Value) -> Vec<String> {
+    v.as_array().expect("a list").iter().map(text).collect()
+}
+
+/// Every (room, nick) pair for `nicks` in every room of [`ROOMS`].
+fn everywhere(nicks: &[&str]) -> BTreeSet<(String, String)> {
+    ROOMS
+        .iter()
+        .flat_map(|room| nicks.iter().map(|n| (room.to_string(), n.to_string())))
+        .collect()
+}
+
+fn sorted(mut nicks: Vec<String>) -> Vec<String> {
+    nicks.sort_by_key(|n| n.to_lowercase());
+    nicks
+}
+
+async fn start(db: &str, name: &str) -> Daemon {
+    let args = [
+        "--db",
+        db,
+        "--bus",
+        "poll",
+        "--poll-interval",
+        "20",
+        "--instance",
+        name,
+    ];
+    Daemon::start(&args).await
+}
+
+/// Three instances, each on its own `--db` URL (the same database, perhaps
+/// through a proxy), and nine users: `u0`..`u2` on the first, `u3`..`u5` on
+/// the second, `u6`..`u8` on the third, all in both rooms.
+async fn cluster(dbs: [&str; 3]) -> (Vec<Daemon>, Vec<Peer>) {
+    let mut daemons = Vec::new();
+    // One after the other, so the first one creates and migrates the database.
+    for (db, name) in dbs.iter().zip(["i1", "i2", "i3"]) {
+        daemons.push(start(db, name).await);
+    }
+    let mut peers = Vec::new();
+    for u in 0..9 {
+        peers.push(Peer::join(daemons[u / 3].tcp, &format!("u{u}")).await);
+    }
+    // Every instance sees all nine in both rooms before the fault (a join
+    // is answered before the directory has recorded it).
+    let all: Vec<String> = (0..9).map(|u| format!("u{u}")).collect();
+    for i in [0, 3, 6] {
+        for room in ROOMS {
+            converge(&mut peers[i], room, &all).await;
+        }
+    }
+    (daemons, peers)
+}
+
+/// Asks `/who room` until it answers `expected` (sorted as the server sorts).
+async fn converge(peer: &mut Peer, room: &str, expected: &[String]) {
+    let expected = sorted(expected.to_vec());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let members = peer.who(room).await;
+        if members == expected {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{}'s instance never showed {expected:?} in #{room}: {members:?}",
+            peer.nick
+        );
+        // Polling a condition that settles within a poll interval, not
+        // synchronising with an event.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// How the third instance is taken away and given back.
+enum Stall<'a> {
+    /// SIGSTOP, then SIGCONT.
+    Freeze(&'a Daemon),
+    /// Its database link stops carrying bytes, then carries them again.
+    Link(&'a Proxy),
+}
+
+impl Stall<'_> {
+    fn begin(&self) {
+        match self {
+            Stall::Freeze(daemon) => daemon.freeze(),
+            Stall::Link(proxy) => proxy.pause(),
+        }
+    }
+
+    fn end(&self) {
+        match self {
+            Stall::Freeze(daemon) => daemon.thaw(),
+            Stall::Link(proxy) => proxy.resume(),
+        }
+    }
+}
+
+/// The third instance stalls past its lease; meanwhile newcomers take two of
+/// its users' nicks. After it returns: `u8` keeps its nick and rooms, `u6`
+/// and `u7` are renamed to fresh guest nicks with a `nick` event (their rooms
+/// follow them), nobody holds a nick twice, every instance agrees on `/who`,
+/// and DMs reach each of them.
+async fn a_stalled_instance_comes_back(daemons: &[Daemon], peers: &mut [Peer], stall: Stall<'_>) {
+    let stalled = ["u6", "u7", "u8"];
+    let started = Instant::now();
+    stall.begin();
+
+    // The others announce the stalled users' departures, once each.
+    let gone = everywhere(&stalled);
+    for watcher in [0, 3] {
+        let deadline = started + DEPARTURE + Duration::from_secs(2);
+        let seen = peers[watcher].presence("leave", &gone, deadline).await;
+        assert_eq!(seen.len(), gone.len(), "each leave once: {seen:?}");
+    }
+    let announced = started.elapsed();
+    eprintln!("departures announced {announced:?} after the fault");
+    assert!(announced <= DEPARTURE, "leaves after {announced:?}");
+    let live: Vec<String> = (0..6).map(|u| format!("u{u}")).collect();
+    assert_eq!(peers[0].who("general").await, live);
+
+    // Newcomers take two of the stalled users' nicks, fairly: their lease is
+    // gone.
+    let mut taker6 = Peer::join_rooms(daemons[0].tcp, "u6", &["general"]).await;
+    let mut taker7 = Peer::join_rooms(daemons[1].tcp, "U7", &["general"]).await;
+    stall.end();
+
+    // The stalled instance finds its lease reaped: u6 and u7 are renamed...
+    let mut guests = BTreeMap::new();
+    for (u, lost) in [(6, "u6"), (7, "u7")] {
+        let v = peers[u]
+            .expect("a rename away from a nick taken meanwhile", |v| {
+                v["type"] == "nick" && v["old"] == lost
+            })
+            .await;
+        let guest = text(&v["new"]);
+        assert!(guest.starts_with("guest-"), "{v}");
+        peers[u].nick = guest.clone();
+        guests.insert(lost, guest);
+    }
+    // ...and the others see u8 and the renamed users come back to both rooms.
+    let mut back = vec!["u8"];
+    back.extend(guests.values().map(String::as_str));
+    for watcher in [0, 3] {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let seen = peers[watcher]
+            .presence("join", &everywhere(&back), deadline)
+            .await;
+        let stolen = seen
+            .iter()
+            .any(|(room, nick)| room == "side" && guests.contains_key(nick.as_str()));
+        assert!(!stolen, "a taken nick was re-asserted: {seen:?}");
+    }
+
+    // Every instance agrees; every nick is held once.
+    let mut general: Vec<String> = (0..9).map(|u| format!("u{u}")).collect();
+    general[7] = "U7".to_owned();
+    general.extend(guests.values().cloned());
+    let mut side: Vec<String> = ["u0", "u1", "u2", "u3", "u4", "u5", "u8"]
+        .map(String::from)
+        .to_vec();
+    side.extend(guests.values().cloned());
+    for i in [0, 3, 8] {
+        assert_eq!(peers[i].who("general").await, sorted(general.clone()));
+        assert_eq!(peers[i].who("side").await, sorted(side.clone()));
+    }
+
+    // Direct messages reach each holder, whatever its instance.
+    let guest6 = guests["u6"].clone();
+    for (to, text) in [
+        ("u8", "to u8"),
+        (guest6.as_str(), "to renamed"),
+        ("u6", "to taker"),
+    ] {
+        peers[0].send(&format!("/msg {to} {text}")).await;
+    }
+    let dm = |text: &'static str| move |v: &Value| v["type"] == "dm" && v["text"] == text;
+    peers[8].expect("a DM", dm("to u8")).await;
+    peers[6].expect("a DM", dm("to renamed")).await;
+    taker6.expect("a DM", dm("to taker")).await;
+    taker7.send("/msg u8 hi from U7").await;
+    peers[8].expect("a DM", dm("hi from U7")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_instance_keeps_its_users_or_renames_them_on_postgres() {
+    let Some(pg) = PgDatabase::create().await else {
+        return;
+    };
+    let url = pg.url.as_str();
+    let (daemons, mut peers) = cluster([url, url, url]).await;
+    a_stalled_instance_comes_back(&daemons, &mut peers, Stall::Freeze(&daemons[2])).await;
+    drop(daemons);
+    pg.drop_now().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_instance_keeps_its_users_or_renames_them_on_sqlite() {
+    let dir = temp_dir();
+    let url = common::sqlite_url(&dir);
+    let url = url.as_str();
+    let (daemons, mut peers) = cluster([url, url, url]).await;
+    a_stalled_instance_comes_back(&daemons, &mut peers, Stall::Freeze(&daemons[2])).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_cut_off_from_postgres_keeps_its_users_or_renames_them() {
+    let Some(pg) = PgDatabase::create().await else {
+        return;
+    };
+    let upstream = pg_address(&pg.url);
+    let proxy = Proxy::start(upstream).await;
+    let through = proxy.url_for(&pg.url);
+    let (daemons, mut peers) = cluster([&pg.url, &pg.url, &through]).await;
+    a_stalled_instance_comes_back(&daemons, &mut peers, Stall::Link(&proxy)).await;
+    drop(daemons);
+    pg.drop_now().await;
+}
+
+/// The `host:port` of a PostgreSQL URL.
+fn pg_address(url: &str) -> SocketAddr {
+    let rest = url.split_once("://").expect("a URL").1;
+    let authority = &rest[..rest.find('/').unwrap_or(rest.len())];
+    let host_port = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    let host_port = if host_port.contains(':') {
+        host_port.to_owned()
+    } else {
+        format!("{host_port}:5432")
+    };
+    use std::net::ToSocketAddrs;
+    host_port
+        .to_socket_addrs()
+        .expect("a resolvable address")
+        .next()
+        .expect("an address")
+}
+
+/// SIGKILL the third instance: the survivors' users and room streams see
+/// each of its users leave each room within the lease, once; `/who` drops
+/// them; restarting it under the same name announces nobody who is not there.
+async fn a_killed_instance_users_leave(db: &str) {
+    let (mut daemons, mut peers) = cluster([db, db, db]).await;
+    let mut stream = Http::new(daemons[0].http).sse("/messages/side", None).await;
+    let started = Instant::now();
+    daemons[2].kill9().await;
+
+    let gone = everywhere(&["u6", "u7", "u8"]);
+    for watcher in [0, 3] {
+        let deadline = started + DEPARTURE + Duration::from_secs(2);
+        let seen = peers[watcher].presence("leave", &gone, deadline).await;
+        assert_eq!(seen.len(), gone.len(), "each leave once: {seen:?}");
+    }
+    let announced = started.elapsed();
+    eprintln!("departures announced {announced:?} after the fault");
+    assert!(announced <= DEPARTURE, "leaves after {announced:?}");
+    // The room stream got them with the members (so they are queued by now).
+    let mut streamed = Vec::new();
+    while streamed.len() < 3 {
+        let f = stream.expect(|_, v| v["type"] == "leave").await;
+        streamed.push(text(&f.json()["nick"]));
+    }
+    assert_eq!(sorted(streamed), ["u6", "u7", "u8"]);
+    let live: Vec<String> = (0..6).map(|u| format!("u{u}")).collect();
+    for i in [0, 3] {
+        assert_eq!(peers[i].who("general").await, live);
+        assert_eq!(peers[i].who("side").await, live);
+    }
+
+    // Back under the same name: the first presence event the others see is
+    // the one real arrival.
+    daemons[2] = start(db, "i3").await;
+    let _marker = Peer::join_rooms(daemons[2].tcp, "marker", &["general"]).await;
+    for watcher in [0, 3] {
+        let first = peers[watcher]
+            .expect("the marker's join", |v| {
+                v["type"] == "join" || v["type"] == "leave"
+            })
+            .await;
+        assert_eq!(
+            (text(&first["type"]), text(&first["nick"])),
+            ("join".to_owned(), "marker".to_owned()),
+            "a stray presence event after the restart: {first}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_instance_users_leave_on_postgres() {
+    let Some(pg) = PgDatabase::create().await else {
+        return;
+    };
+    a_killed_instance_users_leave(&pg.url).await;
+    pg.drop_now().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_instance_users_leave_on_sqlite() {
+    let dir = temp_dir();
+    a_killed_instance_users_leave(&common::sqlite_url(&dir)).await;
+}
+
+/// Every instance loses PostgreSQL for longer than the lease; the first gets
+/// it back a few seconds before the others. Nobody was away much longer than
+/// anyone else, so nobody leaves and every nick and room is kept: the first
+/// instance back does not reap the others, which are as alive as it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_everyone_sees_gives_nothing_away() {
+    let Some(pg) = PgDatabase::create().await else {
+        return;
+    };
+    let first = Proxy::start(pg_address(&pg.url)).await;
+    let others = Proxy::start(pg_address(&pg.url)).await;
+    let (early, late) = (first.url_for(&pg.url), others.url_for(&pg.url));
+    let (daemons, mut peers) = cluster([&early, &late, &late]).await;
+
+    // The outage's shape is the fault itself, not a synchronisation: all
+    // down past the lease, then the first instance back 3 s before the rest.
+    first.pause();
+    others.pause();
+    tokio::time::sleep(LEASE + Duration::from_secs(3)).await;
+    first.resume();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    others.resume();
+
+    let _marker = Peer::join_rooms(daemons[0].tcp, "marker", &["general"]).await;
+    for watcher in [0, 3] {
+        // A join from before the outage may still be on its way; a leave
+        // would be a live user given away.
+        let leave = peers[watcher]
+            .expect("the marker's join", |v| {
+                v["type"] == "leave" || (v["type"] == "join" && v["nick"] == "marker")
+            })
+            .await;
+        assert_eq!(leave["type"], "join", "a user left in the outage: {leave}");
+    }
+    let mut all: Vec<String> = (0..9).map(|u| format!("u{u}")).collect();
+    all.push("marker".to_owned());
+    for i in [0, 3, 6] {
+        assert_eq!(peers[i].who("general").await, sorted(all.clone()));
+    }
+    drop(daemons);
+    pg.drop_now().await;
+}
