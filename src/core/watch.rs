@@ -187,6 +187,16 @@ impl Hub {
     /// is refused, and can be retried) rather than started from seq 0, which
     /// would deliver its whole history as live messages once the database
     /// answered again.
+    /// The highest seq `room` is known to have reached: this instance's ring
+    /// or storage, whichever is ahead (0 when storage does not answer within
+    /// [`POSITION_READ`]). A client cursor at or below it is real, even when
+    /// this instance has not delivered that far yet; one above it is not.
+    pub async fn known_top(&self, room: &RoomName) -> u64 {
+        let ring = self.ring(room).last().map_or(0, |m| m.seq);
+        let stored = tokio::time::timeout(POSITION_READ, self.shared.store.last_seq(room)).await;
+        ring.max(stored.ok().and_then(Result::ok).unwrap_or(0))
+    }
+
     pub(super) async fn stored_ring(&self, room: &RoomName) -> Result<Vec<Message>, Refusal> {
         let read = self.shared.store.page(room, None, RING as u32);
         match tokio::time::timeout(POSITION_READ, read).await {

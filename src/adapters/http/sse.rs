@@ -281,9 +281,17 @@ pub fn room_stream(
                 }
             }
             Some(after) if after >= recent.last().map_or(0, |m| m.seq) => {
-                // Nothing missed (a cursor above the room's seq is a wiped
-                // database or garbage): live messages flow at once.
-                last_seq = recent.last().map_or(0, |m| m.seq);
+                // Nothing missed. Either this instance lags behind the one
+                // the client came from (the cursor is a real seq: skip live
+                // copies up to it), or the cursor is above anything the room
+                // reached (a wiped database or garbage): live messages flow
+                // at once, never muted.
+                let delivered = recent.last().map_or(0, |m| m.seq);
+                last_seq = if after > delivered && after <= ctx.hub.known_top(&room).await {
+                    after
+                } else {
+                    delivered
+                };
             }
             Some(after) => {
                 last_seq = after;
