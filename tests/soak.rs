@@ -345,7 +345,7 @@ async fn session_reader(name: String, ctx: Ctx, kick: Arc<Notify>) {
                 let me = name.clone();
                 read_sse(body, &kick, &ctx.stop, &mut last_id, |e| {
                     record(&ctx.views, &name, e);
-                    follow_rename(&nicks, &me, e);
+                    follow_rename(&nicks, &me, e, None);
                 })
                 .await;
             }
@@ -384,10 +384,7 @@ async fn tcp_reader(name: String, ctx: Ctx, kick: Arc<Notify>) {
         if write.write_all(hello.as_bytes()).await.is_err() {
             continue;
         }
-        ctx.nicks
-            .lock()
-            .unwrap()
-            .insert(name.clone(), format!("{name}-{lives}"));
+        let asked = format!("{name}-{lives}");
         loop {
             let line = tokio::select! {
                 line = timeout(SILENCE, lines.next_line()) => line,
@@ -397,19 +394,26 @@ async fn tcp_reader(name: String, ctx: Ctx, kick: Arc<Notify>) {
             let Ok(Ok(Some(line))) = line else { break };
             if let Ok(event) = serde_json::from_str::<Value>(&line) {
                 record(&ctx.views, &name, &event);
-                follow_rename(&ctx.nicks, &name, &event);
+                follow_rename(&ctx.nicks, &name, &event, Some(&asked));
             }
         }
         ctx.nicks.lock().unwrap().remove(&name);
     }
 }
 
-/// Keeps a client's nick up to date when the server renames it.
-fn follow_rename(nicks: &Nicks, client: &str, event: &Value) {
+/// Keeps a client's nick up to date: it holds `asked` once the server
+/// confirms it (a `/nick` can be refused, e.g. while the directory is
+/// unreachable), and follows the server's renames.
+fn follow_rename(nicks: &Nicks, client: &str, event: &Value, asked: Option<&str>) {
     if event["type"] != "nick" {
         return;
     }
     let mut nicks = nicks.lock().unwrap();
+    let new = event["new"].as_str().unwrap_or_default();
+    if asked.is_some_and(|a| a.eq_ignore_ascii_case(new)) {
+        nicks.insert(client.to_owned(), new.to_owned());
+        return;
+    }
     if let Some(mine) = nicks.get_mut(client) {
         if event["old"]
             .as_str()
@@ -451,7 +455,6 @@ async fn sender(name: String, room: &'static str, ctx: Ctx, acked: Arc<Mutex<Vec
         if write.write_all(hello.as_bytes()).await.is_err() {
             continue;
         }
-        ctx.nicks.lock().unwrap().insert(name.clone(), nick);
         let mut tick = tokio::time::interval(Duration::from_millis(200));
         let mut heard = Instant::now();
         loop {
@@ -471,7 +474,7 @@ async fn sender(name: String, room: &'static str, ctx: Ctx, acked: Arc<Mutex<Vec
                     let Ok(Some(line)) = line else { break };
                     heard = Instant::now();
                     let Ok(event) = serde_json::from_str::<Value>(&line) else { continue };
-                    follow_rename(&ctx.nicks, &name, &event);
+                    follow_rename(&ctx.nicks, &name, &event, Some(&nick));
                     let mine = event["text"].as_str().is_some_and(|t| t.starts_with(&format!("{name}:")));
                     if event["type"] == "message" && mine {
                         acked.lock().unwrap().push(Acked {
