@@ -2,7 +2,7 @@
 # Start, stop and watch N baby-discord instances on consecutive ports that
 # behave as one chat.
 #
-#   scripts/cluster.sh start [-n N] [--db URL] [--bus SPEC] [--poll-interval MS] [--debug]
+#   scripts/cluster.sh start [-n N] [--db URL] [--bus SPEC] [--cluster NAME] [--poll-interval MS] [--debug]
 #   scripts/cluster.sh status
 #   scripts/cluster.sh logs [I]      # all instances, or instance I (1..N), followed
 #   scripts/cluster.sh stop
@@ -12,6 +12,11 @@
 # file shared by all of them, so nothing needs installing. For PostgreSQL:
 #
 #   scripts/cluster.sh start --db postgres://postgres@127.0.0.1:5432/postgres
+#
+# On the redis bus (Redis or Valkey orders the rooms and carries the messages;
+# the database only stores them), as docker-compose.yml does with containers:
+#
+#   scripts/cluster.sh start --bus redis://127.0.0.1:6379 --db postgres://postgres@127.0.0.1:5432/postgres
 #
 # State (pids, logs, the shared SQLite file) lives in .cluster/ at the top of
 # the repository; `stop` leaves the logs and the database there.
@@ -23,7 +28,7 @@ base_tcp=9000
 base_http=3000
 
 usage() {
-  sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'
   exit 2
 }
 
@@ -32,12 +37,13 @@ pids() {
 }
 
 start() {
-  local n=3 db="" bus="poll" interval="" profile="release"
+  local n=3 db="" bus="poll" interval="" cluster="" profile="release"
   while [ $# -gt 0 ]; do
     case "$1" in
       -n) n="$2"; shift 2 ;;
       --db) db="$2"; shift 2 ;;
       --bus) bus="$2"; shift 2 ;;
+      --cluster) cluster="$2"; shift 2 ;;
       --poll-interval) interval="$2"; shift 2 ;;
       --debug) profile="debug"; shift ;;
       *) usage ;;
@@ -62,6 +68,7 @@ start() {
     args=(--tcp "127.0.0.1:$((base_tcp + i))" --http "127.0.0.1:$((base_http + i))"
           --db "$db" --bus "$bus" --instance "i$i")
     [ -n "$interval" ] && args+=(--poll-interval "$interval")
+    [ -n "$cluster" ] && args+=(--cluster "$cluster")
     : >"$log"
     "$bin" "${args[@]}" >>"$log" 2>&1 &
     echo $! >"$state/i$i.pid"

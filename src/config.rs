@@ -71,7 +71,8 @@ pub struct Config {
     #[arg(long, env = "BABY_DB", default_value = "sqlite://baby-discord.db")]
     pub db: String,
 
-    /// How instances are connected: local (one instance), poll, or redis://HOST:PORT.
+    /// How instances are connected: local (one instance), poll, or redis://HOST:PORT[/DB]
+    /// (also valkey://, rediss://, redis-cluster://HOST:PORT?node=HOST:PORT).
     #[arg(long, env = "BABY_BUS", default_value = "local", value_parser = parse_bus)]
     pub bus: BusSpec,
 
@@ -248,6 +249,20 @@ mod tests {
             .unwrap()
             .into_config();
         assert!(!config.peer_limits().exempt_loopback);
+    }
+
+    #[test]
+    fn redis_and_valkey_urls_name_the_redis_bus() {
+        for url in [
+            "redis://127.0.0.1:6379/2",
+            "valkey://valkey:6379",
+            "rediss://h:6380",
+        ] {
+            let config = Cli::try_parse_from(["baby-discord", "--bus", url])
+                .unwrap()
+                .into_config();
+            assert_eq!(config.bus, BusSpec::Redis(url.to_owned()));
+        }
     }
 
     #[test]

@@ -51,6 +51,7 @@ impl Server {
                 durability: config.durability,
                 instance: &instance,
                 poll_interval: Duration::from_millis(config.poll_interval),
+                cluster: &config.cluster,
             },
         )
         .await

@@ -382,6 +382,45 @@ async fn a_room_stream_resumed_on_a_lagging_instance_sends_nothing_twice() {
     pg.drop_now().await;
 }
 
+#[tokio::test]
+async fn join_with_a_seq_ahead_of_a_lagging_instance_sends_nothing_twice() {
+    let Some(pg) = PgDatabase::create().await else {
+        return;
+    };
+    let cluster = format!("resume-{}", uuid::Uuid::now_v7().simple());
+    let mut daemons = Vec::new();
+    for (name, interval) in [("i1", "20"), ("i2", "1500")] {
+        let args = [
+            "--db",
+            &pg.url,
+            "--bus",
+            "poll",
+            "--poll-interval",
+            interval,
+            "--instance",
+            name,
+            "--cluster",
+            &cluster,
+            "--rate",
+            "0",
+        ];
+        daemons.push(Daemon::start(&args).await);
+    }
+    let mut bob = Client::in_room(daemons[0].tcp, "bob", "lobby").await;
+    let _carol = Client::in_room(daemons[1].tcp, "carol", "lobby").await;
+    let seq = say(&mut bob, (1..=3).map(|i| format!("m{i}"))).await;
+    // Dave saw 1-3 on i1 and re-joins on i2, which has not polled them yet.
+    let mut dave = Client::json(daemons[1].tcp, "dave").await;
+    dave.send(&format!("/join lobby {seq}")).await;
+    dave.expect(|v| v["type"] == "join" && v["nick"] == "dave")
+        .await;
+    bob.send("m4").await;
+    let next = dave.expect(|v| v["type"] == "message").await;
+    assert_eq!(next["seq"], 4, "the first message after the cursor, once");
+    drop(daemons);
+    pg.drop_now().await;
+}
+
 // --- SSE session streams that reconnect -------------------------------------
 
 /// Opens a session's stream, resuming after `last` if given, past `retry:`.

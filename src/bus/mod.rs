@@ -8,7 +8,8 @@
 //!
 //! - `local`: one instance; an in-memory counter per room, seeded from the store.
 //! - `poll`: instances share the database, which orders every room.
-//! - `redis://` (later, a file beside these).
+//! - `redis://`: instances connected through Redis or Valkey, which orders
+//!   every room (the `redis` folder).
 //!
 //! A bus that connects instances also offers a [`Directory`]: the cluster's
 //! view of nicks and room membership. The local bus has none; the hub's own
@@ -31,6 +32,7 @@
 mod gate;
 mod local;
 mod poll;
+mod redis;
 
 use std::sync::Arc;
 
@@ -41,6 +43,7 @@ use crate::store::{Durability, Store};
 
 pub use local::LocalBus;
 pub use poll::{LEASE, PollBus};
+pub use redis::RedisBus;
 
 /// What travels from the bus to an instance.
 #[derive(Debug, Clone)]
@@ -101,6 +104,9 @@ pub enum BusError {
     /// The bus's last attempt to reach the other instances failed.
     #[error("the bus cannot reach the other instances")]
     Unreachable,
+    /// Redis refused, failed or did not answer; says why.
+    #[error("redis: {0}")]
+    Redis(String),
     /// The ordering authority is not answering: messages are refused (at
     /// once, not after a wait) until it does.
     #[error(
@@ -120,7 +126,7 @@ impl BusError {
     /// for it.
     pub fn is_unreachable(&self) -> bool {
         match self {
-            BusError::Unreachable | BusError::Down { .. } => true,
+            BusError::Unreachable | BusError::Down { .. } | BusError::Redis(_) => true,
             BusError::Store(crate::store::StoreError::Database(err)) => matches!(
                 err,
                 sqlx::Error::Io(_)
@@ -142,7 +148,19 @@ pub enum BusSpec {
     Local,
     /// Instances sharing the database (`--db`), polling it.
     Poll,
+    /// Instances connected through Redis or Valkey at this URL.
+    Redis(String),
 }
+
+/// URL schemes of the Redis bus: plain, Valkey's name, TLS, and a cluster.
+const REDIS_SCHEMES: [&str; 6] = [
+    "redis://",
+    "valkey://",
+    "rediss://",
+    "valkeys://",
+    "redis-cluster://",
+    "valkey-cluster://",
+];
 
 impl std::str::FromStr for BusSpec {
     type Err = String;
@@ -151,10 +169,12 @@ impl std::str::FromStr for BusSpec {
         match s {
             "local" => Ok(BusSpec::Local),
             "poll" => Ok(BusSpec::Poll),
-            s if s.starts_with("redis://") || s.starts_with("valkey://") => {
-                Err("--bus redis:// is not built yet; use --bus local or --bus poll".into())
+            s if REDIS_SCHEMES.iter().any(|scheme| s.starts_with(scheme)) => {
+                Ok(BusSpec::Redis(s.to_owned()))
             }
-            other => Err(format!("unknown bus {other:?}: use local or poll")),
+            other => Err(format!(
+                "unknown bus {other:?}: use local, poll or redis://HOST:PORT[/DB]"
+            )),
         }
     }
 }
@@ -163,6 +183,12 @@ impl std::str::FromStr for BusSpec {
 pub trait Deliver: Send + Sync + 'static {
     /// Takes one envelope. Must not block: it runs on the bus's own path.
     fn deliver(&self, envelope: Envelope);
+
+    /// Whether this instance still wants `room`'s messages (it has members or
+    /// readers there). A bus that subscribes per room asks before it stops.
+    fn wants(&self, _room: &RoomName) -> bool {
+        true
+    }
 
     /// Every local session's nick and rooms, right now. A bus asks when it
     /// has to re-assert this instance's claims (its lease was reaped). Must
@@ -266,6 +292,8 @@ pub struct BusOptions<'a> {
     pub instance: &'a str,
     /// `--poll-interval`.
     pub poll_interval: std::time::Duration,
+    /// `--cluster`: the namespace of the Redis bus's keys and channels.
+    pub cluster: &'a str,
 }
 
 /// Builds the bus `spec` names.
@@ -282,5 +310,8 @@ pub async fn open(spec: &BusSpec, options: BusOptions<'_>) -> Result<Arc<dyn Bus
             )
             .await?,
         ),
+        BusSpec::Redis(url) => {
+            Arc::new(RedisBus::open(url, options.cluster, options.instance, options.store).await?)
+        }
     })
 }

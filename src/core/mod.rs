@@ -74,6 +74,12 @@ impl Deliver for Hub {
         }
     }
 
+    fn wants(&self, room: &RoomName) -> bool {
+        self.lock().rooms.get(room).is_some_and(|r| {
+            !r.members.is_empty() || r.watchers.iter().any(|w| !w.events.is_closed())
+        })
+    }
+
     /// Every local session's nick and rooms.
     fn claims(&self) -> Vec<Claim> {
         self.local_claims()
@@ -576,6 +582,14 @@ impl Hub {
                 Err(refusal) => return Answer::refusal(refusal),
             }
         };
+        // A cursor ahead of this instance's delivery but within what the room
+        // reached: this instance lags the one the client came from.
+        let ahead = match after {
+            Some(after) if after > self.ring(&room).last().map_or(0, |m| m.seq) => {
+                (after <= self.known_top(&room).await).then_some(after)
+            }
+            _ => None,
+        };
         let mut catch_up: Option<CatchUp> = None;
         let mut reads = 0;
         let (answer, joined) = loop {
@@ -597,7 +611,8 @@ impl Hub {
             reads += 1;
             let last_read = reads == CATCH_UP_READS;
             let seed = std::mem::take(&mut stored);
-            match self.apply_join(id, room.clone(), seed, catch_up.as_ref(), last_read) {
+            let resume = catch_up.as_ref().map(|c| (c, ahead));
+            match self.apply_join(id, room.clone(), seed, resume, last_read) {
                 Ok(done) => break done,
                 Err(Torn) => continue,
             }
@@ -621,9 +636,13 @@ impl Hub {
         id: SessionId,
         room: RoomName,
         stored: Vec<Message>,
-        catch_up: Option<&CatchUp>,
+        resume: Option<(&CatchUp, Option<u64>)>,
         last_read: bool,
     ) -> Result<(Answer, Option<Joined>), Torn> {
+        let (catch_up, ahead) = match resume {
+            Some((catch_up, ahead)) => (Some(catch_up), ahead),
+            None => (None, None),
+        };
         let mut state = self.lock();
         let State {
             sessions, rooms, ..
@@ -632,9 +651,8 @@ impl Hub {
             return Ok((Answer::default(), None));
         };
         let entry = rooms.entry(room.clone()).or_insert_with(|| Room {
-            members: BTreeSet::new(),
             history: History::from_stored(stored.into_iter().map(Arc::new)),
-            watchers: Vec::new(),
+            ..Room::default()
         });
         let outbox = session.replies == Replies::Outbox;
         // What follows the join: the ring, or all the client missed.
@@ -687,6 +705,9 @@ impl Hub {
             entry.notify_watchers(&event);
             answer.0.push((event, Delivery::Echo));
             joined = Some((room, nick, entry.history.last_seq()));
+        }
+        if let Some(ahead) = ahead.filter(|&a| a > entry.history.last_seq()) {
+            entry.ahead.insert(id, ahead);
         }
         // The replay goes out under the same lock as the join: a message
         // delivered meanwhile would otherwise overtake it.
@@ -741,6 +762,7 @@ impl Hub {
             fan_out(sessions, &entry.members, &event, &mut failed);
             entry.notify_watchers(&event);
             entry.members.remove(&id);
+            entry.ahead.remove(&id);
         }
         self.reap(&mut state, failed);
         Answer(vec![(event, Delivery::Echo)])
@@ -995,8 +1017,13 @@ impl Hub {
         room.history.push(message.clone());
         let event = Event::message(message);
         let mut failed = Undeliverable::default();
-        let sent =
-            fan_out(sessions, &room.members, &event, &mut failed) + room.notify_watchers(&event);
+        let seq = room.history.last_seq();
+        let members = if room.ahead.is_empty() {
+            fan_out(sessions, &room.members, &event, &mut failed)
+        } else {
+            fan_out(sessions, &room.recipients(seq), &event, &mut failed)
+        };
+        let sent = members + room.notify_watchers(&event);
         self.shared
             .stats
             .events_out
@@ -1086,6 +1113,8 @@ impl Hub {
         for room in &session.rooms {
             if let Some(entry) = state.rooms.get_mut(room) {
                 entry.members.remove(&id);
+                entry.ahead.remove(&id);
+                entry.ahead.remove(&id);
                 let event = Event::new(EventBody::Leave {
                     room: room.clone(),
                     nick: session.nick.clone(),

@@ -1,6 +1,6 @@
 //! A room: who is in it on this instance, and its recent messages.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 
 use tokio::sync::mpsc::{self, error::TrySendError};
 use tokio::sync::oneshot;
@@ -20,6 +20,12 @@ pub(super) struct Room {
     /// Read-only followers of the room (the HTTP room stream): they get its
     /// `message`, `join` and `leave` events but are not members.
     pub watchers: Vec<Watcher>,
+    /// Members that re-joined with a cursor (`/join ROOM SEQ`) ahead of what
+    /// this instance has delivered, because it lags the instance they came
+    /// from: each already has every message up to its seq, so live copies up
+    /// to it are not sent again. Almost always empty; an entry goes once its
+    /// seq has been passed.
+    pub ahead: HashMap<SessionId, u64>,
 }
 
 /// A read-only follower of a room.
@@ -33,6 +39,21 @@ pub(super) struct Watcher {
 }
 
 impl Room {
+    /// The members a live message `seq` goes to: all of them, except those
+    /// that already have it (see [`Room::ahead`]), who are forgotten once
+    /// they are past it.
+    pub fn recipients(&mut self, seq: u64) -> Vec<SessionId> {
+        let ahead = &self.ahead;
+        let to = self
+            .members
+            .iter()
+            .filter(|m| ahead.get(m).is_none_or(|&have| have < seq))
+            .copied()
+            .collect();
+        self.ahead.retain(|_, have| *have > seq);
+        to
+    }
+
     /// Hands a room event to every watcher without waiting. A watcher that
     /// cannot take it is dropped: its stream then ends as a slow consumer.
     /// Returns how many took it.

@@ -5,7 +5,6 @@
 //! Storage may lag the batching writer by a moment while the ring never does,
 //! so every read here takes what storage has and completes it from the ring.
 
-use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -55,9 +54,8 @@ impl Hub {
                 return Err(shutting_down());
             }
             let entry = state.rooms.entry(room.clone()).or_insert_with(|| Room {
-                members: BTreeSet::new(),
                 history: History::from_stored(stored.into_iter().map(Arc::new)),
-                watchers: Vec::new(),
+                ..Room::default()
             });
             // Readers of a quiet room that have gone away are forgotten here,
             // not only at its next event.

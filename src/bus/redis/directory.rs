@@ -1,0 +1,502 @@
+//! The cluster's directory on Redis: nick leases, room memberships and live
+//! instances, with the same promises as the poll bus's tables.
+//!
+//! ```text
+//! {C:dir}:nick:KEY     "instance\towner\tnick", PX lease   who holds a nick
+//! {C:dir}:room:ROOM    hash nick key -> "instance\tnick"    a room's members
+//! {C:dir}:rooms        set of rooms with members
+//! {C:dir}:alive:INST   PX lease                             a live instance
+//! {C:dir}:instances    set of registered instances
+//! ```
+//!
+//! Every instance renews its lease and its nicks' leases each heartbeat.
+//! Members of an instance whose lease ran out stop counting at once, and the
+//! first instance to notice *reaps* them (one atomic script), announcing
+//! their `leave` to the rooms' members everywhere. An instance that finds it
+//! was reaped (it stalled, or lost Redis for longer than the lease) asserts
+//! its nicks and memberships again; a nick someone else took meanwhile is
+//! reported, not stolen back.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Mutex as StdMutex;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use fred::prelude::*;
+
+use super::RedisBus;
+use super::keys::Keys;
+use super::rooms::unreachable;
+use super::script::{self, Lua};
+use super::wire::{DmWire, PresenceWire};
+use crate::bus::{BusError, Directory, Presence};
+use crate::core::{DirectMessage, Nick, NickKey, RoomCount, RoomName, SessionId};
+
+/// How long an instance (and each of its nicks) may go unrenewed before the
+/// others count it gone.
+pub const LEASE: Duration = Duration::from_secs(10);
+/// How often an instance renews its leases.
+pub const HEARTBEAT: Duration = Duration::from_secs(2);
+/// Claims renewed per script call.
+const RENEW_BATCH: usize = 500;
+
+/// The directory's scripts and what this instance holds.
+pub struct Registry {
+    keys: Keys,
+    instance: String,
+    /// This instance's nicks, and the rooms each is in: what the heartbeat
+    /// renews and what a reaped instance asserts again.
+    held: StdMutex<HashMap<NickKey, Held>>,
+    claim: Lua,
+    renew: Lua,
+    release: Lua,
+    leave: Lua,
+    members: Lua,
+    rooms: Lua,
+    heartbeat: Lua,
+    reap: Lua,
+}
+
+#[derive(Debug, Clone)]
+struct Held {
+    nick: Nick,
+    owner: SessionId,
+    rooms: BTreeSet<RoomName>,
+}
+
+impl Registry {
+    /// The directory of `instance` under `keys`.
+    pub fn new(keys: Keys, instance: &str) -> Self {
+        Registry {
+            keys,
+            instance: instance.to_owned(),
+            held: StdMutex::default(),
+            claim: Lua::new(script::CLAIM),
+            renew: Lua::new(script::RENEW),
+            release: Lua::new(script::RELEASE),
+            leave: Lua::new(script::LEAVE),
+            members: Lua::new(script::MEMBERS),
+            rooms: Lua::new(script::ROOMS),
+            heartbeat: Lua::new(script::HEARTBEAT),
+            reap: Lua::new(script::REAP),
+        }
+    }
+
+    fn held(&self) -> std::sync::MutexGuard<'_, HashMap<NickKey, Held>> {
+        self.held.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn nick_key(&self, nick: &Nick) -> String {
+        self.keys.dir(&format!("nick:{}", nick.key().as_str()))
+    }
+
+    fn room_key(&self, room: &RoomName) -> String {
+        self.keys.dir(&format!("room:{room}"))
+    }
+
+    fn alive_prefix(&self) -> String {
+        self.keys.dir("alive:")
+    }
+
+    fn holder(&self, owner: SessionId) -> String {
+        format!("{}\t{owner}\t", self.instance)
+    }
+
+    fn lease_ms() -> String {
+        LEASE.as_millis().to_string()
+    }
+
+    /// One heartbeat: renew this instance's lease and its nicks', assert its
+    /// claims again if it was reaped, and reap instances that died. Returns
+    /// the memberships this call reaped (to announce), and this instance's
+    /// claims another session took while it was away (session, nick).
+    pub async fn beat(
+        &self,
+        cmd: &Client,
+    ) -> Result<(Vec<(RoomName, Nick)>, Vec<(SessionId, Nick)>), BusError> {
+        let alive = self.keys.dir(&format!("alive:{}", self.instance));
+        let fresh: i64 = self
+            .heartbeat
+            .call(
+                cmd,
+                vec![alive, self.keys.dir("instances")],
+                vec![self.instance.clone(), Self::lease_ms()],
+            )
+            .await
+            .map_err(unreachable)?;
+        let held: Vec<Held> = self.held().values().cloned().collect();
+        let mut lost = Vec::new();
+        for chunk in held.chunks(RENEW_BATCH) {
+            let keys = chunk.iter().map(|h| self.nick_key(&h.nick)).collect();
+            let mut args = vec![Self::lease_ms()];
+            for h in chunk {
+                args.push(format!("{}{}", self.holder(h.owner), h.nick));
+                args.push(self.holder(h.owner));
+            }
+            let gone: Vec<i64> = self
+                .renew
+                .call(cmd, keys, args)
+                .await
+                .map_err(unreachable)?;
+            lost.extend(
+                gone.into_iter()
+                    .filter_map(|i| chunk.get(usize::try_from(i - 1).ok()?))
+                    .map(|h| (h.owner, h.nick.clone())),
+            );
+        }
+        if fresh == 1 {
+            // Reaped while away (or just started, holding nothing): the
+            // memberships are gone from Redis; put back those still held.
+            for h in &held {
+                if lost.iter().any(|(_, nick)| nick == &h.nick) {
+                    continue;
+                }
+                for room in &h.rooms {
+                    self.record_join(cmd, room, &h.nick).await?;
+                    let change = Presence::Joined {
+                        room: room.clone(),
+                        nick: h.nick.clone(),
+                    };
+                    self.announce_in_room(cmd, room, &change).await?;
+                }
+            }
+        }
+        for (_, nick) in &lost {
+            tracing::warn!(%nick, "a nick this instance held was taken while it was away");
+            self.held().remove(&nick.key());
+        }
+        let reaped = self.reap(cmd, "").await?;
+        Ok((reaped, lost))
+    }
+
+    /// Reaps dead instances, and `forget` (an instance name, or "") whatever
+    /// its lease says; returns the memberships removed.
+    async fn reap(&self, cmd: &Client, forget: &str) -> Result<Vec<(RoomName, Nick)>, BusError> {
+        let reaped: Vec<String> = self
+            .reap
+            .call(
+                cmd,
+                vec![self.keys.dir("instances"), self.keys.dir("rooms")],
+                vec![
+                    self.alive_prefix(),
+                    self.keys.dir("room:"),
+                    forget.to_owned(),
+                ],
+            )
+            .await
+            .map_err(unreachable)?;
+        Ok(reaped
+            .chunks(2)
+            .filter_map(|pair| {
+                Some((
+                    RoomName::parse(pair.first()?).ok()?,
+                    Nick::parse(pair.get(1)?).ok()?,
+                ))
+            })
+            .collect())
+    }
+
+    /// Before this instance serves: what a previous life under its name left
+    /// (it was killed less than a lease ago) leaves now, announced.
+    pub async fn forget_previous_life(&self, cmd: &Client) -> Result<(), BusError> {
+        for (room, nick) in self.reap(cmd, &self.instance).await? {
+            self.announce_in_room(
+                cmd,
+                &room,
+                &Presence::Left {
+                    room: room.clone(),
+                    nick,
+                },
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    async fn record_join(
+        &self,
+        cmd: &Client,
+        room: &RoomName,
+        nick: &Nick,
+    ) -> Result<(), BusError> {
+        let value = format!("{}\t{nick}", self.instance);
+        let () = cmd
+            .hset(self.room_key(room), (nick.key().as_str(), value))
+            .await
+            .map_err(unreachable)?;
+        let () = cmd
+            .sadd(self.keys.dir("rooms"), room.as_str())
+            .await
+            .map_err(unreachable)?;
+        Ok(())
+    }
+
+    /// Tells the members of `room` on other instances (those that hear it).
+    pub async fn announce_in_room(
+        &self,
+        cmd: &Client,
+        room: &RoomName,
+        change: &Presence,
+    ) -> Result<(), BusError> {
+        let payload = PresenceWire::new(&self.instance, change).payload();
+        let _: i64 = cmd
+            .spublish(self.keys.room_channel(room), payload)
+            .await
+            .map_err(unreachable)?;
+        Ok(())
+    }
+
+    /// Gives up everything this instance holds (it is stopping).
+    pub async fn forget_all(&self, cmd: &Client) {
+        let held: Vec<Held> = self.held().drain().map(|(_, h)| h).collect();
+        for h in held {
+            let _ = self.give_up(cmd, &h.nick, h.owner, &h.rooms).await;
+        }
+        let _: Result<i64, _> = cmd
+            .srem(self.keys.dir("instances"), self.instance.as_str())
+            .await;
+        let _: Result<i64, _> = cmd
+            .del(self.keys.dir(&format!("alive:{}", self.instance)))
+            .await;
+    }
+
+    /// Leaves `rooms` as `nick` and frees the nick if `owner` holds it.
+    async fn give_up(
+        &self,
+        cmd: &Client,
+        nick: &Nick,
+        owner: SessionId,
+        rooms: &BTreeSet<RoomName>,
+    ) -> Result<(), BusError> {
+        for room in rooms {
+            if self.remove_member(cmd, room, nick).await? {
+                let change = Presence::Left {
+                    room: room.clone(),
+                    nick: nick.clone(),
+                };
+                self.announce_in_room(cmd, room, &change).await?;
+            }
+        }
+        let _: i64 = self
+            .release
+            .call(cmd, vec![self.nick_key(nick)], vec![self.holder(owner)])
+            .await
+            .map_err(unreachable)?;
+        Ok(())
+    }
+
+    async fn remove_member(
+        &self,
+        cmd: &Client,
+        room: &RoomName,
+        nick: &Nick,
+    ) -> Result<bool, BusError> {
+        let removed: i64 = self
+            .leave
+            .call(
+                cmd,
+                vec![self.room_key(room), self.keys.dir("rooms")],
+                vec![
+                    nick.key().as_str().to_owned(),
+                    self.instance.clone(),
+                    room.to_string(),
+                ],
+            )
+            .await
+            .map_err(unreachable)?;
+        Ok(removed == 1)
+    }
+}
+
+#[async_trait]
+impl Directory for RedisBus {
+    async fn claim_nick(&self, nick: &Nick, owner: SessionId) -> Result<bool, BusError> {
+        let dir = &self.inner.registry;
+        let held: i64 = dir
+            .claim
+            .call(
+                &self.inner.cmd,
+                vec![dir.nick_key(nick)],
+                vec![
+                    format!("{}{nick}", dir.holder(owner)),
+                    dir.holder(owner),
+                    Registry::lease_ms(),
+                ],
+            )
+            .await
+            .map_err(unreachable)?;
+        if held == 1 {
+            let mut map = dir.held();
+            let entry = map.entry(nick.key()).or_insert_with(|| Held {
+                nick: nick.clone(),
+                owner,
+                rooms: BTreeSet::new(),
+            });
+            entry.nick = nick.clone();
+            entry.owner = owner;
+        }
+        Ok(held == 1)
+    }
+
+    async fn release_nick(&self, nick: &Nick, owner: SessionId) -> Result<(), BusError> {
+        let dir = &self.inner.registry;
+        let rooms = {
+            let mut map = dir.held();
+            match map.get(&nick.key()) {
+                Some(h) if h.owner == owner => map.remove(&nick.key()).map(|h| h.rooms),
+                _ => None,
+            }
+        }
+        .unwrap_or_default();
+        dir.give_up(&self.inner.cmd, nick, owner, &rooms).await?;
+        for room in &rooms {
+            self.inner.rooms.release(room).await;
+        }
+        Ok(())
+    }
+
+    async fn renamed(&self, old: &Nick, new: &Nick, owner: SessionId) -> Result<(), BusError> {
+        let dir = &self.inner.registry;
+        let cmd = &self.inner.cmd;
+        let rooms = {
+            let mut map = dir.held();
+            let rooms = map.remove(&old.key()).map(|h| h.rooms).unwrap_or_default();
+            map.insert(
+                new.key(),
+                Held {
+                    nick: new.clone(),
+                    owner,
+                    rooms: rooms.clone(),
+                },
+            );
+            rooms
+        };
+        for room in &rooms {
+            dir.remove_member(cmd, room, old).await?;
+            dir.record_join(cmd, room, new).await?;
+        }
+        // A change of case keeps the key, whose claim is now the new nick's.
+        if old.key() != new.key() {
+            let _: i64 = dir
+                .release
+                .call(cmd, vec![dir.nick_key(old)], vec![dir.holder(owner)])
+                .await
+                .map_err(unreachable)?;
+        }
+        if !rooms.is_empty() {
+            let change = Presence::Renamed {
+                old: old.clone(),
+                new: new.clone(),
+                rooms: rooms.into_iter().collect(),
+            };
+            let payload = PresenceWire::new(&dir.instance, &change).payload();
+            let _: i64 = cmd
+                .spublish(dir.keys.all_channel(), payload)
+                .await
+                .map_err(unreachable)?;
+        }
+        Ok(())
+    }
+
+    async fn joined(&self, room: &RoomName, nick: &Nick, delivered: u64) -> Result<(), BusError> {
+        let dir = &self.inner.registry;
+        self.inner.rooms.watch(room, delivered).await?;
+        if let Some(h) = dir.held().get_mut(&nick.key()) {
+            h.rooms.insert(room.clone());
+        }
+        dir.record_join(&self.inner.cmd, room, nick).await?;
+        let change = Presence::Joined {
+            room: room.clone(),
+            nick: nick.clone(),
+        };
+        dir.announce_in_room(&self.inner.cmd, room, &change).await
+    }
+
+    async fn left(&self, room: &RoomName, nick: &Nick) -> Result<(), BusError> {
+        let dir = &self.inner.registry;
+        if let Some(h) = dir.held().get_mut(&nick.key()) {
+            h.rooms.remove(room);
+        }
+        let removed = dir.remove_member(&self.inner.cmd, room, nick).await?;
+        self.inner.rooms.release(room).await;
+        if removed {
+            let change = Presence::Left {
+                room: room.clone(),
+                nick: nick.clone(),
+            };
+            dir.announce_in_room(&self.inner.cmd, room, &change).await?;
+        }
+        Ok(())
+    }
+
+    async fn members(&self, room: &RoomName) -> Result<Vec<Nick>, BusError> {
+        let dir = &self.inner.registry;
+        let nicks: Vec<String> = dir
+            .members
+            .call(
+                &self.inner.cmd,
+                vec![dir.room_key(room)],
+                vec![dir.alive_prefix()],
+            )
+            .await
+            .map_err(unreachable)?;
+        let mut nicks: Vec<Nick> = nicks.iter().filter_map(|n| Nick::parse(n).ok()).collect();
+        nicks.sort_by_key(Nick::key);
+        Ok(nicks)
+    }
+
+    async fn rooms(&self) -> Result<Vec<RoomCount>, BusError> {
+        let dir = &self.inner.registry;
+        let flat: Vec<Value> = dir
+            .rooms
+            .call(
+                &self.inner.cmd,
+                vec![dir.keys.dir("rooms")],
+                vec![dir.keys.dir("room:"), dir.alive_prefix()],
+            )
+            .await
+            .map_err(unreachable)?;
+        let mut rooms: Vec<RoomCount> = flat
+            .chunks(2)
+            .filter_map(|pair| {
+                Some(RoomCount {
+                    room: RoomName::parse(&pair.first()?.as_string()?).ok()?,
+                    members: usize::try_from(pair.get(1)?.as_i64()?).ok()?,
+                })
+            })
+            .collect();
+        rooms.sort_by(|a, b| a.room.cmp(&b.room));
+        Ok(rooms)
+    }
+
+    async fn send_dm(&self, dm: &DirectMessage) -> Result<Option<Nick>, BusError> {
+        let dir = &self.inner.registry;
+        let holder: Option<String> = self
+            .inner
+            .cmd
+            .get(dir.nick_key(&dm.to))
+            .await
+            .map_err(unreachable)?;
+        let Some(holder) = holder else {
+            return Ok(None);
+        };
+        let mut parts = holder.splitn(3, '\t');
+        let (Some(instance), Some(_owner), Some(nick)) = (parts.next(), parts.next(), parts.next())
+        else {
+            return Ok(None);
+        };
+        let Ok(to) = Nick::parse(nick) else {
+            return Ok(None);
+        };
+        let _: i64 = self
+            .inner
+            .cmd
+            .spublish(
+                dir.keys.instance_channel(instance),
+                DmWire::payload(dm, &to),
+            )
+            .await
+            .map_err(unreachable)?;
+        Ok(Some(to))
+    }
+}

@@ -1,0 +1,461 @@
+//! The Redis (or Valkey) bus: instances connected through one Redis, at
+//! pub/sub latency, with Redis as the ordering authority of every room.
+//!
+//! One message, end to end (see the README for the picture):
+//!
+//! 1. [`Bus::publish`] runs one script ([`script::PUBLISH`]): `INCR` the
+//!    room's seq, `XADD` the message to the room's capped stream (id
+//!    `SEQ-0`) and to its partition's persistence stream, `SPUBLISH` it on the
+//!    room's sharded channel. Atomic, so the channel carries each room in seq
+//!    order.
+//! 2. Every instance that hears the room (it has members or readers there)
+//!    gets it from its subscriber connection and hands it to its hub in seq
+//!    order ([`rooms`]); the publishing instance delivers its own copy at once.
+//! 3. Some instance's persister ([`persist`]) reads it from the partition
+//!    stream, stores it, and acknowledges it.
+//!
+//! Two connections per instance: commands, and a subscriber. Both reconnect
+//! with exponential backoff; after a reconnect the subscriber subscribes
+//! again and every heard room catches up from its stream. While Redis cannot
+//! be reached, messages are refused within a second (no instance may number
+//! a message on its own) and `/healthz` says why.
+
+mod directory;
+mod keys;
+mod persist;
+mod rooms;
+mod script;
+mod wire;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex as StdMutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use fred::clients::SubscriberClient;
+use fred::prelude::*;
+use fred::types::config::ReconnectPolicy;
+use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use super::{Bus, BusError, Deliver, Directory, Envelope, Presence};
+use crate::core::{Draft, Message};
+use crate::store::{Store, WriterStats};
+use directory::{HEARTBEAT, Registry};
+use keys::Keys;
+use persist::{FlushRequest, Persister};
+use rooms::{Rooms, unreachable};
+use script::Lua;
+use wire::{Body, Incoming};
+
+/// How long a publish may take before the message is refused.
+const PUBLISH_TIMEOUT: Duration = Duration::from_millis(900);
+/// Entries a room's stream keeps (approximately): what a reconnecting
+/// instance or a resuming client can catch up from Redis alone.
+const LOG_CAP: u64 = 10_000;
+/// Entries a partition's persistence stream may hold while the store is
+/// down: past this, the oldest unstored messages are dropped (and counted).
+const PERSIST_CAP: u64 = 1_000_000;
+/// Pub/sub messages the subscriber buffers before its reader counts as lagging.
+const SUBSCRIBER_BUFFER: usize = 65_536;
+/// How often rooms nobody here wants any more are unsubscribed.
+const SWEEP: Duration = Duration::from_secs(5);
+
+/// The Redis bus of one instance.
+pub struct RedisBus {
+    inner: Arc<Inner>,
+    tasks: StdMutex<Vec<JoinHandle<()>>>,
+    persister: StdMutex<Option<JoinHandle<()>>>,
+}
+
+struct Inner {
+    instance: String,
+    keys: Keys,
+    cmd: Client,
+    sub: SubscriberClient,
+    rooms: Rooms,
+    registry: Registry,
+    publish: Lua,
+    /// False while the last heartbeat or reconnect says Redis is away.
+    healthy: AtomicBool,
+    stop: CancellationToken,
+    persist_stop: CancellationToken,
+    flushes: mpsc::Sender<FlushRequest>,
+    stats: Arc<WriterStats>,
+    sink: StdMutex<Option<Arc<dyn Deliver>>>,
+}
+
+impl RedisBus {
+    /// Connects to `url` (`redis://`, `valkey://`, `rediss://`,
+    /// `redis-cluster://`) as `instance` of cluster `cluster`.
+    pub async fn open(
+        url: &str,
+        cluster: &str,
+        instance: &str,
+        store: Arc<dyn Store>,
+    ) -> Result<RedisBus, BusError> {
+        let keys = Keys::new(cluster).map_err(BusError::Redis)?;
+        let config = Config::from_url(url)
+            .map_err(|e| BusError::Redis(format!("bad --bus URL {url:?}: {e}")))?;
+        let builder = || {
+            let mut builder = Builder::from_config(config.clone());
+            builder
+                .with_connection_config(|c| {
+                    c.connection_timeout = Duration::from_secs(2);
+                    c.internal_command_timeout = Duration::from_secs(2);
+                    // A command cut off mid-flight fails rather than being
+                    // sent again later: a refused message must stay unsent.
+                    c.max_command_attempts = 1;
+                })
+                .with_performance_config(|p| {
+                    p.broadcast_channel_capacity = SUBSCRIBER_BUFFER;
+                    // Also the publish deadline: a message Redis has not
+                    // numbered by then is refused, and never sent later.
+                    p.default_command_timeout = PUBLISH_TIMEOUT;
+                })
+                .set_policy(ReconnectPolicy::new_exponential(0, 100, 2_000, 2));
+            builder
+        };
+        let cmd = builder().build().map_err(unreachable)?;
+        let sub = builder().build_subscriber_client().map_err(unreachable)?;
+        cmd.init().await.map_err(|e| {
+            BusError::Redis(format!("cannot reach Redis at {url}: {e} (is it running?)"))
+        })?;
+        sub.init().await.map_err(unreachable)?;
+        sub.ssubscribe(keys.instance_channel(instance))
+            .await
+            .map_err(unreachable)?;
+        sub.ssubscribe(keys.all_channel())
+            .await
+            .map_err(unreachable)?;
+
+        let (flushes, flush_rx) = mpsc::channel(64);
+        let stats = Arc::new(WriterStats::default());
+        let inner = Arc::new(Inner {
+            instance: instance.to_owned(),
+            rooms: Rooms::new(keys.clone(), cmd.clone(), sub.clone(), store.clone()),
+            registry: Registry::new(keys.clone(), instance),
+            keys: keys.clone(),
+            cmd: cmd.clone(),
+            sub,
+            publish: Lua::new(script::PUBLISH),
+            healthy: AtomicBool::new(true),
+            stop: CancellationToken::new(),
+            persist_stop: CancellationToken::new(),
+            flushes,
+            stats: stats.clone(),
+            sink: StdMutex::new(None),
+        });
+        // Registered before serving, so this instance's first claims count.
+        inner.registry.forget_previous_life(&cmd).await?;
+        inner.registry.beat(&cmd).await?;
+        let persister = Persister {
+            cmd,
+            keys,
+            instance: instance.to_owned(),
+            store,
+            stats,
+        };
+        let persister = tokio::spawn(persister.run(inner.persist_stop.clone(), flush_rx));
+        Ok(RedisBus {
+            inner,
+            tasks: StdMutex::default(),
+            persister: StdMutex::new(Some(persister)),
+        })
+    }
+}
+
+impl Inner {
+    fn sink(&self) -> Option<Arc<dyn Deliver>> {
+        self.sink.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Reads the subscriber's messages until the bus stops. A reader that
+    /// falls behind the buffer loses pub/sub messages, not room messages:
+    /// it catches every heard room up from its stream.
+    async fn read(self: Arc<Self>) {
+        let mut rx = self.sub.message_rx();
+        loop {
+            let message = tokio::select! {
+                _ = self.stop.cancelled() => return,
+                m = rx.recv() => m,
+            };
+            match message {
+                Ok(message) => {
+                    self.take(&message.channel, message.value.as_str().as_deref())
+                        .await
+                }
+                Err(RecvError::Lagged(missed)) => {
+                    tracing::warn!(
+                        missed,
+                        "redis bus: the reader fell behind; catching up from the streams"
+                    );
+                    self.rooms.catch_up_all().await;
+                }
+                Err(RecvError::Closed) => return,
+            }
+        }
+    }
+
+    async fn take(&self, channel: &str, payload: Option<&str>) {
+        let Some(payload) = payload else { return };
+        match wire::parse(payload, &self.instance) {
+            Incoming::Message { seq, body } => {
+                let Some(room) = self.keys.room_of_channel(channel) else {
+                    return;
+                };
+                match Body::decode(room, seq, &body) {
+                    Some(message) => self.rooms.offer(Arc::new(message)).await,
+                    None => tracing::warn!(channel, "unreadable message skipped"),
+                }
+            }
+            Incoming::Envelope(envelope) => {
+                if let Some(sink) = self.sink() {
+                    sink.deliver(envelope);
+                }
+            }
+            Incoming::Ignore => {}
+        }
+    }
+
+    /// After each reconnect of the subscriber: subscribe again, then fill
+    /// what went by meanwhile from the streams.
+    async fn resubscribe(self: Arc<Self>) {
+        let mut reconnects = self.sub.reconnect_rx();
+        loop {
+            tokio::select! {
+                _ = self.stop.cancelled() => return,
+                r = reconnects.recv() => if let Err(RecvError::Closed) = r { return },
+            }
+            tracing::info!("redis bus: subscriber reconnected; subscribing again");
+            // One channel at a time: channels of different rooms may live on
+            // different shards. (fred's `resubscribe_all` also sends an empty
+            // SUBSCRIBE, which Redis refuses, when only shard channels are
+            // tracked.)
+            for channel in self.sub.tracked_shard_channels() {
+                if let Err(err) = self.sub.ssubscribe(channel.to_string()).await {
+                    tracing::warn!(cause = %err, %channel, "redis bus: could not subscribe again");
+                }
+            }
+            self.rooms.catch_up_all().await;
+        }
+    }
+
+    /// Heartbeats, reaping, and forgetting rooms nobody here wants.
+    async fn keep_alive(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(HEARTBEAT);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_sweep = tokio::time::Instant::now();
+        loop {
+            tokio::select! {
+                _ = self.stop.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let beat = self.registry.beat(&self.cmd).await;
+            let ok = beat.is_ok();
+            match beat {
+                Ok((reaped, lost)) => {
+                    // Taken by another session while this instance was away:
+                    // the hub renames its user rather than hold it twice.
+                    if let Some(sink) = self.sink() {
+                        for (session, nick) in lost {
+                            sink.deliver(Envelope::ClaimLost { session, nick });
+                        }
+                    }
+                    for (room, nick) in reaped {
+                        tracing::info!(%room, %nick, "a silent instance's member left");
+                        let change = Presence::Left {
+                            room: room.clone(),
+                            nick,
+                        };
+                        // Its members here hear it directly; elsewhere, on the room.
+                        if let Some(sink) = self.sink() {
+                            sink.deliver(Envelope::Presence(change.clone()));
+                        }
+                        if let Err(err) = self
+                            .registry
+                            .announce_in_room(&self.cmd, &room, &change)
+                            .await
+                        {
+                            tracing::warn!(cause = %err, "could not announce a reaped member");
+                        }
+                    }
+                }
+                Err(ref err) if self.healthy.load(Ordering::Relaxed) => {
+                    tracing::error!(cause = %err, "redis bus: Redis unreachable");
+                }
+                Err(_) => {}
+            }
+            if ok && !self.healthy.load(Ordering::Relaxed) {
+                tracing::info!("redis bus: Redis reachable again");
+            }
+            self.healthy.store(ok, Ordering::Relaxed);
+            if last_sweep.elapsed() >= SWEEP {
+                last_sweep = tokio::time::Instant::now();
+                for room in self.rooms.heard().await {
+                    self.rooms.release(&room).await;
+                }
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Bus for RedisBus {
+    fn name(&self) -> &'static str {
+        "redis"
+    }
+
+    fn start(&self, sink: Arc<dyn Deliver>) {
+        *self.inner.sink.lock().unwrap_or_else(|e| e.into_inner()) = Some(sink.clone());
+        let inner = self.inner.clone();
+        let attach = tokio::spawn(async move { inner.rooms.attach(sink).await });
+        let mut tasks = self.tasks.lock().unwrap_or_else(|e| e.into_inner());
+        tasks.push(attach);
+        tasks.push(tokio::spawn(self.inner.clone().read()));
+        tasks.push(tokio::spawn(self.inner.clone().resubscribe()));
+        tasks.push(tokio::spawn(self.inner.clone().keep_alive()));
+    }
+
+    async fn publish(&self, draft: Draft) -> Result<Arc<Message>, BusError> {
+        let inner = &self.inner;
+        if inner.stop.is_cancelled() {
+            return Err(BusError::Closed);
+        }
+        let room = draft.room.clone();
+        let partition = Keys::partition(&room);
+        let mut keys = vec![
+            inner.keys.seq(&room),
+            inner.keys.log(&room),
+            inner.keys.persist(partition),
+            inner.keys.room_channel(&room),
+        ];
+        let mut args = vec![
+            room.to_string(),
+            Body::encode(&draft),
+            inner.rooms.delivered(&room).await.to_string(),
+            LOG_CAP.to_string(),
+            PERSIST_CAP.to_string(),
+        ];
+        if let Some(key) = &draft.key {
+            keys.push(
+                inner
+                    .keys
+                    .receipt(&room, draft.nick.key().as_str(), key.as_str()),
+            );
+            args.push(draft.id.to_string());
+            args.push(crate::store::IDEMPOTENCY_WINDOW.as_secs().to_string());
+        }
+        // The client times commands out at PUBLISH_TIMEOUT and never sends
+        // one twice; this timeout only backs that up.
+        let call = inner.publish.call(&inner.cmd, keys, args);
+        let receipt: String = match tokio::time::timeout(PUBLISH_TIMEOUT, call).await {
+            Ok(Ok(receipt)) => receipt,
+            Ok(Err(err)) => return Err(unreachable(err)),
+            Err(_) => return Err(BusError::Redis("Redis did not answer within 900 ms".into())),
+        };
+        let (seq, first_id) = parse_receipt(&receipt)?;
+        if let Some(id) = first_id {
+            // A retry: the first send's receipt, and nothing is sent again.
+            return Ok(Arc::new(Message {
+                id,
+                ..draft.sequence(seq)
+            }));
+        }
+        let message = Arc::new(draft.sequence(seq));
+        // Delivered here at once (after anything older not heard yet); the
+        // copy that comes back on the channel is then a duplicate.
+        inner.rooms.offer(message.clone()).await;
+        Ok(message)
+    }
+
+    async fn watch(&self, room: &crate::core::RoomName, delivered: u64) {
+        if let Err(err) = self.inner.rooms.watch(room, delivered).await {
+            tracing::warn!(cause = %err, %room, "could not subscribe to a room");
+        }
+    }
+
+    async fn settled(&self) {
+        let (done, stored) = oneshot::channel();
+        if self.inner.flushes.send(done).await.is_ok() {
+            let _ = stored.await;
+        }
+    }
+
+    async fn health(&self) -> Result<(), BusError> {
+        let inner = &self.inner;
+        if !inner.cmd.is_connected() {
+            return Err(BusError::Redis(
+                "the command connection to Redis is down; reconnecting".into(),
+            ));
+        }
+        if !inner.sub.is_connected() {
+            return Err(BusError::Redis(
+                "the subscriber connection to Redis is down; reconnecting".into(),
+            ));
+        }
+        let ping =
+            tokio::time::timeout(Duration::from_millis(500), inner.cmd.ping::<()>(None)).await;
+        match ping {
+            Ok(Ok(())) if inner.healthy.load(Ordering::Relaxed) => Ok(()),
+            Ok(Ok(())) => Err(BusError::Redis(
+                "Redis is back; the directory is catching up".into(),
+            )),
+            Ok(Err(err)) => Err(unreachable(err)),
+            Err(_) => Err(BusError::Redis(
+                "Redis did not answer PING within 500 ms".into(),
+            )),
+        }
+    }
+
+    async fn close(&self) {
+        let inner = &self.inner;
+        inner.stop.cancel();
+        let tasks: Vec<JoinHandle<()>> =
+            std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|e| e.into_inner()));
+        for task in tasks {
+            let _ = task.await;
+        }
+        // Free this instance's nicks and memberships now, not after the lease.
+        inner.registry.forget_all(&inner.cmd).await;
+        inner.rooms.detach().await;
+        inner.persist_stop.cancel();
+        let persister = self
+            .persister
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(persister) = persister {
+            let _ = persister.await;
+        }
+        let _ = inner.sub.quit().await;
+        let _ = inner.cmd.quit().await;
+    }
+
+    fn directory(&self) -> Option<&dyn Directory> {
+        Some(self)
+    }
+
+    fn writer_stats(&self) -> Option<Arc<WriterStats>> {
+        Some(self.inner.stats.clone())
+    }
+}
+
+/// Reads the publish script's answer: `"SEQ "` for a new message, `"SEQ ID"`
+/// for a retry under an `Idempotency-Key` already used (the first send's).
+fn parse_receipt(receipt: &str) -> Result<(u64, Option<uuid::Uuid>), BusError> {
+    let bad = || {
+        BusError::Redis(format!(
+            "unexpected answer from the publish script: {receipt:?}"
+        ))
+    };
+    let (seq, id) = receipt.split_once(' ').ok_or_else(bad)?;
+    let seq = seq.parse().map_err(|_| bad())?;
+    let id = match id {
+        "" => None,
+        id => Some(id.parse().map_err(|_| bad())?),
+    };
+    Ok((seq, id))
+}

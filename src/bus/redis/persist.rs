@@ -1,0 +1,334 @@
+//! Persistence without loss: every message reaches the store, whichever
+//! instance published it and whichever dies.
+//!
+//! The publish script appends each message to its partition's stream (one
+//! per [`PARTITIONS`], not one per room, so the work does not grow with the
+//! number of rooms). All instances read those streams as one consumer group:
+//! each entry goes to one instance, which inserts it (idempotently: `(room,
+//! seq)` is the key), then acknowledges and deletes it. An entry whose reader
+//! died stays pending; after [`CLAIM_IDLE`] a live instance claims it
+//! (`XAUTOCLAIM`) and stores it. A partition stream therefore holds only
+//! what is not stored yet: it is the backlog, bounded by Redis's memory (and
+//! a cap, see the README), not a history.
+//!
+//! [`PARTITIONS`]: super::keys::PARTITIONS
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use fred::prelude::*;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use super::keys::{Keys, PARTITIONS};
+use super::wire::Body;
+use crate::core::{Message, RoomName};
+use crate::store::{Store, WriterStats};
+
+/// The consumer group every instance's persister belongs to.
+pub const GROUP: &str = "persisters";
+/// Entries read per partition per round.
+const BATCH: u64 = 1_000;
+/// How long an entry may stay pending on one reader before another takes it.
+pub const CLAIM_IDLE: Duration = Duration::from_secs(10);
+/// How often pending entries are looked for.
+const CLAIM_EVERY: Duration = Duration::from_secs(3);
+/// The pause after a round that found nothing.
+const IDLE: Duration = Duration::from_millis(50);
+
+type Entry = (String, HashMap<String, String>);
+
+/// Asks the persister to finish a round and say so.
+pub type FlushRequest = oneshot::Sender<()>;
+
+/// One instance's member of the persisters' group.
+pub struct Persister {
+    pub cmd: Client,
+    pub keys: Keys,
+    pub instance: String,
+    pub store: Arc<dyn Store>,
+    pub stats: Arc<WriterStats>,
+}
+
+impl Persister {
+    /// Runs until `stop`, then does a last round. `flushes` ask for a round
+    /// to finish (a read that wants the store to catch up).
+    pub async fn run(self, stop: CancellationToken, mut flushes: mpsc::Receiver<FlushRequest>) {
+        self.ensure_groups().await;
+        let mut last_claim = Instant::now();
+        loop {
+            let mut waiting = Vec::new();
+            while let Ok(done) = flushes.try_recv() {
+                waiting.push(done);
+            }
+            let claim = last_claim.elapsed() >= CLAIM_EVERY;
+            if claim {
+                last_claim = Instant::now();
+            }
+            let stored = self.round(claim, &stop).await;
+            for done in waiting {
+                let _ = done.send(());
+            }
+            if stop.is_cancelled() {
+                // One more round for what this instance published last.
+                self.round(false, &CancellationToken::new()).await;
+                return;
+            }
+            if stored == 0 {
+                tokio::select! {
+                    _ = stop.cancelled() => {}
+                    _ = tokio::time::sleep(IDLE) => {}
+                    Some(done) = flushes.recv() => {
+                        // Read now, and answer once done.
+                        self.round(false, &stop).await;
+                        let _ = done.send(());
+                    }
+                }
+            }
+        }
+    }
+
+    /// Creates the group on every partition stream (harmless if it exists).
+    async fn ensure_groups(&self) {
+        for p in 0..PARTITIONS {
+            let created: Result<(), _> = self
+                .cmd
+                .xgroup_create(self.keys.persist(p), GROUP, "0", true)
+                .await;
+            if let Err(err) = created {
+                if !err.details().contains("BUSYGROUP") {
+                    tracing::debug!(cause = %err, "could not create a persister group yet");
+                }
+            }
+        }
+    }
+
+    /// Reads every partition once (and claims abandoned entries if `claim`),
+    /// storing what it finds. Returns how many messages it stored.
+    async fn round(&self, claim: bool, stop: &CancellationToken) -> usize {
+        let mut stored = 0;
+        for p in 0..PARTITIONS {
+            let key = self.keys.persist(p);
+            let mut entries = match self.read(&key).await {
+                Ok(entries) => entries,
+                Err(err) => {
+                    if err.details().contains("NOGROUP") {
+                        // Redis lost its data (restarted without persistence).
+                        self.ensure_groups().await;
+                    } else {
+                        tracing::debug!(cause = %err, "persister: read failed");
+                    }
+                    // Claims still run: they are what rescues a dead
+                    // reader's entries, whatever this read found.
+                    Vec::new()
+                }
+            };
+            if claim {
+                entries.extend(self.claim(&key).await);
+            }
+            if entries.is_empty() {
+                continue;
+            }
+            stored += self.store_and_ack(&key, entries, stop).await;
+        }
+        stored
+    }
+
+    async fn read(&self, key: &str) -> Result<Vec<Entry>, fred::error::Error> {
+        let reply: Value = self
+            .cmd
+            .xreadgroup(
+                GROUP,
+                self.instance.as_str(),
+                Some(BATCH),
+                None,
+                false,
+                key,
+                ">",
+            )
+            .await?;
+        Ok(read_entries(reply))
+    }
+
+    async fn claim(&self, key: &str) -> Vec<Entry> {
+        // Read as a plain value: fred's typed XAUTOCLAIM conversion fails on
+        // Redis 7's reply (it adds a third element, the deleted ids).
+        let claimed: Result<Value, _> = self
+            .cmd
+            .xautoclaim(
+                key,
+                GROUP,
+                self.instance.as_str(),
+                CLAIM_IDLE.as_millis() as u64,
+                "0-0",
+                Some(BATCH),
+                false,
+            )
+            .await;
+        match claimed {
+            Ok(reply) => {
+                let entries = claimed_entries(reply);
+                if !entries.is_empty() {
+                    tracing::info!(
+                        entries = entries.len(),
+                        "persister: claimed messages a silent instance left unstored"
+                    );
+                }
+                entries
+            }
+            Err(err) => {
+                tracing::warn!(cause = %err, "persister: claim failed");
+                Vec::new()
+            }
+        }
+    }
+
+    /// Stores `entries` (retrying until it works or the bus stops), then
+    /// acknowledges and deletes them.
+    async fn store_and_ack(
+        &self,
+        key: &str,
+        entries: Vec<Entry>,
+        stop: &CancellationToken,
+    ) -> usize {
+        let ids: Vec<String> = entries.iter().map(|(id, _)| id.clone()).collect();
+        let batch: Vec<Arc<Message>> = entries
+            .into_iter()
+            .filter_map(|(_, fields)| {
+                let room = RoomName::parse(fields.get("r")?).ok()?;
+                let seq = fields.get("s")?.parse().ok()?;
+                Body::decode(room, seq, fields.get("m")?).map(Arc::new)
+            })
+            .collect();
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            let started = Instant::now();
+            match self.store.append(&batch).await {
+                Ok(()) => {
+                    let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+                    self.stats
+                        .commit_micros
+                        .fetch_add(micros, Ordering::Relaxed);
+                    self.stats.batches.fetch_add(1, Ordering::Relaxed);
+                    self.stats
+                        .messages
+                        .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                    break;
+                }
+                Err(err) => {
+                    self.stats.failures.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(cause = %err, rows = batch.len(), retry_in = ?backoff, "persister: store write failed; the messages wait in Redis");
+                    if stop.is_cancelled() {
+                        // Not acknowledged: another instance will store them.
+                        return 0;
+                    }
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+        // Acknowledged only once committed; if this fails the entries stay
+        // pending and are stored again (harmlessly) by whoever claims them.
+        let acked: Result<i64, _> = self.cmd.xack(key, GROUP, ids.clone()).await;
+        let deleted: Result<i64, _> = self.cmd.xdel(key, ids).await;
+        if let Err(err) = acked.and(deleted) {
+            tracing::warn!(cause = %err, "persister: could not acknowledge stored messages");
+        }
+        batch.len()
+    }
+}
+
+/// The entries of an `XREADGROUP` reply on one stream: nil when nothing is
+/// new, else `[[key, [entry, ...]]]` (a map of key to entries in RESP3).
+/// Parsed by hand: fred 10's typed conversions refuse both shapes.
+fn read_entries(reply: Value) -> Vec<Entry> {
+    match reply {
+        Value::Array(streams) => streams
+            .into_iter()
+            .flat_map(|stream| match stream {
+                Value::Array(mut pair) if pair.len() == 2 => {
+                    entries(pair.pop().expect("two elements"))
+                }
+                _ => Vec::new(),
+            })
+            .collect(),
+        Value::Map(streams) => streams.inner().into_values().flat_map(entries).collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// The entries of an `XAUTOCLAIM` reply: `[cursor, [entry, ...], deleted]`
+/// (Redis 7 adds `deleted`).
+fn claimed_entries(reply: Value) -> Vec<Entry> {
+    let Value::Array(mut parts) = reply else {
+        return Vec::new();
+    };
+    if parts.len() < 2 {
+        return Vec::new();
+    }
+    entries(parts.swap_remove(1))
+}
+
+/// Stream entries `[[id, [field, value, ...]], ...]`; an entry deleted
+/// meanwhile comes as `[id, nil]` and is skipped.
+fn entries(list: Value) -> Vec<Entry> {
+    let Value::Array(list) = list else {
+        return Vec::new();
+    };
+    list.into_iter()
+        .filter_map(|entry| {
+            let Value::Array(mut pair) = entry else {
+                return None;
+            };
+            if pair.len() != 2 {
+                return None;
+            }
+            let Value::Array(flat) = pair.pop()? else {
+                return None;
+            };
+            let id = pair.pop()?.as_string()?;
+            let fields = flat
+                .chunks(2)
+                .filter_map(|kv| Some((kv.first()?.as_string()?, kv.get(1)?.as_string()?)))
+                .collect();
+            Some((id, fields))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entries_of_one(id: &str, field: &str, value: &str) -> Vec<Entry> {
+        vec![(id.into(), HashMap::from([(field.into(), value.into())]))]
+    }
+
+    #[test]
+    fn read_and_claim_replies_read_as_entries() {
+        let s = |s: &str| Value::from(s);
+        let reply = Value::Array(vec![
+            s("0-0"),
+            Value::Array(vec![Value::Array(vec![
+                s("1-0"),
+                Value::Array(vec![s("r"), s("general"), s("s"), s("7")]),
+            ])]),
+            Value::Array(vec![s("0-1")]),
+        ]);
+        let entries = claimed_entries(reply);
+        assert_eq!(entries.len(), 1);
+        let read = Value::Array(vec![Value::Array(vec![
+            s("key"),
+            Value::Array(vec![Value::Array(vec![
+                s("1-0"),
+                Value::Array(vec![s("s"), s("7")]),
+            ])]),
+        ])]);
+        assert_eq!(read_entries(read), entries_of_one("1-0", "s", "7"));
+        assert!(read_entries(Value::Null).is_empty());
+        assert_eq!(entries[0].0, "1-0");
+        assert_eq!(entries[0].1["s"], "7");
+    }
+}

@@ -1,0 +1,238 @@
+//! Subscriptions and order: which rooms this instance hears, and delivering
+//! each in `seq` order with no hole.
+//!
+//! An instance `SSUBSCRIBE`s to a room's channel while the hub wants the room
+//! (local members or room-stream readers, [`Deliver::wants`]) and to its own
+//! and the cluster's channel always. Per room it keeps the last seq it
+//! delivered. A message is delivered when it is the next one; a later one
+//! means messages went by unheard (a reconnect, a lagging reader, a fresh
+//! subscription), and they are read from the room's stream (`XRANGE`), or
+//! from the store if the stream was trimmed past them, before it.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use fred::clients::SubscriberClient;
+use fred::prelude::*;
+use tokio::sync::Mutex;
+
+use super::keys::Keys;
+use super::wire::{Body, seq_of_id};
+use crate::bus::{BusError, Deliver, Envelope};
+use crate::core::{Message, RING, RoomName};
+use crate::store::Store;
+
+/// Most stream entries read per `XRANGE`.
+const PAGE: u64 = 500;
+
+/// Rooms heard and where each stands.
+pub struct Rooms {
+    keys: Keys,
+    cmd: Client,
+    sub: SubscriberClient,
+    store: Arc<dyn Store>,
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    /// Subscribed rooms and the last seq delivered in each.
+    delivered: HashMap<RoomName, u64>,
+    sink: Option<Arc<dyn Deliver>>,
+}
+
+impl Rooms {
+    /// Rooms heard through `sub`, filled through `cmd`.
+    pub fn new(keys: Keys, cmd: Client, sub: SubscriberClient, store: Arc<dyn Store>) -> Self {
+        Rooms {
+            keys,
+            cmd,
+            sub,
+            store,
+            state: Mutex::new(State::default()),
+        }
+    }
+
+    /// Where delivered messages go.
+    pub async fn attach(&self, sink: Arc<dyn Deliver>) {
+        self.state.lock().await.sink = Some(sink);
+    }
+
+    /// Stops delivering (the bus is closing).
+    pub async fn detach(&self) {
+        self.state.lock().await.sink = None;
+    }
+
+    /// Hears `room` from now on, counting from `delivered`; catches up from
+    /// the stream with what was said since.
+    pub async fn watch(&self, room: &RoomName, delivered: u64) -> Result<(), BusError> {
+        let mut state = self.state.lock().await;
+        if let Some(cursor) = state.delivered.get_mut(room) {
+            *cursor = (*cursor).max(delivered);
+            return Ok(());
+        }
+        self.sub
+            .ssubscribe(self.keys.room_channel(room))
+            .await
+            .map_err(unreachable)?;
+        state.delivered.insert(room.clone(), delivered);
+        // What was said before the subscription took: at most a ring's worth
+        // counts as news (the hub replays its ring to a joiner; older
+        // messages are history, not live events).
+        self.catch_up(&mut state, room, None, Some(RING as u64))
+            .await
+    }
+
+    /// Stops hearing `room` if the hub no longer wants it.
+    pub async fn release(&self, room: &RoomName) {
+        let mut state = self.state.lock().await;
+        let wanted = state.sink.as_ref().is_none_or(|s| s.wants(room));
+        if wanted || state.delivered.remove(room).is_none() {
+            return;
+        }
+        if let Err(err) = self.sub.sunsubscribe(self.keys.room_channel(room)).await {
+            tracing::warn!(cause = %err, %room, "could not unsubscribe from a room");
+        }
+    }
+
+    /// The last seq delivered in `room` (0 if it is not heard here).
+    pub async fn delivered(&self, room: &RoomName) -> u64 {
+        self.state
+            .lock()
+            .await
+            .delivered
+            .get(room)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Rooms currently heard.
+    pub async fn heard(&self) -> Vec<RoomName> {
+        self.state.lock().await.delivered.keys().cloned().collect()
+    }
+
+    /// Takes a message at `seq` heard on `room`'s channel (or published here).
+    pub async fn offer(&self, message: Arc<Message>) {
+        let mut state = self.state.lock().await;
+        let room = message.room.clone();
+        let Some(&delivered) = state.delivered.get(&room) else {
+            return; // not (or no longer) heard here
+        };
+        if message.seq <= delivered {
+            return; // heard twice: published here and echoed, or re-read
+        }
+        if message.seq > delivered + 1 {
+            if let Err(err) = self
+                .catch_up(&mut state, &room, Some(message.seq - 1), None)
+                .await
+            {
+                tracing::warn!(cause = %err, %room, "could not fill a hole; delivering across it");
+            }
+        }
+        deliver(&mut state, message);
+    }
+
+    /// Reads what every heard room missed (after a reconnect or a lag).
+    pub async fn catch_up_all(&self) {
+        let mut state = self.state.lock().await;
+        let rooms: Vec<RoomName> = state.delivered.keys().cloned().collect();
+        for room in rooms {
+            if let Err(err) = self.catch_up(&mut state, &room, None, None).await {
+                tracing::warn!(cause = %err, %room, "could not catch up a room");
+            }
+        }
+    }
+
+    /// Delivers `room`'s messages after its cursor, up to `upto` (or the end
+    /// of the stream), reading the stream and, for what it no longer holds,
+    /// the store. With `newest`, skips to the last `newest` of them.
+    async fn catch_up(
+        &self,
+        state: &mut State,
+        room: &RoomName,
+        upto: Option<u64>,
+        newest: Option<u64>,
+    ) -> Result<(), BusError> {
+        let log = self.keys.log(room);
+        if let Some(n) = newest {
+            // Where the stream ends decides where "the last n" start.
+            let last: Vec<(String, HashMap<String, String>)> = self
+                .cmd
+                .xrevrange(&log, "+", "-", Some(1))
+                .await
+                .map_err(unreachable)?;
+            let Some(top) = last.first().and_then(|(id, _)| seq_of_id(id)) else {
+                return Ok(());
+            };
+            let cursor = state.delivered.entry(room.clone()).or_insert(0);
+            *cursor = (*cursor).max(top.saturating_sub(n));
+        }
+        loop {
+            let after = state.delivered.get(room).copied().unwrap_or(0);
+            if upto.is_some_and(|u| after >= u) {
+                return Ok(());
+            }
+            let end = upto.map_or_else(|| "+".to_owned(), |u| u.to_string());
+            let entries: Vec<(String, HashMap<String, String>)> = self
+                .cmd
+                .xrange(&log, format!("({after}"), end, Some(PAGE))
+                .await
+                .map_err(unreachable)?;
+            let Some(first) = entries.first().and_then(|(id, _)| seq_of_id(id)) else {
+                return Ok(());
+            };
+            if first > after + 1 {
+                // Trimmed from the stream: the store has them (the persister
+                // stores before the trim reaches them, unless far behind).
+                let missing = u32::try_from(first - after - 1).unwrap_or(u32::MAX);
+                let stored = self
+                    .store
+                    .since(room, after, missing.min(PAGE as u32))
+                    .await?;
+                let progressed = !stored.is_empty();
+                for m in stored.into_iter().filter(|m| m.seq < first) {
+                    deliver(state, Arc::new(m));
+                }
+                if progressed && state.delivered.get(room).copied().unwrap_or(0) + 1 < first {
+                    continue;
+                }
+            }
+            let count = entries.len() as u64;
+            for (id, fields) in entries {
+                let message = seq_of_id(&id).and_then(|seq| {
+                    Body::decode(
+                        room.clone(),
+                        seq,
+                        fields.get("m").map_or("", String::as_str),
+                    )
+                });
+                match message {
+                    Some(m) => deliver(state, Arc::new(m)),
+                    None => tracing::warn!(%room, id, "unreadable stream entry skipped"),
+                }
+            }
+            if count < PAGE {
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// Hands `message` to the sink and moves the room's cursor.
+fn deliver(state: &mut State, message: Arc<Message>) {
+    let Some(cursor) = state.delivered.get_mut(&message.room) else {
+        return;
+    };
+    if message.seq <= *cursor {
+        return;
+    }
+    *cursor = message.seq;
+    if let Some(sink) = &state.sink {
+        sink.deliver(Envelope::Message(message));
+    }
+}
+
+/// A Redis error as the bus reports it.
+pub fn unreachable(err: fred::error::Error) -> BusError {
+    BusError::Redis(err.to_string())
+}

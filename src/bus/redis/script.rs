@@ -1,0 +1,211 @@
+//! The server-side scripts, each run atomically by Redis.
+//!
+//! Called with `EVALSHA`; a server that does not know a script (it restarted,
+//! or it is another node of a cluster) gets it once with `EVAL`, which also
+//! caches it. Every key a script touches is passed in `KEYS` and shares one
+//! hash tag, so each runs unchanged on a Redis Cluster.
+
+use fred::interfaces::LuaInterface;
+use fred::prelude::FromValue;
+use fred::types::scripts::Script;
+
+/// One Lua script, known by its SHA-1.
+pub struct Lua(Script);
+
+impl Lua {
+    /// The script `source`.
+    pub fn new(source: &'static str) -> Lua {
+        Lua(Script::from_lua(source))
+    }
+
+    /// Runs the script on `client` (which may carry per-command options).
+    pub async fn call<R, C>(
+        &self,
+        client: &C,
+        keys: Vec<String>,
+        args: Vec<String>,
+    ) -> Result<R, fred::error::Error>
+    where
+        R: FromValue,
+        C: LuaInterface + Send + Sync,
+    {
+        match client
+            .evalsha(self.0.sha1().clone(), keys.clone(), args.clone())
+            .await
+        {
+            Err(err) if err.details().starts_with("NOSCRIPT") => {
+                let source = self.0.lua().expect("made from source").clone();
+                client.eval(source, keys, args).await
+            }
+            result => result,
+        }
+    }
+}
+
+/// Orders one room message: the room's next seq, the message appended to the
+/// room's capped stream under id `SEQ-0` and to its partition's persistence
+/// stream, and published to the room's channel. Returns the seq.
+///
+/// KEYS: seq counter, room stream, partition stream, room channel, and for a
+/// send with an `Idempotency-Key` the key's receipt.
+/// ARGV: room, body (JSON), floor, room stream cap, partition stream cap,
+/// and for a keyed send the message id and the key's lifetime in seconds.
+///
+/// `floor` is the highest seq the caller has seen in the room: a counter lost
+/// with a Redis that kept no data must not hand out a seq twice.
+///
+/// Returns `"SEQ "` for a new message, or `"SEQ ID"`, the first send's seq
+/// and id, when the key was already used: then nothing is published.
+pub const PUBLISH: &str = r#"
+if KEYS[5] then
+  local prior = redis.call('GET', KEYS[5])
+  if prior then
+    return prior
+  end
+end
+local seq = redis.call('INCR', KEYS[1])
+local floor = tonumber(ARGV[3])
+if seq <= floor then
+  seq = floor + 1
+  redis.call('SET', KEYS[1], seq)
+end
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], seq .. '-0', 'm', ARGV[2])
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[5], '*', 'r', ARGV[1], 's', seq, 'm', ARGV[2])
+redis.call('SPUBLISH', KEYS[4], 'm' .. seq .. ' ' .. ARGV[2])
+if KEYS[5] then
+  redis.call('SET', KEYS[5], seq .. ' ' .. ARGV[6], 'EX', ARGV[7])
+end
+return seq .. ' '
+"#;
+
+/// Takes a nick for a session, or renews the session's hold on it.
+///
+/// KEYS: nick key. ARGV: value (`instance\towner\tnick`), holder prefix
+/// (`instance\towner\t`), lease in ms. Returns 1 if held, 0 if another holds it.
+pub const CLAIM: &str = r#"
+local cur = redis.call('GET', KEYS[1])
+if cur and string.sub(cur, 1, #ARGV[2]) ~= ARGV[2] then
+  return 0
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3])
+return 1
+"#;
+
+/// Renews (or takes again, if they expired) many claims at once.
+///
+/// KEYS: nick keys. ARGV: lease in ms, then per key its value and its holder
+/// prefix. Returns the 1-based indexes of the keys another session holds.
+pub const RENEW: &str = r#"
+local lost = {}
+for i, key in ipairs(KEYS) do
+  local value, prefix = ARGV[2 * i], ARGV[2 * i + 1]
+  local cur = redis.call('GET', key)
+  if cur and string.sub(cur, 1, #prefix) ~= prefix then
+    table.insert(lost, i)
+  else
+    redis.call('SET', key, value, 'PX', ARGV[1])
+  end
+end
+return lost
+"#;
+
+/// Deletes a key if its value starts with a prefix (a claim given up).
+/// KEYS: the key. ARGV: holder prefix. Returns 1 if deleted.
+pub const RELEASE: &str = r#"
+local cur = redis.call('GET', KEYS[1])
+if cur and string.sub(cur, 1, #ARGV[1]) == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  return 1
+end
+return 0
+"#;
+
+/// Removes a room membership if this instance holds it.
+/// KEYS: room's member hash, rooms set. ARGV: nick key, instance, room.
+/// Returns 1 if removed.
+pub const LEAVE: &str = r#"
+local cur = redis.call('HGET', KEYS[1], ARGV[1])
+if cur and string.sub(cur, 1, #ARGV[2] + 1) == ARGV[2] .. '\t' then
+  redis.call('HDEL', KEYS[1], ARGV[1])
+  if redis.call('HLEN', KEYS[1]) == 0 then
+    redis.call('SREM', KEYS[2], ARGV[3])
+  end
+  return 1
+end
+return 0
+"#;
+
+/// A room's members on live instances.
+/// KEYS: room's member hash. ARGV: live-instance key prefix.
+pub const MEMBERS: &str = r#"
+local out = {}
+local all = redis.call('HGETALL', KEYS[1])
+for i = 1, #all, 2 do
+  local inst, nick = string.match(all[i + 1], '^(.-)\t(.*)$')
+  if inst and redis.call('EXISTS', ARGV[1] .. inst) == 1 then
+    table.insert(out, nick)
+  end
+end
+return out
+"#;
+
+/// Rooms with members on live instances, flattened `room, count, ...`.
+/// KEYS: rooms set. ARGV: member hash prefix, live-instance key prefix.
+pub const ROOMS: &str = r#"
+local out = {}
+for _, room in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  local all = redis.call('HGETALL', ARGV[1] .. room)
+  local n = 0
+  for i = 2, #all, 2 do
+    local inst = string.match(all[i], '^(.-)\t')
+    if inst and redis.call('EXISTS', ARGV[2] .. inst) == 1 then n = n + 1 end
+  end
+  if n > 0 then
+    table.insert(out, room)
+    table.insert(out, n)
+  end
+end
+return out
+"#;
+
+/// Says this instance is alive. Returns 1 if it was not registered: it is
+/// new, or another instance reaped it while it was stalled or cut off.
+/// KEYS: live-instance key, instances set. ARGV: instance, lease in ms.
+pub const HEARTBEAT: &str = r#"
+redis.call('SET', KEYS[1], '1', 'PX', ARGV[2])
+return redis.call('SADD', KEYS[2], ARGV[1])
+"#;
+
+/// Reaps instances whose lease ran out (and `ARGV[3]`, an instance starting
+/// again under the name of a previous life): forgets them and removes their
+/// memberships, atomically, so exactly one caller announces each departure.
+/// Returns the memberships removed, flattened `room, nick, ...`.
+/// KEYS: instances set, rooms set.
+/// ARGV: live-instance key prefix, member hash prefix, instance to forget or "".
+pub const REAP: &str = r#"
+local dead = {}
+local any = false
+for _, inst in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  if inst == ARGV[3] or redis.call('EXISTS', ARGV[1] .. inst) == 0 then
+    dead[inst] = true
+    any = true
+    redis.call('SREM', KEYS[1], inst)
+  end
+end
+local out = {}
+if not any then return out end
+for _, room in ipairs(redis.call('SMEMBERS', KEYS[2])) do
+  local key = ARGV[2] .. room
+  local all = redis.call('HGETALL', key)
+  for i = 1, #all, 2 do
+    local inst, nick = string.match(all[i + 1], '^(.-)\t(.*)$')
+    if inst and dead[inst] then
+      redis.call('HDEL', key, all[i])
+      table.insert(out, room)
+      table.insert(out, nick)
+    end
+  end
+  if redis.call('HLEN', key) == 0 then redis.call('SREM', KEYS[2], room) end
+end
+return out
+"#;

@@ -1,0 +1,270 @@
+//! What travels through Redis, as text.
+//!
+//! A message body is JSON without room and seq: the room is in the key or
+//! channel, and the seq is given by the publish script (the stream id, or a
+//! prefix on the channel). Channel payloads start with one letter:
+//!
+//! ```text
+//! m<seq> <body>            a room message           (room channel)
+//! p<presence json>         a join, leave or rename  (room or cluster channel)
+//! d<dm json>               a direct message         (instance channel)
+//! ```
+
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::bus::{Envelope, Presence};
+use crate::core::{DirectMessage, Draft, Message, MessageKind, Nick, RoomName, Timestamp};
+
+/// A message without its room and seq.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Body {
+    id: uuid::Uuid,
+    nick: String,
+    text: String,
+    kind: String,
+    ts: i64,
+}
+
+impl Body {
+    /// The body of `draft`, as JSON.
+    pub fn encode(draft: &Draft) -> String {
+        serde_json::to_string(&Body {
+            id: draft.id,
+            nick: draft.nick.to_string(),
+            text: draft.text.clone(),
+            kind: draft.kind.as_str().to_owned(),
+            ts: draft.ts.0,
+        })
+        .expect("plain struct serialises")
+    }
+
+    /// The message `json` is the body of, in `room` at `seq`.
+    pub fn decode(room: RoomName, seq: u64, json: &str) -> Option<Message> {
+        let body: Body = serde_json::from_str(json).ok()?;
+        Some(Message {
+            room,
+            seq,
+            id: body.id,
+            nick: Nick::parse(&body.nick).ok()?,
+            text: body.text,
+            kind: MessageKind::from_stored(&body.kind),
+            ts: Timestamp(body.ts),
+        })
+    }
+}
+
+/// The seq of a stream entry id `SEQ-0`.
+pub fn seq_of_id(id: &str) -> Option<u64> {
+    id.split_once('-')?.0.parse().ok()
+}
+
+/// A membership change, with the instance that made it (which has already
+/// told its own sessions).
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum PresenceWire {
+    Joined {
+        from: String,
+        room: String,
+        nick: String,
+    },
+    Left {
+        from: String,
+        room: String,
+        nick: String,
+    },
+    Renamed {
+        from: String,
+        old: String,
+        new: String,
+        rooms: Vec<String>,
+    },
+}
+
+impl PresenceWire {
+    /// The wire form of `change`, made on `from`.
+    pub fn new(from: &str, change: &Presence) -> Self {
+        let from = from.to_owned();
+        match change {
+            Presence::Joined { room, nick } => PresenceWire::Joined {
+                from,
+                room: room.to_string(),
+                nick: nick.to_string(),
+            },
+            Presence::Left { room, nick } => PresenceWire::Left {
+                from,
+                room: room.to_string(),
+                nick: nick.to_string(),
+            },
+            Presence::Renamed { old, new, rooms } => PresenceWire::Renamed {
+                from,
+                old: old.to_string(),
+                new: new.to_string(),
+                rooms: rooms.iter().map(ToString::to_string).collect(),
+            },
+        }
+    }
+
+    /// The channel payload.
+    pub fn payload(&self) -> String {
+        format!(
+            "p{}",
+            serde_json::to_string(self).expect("plain enum serialises")
+        )
+    }
+
+    fn from(&self) -> &str {
+        match self {
+            PresenceWire::Joined { from, .. }
+            | PresenceWire::Left { from, .. }
+            | PresenceWire::Renamed { from, .. } => from,
+        }
+    }
+
+    fn into_presence(self) -> Option<Presence> {
+        let room = |r: &str| RoomName::parse(r).ok();
+        let nick = |n: &str| Nick::parse(n).ok();
+        Some(match self {
+            PresenceWire::Joined {
+                room: r, nick: n, ..
+            } => Presence::Joined {
+                room: room(&r)?,
+                nick: nick(&n)?,
+            },
+            PresenceWire::Left {
+                room: r, nick: n, ..
+            } => Presence::Left {
+                room: room(&r)?,
+                nick: nick(&n)?,
+            },
+            PresenceWire::Renamed {
+                old, new, rooms, ..
+            } => Presence::Renamed {
+                old: nick(&old)?,
+                new: nick(&new)?,
+                rooms: rooms.iter().filter_map(|r| room(r)).collect(),
+            },
+        })
+    }
+}
+
+/// A direct message on the wire.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct DmWire {
+    id: uuid::Uuid,
+    from: String,
+    to: String,
+    text: String,
+    ts: i64,
+}
+
+impl DmWire {
+    /// The channel payload of `dm`, addressed to `to` as registered.
+    pub fn payload(dm: &DirectMessage, to: &Nick) -> String {
+        let wire = DmWire {
+            id: dm.id,
+            from: dm.from.to_string(),
+            to: to.to_string(),
+            text: dm.text.clone(),
+            ts: dm.ts.0,
+        };
+        format!(
+            "d{}",
+            serde_json::to_string(&wire).expect("plain struct serialises")
+        )
+    }
+}
+
+/// One payload read from a channel.
+#[derive(Debug)]
+pub enum Incoming {
+    /// A room message at `seq` (the room comes from the channel).
+    Message { seq: u64, body: String },
+    /// Something for the sink as it is.
+    Envelope(Envelope),
+    /// Presence this instance sent itself, or a payload it cannot read.
+    Ignore,
+}
+
+/// Reads a channel payload; `me` is this instance's name.
+pub fn parse(payload: &str, me: &str) -> Incoming {
+    let Some(tag) = payload.chars().next() else {
+        return Incoming::Ignore;
+    };
+    let rest = &payload[1..];
+    match tag {
+        'm' => match rest.split_once(' ') {
+            Some((seq, body)) => match seq.parse() {
+                Ok(seq) => Incoming::Message {
+                    seq,
+                    body: body.to_owned(),
+                },
+                Err(_) => Incoming::Ignore,
+            },
+            None => Incoming::Ignore,
+        },
+        'p' => match serde_json::from_str::<PresenceWire>(rest) {
+            Ok(wire) if wire.from() != me => wire.into_presence().map_or(Incoming::Ignore, |p| {
+                Incoming::Envelope(Envelope::Presence(p))
+            }),
+            _ => Incoming::Ignore,
+        },
+        'd' => {
+            let dm = serde_json::from_str::<DmWire>(rest).ok().and_then(|w| {
+                Some(DirectMessage {
+                    id: w.id,
+                    from: Nick::parse(&w.from).ok()?,
+                    to: Nick::parse(&w.to).ok()?,
+                    text: w.text,
+                    ts: Timestamp(w.ts),
+                })
+            });
+            dm.map_or(Incoming::Ignore, |dm| {
+                Incoming::Envelope(Envelope::Dm(Arc::new(dm)))
+            })
+        }
+        _ => Incoming::Ignore,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_message_survives_the_wire() {
+        let room = RoomName::parse("general").unwrap();
+        let draft = Draft {
+            key: None,
+            room: room.clone(),
+            id: uuid::Uuid::now_v7(),
+            nick: Nick::parse("alice").unwrap(),
+            text: "hi there".into(),
+            kind: MessageKind::Action,
+            ts: Timestamp(42),
+        };
+        let body = Body::encode(&draft);
+        let Incoming::Message { seq, body } = parse(&format!("m7 {body}"), "me") else {
+            panic!("a message");
+        };
+        let message = Body::decode(room, seq, &body).unwrap();
+        assert_eq!(message, draft.sequence(7));
+    }
+
+    #[test]
+    fn own_presence_is_ignored_and_others_arrive() {
+        let change = Presence::Joined {
+            room: RoomName::parse("r").unwrap(),
+            nick: Nick::parse("bob").unwrap(),
+        };
+        let payload = PresenceWire::new("i1", &change).payload();
+        assert!(matches!(parse(&payload, "i1"), Incoming::Ignore));
+        let Incoming::Envelope(Envelope::Presence(got)) = parse(&payload, "i2") else {
+            panic!("presence");
+        };
+        assert_eq!(got, change);
+        assert_eq!(seq_of_id("12-0"), Some(12));
+    }
+}

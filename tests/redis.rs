@@ -1,0 +1,716 @@
+//! Three real daemons behaving as one chat through Redis (`--bus redis://`).
+//!
+//! On the machine's Redis (127.0.0.1:6379, or `BABY_TEST_REDIS`), each test
+//! under its own `--cluster` name; the restart test starts a private
+//! `redis-server` on a free port instead, since it kills it. Without Redis the
+//! tests skip with a printed reason (fail under `BABY_REQUIRE_SERVICES=1`).
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::net::{SocketAddr, TcpListener};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::http::Http;
+use common::{Client, Daemon, PgDatabase, services_required, temp_dir};
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// The shared Redis, if it answers `PING`.
+async fn shared_redis() -> Option<String> {
+    let addr = std::env::var("BABY_TEST_REDIS").unwrap_or_else(|_| "127.0.0.1:6379".into());
+    match ping(&addr).await {
+        Ok(()) => Some(format!("redis://{addr}")),
+        Err(why) => {
+            if services_required() {
+                panic!("Redis is required (BABY_REQUIRE_SERVICES=1) but unavailable: {why}");
+            }
+            eprintln!(
+                "SKIPPED: Redis unavailable at {addr} ({why}); set BABY_TEST_REDIS to run this test"
+            );
+            None
+        }
+    }
+}
+
+async fn ping(addr: &str) -> Result<(), String> {
+    let connect = tokio::net::TcpStream::connect(addr);
+    let mut stream = tokio::time::timeout(Duration::from_secs(2), connect)
+        .await
+        .map_err(|_| "connect timed out".to_owned())?
+        .map_err(|e| e.to_string())?;
+    stream
+        .write_all(b"PING\r\n")
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut reply = [0u8; 7];
+    tokio::time::timeout(Duration::from_secs(2), stream.read_exact(&mut reply))
+        .await
+        .map_err(|_| "no answer to PING".to_owned())?
+        .map_err(|e| e.to_string())?;
+    if &reply == b"+PONG\r\n" {
+        Ok(())
+    } else {
+        Err("not a Redis".into())
+    }
+}
+
+/// A cluster name no other test uses.
+fn cluster_name(test: &str) -> String {
+    format!("t-{test}-{}-{}", std::process::id(), rand_suffix())
+}
+
+fn rand_suffix() -> u32 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos()
+}
+
+/// Deletes a test cluster's keys (they would expire or sit harmlessly, but
+/// a shared Redis should be left as found).
+fn forget_cluster(url: &str, cluster: &str) {
+    let addr = url.trim_start_matches("redis://");
+    let (host, port) = addr.split_once(':').unwrap_or((addr, "6379"));
+    let keys = Command::new("redis-cli")
+        .args([
+            "-h",
+            host,
+            "-p",
+            port,
+            "--scan",
+            "--pattern",
+            &format!("{{{cluster}:*"),
+        ])
+        .output();
+    if let Ok(keys) = keys {
+        for key in String::from_utf8_lossy(&keys.stdout).lines() {
+            let _ = Command::new("redis-cli")
+                .args(["-h", host, "-p", port, "del", key])
+                .stdout(Stdio::null())
+                .status();
+        }
+    }
+}
+
+async fn start_cluster(bus: &str, db: &str, cluster: &str, extra: &[&str]) -> Vec<Daemon> {
+    let mut daemons = Vec::new();
+    for name in ["i1", "i2", "i3"] {
+        let mut args = vec![
+            "--db",
+            db,
+            "--bus",
+            bus,
+            "--cluster",
+            cluster,
+            "--instance",
+            name,
+        ];
+        args.extend_from_slice(extra);
+        daemons.push(Daemon::start(&args).await);
+    }
+    daemons
+}
+
+/// Reads `n` room messages, returning seq -> (id, text).
+async fn messages(client: &mut Client, n: usize) -> BTreeMap<u64, (String, String)> {
+    let mut seen = BTreeMap::new();
+    while seen.len() < n {
+        let v = client.expect(|v| v["type"] == "message").await;
+        let seq = v["seq"].as_u64().unwrap();
+        let entry = (
+            v["id"].as_str().unwrap().to_owned(),
+            v["text"].as_str().unwrap().to_owned(),
+        );
+        assert!(
+            seen.insert(seq, entry).is_none(),
+            "seq {seq} delivered twice"
+        );
+    }
+    seen
+}
+
+async fn presence(client: &mut Client, kind: &str, n: usize) -> Vec<String> {
+    let mut nicks = Vec::new();
+    while nicks.len() < n {
+        let v = client.expect(|v| v["type"] == kind).await;
+        nicks.push(v["nick"].as_str().unwrap().to_owned());
+    }
+    nicks.sort();
+    nicks
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_instances_behave_as_one_on_redis() {
+    let Some(redis) = shared_redis().await else {
+        return;
+    };
+    let dir = temp_dir();
+    let db = common::sqlite_url(&dir);
+    let cluster = cluster_name("chat");
+    let mut daemons = start_cluster(&redis, &db, &cluster, &[]).await;
+
+    let mut alice = Client::in_room(daemons[0].tcp, "alice", "general").await;
+    let mut bob = Client::in_room(daemons[1].tcp, "bob", "general").await;
+    let mut carol = Client::in_room(daemons[2].tcp, "carol", "general").await;
+    assert_eq!(presence(&mut alice, "join", 2).await, ["bob", "carol"]);
+
+    // A nick is unique across the cluster, whatever the case.
+    let mut mallory = Client::json(daemons[1].tcp, "mallory").await;
+    mallory.send("/nick ALICE").await;
+    mallory.expect_error("nick-taken").await;
+
+    // Everyone talks at once, from three instances: one order everywhere.
+    for i in 0..10 {
+        alice.send(&format!("a{i}")).await;
+        bob.send(&format!("b{i}")).await;
+        carol.send(&format!("c{i}")).await;
+    }
+    let a = messages(&mut alice, 30).await;
+    let b = messages(&mut bob, 30).await;
+    let c = messages(&mut carol, 30).await;
+    assert_eq!(
+        a.keys().copied().collect::<Vec<_>>(),
+        (1..=30).collect::<Vec<_>>(),
+        "no gap"
+    );
+    assert_eq!(
+        a, b,
+        "every instance sees the same seq for the same message"
+    );
+    assert_eq!(a, c);
+
+    carol.send("/who").await;
+    let who = carol.expect(|v| v["type"] == "reply").await;
+    assert_eq!(
+        who["data"]["members"],
+        serde_json::json!(["alice", "bob", "carol"])
+    );
+    bob.send("/rooms").await;
+    let rooms = bob.expect(|v| v["type"] == "reply").await;
+    assert_eq!(
+        rooms["data"]["rooms"],
+        serde_json::json!([{"room": "general", "members": 3}])
+    );
+
+    // Direct messages cross instances.
+    alice.send("/msg Carol psst").await;
+    let dm = carol.expect(|v| v["type"] == "dm").await;
+    assert_eq!(
+        (dm["from"].as_str(), dm["to"].as_str(), dm["text"].as_str()),
+        (Some("alice"), Some("carol"), Some("psst"))
+    );
+    let echo = alice.expect(|v| v["type"] == "dm").await;
+    assert_eq!(echo["id"], dm["id"]);
+    alice.send("/msg nobody hi").await;
+    alice.expect_error("no-such-nick").await;
+
+    // A late joiner on any instance gets the same last ten.
+    let mut dave = Client::json(daemons[2].tcp, "dave").await;
+    dave.send("/join general").await;
+    dave.expect(|v| v["type"] == "join").await;
+    let replay = messages(&mut dave, 10).await;
+    assert_eq!(
+        replay.keys().copied().collect::<Vec<_>>(),
+        (21..=30).collect::<Vec<_>>()
+    );
+
+    // Renames and leaves cross instances.
+    carol.send("/nick Caroline").await;
+    let nick = alice.expect(|v| v["type"] == "nick").await;
+    assert_eq!(
+        (nick["old"].as_str(), nick["new"].as_str()),
+        (Some("carol"), Some("Caroline"))
+    );
+    dave.send("/leave").await;
+    assert_eq!(presence(&mut bob, "leave", 1).await, ["dave"]);
+
+    // A room stream on an instance with no member there still follows the room.
+    let mut stream = Http::new(daemons[1].http)
+        .sse("/messages/lobby", None)
+        .await;
+    alice.send("/join lobby").await;
+    alice.send("anyone?").await;
+    let f = stream.expect(|_, v| v["type"] == "message").await;
+    assert_eq!(
+        (f.id.as_deref(), f.json()["text"].as_str()),
+        (Some("lobby:1"), Some("anyone?"))
+    );
+    alice.send("/switch general").await;
+    alice
+        .expect(|v| v["type"] == "reply" && v["command"] == "switch")
+        .await;
+
+    // Killing one instance: the others go on, its members leave, its nicks free up.
+    drop(daemons.pop()); // SIGKILL i3: Caroline and dave vanish without a word
+    alice.send("still here").await;
+    let m = bob.expect(|v| v["type"] == "message").await;
+    assert_eq!(
+        (m["seq"].as_u64(), m["text"].as_str()),
+        (Some(31), Some("still here"))
+    );
+    // Once its lease runs out, its members are gone from /who, and their
+    // leaving was announced to the rooms' members elsewhere.
+    let started = Instant::now();
+    loop {
+        alice.send("/who").await;
+        let who: Value = alice.expect(|v| v["type"] == "reply").await;
+        if who["data"]["members"] == serde_json::json!(["alice", "bob"]) {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the lease never ran out: {who}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await; // polling a lease, not synchronising
+    }
+    let left = bob
+        .expect(|v| v["type"] == "leave" && v["nick"] == "Caroline")
+        .await;
+    assert_eq!(left["room"], "general");
+    let mut newcomer = Client::json(daemons[0].tcp, "newcomer").await;
+    let started = Instant::now();
+    loop {
+        newcomer.send("/nick Caroline").await;
+        let v = newcomer
+            .expect(|v| v["type"] == "nick" || v["type"] == "error")
+            .await;
+        if v["type"] == "nick" {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "the nick lease never ran out"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await; // polling a lease, not synchronising
+    }
+    drop(daemons);
+    forget_cluster(&redis, &cluster);
+}
+
+/// The test's own `redis-server`, on a free port with AOF on, in a temp dir.
+struct PrivateRedis {
+    child: Option<Child>,
+    port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl PrivateRedis {
+    fn start() -> Option<PrivateRedis> {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .ok()?
+            .local_addr()
+            .ok()?
+            .port();
+        let mut redis = PrivateRedis {
+            child: None,
+            port,
+            dir: temp_dir(),
+        };
+        redis.spawn().ok()?;
+        Some(redis)
+    }
+
+    fn spawn(&mut self) -> std::io::Result<()> {
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+            ])
+            .args(["--appendonly", "yes", "--daemonize", "no"])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    async fn ready(&self) {
+        let addr = format!("127.0.0.1:{}", self.port);
+        let started = Instant::now();
+        while ping(&addr).await.is_err() {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "redis-server did not start"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+async fn healthz(addr: SocketAddr) -> (u16, Value) {
+    let reply = Http::new(addr).get("/healthz").await;
+    (reply.status, reply.json())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_restart_refuses_then_resumes_without_a_hole() {
+    if shared_redis().await.is_none() {
+        return; // no Redis here means no redis-server either
+    }
+    let Some(mut redis) = PrivateRedis::start() else {
+        if services_required() {
+            panic!("redis-server could not be started");
+        }
+        eprintln!("SKIPPED: redis-server could not be started");
+        return;
+    };
+    redis.ready().await;
+    let dir = temp_dir();
+    let db = common::sqlite_url(&dir);
+    let url = redis.url();
+    let a = Daemon::start(&[
+        "--db",
+        &db,
+        "--bus",
+        &url,
+        "--cluster",
+        "restart",
+        "--instance",
+        "i1",
+    ])
+    .await;
+    let b = Daemon::start(&[
+        "--db",
+        &db,
+        "--bus",
+        &url,
+        "--cluster",
+        "restart",
+        "--instance",
+        "i2",
+    ])
+    .await;
+    let mut alice = Client::in_room(a.tcp, "alice", "general").await;
+    let mut bob = Client::in_room(b.tcp, "bob", "general").await;
+    alice
+        .expect(|v| v["type"] == "join" && v["nick"] == "bob")
+        .await;
+    for i in 1..=5 {
+        alice.send(&format!("before {i}")).await;
+    }
+    messages(&mut bob, 5).await;
+
+    redis.kill();
+    // Refused quickly, and said so by /healthz.
+    let asked = Instant::now();
+    alice.send("while down").await;
+    alice.expect_error("unavailable").await;
+    assert!(
+        asked.elapsed() < Duration::from_millis(1500),
+        "{:?}",
+        asked.elapsed()
+    );
+    let (status, body) = healthz(a.http).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body["problems"].to_string().contains("bus"), "{body}");
+
+    // Back (same data, thanks to AOF): chat resumes within 5 s.
+    redis.spawn().expect("redis-server restarts");
+    redis.ready().await;
+    let back = Instant::now();
+    loop {
+        alice.send("after").await;
+        let v = alice
+            .expect(|v| v["type"] == "error" || (v["type"] == "message" && v["text"] == "after"))
+            .await;
+        if v["type"] == "message" {
+            break;
+        }
+        assert!(
+            back.elapsed() < Duration::from_secs(5),
+            "chat not back within 5 s: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await; // retrying, as a user would
+    }
+    // bob sees the next seq after the 5 before: nothing skipped, nothing twice.
+    let m = tokio::time::timeout(
+        Duration::from_secs(9),
+        bob.expect(|v| v["type"] == "message"),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("bob heard nothing:\n{}\n---\n{}", a.logs(), b.logs()));
+    assert_eq!(
+        (m["seq"].as_u64(), m["text"].as_str()),
+        (Some(6), Some("after"))
+    );
+    drop((a, b));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_an_instance_loses_no_acknowledged_message() {
+    let Some(redis) = shared_redis().await else {
+        return;
+    };
+    let Some(pg) = PgDatabase::create().await else {
+        return;
+    };
+    let cluster = cluster_name("kill");
+    let mut daemons = start_cluster(&redis, &pg.url, &cluster, &["--rate", "0"]).await;
+    let mut alice = Client::in_room(daemons[0].tcp, "alice", "general").await;
+    let mut carol = Client::in_room(daemons[2].tcp, "carol", "general").await;
+    // Messages flow from both; i3 (carol's) is killed in the middle.
+    let mut acknowledged = BTreeMap::new();
+    for i in 0..200 {
+        alice.send(&format!("a{i}")).await;
+        carol.send(&format!("c{i}")).await;
+    }
+    // Every message alice has seen numbered was accepted by the cluster.
+    acknowledged.extend(messages(&mut alice, 150).await);
+    // While all are alive, storage follows within moments (well before any
+    // entry could be claimed from a silent reader).
+    let early: Vec<u64> = acknowledged.keys().copied().collect();
+    wait_stored(&pg.url, &early, Duration::from_secs(5)).await;
+    drop(daemons.pop()); // SIGKILL i3 while messages are still flowing
+    for i in 200..300 {
+        alice.send(&format!("a{i}")).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while let Ok(Some(line)) = tokio::time::timeout(
+        deadline.saturating_duration_since(Instant::now()),
+        alice_line(&mut alice),
+    )
+    .await
+    {
+        let v: Value = serde_json::from_str(&line).unwrap();
+        if v["type"] == "message" {
+            acknowledged.insert(
+                v["seq"].as_u64().unwrap(),
+                (
+                    v["id"].as_str().unwrap().to_owned(),
+                    v["text"].as_str().unwrap().to_owned(),
+                ),
+            );
+        }
+        if v["text"] == "a299" {
+            break;
+        }
+    }
+    assert!(acknowledged.len() >= 250, "{}", acknowledged.len());
+
+    // Within the claim time, every acknowledged message is in PostgreSQL.
+    use sqlx::Connection;
+    let mut conn = sqlx::PgConnection::connect(&pg.url).await.unwrap();
+    let started = Instant::now();
+    let missing = loop {
+        let rows: Vec<(i64, String)> =
+            sqlx::query_as("SELECT seq, id FROM messages WHERE room = 'general'")
+                .fetch_all(&mut conn)
+                .await
+                .unwrap();
+        let stored: BTreeMap<u64, String> =
+            rows.into_iter().map(|(s, id)| (s as u64, id)).collect();
+        let missing: Vec<u64> = acknowledged
+            .iter()
+            .filter(|(seq, (id, _))| stored.get(seq) != Some(id))
+            .map(|(seq, _)| *seq)
+            .collect();
+        if missing.is_empty() || started.elapsed() > Duration::from_secs(30) {
+            break missing;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await; // polling storage
+    };
+    assert!(
+        missing.is_empty(),
+        "acknowledged but not stored: {missing:?}"
+    );
+    drop(conn);
+    drop(daemons);
+    pg.drop_now().await;
+    forget_cluster(&redis, &cluster);
+}
+
+async fn alice_line(client: &mut Client) -> Option<String> {
+    client.line().await
+}
+
+/// Reads events until one matches, waiting up to `within` (longer than the
+/// harness's per-line limit: a departure takes a whole lease).
+async fn expect_within(
+    client: &mut Client,
+    within: Duration,
+    matches: impl Fn(&Value) -> bool,
+) -> Value {
+    let deadline = Instant::now() + within;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = tokio::time::timeout(left.min(Duration::from_secs(9)), client.line()).await;
+        match line {
+            Ok(Some(line)) => {
+                let v: Value = serde_json::from_str(&line).unwrap();
+                if matches(&v) {
+                    return v;
+                }
+            }
+            Ok(None) => panic!("the server closed the connection"),
+            Err(_) => assert!(
+                Instant::now() < deadline,
+                "nothing matching within {within:?}"
+            ),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_instance_leaves_then_comes_back_with_its_users() {
+    let Some(redis) = shared_redis().await else {
+        return;
+    };
+    let dir = temp_dir();
+    let db = common::sqlite_url(&dir);
+    let cluster = cluster_name("stall");
+    let daemons = start_cluster(&redis, &db, &cluster, &[]).await;
+    let mut alice = Client::in_room(daemons[0].tcp, "alice", "general").await;
+    let mut carol = Client::in_room(daemons[2].tcp, "carol", "general").await;
+    alice
+        .expect(|v| v["type"] == "join" && v["nick"] == "carol")
+        .await;
+
+    // Stalled past its lease: the others see carol leave, once.
+    daemons[2].freeze();
+    let gone = expect_within(&mut alice, Duration::from_secs(16), |v| {
+        v["type"] == "leave"
+    })
+    .await;
+    assert_eq!(gone["nick"], "carol");
+    // Awake again: it asserts carol's nick and room; the others see her come back.
+    daemons[2].thaw();
+    let back = expect_within(&mut alice, Duration::from_secs(8), |v| v["type"] == "join").await;
+    assert_eq!(back["nick"], "carol");
+    alice.send("/who").await;
+    let who = alice.expect(|v| v["type"] == "reply").await;
+    assert_eq!(
+        who["data"]["members"],
+        serde_json::json!(["alice", "carol"])
+    );
+    carol.send("I was away").await;
+    let m = alice.expect(|v| v["type"] == "message").await;
+    assert_eq!(m["text"], "I was away");
+    // Nobody could take her nick while she held it again.
+    let mut mallory = Client::json(daemons[1].tcp, "mallory").await;
+    mallory.send("/nick carol").await;
+    mallory.expect_error("nick-taken").await;
+    drop(daemons);
+    forget_cluster(&redis, &cluster);
+}
+
+/// Waits until every seq of `general` in `seqs` is in PostgreSQL.
+async fn wait_stored(url: &str, seqs: &[u64], within: Duration) {
+    use sqlx::Connection;
+    let mut conn = sqlx::PgConnection::connect(url).await.unwrap();
+    let started = Instant::now();
+    loop {
+        let stored: Vec<(i64,)> = sqlx::query_as("SELECT seq FROM messages WHERE room = 'general'")
+            .fetch_all(&mut conn)
+            .await
+            .unwrap();
+        let stored: std::collections::BTreeSet<u64> =
+            stored.into_iter().map(|(s,)| s as u64).collect();
+        let missing: Vec<u64> = seqs
+            .iter()
+            .copied()
+            .filter(|s| !stored.contains(s))
+            .collect();
+        if missing.is_empty() {
+            return;
+        }
+        assert!(
+            started.elapsed() < within,
+            "not stored within {within:?}: {missing:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await; // polling storage
+    }
+}
+
+/// `POST /message` with an `Idempotency-Key`, retried on another instance,
+/// answers the first send's receipt and sends nothing (the receipt lives in
+/// Redis, written by the same script that numbers the message).
+#[tokio::test]
+async fn an_idempotency_key_sends_once_across_instances_on_redis() {
+    let Some(redis) = shared_redis().await else {
+        return;
+    };
+    let dir = temp_dir();
+    let db = format!("sqlite://{}", dir.path().join("chat.db").display());
+    let cluster = cluster_name("keys");
+    let daemons = start_cluster(&redis, &db, &cluster, &[]).await;
+    let (h1, h2) = (Http::new(daemons[0].http), Http::new(daemons[1].http));
+    let send = |http: Http, token: String, key: &'static str| async move {
+        let auth = format!("Bearer {token}");
+        let headers = [
+            ("content-type", "application/json"),
+            ("authorization", auth.as_str()),
+            ("idempotency-key", key),
+        ];
+        let body = serde_json::json!({ "room": "keys", "text": "exactly once" }).to_string();
+        let reply = http
+            .request(hyper::Method::POST, "/message", &headers, Some(body.into()))
+            .await;
+        assert_eq!(reply.status, 200, "{}", reply.text());
+        reply.json()
+    };
+    let (carol, _) = h1.connect(Some("carol")).await;
+    assert_eq!(h1.command(&carol, "/join keys").await.status, 200);
+    let first = send(h1, carol.clone(), "k-1").await;
+    assert_eq!(
+        send(h1, carol.clone(), "k-1").await,
+        first,
+        "a repeat, same instance"
+    );
+    // Her instance "died"; she retries on another one under the same nick.
+    assert_eq!(
+        h1.post("/disconnect", Some(&carol), &serde_json::json!({}))
+            .await
+            .status,
+        204
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let carol = loop {
+        let reply = h2
+            .post("/connect", None, &serde_json::json!({ "nick": "carol" }))
+            .await;
+        if reply.status == 201 {
+            break reply.json()["session"].as_str().unwrap().to_owned();
+        }
+        assert!(Instant::now() < deadline, "carol's nick was never freed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(h2.command(&carol, "/join keys").await.status, 200);
+    assert_eq!(
+        send(h2, carol.clone(), "k-1").await,
+        first,
+        "a repeat, another instance"
+    );
+    let other = send(h2, carol, "k-2").await;
+    assert_eq!(
+        other["seq"],
+        first["seq"].as_u64().unwrap() + 1,
+        "a repeat uses no seq"
+    );
+    drop(daemons);
+    forget_cluster(&redis, &cluster);
+}
