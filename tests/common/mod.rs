@@ -42,6 +42,8 @@ pub fn sqlite_url(dir: &tempfile::TempDir) -> String {
 
 impl Daemon {
     /// Starts a daemon on free ports with `args` (which should include `--db`).
+    /// Its log filter is `BABY_TEST_LOG` (default `info`), e.g.
+    /// `BABY_TEST_LOG=info,fred=trace` to see a daemon's Redis traffic.
     /// A `--tcp` or `--http` in `args` replaces the free port (a restart on
     /// the same address).
     pub async fn start(args: &[&str]) -> Daemon {
@@ -60,7 +62,10 @@ impl Daemon {
     pub async fn start_argv(argv: &[&str]) -> Daemon {
         let mut child = Command::new(env!("CARGO_BIN_EXE_baby-discord"))
             .args(argv)
-            .env("RUST_LOG", "info")
+            .env(
+                "RUST_LOG",
+                std::env::var("BABY_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
