@@ -17,6 +17,9 @@ use fred::prelude::*;
 use tokio::sync::Mutex;
 
 use super::keys::Keys;
+
+/// How long a room subscription may take to be confirmed.
+const SUBSCRIBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 use super::wire::{Body, seq_of_id};
 use crate::bus::{BusError, Deliver, Envelope};
 use crate::core::{Message, RING, RoomName};
@@ -71,10 +74,23 @@ impl Rooms {
             *cursor = (*cursor).max(delivered);
             return Ok(());
         }
-        self.sub
-            .ssubscribe(self.keys.room_channel(room))
-            .await
-            .map_err(unreachable)?;
+        // Bounded: a subscription whose confirmation never comes must not
+        // hold the rooms' lock (and with it every publish) forever. The room
+        // is then not recorded as heard, so the next join or reader tries
+        // again.
+        match tokio::time::timeout(
+            SUBSCRIBE_TIMEOUT,
+            self.sub.ssubscribe(self.keys.room_channel(room)),
+        )
+        .await
+        {
+            Ok(result) => result.map_err(unreachable)?,
+            Err(_) => {
+                return Err(BusError::Redis(format!(
+                    "Redis did not confirm the subscription to #{room} within {SUBSCRIBE_TIMEOUT:?}"
+                )));
+            }
+        }
         state.delivered.insert(room.clone(), delivered);
         // What was said before the subscription took: at most a ring's worth
         // counts as news (the hub replays its ring to a joiner; older
