@@ -18,7 +18,7 @@ use tokio::sync::Mutex;
 
 use super::keys::Keys;
 use super::wire::{Body, seq_of_id};
-use crate::bus::{BusError, Deliver, Envelope};
+use crate::core::ports::{BusError, Deliver, Envelope};
 use crate::core::{Message, RING, RoomName};
 use crate::store::Store;
 
