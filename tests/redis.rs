@@ -15,46 +15,6 @@ use std::time::{Duration, Instant};
 use common::http::Http;
 use common::{Client, Daemon, PgDatabase, services_required, temp_dir};
 use serde_json::Value;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-/// The shared Redis, if it answers `PING`.
-async fn shared_redis() -> Option<String> {
-    let addr = std::env::var("BABY_TEST_REDIS").unwrap_or_else(|_| "127.0.0.1:6379".into());
-    match ping(&addr).await {
-        Ok(()) => Some(format!("redis://{addr}")),
-        Err(why) => {
-            if services_required() {
-                panic!("Redis is required (BABY_REQUIRE_SERVICES=1) but unavailable: {why}");
-            }
-            eprintln!(
-                "SKIPPED: Redis unavailable at {addr} ({why}); set BABY_TEST_REDIS to run this test"
-            );
-            None
-        }
-    }
-}
-
-async fn ping(addr: &str) -> Result<(), String> {
-    let connect = tokio::net::TcpStream::connect(addr);
-    let mut stream = tokio::time::timeout(Duration::from_secs(2), connect)
-        .await
-        .map_err(|_| "connect timed out".to_owned())?
-        .map_err(|e| e.to_string())?;
-    stream
-        .write_all(b"PING\r\n")
-        .await
-        .map_err(|e| e.to_string())?;
-    let mut reply = [0u8; 7];
-    tokio::time::timeout(Duration::from_secs(2), stream.read_exact(&mut reply))
-        .await
-        .map_err(|_| "no answer to PING".to_owned())?
-        .map_err(|e| e.to_string())?;
-    if &reply == b"+PONG\r\n" {
-        Ok(())
-    } else {
-        Err("not a Redis".into())
-    }
-}
 
 /// A cluster name no other test uses.
 fn cluster_name(test: &str) -> String {
@@ -66,32 +26,6 @@ fn rand_suffix() -> u32 {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .subsec_nanos()
-}
-
-/// Deletes a test cluster's keys (they would expire or sit harmlessly, but
-/// a shared Redis should be left as found).
-fn forget_cluster(url: &str, cluster: &str) {
-    let addr = url.trim_start_matches("redis://");
-    let (host, port) = addr.split_once(':').unwrap_or((addr, "6379"));
-    let keys = Command::new("redis-cli")
-        .args([
-            "-h",
-            host,
-            "-p",
-            port,
-            "--scan",
-            "--pattern",
-            &format!("{{{cluster}:*"),
-        ])
-        .output();
-    if let Ok(keys) = keys {
-        for key in String::from_utf8_lossy(&keys.stdout).lines() {
-            let _ = Command::new("redis-cli")
-                .args(["-h", host, "-p", port, "del", key])
-                .stdout(Stdio::null())
-                .status();
-        }
-    }
 }
 
 async fn start_cluster(bus: &str, db: &str, cluster: &str, extra: &[&str]) -> Vec<Daemon> {
@@ -143,7 +77,7 @@ async fn presence(client: &mut Client, kind: &str, n: usize) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_instances_behave_as_one_on_redis() {
-    let Some(redis) = shared_redis().await else {
+    let Some(redis) = common::shared_redis().await else {
         return;
     };
     let dir = temp_dir();
@@ -286,7 +220,7 @@ async fn three_instances_behave_as_one_on_redis() {
         tokio::time::sleep(Duration::from_millis(300)).await; // polling a lease, not synchronising
     }
     drop(daemons);
-    forget_cluster(&redis, &cluster);
+    common::forget_redis_cluster(&redis, &cluster);
 }
 
 /// The test's own `redis-server`, on a free port with AOF on, in a temp dir.
@@ -335,7 +269,7 @@ impl PrivateRedis {
     async fn ready(&self) {
         let addr = format!("127.0.0.1:{}", self.port);
         let started = Instant::now();
-        while ping(&addr).await.is_err() {
+        while common::ping(&addr).await.is_err() {
             assert!(
                 started.elapsed() < Duration::from_secs(10),
                 "redis-server did not start"
@@ -369,7 +303,7 @@ async fn healthz(addr: SocketAddr) -> (u16, Value) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_restart_refuses_then_resumes_without_a_hole() {
-    if shared_redis().await.is_none() {
+    if common::shared_redis().await.is_none() {
         return; // no Redis here means no redis-server either
     }
     let Some(mut redis) = PrivateRedis::start() else {
@@ -463,7 +397,7 @@ async fn a_redis_restart_refuses_then_resumes_without_a_hole() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_of_an_instance_loses_no_acknowledged_message() {
-    let Some(redis) = shared_redis().await else {
+    let Some(redis) = common::shared_redis().await else {
         return;
     };
     let Some(pg) = PgDatabase::create().await else {
@@ -541,7 +475,7 @@ async fn kill_9_of_an_instance_loses_no_acknowledged_message() {
     drop(conn);
     drop(daemons);
     pg.drop_now().await;
-    forget_cluster(&redis, &cluster);
+    common::forget_redis_cluster(&redis, &cluster);
 }
 
 async fn alice_line(client: &mut Client) -> Option<String> {
@@ -577,7 +511,7 @@ async fn expect_within(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_instance_leaves_then_comes_back_with_its_users() {
-    let Some(redis) = shared_redis().await else {
+    let Some(redis) = common::shared_redis().await else {
         return;
     };
     let dir = temp_dir();
@@ -615,7 +549,7 @@ async fn a_stalled_instance_leaves_then_comes_back_with_its_users() {
     mallory.send("/nick carol").await;
     mallory.expect_error("nick-taken").await;
     drop(daemons);
-    forget_cluster(&redis, &cluster);
+    common::forget_redis_cluster(&redis, &cluster);
 }
 
 /// Waits until every seq of `general` in `seqs` is in PostgreSQL.
@@ -651,7 +585,7 @@ async fn wait_stored(url: &str, seqs: &[u64], within: Duration) {
 /// Redis, written by the same script that numbers the message).
 #[tokio::test]
 async fn an_idempotency_key_sends_once_across_instances_on_redis() {
-    let Some(redis) = shared_redis().await else {
+    let Some(redis) = common::shared_redis().await else {
         return;
     };
     let dir = temp_dir();
@@ -712,5 +646,5 @@ async fn an_idempotency_key_sends_once_across_instances_on_redis() {
         "a repeat uses no seq"
     );
     drop(daemons);
-    forget_cluster(&redis, &cluster);
+    common::forget_redis_cluster(&redis, &cluster);
 }

@@ -368,3 +368,71 @@ fn rand_u64() -> u64 {
     );
     h.finish()
 }
+
+/// The shared Redis (`BABY_TEST_REDIS`, default 127.0.0.1:6379) as a
+/// `redis://` URL, if it answers `PING`; otherwise skips or fails as
+/// `BABY_REQUIRE_SERVICES` says.
+pub async fn shared_redis() -> Option<String> {
+    let addr = std::env::var("BABY_TEST_REDIS").unwrap_or_else(|_| "127.0.0.1:6379".into());
+    match ping(&addr).await {
+        Ok(()) => Some(format!("redis://{addr}")),
+        Err(why) => {
+            if services_required() {
+                panic!("Redis is required (BABY_REQUIRE_SERVICES=1) but unavailable: {why}");
+            }
+            eprintln!(
+                "SKIPPED: Redis unavailable at {addr} ({why}); set BABY_TEST_REDIS to run this test"
+            );
+            None
+        }
+    }
+}
+
+/// Sends `PING` to a Redis at `addr`.
+pub async fn ping(addr: &str) -> Result<(), String> {
+    let connect = tokio::net::TcpStream::connect(addr);
+    let mut stream = tokio::time::timeout(Duration::from_secs(2), connect)
+        .await
+        .map_err(|_| "connect timed out".to_owned())?
+        .map_err(|e| e.to_string())?;
+    stream
+        .write_all(b"PING\r\n")
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut reply = [0u8; 7];
+    tokio::time::timeout(Duration::from_secs(2), stream.read_exact(&mut reply))
+        .await
+        .map_err(|_| "no answer to PING".to_owned())?
+        .map_err(|e| e.to_string())?;
+    if &reply == b"+PONG\r\n" {
+        Ok(())
+    } else {
+        Err("not a Redis".into())
+    }
+}
+
+/// Deletes a test cluster's keys (they would expire or sit harmlessly, but
+/// a shared Redis should be left as found).
+pub fn forget_redis_cluster(url: &str, cluster: &str) {
+    let addr = url.trim_start_matches("redis://");
+    let (host, port) = addr.split_once(':').unwrap_or((addr, "6379"));
+    let keys = std::process::Command::new("redis-cli")
+        .args([
+            "-h",
+            host,
+            "-p",
+            port,
+            "--scan",
+            "--pattern",
+            &format!("{{{cluster}:*"),
+        ])
+        .output();
+    if let Ok(keys) = keys {
+        for key in String::from_utf8_lossy(&keys.stdout).lines() {
+            let _ = std::process::Command::new("redis-cli")
+                .args(["-h", host, "-p", port, "del", key])
+                .stdout(Stdio::null())
+                .status();
+        }
+    }
+}
