@@ -12,7 +12,7 @@
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use super::BusError;
+use crate::core::ports::BusError;
 
 /// How long one round trip to the authority may take on the publish path:
 /// with the refusal itself, well inside the protocol's 1 s.

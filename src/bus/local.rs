@@ -15,9 +15,9 @@ use async_trait::async_trait;
 use tokio::sync::Mutex;
 
 use super::gate::{self, Gate};
-use super::{Bus, BusError, Deliver, Envelope};
+use crate::core::ports::{Bus, BusError, Deliver, Durability, Envelope, Store, WriterStats};
 use crate::core::{Draft, Message, RoomName};
-use crate::store::{Durability, Store, Writer, WriterStats};
+use crate::store::Writer;
 
 /// Seqs reserved per write of a room's mark: one small write per this many
 /// messages, and at most this many numbers skipped after a crash.

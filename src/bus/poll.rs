@@ -33,10 +33,11 @@ use tokio_util::sync::CancellationToken;
 mod lease;
 
 use super::gate::{self, Gate};
-use super::{Bus, BusError, Deliver, Directory, Envelope, Presence};
+use crate::core::ports::{
+    Bus, BusError, Deliver, Directory, Durability, Envelope, Presence, Store, StoreError,
+};
 use crate::core::{DirectMessage, Draft, Message, Nick, RoomCount, RoomName, SessionId, Timestamp};
 use crate::store::keys::{self as idempotency, Pruner as KeyPruner};
-use crate::store::{Durability, Store};
 
 /// How long an instance may stay silent before the others reap its claims
 /// (its users leave every room, its nicks are free).
@@ -219,7 +220,7 @@ impl PollBus {
             })
             .connect(url)
             .await
-            .map_err(crate::store::StoreError::from)?;
+            .map_err(StoreError::from)?;
         let bus = PollBus {
             instance: instance.to_owned(),
             db: Db {
@@ -433,7 +434,7 @@ impl PollBus {
                 tx.rollback().await.map_err(db)?;
                 let first = idempotency::original(self.db.run(), &message.nick, key).await?;
                 return first.map(Sequenced::Repeat).ok_or_else(|| {
-                    BusError::Store(crate::store::StoreError::Corrupt(format!(
+                    BusError::Store(StoreError::Corrupt(format!(
                         "idempotency key {:?} names no message",
                         key.as_str()
                     )))

@@ -11,8 +11,8 @@
 
 use std::time::Duration;
 
+use super::ports::Claim;
 use super::{GUEST_DRAWS, Hub, Nick, SessionId, State, guest_nick};
-use crate::bus::Claim;
 
 /// How long to wait before trying a rename again while the directory is
 /// unreachable.

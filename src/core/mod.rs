@@ -14,6 +14,7 @@ mod commands;
 mod event;
 mod history;
 mod names;
+pub mod ports;
 mod rate;
 mod rooms;
 mod router;
@@ -40,9 +41,8 @@ pub use rate::TokenBucket;
 pub use sessions::{Backlog, EndReason, Replies, SessionHandle, SessionId};
 pub use watch::RoomWatch;
 
-use crate::bus::{Bus, Claim, Deliver, Envelope, Presence};
-use crate::store::Store;
 use catchup::{CatchUp, MAX_CATCH_UP};
+use ports::{Bus, BusError, Claim, Deliver, Envelope, Presence, Store};
 use rooms::Room;
 use router::{Undeliverable, fan_out};
 use sessions::Session;
@@ -1164,7 +1164,7 @@ fn no_such_nick(nick: &Nick) -> Refusal {
     Refusal::new(ErrorCode::NoSuchNick, format!("nobody is called {nick}"))
 }
 
-fn bus_down(err: crate::bus::BusError) -> Refusal {
+fn bus_down(err: BusError) -> Refusal {
     tracing::warn!(cause = %err, "cluster directory unavailable");
     Refusal::new(
         ErrorCode::Unavailable,

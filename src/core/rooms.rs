@@ -6,7 +6,7 @@
 //! anyone may open a reader on any valid room name without a session, so rooms
 //! kept forever would be memory anyone can grow. Nothing is lost by evicting:
 //! the ring is re-read from storage when the room is next used, and the bus
-//! forgets its cursor for the room ([`Bus::unwatch`](crate::bus::Bus::unwatch)).
+//! forgets its cursor for the room ([`Bus::unwatch`](crate::core::ports::Bus::unwatch)).
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;

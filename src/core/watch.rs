@@ -221,7 +221,7 @@ fn position_unknown(room: &RoomName, cause: &dyn std::fmt::Display) -> Refusal {
     )
 }
 
-fn storage_down(room: &RoomName, err: crate::store::StoreError) -> Refusal {
+fn storage_down(room: &RoomName, err: super::ports::StoreError) -> Refusal {
     tracing::warn!(cause = %err, %room, "history read failed");
     Refusal::new(
         ErrorCode::Unavailable,

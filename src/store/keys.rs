@@ -16,12 +16,13 @@ use std::time::Duration;
 
 use sqlx::{Database, Decode, Encode, Executor, FromRow, IntoArguments, Type};
 
-use super::StoreError;
 use super::rows::{StoredRow, sql_seq};
+use crate::core::ports::StoreError;
 use crate::core::{IdempotencyKey, Message, Nick, Timestamp};
 
-/// How long a key answers for the message it was first used with.
-pub const WINDOW: Duration = Duration::from_secs(10 * 60);
+/// How long a key answers for the message it was first used with: the window
+/// the store port promises.
+pub const WINDOW: Duration = crate::core::ports::IDEMPOTENCY_WINDOW;
 /// How often one process deletes expired keys (each delete is one indexed
 /// range scan; between two, expired rows are merely ignored).
 const PRUNE_EVERY: Duration = Duration::from_secs(60);

@@ -13,7 +13,7 @@ use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
 use super::keys::Pruner;
 use super::rows::{StoredRow, insert_batch, insert_once, messages, sql_seq};
 use super::seqs;
-use super::{Store, StoreError};
+use crate::core::ports::{Store, StoreError};
 use crate::core::{IdempotencyKey, Message, RoomName};
 
 /// How long the daemon waits for PostgreSQL at start before giving up.

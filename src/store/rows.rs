@@ -6,7 +6,8 @@ use std::sync::Arc;
 
 use sqlx::{Database, Encode, Executor, IntoArguments, Pool, QueryBuilder, Type};
 
-use super::{StoreError, keys};
+use super::keys;
+use crate::core::ports::StoreError;
 use crate::core::{IdempotencyKey, Message, RoomName};
 
 /// A message as stored.

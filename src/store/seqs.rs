@@ -13,9 +13,9 @@
 
 use sqlx::{Database, Encode, Executor, IntoArguments, Pool, Type};
 
-use super::StoreError;
 use super::rows::sql_seq;
 use crate::core::RoomName;
+use crate::core::ports::StoreError;
 
 /// The number a room must continue above: its mark or its highest stored
 /// seq, whichever is higher (0 for a new room).

@@ -15,7 +15,7 @@ use sqlx::sqlite::{
 use super::keys::Pruner;
 use super::rows::{StoredRow, insert_batch, insert_once, messages, sql_seq};
 use super::seqs;
-use super::{Durability, Store, StoreError};
+use crate::core::ports::{Durability, Store, StoreError};
 use crate::core::{IdempotencyKey, Message, RoomName};
 
 /// SQLite's limit on bound parameters is 32,766; seven per row keeps a batch

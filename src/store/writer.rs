@@ -8,13 +8,13 @@
 //! for (live chat goes on while the database is down).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
 
-use super::Store;
 use crate::core::Message;
+use crate::core::ports::{Store, WriterStats};
 
 /// Most messages in one transaction.
 const MAX_BATCH: usize = 1_000;
@@ -24,21 +24,6 @@ const QUEUE: usize = 65_536;
 enum Job {
     Save(Arc<Message>),
     Flush(oneshot::Sender<()>),
-}
-
-/// Counters the writer keeps, for `/metrics` and the benchmarks.
-#[derive(Debug, Default)]
-pub struct WriterStats {
-    /// Batches committed.
-    pub batches: AtomicU64,
-    /// Messages committed.
-    pub messages: AtomicU64,
-    /// Messages dropped because the queue was full.
-    pub dropped: AtomicU64,
-    /// Failed batch attempts (each retried).
-    pub failures: AtomicU64,
-    /// Sum of commit times in microseconds (with `batches`, the mean).
-    pub commit_micros: AtomicU64,
 }
 
 /// The handle that queues messages for the writer.

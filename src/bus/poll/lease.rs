@@ -33,7 +33,7 @@ use tokio::time::Instant;
 use sqlx::{Any, Transaction};
 
 use super::{Db, InboxRow, LEASE, Member, alive_since, broadcast, db, now_ms};
-use crate::bus::{BusError, Claim, Deliver, Envelope};
+use crate::core::ports::{BusError, Claim, Deliver, Envelope};
 use crate::core::{Nick, RoomName, SessionId};
 
 /// Claims (or memberships) per statement: three parameters each, well under

@@ -29,7 +29,7 @@ use super::keys::Keys;
 use super::rooms::unreachable;
 use super::script::{self, Lua};
 use super::wire::{DmWire, PresenceWire};
-use crate::bus::{BusError, Directory, Presence};
+use crate::core::ports::{BusError, Directory, Presence};
 use crate::core::{DirectMessage, Nick, NickKey, RoomCount, RoomName, SessionId};
 
 /// How long an instance (and each of its nicks) may go unrenewed before the

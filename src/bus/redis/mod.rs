@@ -40,9 +40,10 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::{Bus, BusError, Deliver, Directory, Envelope, Presence};
+use crate::core::ports::{
+    Bus, BusError, Deliver, Directory, Envelope, IDEMPOTENCY_WINDOW, Presence, Store, WriterStats,
+};
 use crate::core::{Draft, Message};
-use crate::store::{Store, WriterStats};
 use directory::{HEARTBEAT, Registry};
 use keys::Keys;
 use persist::{FlushRequest, Persister};
@@ -346,7 +347,7 @@ impl Bus for RedisBus {
                     .receipt(&room, draft.nick.key().as_str(), key.as_str()),
             );
             args.push(draft.id.to_string());
-            args.push(crate::store::IDEMPOTENCY_WINDOW.as_secs().to_string());
+            args.push(IDEMPOTENCY_WINDOW.as_secs().to_string());
         }
         // The client times commands out at PUBLISH_TIMEOUT and never sends
         // one twice; this timeout only backs that up.

@@ -24,8 +24,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::keys::{Keys, PARTITIONS};
 use super::wire::Body;
+use crate::core::ports::{Store, WriterStats};
 use crate::core::{Message, RoomName};
-use crate::store::{Store, WriterStats};
 
 /// The consumer group every instance's persister belongs to.
 pub const GROUP: &str = "persisters";

@@ -21,7 +21,7 @@ use super::keys::Keys;
 /// How long a room subscription may take to be confirmed.
 const SUBSCRIBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 use super::wire::{Body, seq_of_id};
-use crate::bus::{BusError, Deliver, Envelope};
+use crate::core::ports::{BusError, Deliver, Envelope};
 use crate::core::{Message, RING, RoomName};
 use crate::store::Store;
 

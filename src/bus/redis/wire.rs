@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use crate::bus::{Envelope, Presence};
+use crate::core::ports::{Envelope, Presence};
 use crate::core::{DirectMessage, Draft, Message, MessageKind, Nick, RoomName, Timestamp};
 
 /// A message without its room and seq.

@@ -1,0 +1,224 @@
+//! The bus port: what the core needs from whatever connects instances and
+//! orders each room.
+//!
+//! The core hands a [`Draft`] to [`Bus::publish`]; the bus gives it the room's
+//! next `seq`, makes it durable as `--durability` says, and delivers the
+//! sequenced message to every instance (this one included) through the
+//! [`Deliver`] sink each instance attaches with [`Bus::start`], in `seq` order
+//! per room. A bus that connects instances also offers a [`Directory`]: the
+//! cluster's view of nicks and room membership.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+use super::store::{StoreError, WriterStats};
+use crate::core::{DirectMessage, Draft, Message, Nick, RoomCount, RoomName, SessionId};
+
+/// What travels from the bus to an instance.
+#[derive(Debug, Clone)]
+pub enum Envelope {
+    /// A sequenced room message.
+    Message(Arc<Message>),
+    /// A direct message for a local user, from another instance.
+    Dm(Arc<DirectMessage>),
+    /// A membership change on another instance, for the local members it
+    /// concerns.
+    Presence(Presence),
+    /// This instance's lease was reaped while it was away, and another
+    /// session has taken `nick` since: local session `session` no longer
+    /// holds it and must be renamed. Sent only for claims [`Deliver::claims`]
+    /// reported.
+    ClaimLost { session: SessionId, nick: Nick },
+}
+
+/// One local session's share of the cluster directory, as the hub knows it:
+/// what an instance re-asserts when it finds its lease reaped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Claim {
+    /// The session that holds the nick on this instance.
+    pub session: SessionId,
+    /// Its nick.
+    pub nick: Nick,
+    /// The rooms it is in, and the last seq this instance delivered in each.
+    pub rooms: Vec<(RoomName, u64)>,
+}
+
+/// A membership change made on another instance (or, for a reaped instance,
+/// announced on its behalf by the one that reaped it). Room messages carry a
+/// `seq` and arrive in order; these do not, and may overtake or trail the
+/// messages around them by up to one delivery round (a poll interval).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Presence {
+    /// `nick` joined `room`.
+    Joined { room: RoomName, nick: Nick },
+    /// `nick` left `room` (or disconnected).
+    Left { room: RoomName, nick: Nick },
+    /// `old` is now called `new`; it is in `rooms`.
+    Renamed {
+        old: Nick,
+        new: Nick,
+        rooms: Vec<RoomName>,
+    },
+}
+
+/// Why the bus could not do what was asked.
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    /// The message could not be made durable (sync durability) or sequenced.
+    #[error("storage is not answering: {0}")]
+    Store(#[from] StoreError),
+    /// The bus is stopping.
+    #[error("the bus is closed")]
+    Closed,
+    /// The bus's last attempt to reach the other instances failed.
+    #[error("the bus cannot reach the other instances")]
+    Unreachable,
+    /// Redis refused, failed or did not answer; says why.
+    #[error("redis: {0}")]
+    Redis(String),
+    /// The ordering authority is not answering: messages are refused (at
+    /// once, not after a wait) until it does.
+    #[error(
+        "the ordering authority has not answered for {for_secs} s ({cause}); messages are refused until it does"
+    )]
+    Down {
+        /// Since when, in seconds.
+        for_secs: u64,
+        /// The failure that shut the gate.
+        cause: String,
+    },
+}
+
+impl BusError {
+    /// Whether this failure says the authority cannot be reached (as opposed
+    /// to refusing one statement), so that the next attempts should not wait
+    /// for it.
+    pub fn is_unreachable(&self) -> bool {
+        match self {
+            BusError::Unreachable | BusError::Down { .. } | BusError::Redis(_) => true,
+            BusError::Store(StoreError::NotAnswering(_)) => true,
+            BusError::Store(_) | BusError::Closed => false,
+        }
+    }
+}
+
+/// Where a bus hands what it carries: the instance's core.
+pub trait Deliver: Send + Sync + 'static {
+    /// Takes one envelope. Must not block: it runs on the bus's own path.
+    fn deliver(&self, envelope: Envelope);
+
+    /// Whether this instance still wants `room`'s messages (it has members or
+    /// readers there). A bus that subscribes per room asks before it stops.
+    fn wants(&self, _room: &RoomName) -> bool {
+        true
+    }
+
+    /// Every local session's nick and rooms, right now. A bus asks when it
+    /// has to re-assert this instance's claims (its lease was reaped). Must
+    /// not block.
+    fn claims(&self) -> Vec<Claim>;
+}
+
+/// Carries messages between instances and orders each room.
+#[async_trait]
+pub trait Bus: Send + Sync + 'static {
+    /// `local`, `poll` or `redis`, for logs and `/healthz`.
+    fn name(&self) -> &'static str;
+
+    /// Starts delivering what the cluster sends this instance to `sink`, in
+    /// `seq` order per room. Called once, before the first `publish`.
+    fn start(&self, sink: Arc<dyn Deliver>);
+
+    /// Sequences `draft` in its room and publishes it to every instance. Returns
+    /// the sequenced message; every instance (this one too) also receives it
+    /// through its sink.
+    async fn publish(&self, draft: Draft) -> Result<Arc<Message>, BusError>;
+
+    /// Delivers `room`'s messages to this instance from now on, counting from
+    /// `delivered` (the last seq it already has), even with no member here:
+    /// a read-only room stream. A bus that delivers every room everywhere
+    /// (`local`) has nothing to do.
+    async fn watch(&self, _room: &RoomName, _delivered: u64) {}
+
+    /// Stops delivering `room` to this instance and forgets what the bus kept
+    /// for it: the hub has evicted the room (no member, no reader, idle). The
+    /// inverse of [`Bus::watch`]; a later join or reader watches it again.
+    async fn unwatch(&self, _room: &RoomName) {}
+
+    /// Waits until every message published so far can be read from the
+    /// store. Only a bus that stores behind delivery (`local` with async
+    /// durability) has anything to wait for.
+    async fn settled(&self) {}
+
+    /// Answers when the bus works.
+    async fn health(&self) -> Result<(), BusError>;
+
+    /// SQL statements this instance has sent the shared database, for a bus
+    /// that works through one (`poll`): what delivery costs the database.
+    fn statements(&self) -> Option<u64> {
+        None
+    }
+
+    /// Stops publishing and waits until everything published is durable.
+    async fn close(&self);
+
+    /// The cluster's directory of nicks and rooms; `None` when this instance
+    /// is the whole cluster.
+    fn directory(&self) -> Option<&dyn Directory> {
+        None
+    }
+
+    /// The batching store writer's counters, when this bus has one (`/metrics`).
+    fn writer_stats(&self) -> Option<Arc<WriterStats>> {
+        None
+    }
+}
+
+/// Who is where across the cluster. Each call is one short database or
+/// network round trip; the hub never makes one while holding its lock.
+///
+/// Claims live under this instance's lease: a claim that another instance
+/// reaped is re-asserted by the bus itself from [`Deliver::claims`], so the
+/// hub only says what changes.
+///
+/// The directory's promises hold through stalls, crashes and outages the
+/// same way on every bus:
+///
+/// - An instance's claims (its sessions' nicks and rooms) live under a lease
+///   it renews. When another instance finds the lease expired it *reaps*
+///   the claims in one atomic step, so exactly one instance announces each
+///   departure: every live instance, the reaper included, receives
+///   [`Presence::Left`] for every room of every reaped user.
+/// - An instance that finds its own lease reaped (it was stalled, or cut off
+///   from the shared state) re-asserts what [`Deliver::claims`] reports:
+///   each nick is claimed again for the same session, each room joined again
+///   (the others see `join`). A nick another session took meanwhile comes
+///   back as [`Envelope::ClaimLost`], and the hub renames its user.
+#[async_trait]
+pub trait Directory: Send + Sync {
+    /// Takes `nick` for session `owner` of this instance; false if another
+    /// session holds it: of this instance, or of another one whose claims
+    /// have not been reaped (an instance that is merely late keeps its nicks).
+    async fn claim_nick(&self, nick: &Nick, owner: SessionId) -> Result<bool, BusError>;
+    /// Gives `nick` up if `owner` holds it (and its room memberships: their
+    /// members elsewhere see it leave). A claim that has passed to another
+    /// session is left alone.
+    async fn release_nick(&self, nick: &Nick, owner: SessionId) -> Result<(), BusError>;
+    /// Moves memberships from `old` to `new` (already claimed by `owner`) and
+    /// frees `old`; the other instances tell the members of its rooms.
+    async fn renamed(&self, old: &Nick, new: &Nick, owner: SessionId) -> Result<(), BusError>;
+    /// Records a membership, tells the room's members on the other instances,
+    /// and watches the room from `delivered` (the last seq this instance has
+    /// delivered in it) on.
+    async fn joined(&self, room: &RoomName, nick: &Nick, delivered: u64) -> Result<(), BusError>;
+    /// Removes a membership and tells the room's members elsewhere.
+    async fn left(&self, room: &RoomName, nick: &Nick) -> Result<(), BusError>;
+    /// A room's members on every live instance, by nick.
+    async fn members(&self, room: &RoomName) -> Result<Vec<Nick>, BusError>;
+    /// Rooms with members on live instances, by name.
+    async fn rooms(&self) -> Result<Vec<RoomCount>, BusError>;
+    /// Sends a DM to the instance that holds `dm.to`; returns the recipient's
+    /// nick as registered, or `None` if nobody live holds it.
+    async fn send_dm(&self, dm: &DirectMessage) -> Result<Option<Nick>, BusError>;
+}
