@@ -300,14 +300,12 @@ async fn join_with_a_seq_during_a_database_outage() {
     pg.drop_now().await;
 }
 
-#[tokio::test]
-async fn join_with_a_seq_on_a_lagging_instance_sends_nothing_twice() {
-    let Some(pg) = PgDatabase::create().await else {
-        return;
-    };
+/// Two poll-bus instances where the second lags: i1 polls every 20 ms, i2
+/// every 1.5 s, so storage is ahead of what i2 has delivered for a while.
+/// Bob is in `lobby` on i1, carol on i2 (so i2 already follows the room).
+async fn lagging_pair(pg: &PgDatabase) -> (Vec<Daemon>, Client, Client) {
     let cluster = format!("resume-{}", uuid::Uuid::now_v7().simple());
     let mut daemons = Vec::new();
-    // i2 polls slowly: storage is ahead of what it has delivered for a while.
     for (name, interval) in [("i1", "20"), ("i2", "1500")] {
         let args = [
             "--db",
@@ -325,8 +323,17 @@ async fn join_with_a_seq_on_a_lagging_instance_sends_nothing_twice() {
         ];
         daemons.push(Daemon::start(&args).await);
     }
-    let mut bob = Client::in_room(daemons[0].tcp, "bob", "lobby").await;
-    let _carol = Client::in_room(daemons[1].tcp, "carol", "lobby").await;
+    let bob = Client::in_room(daemons[0].tcp, "bob", "lobby").await;
+    let carol = Client::in_room(daemons[1].tcp, "carol", "lobby").await;
+    (daemons, bob, carol)
+}
+
+#[tokio::test]
+async fn join_with_a_seq_on_a_lagging_instance_sends_nothing_twice() {
+    let Some(pg) = PgDatabase::create().await else {
+        return;
+    };
+    let (daemons, mut bob, _carol) = lagging_pair(&pg).await;
     say(&mut bob, (1..=3).map(|i| format!("m{i}"))).await;
     // Dave re-joins on i2 before it has polled bob's messages: the replay
     // (read from storage) and the live path must not both send them.
@@ -345,27 +352,7 @@ async fn a_room_stream_resumed_on_a_lagging_instance_sends_nothing_twice() {
     let Some(pg) = PgDatabase::create().await else {
         return;
     };
-    let cluster = format!("resume-{}", uuid::Uuid::now_v7().simple());
-    let mut daemons = Vec::new();
-    for (name, interval) in [("i1", "20"), ("i2", "1500")] {
-        let args = [
-            "--db",
-            &pg.url,
-            "--bus",
-            "poll",
-            "--poll-interval",
-            interval,
-            "--instance",
-            name,
-            "--cluster",
-            &cluster,
-            "--rate",
-            "0",
-        ];
-        daemons.push(Daemon::start(&args).await);
-    }
-    let mut bob = Client::in_room(daemons[0].tcp, "bob", "lobby").await;
-    let _carol = Client::in_room(daemons[1].tcp, "carol", "lobby").await;
+    let (daemons, mut bob, _carol) = lagging_pair(&pg).await;
     let seq = say(&mut bob, (1..=3).map(|i| format!("m{i}"))).await;
     // A reader saw 1-3 on i1 and moves to i2, which has not polled them yet.
     let mut stream = Http::new(daemons[1].http)
@@ -387,27 +374,7 @@ async fn join_with_a_seq_ahead_of_a_lagging_instance_sends_nothing_twice() {
     let Some(pg) = PgDatabase::create().await else {
         return;
     };
-    let cluster = format!("resume-{}", uuid::Uuid::now_v7().simple());
-    let mut daemons = Vec::new();
-    for (name, interval) in [("i1", "20"), ("i2", "1500")] {
-        let args = [
-            "--db",
-            &pg.url,
-            "--bus",
-            "poll",
-            "--poll-interval",
-            interval,
-            "--instance",
-            name,
-            "--cluster",
-            &cluster,
-            "--rate",
-            "0",
-        ];
-        daemons.push(Daemon::start(&args).await);
-    }
-    let mut bob = Client::in_room(daemons[0].tcp, "bob", "lobby").await;
-    let _carol = Client::in_room(daemons[1].tcp, "carol", "lobby").await;
+    let (daemons, mut bob, _carol) = lagging_pair(&pg).await;
     let seq = say(&mut bob, (1..=3).map(|i| format!("m{i}"))).await;
     // Dave saw 1-3 on i1 and re-joins on i2, which has not polled them yet.
     let mut dave = Client::json(daemons[1].tcp, "dave").await;
