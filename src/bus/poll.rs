@@ -214,6 +214,15 @@ impl PollBus {
                             .execute(&mut *conn)
                             .await?;
                         sqlx::query(synchronous).execute(&mut *conn).await?;
+                    } else {
+                        // An instance frozen inside a transaction (SIGSTOP,
+                        // a long pause) would hold its row locks until it
+                        // wakes, stalling every other instance's heartbeat
+                        // behind them until they too look dead. The server
+                        // ends such a transaction well inside the lease.
+                        sqlx::query("SET idle_in_transaction_session_timeout = 3000")
+                            .execute(&mut *conn)
+                            .await?;
                     }
                     Ok(())
                 })
