@@ -217,20 +217,7 @@ async fn within_time<T>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::event::{MessageKind, Timestamp};
-    use crate::core::names::Nick;
-
-    fn msg(seq: u64) -> Arc<Message> {
-        Arc::new(Message {
-            room: RoomName::parse("r").unwrap(),
-            seq,
-            id: uuid::Uuid::now_v7(),
-            nick: Nick::parse("n").unwrap(),
-            text: format!("m{seq}"),
-            kind: MessageKind::Text,
-            ts: Timestamp(0),
-        })
-    }
+    use crate::core::history::tests::msg;
 
     fn msgs(seqs: impl IntoIterator<Item = u64>) -> Vec<Arc<Message>> {
         seqs.into_iter().map(msg).collect()

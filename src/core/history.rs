@@ -57,12 +57,13 @@ impl History {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::core::event::{MessageKind, Timestamp};
     use crate::core::names::{Nick, RoomName};
 
-    fn msg(seq: u64) -> Arc<Message> {
+    /// A message of room `r` with `seq`, for the core's unit tests.
+    pub(in crate::core) fn msg(seq: u64) -> Arc<Message> {
         Arc::new(Message {
             room: RoomName::parse("r").unwrap(),
             seq,

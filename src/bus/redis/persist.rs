@@ -207,14 +207,7 @@ impl Persister {
             let started = Instant::now();
             match self.store.append(&batch).await {
                 Ok(()) => {
-                    let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
-                    self.stats
-                        .commit_micros
-                        .fetch_add(micros, Ordering::Relaxed);
-                    self.stats.batches.fetch_add(1, Ordering::Relaxed);
-                    self.stats
-                        .messages
-                        .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                    self.stats.committed(batch.len(), started.elapsed());
                     break;
                 }
                 Err(err) => {

@@ -2,7 +2,7 @@
 //! messages, whatever its engine.
 
 use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -75,6 +75,16 @@ pub struct WriterStats {
     pub failures: AtomicU64,
     /// Sum of commit times in microseconds (with `batches`, the mean).
     pub commit_micros: AtomicU64,
+}
+
+impl WriterStats {
+    /// Counts a batch of `rows` messages committed in `took`.
+    pub fn committed(&self, rows: usize, took: std::time::Duration) {
+        let micros = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
+        self.commit_micros.fetch_add(micros, Ordering::Relaxed);
+        self.batches.fetch_add(1, Ordering::Relaxed);
+        self.messages.fetch_add(rows as u64, Ordering::Relaxed);
+    }
 }
 
 /// Persists room messages and answers history questions.
