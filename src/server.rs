@@ -56,7 +56,10 @@ impl Server {
         )
         .await
         .context("could not start the bus")?;
-        let hub = Hub::new(instance, config.limits(), store.clone(), bus.clone());
+        // The hub reads history through the bus: it may hold messages that
+        // storage has not caught up with yet.
+        let history = bus.history(store.clone());
+        let hub = Hub::new(instance, config.limits(), history, bus.clone());
         let tcp = TcpListener::bind(config.tcp).await.with_context(|| {
             format!(
                 "could not listen for TCP on {} (is another daemon running?)",

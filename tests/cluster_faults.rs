@@ -336,31 +336,13 @@ async fn an_instance_cut_off_from_postgres_keeps_its_users_or_renames_them() {
     let Some(pg) = PgDatabase::create().await else {
         return;
     };
-    let upstream = pg_address(&pg.url);
+    let upstream = pg.address();
     let proxy = Proxy::start(upstream).await;
     let through = proxy.url_for(&pg.url);
     let (daemons, mut peers) = cluster([&pg.url, &pg.url, &through]).await;
     a_stalled_instance_comes_back(&daemons, &mut peers, Stall::Link(&proxy)).await;
     drop(daemons);
     pg.drop_now().await;
-}
-
-/// The `host:port` of a PostgreSQL URL.
-fn pg_address(url: &str) -> SocketAddr {
-    let rest = url.split_once("://").expect("a URL").1;
-    let authority = &rest[..rest.find('/').unwrap_or(rest.len())];
-    let host_port = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
-    let host_port = if host_port.contains(':') {
-        host_port.to_owned()
-    } else {
-        format!("{host_port}:5432")
-    };
-    use std::net::ToSocketAddrs;
-    host_port
-        .to_socket_addrs()
-        .expect("a resolvable address")
-        .next()
-        .expect("an address")
 }
 
 /// SIGKILL the third instance: the survivors' users and room streams see
@@ -436,8 +418,8 @@ async fn an_outage_everyone_sees_gives_nothing_away() {
     let Some(pg) = PgDatabase::create().await else {
         return;
     };
-    let first = Proxy::start(pg_address(&pg.url)).await;
-    let others = Proxy::start(pg_address(&pg.url)).await;
+    let first = Proxy::start(pg.address()).await;
+    let others = Proxy::start(pg.address()).await;
     let (early, late) = (first.url_for(&pg.url), others.url_for(&pg.url));
     let (daemons, mut peers) = cluster([&early, &late, &late]).await;
 

@@ -778,3 +778,66 @@ async fn two_instances_chat_across_the_shards_of_a_redis_cluster() {
     assert!(holding >= 2, "all rooms landed on one shard ({holding})");
     drop(daemons);
 }
+
+/// On this bus storage lags delivery (the persister writes behind, and an
+/// instance cut off from the database holds what it read for `CLAIM_IDLE`).
+/// An instance new to a room must still start from where the room really
+/// is, and a `/join ROOM SEQ` there must replay everything after the cursor:
+/// both read the room's stream before storage. (Read from storage alone, the
+/// join replayed nothing and the bus then skipped to the last ten: seqs
+/// 6-20 were lost without a `gap`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_reads_the_room_stream_where_storage_lags() {
+    let Some(redis) = common::shared_redis().await else {
+        return;
+    };
+    let Some(pg) = PgDatabase::create().await else {
+        return;
+    };
+    let cluster = cluster_name("lag");
+    let link = common::proxy::Proxy::start(pg.address()).await;
+    let through = link.url_for(&pg.url);
+    let common_args = ["--bus", &redis, "--cluster", &cluster, "--rate", "0"];
+    let a =
+        Daemon::start(&[&["--db", &through, "--instance", "a"][..], &common_args].concat()).await;
+    let mut alice = Client::in_room(a.tcp, "alice", "general").await;
+    // a's persister now reads the messages and cannot store them.
+    link.pause();
+    for i in 1..=30 {
+        alice.send(&format!("m{i}")).await;
+    }
+    let sent = messages(&mut alice, 30).await;
+    assert_eq!(
+        sent.keys().copied().collect::<Vec<_>>(),
+        (1..=30).collect::<Vec<_>>()
+    );
+
+    // b is new to the room; storage holds none of the 30 yet.
+    let b =
+        Daemon::start(&[&["--db", &pg.url, "--instance", "b"][..], &common_args].concat()).await;
+    let mut bob = Client::json(b.tcp, "bob").await;
+    bob.send("/join general 5").await;
+    let mut replayed = Vec::new();
+    while replayed.last() != Some(&30) {
+        let event = bob
+            .expect(|v| v["type"] == "message" || v["type"] == "gap")
+            .await;
+        assert_eq!(event["type"], "message", "nothing is missing: {event}");
+        replayed.push(event["seq"].as_u64().unwrap());
+    }
+    assert_eq!(replayed, (6..=30).collect::<Vec<_>>());
+
+    // A plain join on b replays the room's real last ten.
+    let mut carol = Client::json(b.tcp, "carol").await;
+    carol.send("/join general").await;
+    carol
+        .expect(|v| v["type"] == "join" && v["nick"] == "carol")
+        .await;
+    let ring: Vec<u64> = messages(&mut carol, 10).await.into_keys().collect();
+    assert_eq!(ring, (21..=30).collect::<Vec<_>>());
+
+    link.resume();
+    drop((alice, bob, carol, a, b));
+    pg.drop_now().await;
+    common::forget_redis_cluster(&redis, &cluster);
+}

@@ -609,14 +609,7 @@ async fn soak(bus: &str) {
     let cluster = format!("soak{seed:x}");
     eprintln!("soak: --bus {bus} --cluster {cluster}");
 
-    let upstream: SocketAddr = {
-        let rest = pg.url.split_once('@').map_or(pg.url.as_str(), |(_, r)| r);
-        rest.split('/')
-            .next()
-            .unwrap()
-            .parse()
-            .expect("a host:port in the PostgreSQL URL")
-    };
+    let upstream = pg.address();
     let addrs: Addrs = Arc::new(Mutex::new(vec![None; 3]));
     let mut nodes = Vec::new();
     for i in 0..3 {

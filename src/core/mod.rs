@@ -74,12 +74,6 @@ impl Deliver for Hub {
         }
     }
 
-    fn wants(&self, room: &RoomName) -> bool {
-        self.lock().rooms.get(room).is_some_and(|r| {
-            !r.members.is_empty() || r.watchers.iter().any(|w| !w.events.is_closed())
-        })
-    }
-
     /// Every local session's nick and rooms.
     fn claims(&self) -> Vec<Claim> {
         self.local_claims()

@@ -348,6 +348,24 @@ impl PgDatabase {
         })
     }
 
+    /// The server's `host:port`, for a fault-injecting proxy in front of it.
+    pub fn address(&self) -> SocketAddr {
+        let rest = self.url.split_once("://").expect("a URL").1;
+        let authority = &rest[..rest.find('/').unwrap_or(rest.len())];
+        let host_port = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+        let host_port = if host_port.contains(':') {
+            host_port.to_owned()
+        } else {
+            format!("{host_port}:5432")
+        };
+        use std::net::ToSocketAddrs;
+        host_port
+            .to_socket_addrs()
+            .expect("a resolvable address")
+            .next()
+            .expect("an address")
+    }
+
     /// Drops the database (call at the end of the test).
     pub async fn drop_now(self) {
         use sqlx::Connection;

@@ -348,11 +348,7 @@ impl Directory for RedisBus {
             }
         }
         .unwrap_or_default();
-        dir.give_up(&self.inner.cmd, nick, owner, &rooms).await?;
-        for room in &rooms {
-            self.inner.rooms.release(room).await;
-        }
-        Ok(())
+        dir.give_up(&self.inner.cmd, nick, owner, &rooms).await
     }
 
     async fn renamed(&self, old: &Nick, new: &Nick, owner: SessionId) -> Result<(), BusError> {
@@ -418,7 +414,6 @@ impl Directory for RedisBus {
             h.rooms.remove(room);
         }
         let removed = dir.remove_member(&self.inner.cmd, room, nick).await?;
-        self.inner.rooms.release(room).await;
         if removed {
             let change = Presence::Left {
                 room: room.clone(),

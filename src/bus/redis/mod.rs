@@ -21,6 +21,7 @@
 //! a message on its own) and `/healthz` says why.
 
 mod directory;
+mod history;
 mod keys;
 mod persist;
 mod rooms;
@@ -45,6 +46,7 @@ use crate::core::ports::{
 };
 use crate::core::{Draft, Message};
 use directory::{HEARTBEAT, Registry};
+use history::StreamFirst;
 use keys::Keys;
 use persist::{FlushRequest, Persister};
 use rooms::{Rooms, unreachable};
@@ -61,8 +63,6 @@ const LOG_CAP: u64 = 10_000;
 const PERSIST_CAP: u64 = 1_000_000;
 /// Pub/sub messages the subscriber buffers before its reader counts as lagging.
 const SUBSCRIBER_BUFFER: usize = 65_536;
-/// How often rooms nobody here wants any more are unsubscribed.
-const SWEEP: Duration = Duration::from_secs(5);
 
 /// The Redis bus of one instance.
 pub struct RedisBus {
@@ -244,11 +244,10 @@ impl Inner {
         }
     }
 
-    /// Heartbeats, reaping, and forgetting rooms nobody here wants.
+    /// Heartbeats and reaping.
     async fn keep_alive(self: Arc<Self>) {
         let mut tick = tokio::time::interval(HEARTBEAT);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut last_sweep = tokio::time::Instant::now();
         loop {
             tokio::select! {
                 _ = self.stop.cancelled() => return,
@@ -293,12 +292,6 @@ impl Inner {
                 tracing::info!("redis bus: Redis reachable again");
             }
             self.healthy.store(ok, Ordering::Relaxed);
-            if last_sweep.elapsed() >= SWEEP {
-                last_sweep = tokio::time::Instant::now();
-                for room in self.rooms.heard().await {
-                    self.rooms.release(&room).await;
-                }
-            }
         }
     }
 }
@@ -376,6 +369,18 @@ impl Bus for RedisBus {
         if let Err(err) = self.inner.rooms.watch(room, delivered).await {
             tracing::warn!(cause = %err, %room, "could not subscribe to a room");
         }
+    }
+
+    async fn unwatch(&self, room: &crate::core::RoomName) {
+        self.inner.rooms.forget(room).await;
+    }
+
+    fn history(&self, store: Arc<dyn Store>) -> Arc<dyn Store> {
+        Arc::new(StreamFirst::new(
+            store,
+            self.inner.cmd.clone(),
+            self.inner.keys.clone(),
+        ))
     }
 
     async fn settled(&self) {

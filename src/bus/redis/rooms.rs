@@ -1,13 +1,18 @@
 //! Subscriptions and order: which rooms this instance hears, and delivering
 //! each in `seq` order with no hole.
 //!
-//! An instance `SSUBSCRIBE`s to a room's channel while the hub wants the room
-//! (local members or room-stream readers, [`Deliver::wants`]) and to its own
-//! and the cluster's channel always. Per room it keeps the last seq it
-//! delivered. A message is delivered when it is the next one; a later one
-//! means messages went by unheard (a reconnect, a lagging reader, a fresh
-//! subscription), and they are read from the room's stream (`XRANGE`), or
-//! from the store if the stream was trimmed past them, before it.
+//! An instance `SSUBSCRIBE`s to a room's channel while its hub holds the room
+//! (from the first local member or room-stream reader until the hub evicts
+//! the room, `--room-idle` after the last one went: [`Rooms::forget`]) and to
+//! its own and the cluster's channel always. Hearing a room exactly as long
+//! as the hub holds it keeps the hub's ring current: a room the hub still
+//! held but no longer heard would answer joins from a stale ring.
+//!
+//! Per room it keeps the last seq it delivered. A message is delivered when
+//! it is the next one; a later one means messages went by unheard (a
+//! reconnect, a lagging reader, a fresh subscription), and they are read from
+//! the room's stream (`XRANGE`), or from the store if the stream was trimmed
+//! past them, before it.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -16,14 +21,14 @@ use fred::clients::SubscriberClient;
 use fred::prelude::*;
 use tokio::sync::Mutex;
 
+use super::history::{self, Entry};
 use super::keys::Keys;
+use super::wire::seq_of_id;
+use crate::core::ports::{BusError, Deliver, Envelope, Store};
+use crate::core::{Message, RoomName};
 
 /// How long a room subscription may take to be confirmed.
 const SUBSCRIBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
-use super::wire::{Body, seq_of_id};
-use crate::core::ports::{BusError, Deliver, Envelope};
-use crate::core::{Message, RING, RoomName};
-use crate::store::Store;
 
 /// Most stream entries read per `XRANGE`.
 const PAGE: u64 = 500;
@@ -92,18 +97,16 @@ impl Rooms {
             }
         }
         state.delivered.insert(room.clone(), delivered);
-        // What was said before the subscription took: at most a ring's worth
-        // counts as news (the hub replays its ring to a joiner; older
-        // messages are history, not live events).
-        self.catch_up(&mut state, room, None, Some(RING as u64))
-            .await
+        // What was said between the hub's read of the room (its ring, read
+        // stream-first, so `delivered` is where the room really stood) and
+        // the subscription.
+        self.catch_up(&mut state, room, None).await
     }
 
-    /// Stops hearing `room` if the hub no longer wants it.
-    pub async fn release(&self, room: &RoomName) {
+    /// Stops hearing `room`: the hub has evicted it.
+    pub async fn forget(&self, room: &RoomName) {
         let mut state = self.state.lock().await;
-        let wanted = state.sink.as_ref().is_none_or(|s| s.wants(room));
-        if wanted || state.delivered.remove(room).is_none() {
+        if state.delivered.remove(room).is_none() {
             return;
         }
         if let Err(err) = self.sub.sunsubscribe(self.keys.room_channel(room)).await {
@@ -122,11 +125,6 @@ impl Rooms {
             .unwrap_or(0)
     }
 
-    /// Rooms currently heard.
-    pub async fn heard(&self) -> Vec<RoomName> {
-        self.state.lock().await.delivered.keys().cloned().collect()
-    }
-
     /// Takes a message at `seq` heard on `room`'s channel (or published here).
     pub async fn offer(&self, message: Arc<Message>) {
         let mut state = self.state.lock().await;
@@ -139,7 +137,7 @@ impl Rooms {
         }
         if message.seq > delivered + 1 {
             if let Err(err) = self
-                .catch_up(&mut state, &room, Some(message.seq - 1), None)
+                .catch_up(&mut state, &room, Some(message.seq - 1))
                 .await
             {
                 tracing::warn!(cause = %err, %room, "could not fill a hole; delivering across it");
@@ -153,7 +151,7 @@ impl Rooms {
         let mut state = self.state.lock().await;
         let rooms: Vec<RoomName> = state.delivered.keys().cloned().collect();
         for room in rooms {
-            if let Err(err) = self.catch_up(&mut state, &room, None, None).await {
+            if let Err(err) = self.catch_up(&mut state, &room, None).await {
                 tracing::warn!(cause = %err, %room, "could not catch up a room");
             }
         }
@@ -161,35 +159,21 @@ impl Rooms {
 
     /// Delivers `room`'s messages after its cursor, up to `upto` (or the end
     /// of the stream), reading the stream and, for what it no longer holds,
-    /// the store. With `newest`, skips to the last `newest` of them.
+    /// the store.
     async fn catch_up(
         &self,
         state: &mut State,
         room: &RoomName,
         upto: Option<u64>,
-        newest: Option<u64>,
     ) -> Result<(), BusError> {
         let log = self.keys.log(room);
-        if let Some(n) = newest {
-            // Where the stream ends decides where "the last n" start.
-            let last: Vec<(String, HashMap<String, String>)> = self
-                .cmd
-                .xrevrange(&log, "+", "-", Some(1))
-                .await
-                .map_err(unreachable)?;
-            let Some(top) = last.first().and_then(|(id, _)| seq_of_id(id)) else {
-                return Ok(());
-            };
-            let cursor = state.delivered.entry(room.clone()).or_insert(0);
-            *cursor = (*cursor).max(top.saturating_sub(n));
-        }
         loop {
             let after = state.delivered.get(room).copied().unwrap_or(0);
             if upto.is_some_and(|u| after >= u) {
                 return Ok(());
             }
             let end = upto.map_or_else(|| "+".to_owned(), |u| u.to_string());
-            let entries: Vec<(String, HashMap<String, String>)> = self
+            let entries: Vec<Entry> = self
                 .cmd
                 .xrange(&log, format!("({after}"), end, Some(PAGE))
                 .await
@@ -214,18 +198,8 @@ impl Rooms {
                 }
             }
             let count = entries.len() as u64;
-            for (id, fields) in entries {
-                let message = seq_of_id(&id).and_then(|seq| {
-                    Body::decode(
-                        room.clone(),
-                        seq,
-                        fields.get("m").map_or("", String::as_str),
-                    )
-                });
-                match message {
-                    Some(m) => deliver(state, Arc::new(m)),
-                    None => tracing::warn!(%room, id, "unreadable stream entry skipped"),
-                }
+            for message in history::decode(room, entries) {
+                deliver(state, Arc::new(message));
             }
             if count < PAGE {
                 return Ok(());

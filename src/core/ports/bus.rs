@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
-use super::store::{StoreError, WriterStats};
+use super::store::{Store, StoreError, WriterStats};
 use crate::core::{DirectMessage, Draft, Message, Nick, RoomCount, RoomName, SessionId};
 
 /// What travels from the bus to an instance.
@@ -108,12 +108,6 @@ pub trait Deliver: Send + Sync + 'static {
     /// Takes one envelope. Must not block: it runs on the bus's own path.
     fn deliver(&self, envelope: Envelope);
 
-    /// Whether this instance still wants `room`'s messages (it has members or
-    /// readers there). A bus that subscribes per room asks before it stops.
-    fn wants(&self, _room: &RoomName) -> bool {
-        true
-    }
-
     /// Every local session's nick and rooms, right now. A bus asks when it
     /// has to re-assert this instance's claims (its lease was reaped). Must
     /// not block.
@@ -145,6 +139,14 @@ pub trait Bus: Send + Sync + 'static {
     /// for it: the hub has evicted the room (no member, no reader, idle). The
     /// inverse of [`Bus::watch`]; a later join or reader watches it again.
     async fn unwatch(&self, _room: &RoomName) {}
+
+    /// The store the hub reads history through (a new room's ring, resumes,
+    /// `/history`). A bus that delivers messages before they are stored
+    /// (`redis`) puts what it holds in front of `store`, so that no read
+    /// misses what storage has not caught up with yet.
+    fn history(&self, store: Arc<dyn Store>) -> Arc<dyn Store> {
+        store
+    }
 
     /// Waits until every message published so far can be read from the
     /// store. Only a bus that stores behind delivery (`local` with async
