@@ -62,6 +62,9 @@ pub enum Workload {
     Saturate(SaturateArgs),
     /// Fan-out with members spread over several instances (--target given several times).
     Cluster(FanoutArgs),
+    /// Persistence on the Redis bus alone: a backlog in the partition
+    /// streams, drained into the database by real persisters.
+    Persist(PersistArgs),
     /// Medians of JSON results as markdown tables, and an SVG chart.
     Report(ReportArgs),
 }
@@ -200,6 +203,32 @@ pub struct SaturateArgs {
     pub give_up_p99_ms: f64,
 }
 
+/// `persist`.
+#[derive(Debug, Clone, Args)]
+pub struct PersistArgs {
+    /// The Redis to fill (a fresh random `--cluster` name keeps the run apart).
+    #[arg(long, default_value = "redis://127.0.0.1:6379")]
+    pub redis: String,
+    /// The database to store into (an empty one: the run adds its rows).
+    #[arg(long)]
+    pub db: String,
+    /// Messages in the backlog.
+    #[arg(long, default_value_t = 200_000)]
+    pub messages: u64,
+    /// Rooms they are spread over.
+    #[arg(long, default_value_t = 100)]
+    pub rooms: u32,
+    /// Persisters draining at once (instances of one cluster).
+    #[arg(long, default_value_t = 1)]
+    pub persisters: u32,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// A label stored in the JSON.
+    #[arg(long)]
+    pub label: Option<String>,
+}
+
 /// `report`.
 #[derive(Debug, Clone, Args)]
 pub struct ReportArgs {
@@ -215,6 +244,7 @@ pub struct ReportArgs {
 pub async fn main(args: BenchArgs) -> anyhow::Result<()> {
     let (common, outcome, workload) = match args.workload {
         Workload::Report(r) => return summary::main(&r),
+        Workload::Persist(p) => return persist(p).await,
         Workload::Fanout(f) => {
             let plan = fanout_plan(&f)?;
             (
@@ -290,6 +320,35 @@ pub async fn main(args: BenchArgs) -> anyhow::Result<()> {
         outcome,
     };
     if common.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        print!("{}", report.table());
+    }
+    Ok(())
+}
+
+/// `bench persist`: one drain, reported like the other workloads.
+async fn persist(p: PersistArgs) -> anyhow::Result<()> {
+    let store = crate::store::open(&p.db, crate::store::Durability::Async).await?;
+    let cluster = format!("bench-persist-{:08x}", rand::random::<u32>());
+    let result = crate::bus::drain::run(
+        &p.redis,
+        &cluster,
+        store.clone(),
+        p.messages,
+        p.rooms,
+        p.persisters,
+    )
+    .await?;
+    store.close().await;
+    let report = Report {
+        workload: "persist".to_owned(),
+        label: p.label,
+        poll_interval_ms: None,
+        command: command_line(),
+        outcome: Outcome::Persist(result),
+    };
+    if p.json {
         println!("{}", serde_json::to_string(&report)?);
     } else {
         print!("{}", report.table());

@@ -174,6 +174,8 @@ pub enum Outcome {
     },
     /// `saturate`.
     Saturate(SaturateResult),
+    /// `persist`: the Redis bus's persistence streams drained into the store.
+    Persist(crate::bus::drain::DrainResult),
 }
 
 /// One benchmark report (one line of `--json` output).
@@ -201,6 +203,24 @@ impl Report {
         }
         match &self.outcome {
             Outcome::Load(r) => load_table(&mut out, r),
+            Outcome::Persist(p) => {
+                let _ = writeln!(
+                    out,
+                    "stored      {} messages over {} rooms by {} persister(s) in {:.2} s",
+                    p.messages, p.rooms, p.persisters, p.seconds
+                );
+                let _ = writeln!(out, "rate        {:.0} messages/s", p.messages_per_s);
+                let _ = writeln!(
+                    out,
+                    "commits     {} (mean {:.2} ms)",
+                    p.batches, p.mean_commit_ms
+                );
+                let _ = writeln!(
+                    out,
+                    "redis       {:.3} commands per message stored",
+                    p.redis_commands_per_message
+                );
+            }
             Outcome::Idle { results: rs } => {
                 let _ = writeln!(
                     out,

@@ -28,7 +28,7 @@ use crate::core::ports::{Durability, Store};
 
 pub use local::LocalBus;
 pub use poll::{LEASE, PollBus};
-pub use redis::RedisBus;
+pub use redis::{RedisBus, drain};
 
 /// Which bus `--bus` asked for.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -11,7 +11,7 @@ use sqlx::Connection;
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
 
 use super::keys::Pruner;
-use super::rows::{StoredRow, insert_batch, insert_once, messages, sql_seq};
+use super::rows::{StoredRow, insert_once, messages, sql_seq};
 use super::seqs;
 use crate::core::ports::{Store, StoreError};
 use crate::core::{IdempotencyKey, Message, RoomName};
@@ -19,8 +19,14 @@ use crate::core::{IdempotencyKey, Message, RoomName};
 /// How long the daemon waits for PostgreSQL at start before giving up.
 const FIRST_CONNECT: Duration = Duration::from_secs(5);
 
-/// PostgreSQL allows 65,535 bound parameters; seven per row.
-const ROWS_PER_INSERT: usize = 5_000;
+/// The batch insert: one statement with seven array parameters whatever the
+/// batch's size. PostgreSQL parses and plans one short statement instead of
+/// binding seven parameters per row (and the 65,535-parameter limit no
+/// longer splits a batch); a row already stored is skipped, so a retried
+/// batch is harmless.
+const INSERT_UNNEST: &str = "INSERT INTO messages (room, seq, id, nick, text, kind, ts) \
+     SELECT * FROM UNNEST($1::text[], $2::bigint[], $3::text[], $4::text[], $5::text[], $6::text[], $7::bigint[]) \
+     ON CONFLICT DO NOTHING";
 
 /// Messages in a PostgreSQL database.
 #[derive(Debug, Clone)]
@@ -79,7 +85,39 @@ impl Store for PostgresStore {
     }
 
     async fn append(&self, batch: &[Arc<Message>]) -> Result<(), StoreError> {
-        insert_batch(&self.pool, batch, ROWS_PER_INSERT).await
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let n = batch.len();
+        let (mut rooms, mut seqs, mut ids, mut nicks, mut texts, mut kinds, mut ts) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
+        for m in batch {
+            rooms.push(m.room.as_str());
+            seqs.push(sql_seq(m.seq));
+            ids.push(m.id.to_string());
+            nicks.push(m.nick.as_str());
+            texts.push(m.text.as_str());
+            kinds.push(m.kind.as_str());
+            ts.push(m.ts.0);
+        }
+        sqlx::query(INSERT_UNNEST)
+            .bind(rooms)
+            .bind(seqs)
+            .bind(ids)
+            .bind(nicks)
+            .bind(texts)
+            .bind(kinds)
+            .bind(ts)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
     }
 
     async fn last_seq(&self, room: &RoomName) -> Result<u64, StoreError> {

@@ -21,6 +21,7 @@
 //! a message on its own) and `/healthz` says why.
 
 mod directory;
+pub mod drain;
 mod history;
 mod keys;
 mod persist;
@@ -37,7 +38,7 @@ use fred::clients::SubscriberClient;
 use fred::prelude::*;
 use fred::types::config::ReconnectPolicy;
 use tokio::sync::broadcast::error::RecvError;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -84,6 +85,8 @@ struct Inner {
     stop: CancellationToken,
     persist_stop: CancellationToken,
     flushes: mpsc::Sender<FlushRequest>,
+    /// Wakes this instance's persister: it has published something.
+    persist_poke: Arc<Notify>,
     stats: Arc<WriterStats>,
     sink: StdMutex<Option<Arc<dyn Deliver>>>,
 }
@@ -146,6 +149,7 @@ impl RedisBus {
             stop: CancellationToken::new(),
             persist_stop: CancellationToken::new(),
             flushes,
+            persist_poke: Arc::new(Notify::new()),
             stats: stats.clone(),
             sink: StdMutex::new(None),
         });
@@ -159,7 +163,11 @@ impl RedisBus {
             store,
             stats,
         };
-        let persister = tokio::spawn(persister.run(inner.persist_stop.clone(), flush_rx));
+        let persister = tokio::spawn(persister.run(
+            inner.persist_stop.clone(),
+            flush_rx,
+            inner.persist_poke.clone(),
+        ));
         Ok(RedisBus {
             inner,
             tasks: StdMutex::default(),
@@ -359,6 +367,7 @@ impl Bus for RedisBus {
             }));
         }
         let message = Arc::new(draft.sequence(seq));
+        inner.persist_poke.notify_one();
         // Delivered here at once (after anything older not heard yet); the
         // copy that comes back on the channel is then a duplicate.
         inner.rooms.offer(message.clone()).await;

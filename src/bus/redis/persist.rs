@@ -19,7 +19,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use fred::prelude::*;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Notify, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use super::keys::{Keys, PARTITIONS};
@@ -35,8 +35,15 @@ const BATCH: u64 = 1_000;
 pub const CLAIM_IDLE: Duration = Duration::from_secs(10);
 /// How often pending entries are looked for.
 const CLAIM_EVERY: Duration = Duration::from_secs(3);
-/// The pause after a round that found nothing.
+/// The pause after the first round that found nothing; it doubles while
+/// rounds keep finding nothing, up to [`MAX_IDLE`]. A message published by
+/// this instance wakes the persister at once ([`Persister::run`]'s `poke`),
+/// so the pause only delays what other instances published and did not
+/// store themselves (they died, or their database link is cut).
 const IDLE: Duration = Duration::from_millis(50);
+/// The longest pause between rounds: an idle cluster of N instances costs
+/// Redis `N * PARTITIONS` reads per `MAX_IDLE`.
+const MAX_IDLE: Duration = Duration::from_secs(1);
 
 type Entry = (String, HashMap<String, String>);
 
@@ -52,12 +59,25 @@ pub struct Persister {
     pub stats: Arc<WriterStats>,
 }
 
+/// What one round read from one partition stream.
+struct Taken {
+    key: String,
+    entries: Vec<Entry>,
+}
+
 impl Persister {
     /// Runs until `stop`, then does a last round. `flushes` ask for a round
-    /// to finish (a read that wants the store to catch up).
-    pub async fn run(self, stop: CancellationToken, mut flushes: mpsc::Receiver<FlushRequest>) {
+    /// to finish (a read that wants the store to catch up); `poke` says this
+    /// instance published something.
+    pub async fn run(
+        self,
+        stop: CancellationToken,
+        mut flushes: mpsc::Receiver<FlushRequest>,
+        poke: Arc<Notify>,
+    ) {
         self.ensure_groups().await;
         let mut last_claim = Instant::now();
+        let mut idle = IDLE;
         loop {
             let mut waiting = Vec::new();
             while let Ok(done) = flushes.try_recv() {
@@ -76,15 +96,22 @@ impl Persister {
                 self.round(false, &CancellationToken::new()).await;
                 return;
             }
-            if stored == 0 {
-                tokio::select! {
-                    _ = stop.cancelled() => {}
-                    _ = tokio::time::sleep(IDLE) => {}
-                    Some(done) = flushes.recv() => {
-                        // Read now, and answer once done.
-                        self.round(false, &stop).await;
-                        let _ = done.send(());
-                    }
+            if stored > 0 {
+                idle = IDLE;
+                continue;
+            }
+            // Claims must still run every CLAIM_EVERY while idle.
+            let pause = idle.min(CLAIM_EVERY.saturating_sub(last_claim.elapsed()));
+            idle = (idle * 2).min(MAX_IDLE);
+            tokio::select! {
+                _ = stop.cancelled() => {}
+                _ = tokio::time::sleep(pause) => {}
+                _ = poke.notified() => idle = IDLE,
+                Some(done) = flushes.recv() => {
+                    // Read now, and answer once done.
+                    self.round(false, &stop).await;
+                    let _ = done.send(());
+                    idle = IDLE;
                 }
             }
         }
@@ -106,34 +133,49 @@ impl Persister {
     }
 
     /// Reads every partition once (and claims abandoned entries if `claim`),
-    /// storing what it finds. Returns how many messages it stored.
+    /// and stores all it found in one transaction. Returns how many messages
+    /// it stored.
+    ///
+    /// The partitions are read concurrently: fred pipelines the commands on
+    /// one connection, so a round costs one round trip to Redis, not one per
+    /// partition. One commit per round, not per partition: a commit waits
+    /// for the database's log flush, which costs the same for 10 rows as for
+    /// 10,000, and it is what bounds the rate when a backlog drains.
     async fn round(&self, claim: bool, stop: &CancellationToken) -> usize {
-        let mut stored = 0;
-        for p in 0..PARTITIONS {
-            let key = self.keys.persist(p);
-            let mut entries = match self.read(&key).await {
-                Ok(entries) => entries,
-                Err(err) => {
-                    if err.details().contains("NOGROUP") {
-                        // Redis lost its data (restarted without persistence).
-                        self.ensure_groups().await;
-                    } else {
-                        tracing::debug!(cause = %err, "persister: read failed");
-                    }
-                    // Claims still run: they are what rescues a dead
-                    // reader's entries, whatever this read found.
-                    Vec::new()
-                }
-            };
-            if claim {
-                entries.extend(self.claim(&key).await);
-            }
-            if entries.is_empty() {
-                continue;
-            }
-            stored += self.store_and_ack(&key, entries, stop).await;
+        let taken: Vec<Taken> =
+            futures::future::join_all((0..PARTITIONS).map(|p| self.take(p, claim))).await;
+        let taken: Vec<Taken> = taken
+            .into_iter()
+            .filter(|t| !t.entries.is_empty())
+            .collect();
+        if taken.is_empty() {
+            return 0;
         }
-        stored
+        self.store_and_ack(taken, stop).await
+    }
+
+    /// What partition `p` has for this instance: new entries, and with
+    /// `claim` entries a silent reader left pending.
+    async fn take(&self, p: u32, claim: bool) -> Taken {
+        let key = self.keys.persist(p);
+        let mut entries = match self.read(&key).await {
+            Ok(entries) => entries,
+            Err(err) => {
+                if err.details().contains("NOGROUP") {
+                    // Redis lost its data (restarted without persistence).
+                    self.ensure_groups().await;
+                } else {
+                    tracing::debug!(cause = %err, "persister: read failed");
+                }
+                // Claims still run: they are what rescues a dead reader's
+                // entries, whatever this read found.
+                Vec::new()
+            }
+        };
+        if claim {
+            entries.extend(self.claim(&key).await);
+        }
+        Taken { key, entries }
     }
 
     async fn read(&self, key: &str) -> Result<Vec<Entry>, fred::error::Error> {
@@ -185,17 +227,12 @@ impl Persister {
         }
     }
 
-    /// Stores `entries` (retrying until it works or the bus stops), then
-    /// acknowledges and deletes them.
-    async fn store_and_ack(
-        &self,
-        key: &str,
-        entries: Vec<Entry>,
-        stop: &CancellationToken,
-    ) -> usize {
-        let ids: Vec<String> = entries.iter().map(|(id, _)| id.clone()).collect();
-        let batch: Vec<Arc<Message>> = entries
-            .into_iter()
+    /// Stores what a round took (retrying until it works or the bus stops),
+    /// then acknowledges and deletes it, partition by partition.
+    async fn store_and_ack(&self, taken: Vec<Taken>, stop: &CancellationToken) -> usize {
+        let batch: Vec<Arc<Message>> = taken
+            .iter()
+            .flat_map(|t| t.entries.iter())
             .filter_map(|(_, fields)| {
                 let room = RoomName::parse(fields.get("r")?).ok()?;
                 let seq = fields.get("s")?.parse().ok()?;
@@ -224,11 +261,15 @@ impl Persister {
         }
         // Acknowledged only once committed; if this fails the entries stay
         // pending and are stored again (harmlessly) by whoever claims them.
-        let acked: Result<i64, _> = self.cmd.xack(key, GROUP, ids.clone()).await;
-        let deleted: Result<i64, _> = self.cmd.xdel(key, ids).await;
-        if let Err(err) = acked.and(deleted) {
-            tracing::warn!(cause = %err, "persister: could not acknowledge stored messages");
-        }
+        let acks = taken.into_iter().map(|t| async move {
+            let ids: Vec<String> = t.entries.into_iter().map(|(id, _)| id).collect();
+            let acked: Result<i64, _> = self.cmd.xack(&t.key, GROUP, ids.clone()).await;
+            let deleted: Result<i64, _> = self.cmd.xdel(&t.key, ids).await;
+            if let Err(err) = acked.and(deleted) {
+                tracing::warn!(cause = %err, "persister: could not acknowledge stored messages");
+            }
+        });
+        futures::future::join_all(acks).await;
         batch.len()
     }
 }
