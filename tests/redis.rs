@@ -841,3 +841,46 @@ async fn a_join_reads_the_room_stream_where_storage_lags() {
     pg.drop_now().await;
     common::forget_redis_cluster(&redis, &cluster);
 }
+
+/// The database is cut off from every instance while messages flow: on this
+/// bus chat goes on (Redis orders and delivers), and once the database is
+/// back the persisters store every message that was acknowledged meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_cut_stops_no_chat_and_loses_no_message() {
+    let Some(redis) = common::shared_redis().await else {
+        return;
+    };
+    let Some(pg) = PgDatabase::create().await else {
+        return;
+    };
+    let cluster = cluster_name("dbcut");
+    let link = common::proxy::Proxy::start(pg.address()).await;
+    let through = link.url_for(&pg.url);
+    let daemons = start_cluster(&redis, &through, &cluster, &["--rate", "0"]).await;
+    let mut alice = Client::in_room(daemons[0].tcp, "alice", "general").await;
+    let mut carol = Client::in_room(daemons[2].tcp, "carol", "general").await;
+    alice
+        .expect(|v| v["type"] == "join" && v["nick"] == "carol")
+        .await;
+
+    link.cut();
+    for i in 0..100 {
+        alice.send(&format!("a{i}")).await;
+        carol.send(&format!("c{i}")).await;
+    }
+    // Both hear all 200, numbered once, while the database is away.
+    let heard_by_alice = messages(&mut alice, 200).await;
+    let heard_by_carol = messages(&mut carol, 200).await;
+    assert_eq!(heard_by_alice, heard_by_carol);
+    assert_eq!(
+        heard_by_alice.keys().copied().collect::<Vec<_>>(),
+        (1..=200).collect::<Vec<_>>()
+    );
+
+    link.resume();
+    let seqs: Vec<u64> = heard_by_alice.keys().copied().collect();
+    wait_stored(&pg.url, &seqs, Duration::from_secs(30)).await;
+    drop((alice, carol, daemons));
+    pg.drop_now().await;
+    common::forget_redis_cluster(&redis, &cluster);
+}
