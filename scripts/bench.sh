@@ -78,8 +78,12 @@ cargo build --release --quiet
 BIN=${CARGO_TARGET_DIR:-target}/release/baby-discord
 
 # start_daemon ARGS...: starts a daemon on free ports; sets PID, TCP, HTTP.
+# Each daemon gets a log of its own: a reused name could still hold the last
+# daemon's "listening" line when it is read, before the new daemon truncates it.
+STARTS=0
 start_daemon() {
-  local log=$WORK/daemon-${#DAEMONS[@]}.log
+  STARTS=$((STARTS + 1))
+  local log=$WORK/daemon-$STARTS.log
   RUST_LOG=warn,baby_discord::server=info "${SERVER_CPU[@]}" "$BIN" \
     --tcp 127.0.0.1:0 --http 127.0.0.1:0 "$@" 2>"$log" &
   PID=$!
@@ -201,6 +205,63 @@ for interval in 20 100; do
   done
 done
 
+# The redis bus under the same load: the machine's Redis (REDIS_URL), each run
+# under its own --cluster name, its keys deleted afterwards. Redis's command
+# counters before and after each run say what the whole run cost it (the
+# members' joins included).
+REDIS_URL=${REDIS_URL:-redis://127.0.0.1:6379}
+REDIS_COSTS=$WORK/redis-costs.txt
+redis_stat() { # redis_stat FIELD: a counter from INFO commandstats / stats
+  redis-cli -u "$REDIS_URL" info all | tr -d '\r' | awk -F'[:=,]' -v f="$1" '
+    $1 == "total_commands_processed" && f == "total" { print $2 }
+    $1 == "cmdstat_evalsha" && f == "evalsha" { print $3 }' | head -n1
+}
+if command -v redis-cli >/dev/null && redis-cli -u "$REDIS_URL" ping >/dev/null 2>&1; then
+  echo "== cluster: 3 instances, redis bus, shared SQLite"
+  for run in $(seq "$RUNS"); do
+    cluster="bench-$$-$run"
+    db="sqlite://$WORK/cluster-redis-$run.db"
+    targets=(); pids=()
+    for i in 1 2 3; do
+      start_daemon --db "$db" --bus "$REDIS_URL" --cluster "$cluster" --instance "i$i"
+      targets+=(--target "$TCP"); pids+=(--server-pid "$PID")
+    done
+    args=(cluster "${targets[@]}" --members "$CLUSTER_MEMBERS" --rate 50 --duration "$DURATION"
+          "${pids[@]}" --label "cluster 3 x redis, $CLUSTER_MEMBERS members @ 50 msg/s")
+    [ "$run" = 1 ] && note_command \
+      "baby-discord serve --db sqlite://SHARED --bus redis://127.0.0.1:6379 --cluster NAME --instance iN  # x3" \
+      && note_command "baby-discord bench $(printf '%q ' "${args[@]}")"
+    total=$(redis_stat total); evalsha=$(redis_stat evalsha)
+    bench "${args[@]}" || true
+    echo "$(( $(redis_stat total) - total )) $(( $(redis_stat evalsha) - ${evalsha:-0} ))" >>"$REDIS_COSTS"
+    stop_daemons
+    redis-cli -u "$REDIS_URL" --scan --pattern "*$cluster*" | xargs -r redis-cli -u "$REDIS_URL" del >/dev/null
+  done
+else
+  echo "cluster on the redis bus: no Redis answers at $REDIS_URL" >>"$PENDING"
+fi
+
+# Persistence on the redis bus alone: a backlog drained into PostgreSQL
+# (PG_URL, a server where a fresh database can be created for each run).
+PG_URL=${PG_URL:-postgres://postgres@127.0.0.1:5432/postgres}
+if command -v psql >/dev/null && psql "$PG_URL" -qAtc 'select 1' >/dev/null 2>&1 \
+    && redis-cli -u "$REDIS_URL" ping >/dev/null 2>&1; then
+  echo "== persist: a backlog of 100,000 messages drained into PostgreSQL"
+  for persisters in 1 3; do
+    for run in $(seq "$RUNS"); do
+      name="bench_persist_$$_${persisters}_$run"
+      psql "$PG_URL" -qc "CREATE DATABASE $name"
+      args=(persist --redis "$REDIS_URL" --db "${PG_URL%/*}/$name" --messages 100000 --rooms 100
+            --persisters "$persisters" --label "persist 100000 messages, $persisters persister(s)")
+      [ "$run" = 1 ] && note_command "baby-discord bench $(printf '%q ' "${args[@]}" | sed -E 's#postgres://[^ ]*#postgres://FRESH_DB#')"
+      bench "${args[@]}" || true
+      psql "$PG_URL" -qc "DROP DATABASE $name"
+    done
+  done
+else
+  echo "persist: needs PostgreSQL at $PG_URL and Redis at $REDIS_URL" >>"$PENDING"
+fi
+
 echo "== report"
 mkdir -p "$(dirname "$OUT")"
 ELAPSED=$(( $(date +%s) - STARTED ))
@@ -236,6 +297,18 @@ CPU_MODEL=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//' |
   echo "messages a member received twice."
   echo
   echo "$TABLES"
+  if [ -s "$REDIS_COSTS" ]; then
+    echo
+    echo "Redis commands per redis-bus cluster run, all of the run's commands: the"
+    echo "members' joins and the heartbeats included. EVALSHA runs the scripts: the"
+    echo "publish script (one per message) and the directory's (nick claims, joins)."
+    echo
+    echo "| run | Redis commands | EVALSHA | messages offered |"
+    echo "|---|---|---|---|"
+    n=0; while read -r total eval; do n=$((n + 1));
+      echo "| $n | $total | $eval | $(awk -v d="$DURATION" 'BEGIN { print 50 * d }') |"; done <"$REDIS_COSTS"
+    echo
+  fi
   if [ -s "$PENDING" ]; then
     echo "Pending or failed:"
     echo

@@ -222,6 +222,36 @@ pub fn markdown(reports: &[Report]) -> String {
         out.push_str(&saturate_rows);
         out.push('\n');
     }
+    let mut persist_rows = String::new();
+    for (key, g) in &groups {
+        let runs: Vec<_> = g
+            .iter()
+            .filter_map(|r| match &r.outcome {
+                Outcome::Persist(p) => Some(p),
+                _ => None,
+            })
+            .collect();
+        if runs.is_empty() {
+            continue;
+        }
+        let m = |f: fn(&crate::bus::drain::DrainResult) -> f64| {
+            median(runs.iter().map(|r| f(r)).collect())
+        };
+        persist_rows.push_str(&format!(
+            "| {key} | {} | {:.0} | {:.0} | {:.1} | {:.4} |\n",
+            runs.len(),
+            m(|r| r.messages as f64),
+            m(|r| r.messages_per_s),
+            m(|r| r.mean_commit_ms),
+            m(|r| r.redis_commands_per_message),
+        ));
+    }
+    if !persist_rows.is_empty() {
+        out.push_str("| point | runs | messages | stored msg/s | mean commit ms | Redis commands per message stored |\n");
+        out.push_str("|---|---|---|---|---|---|\n");
+        out.push_str(&persist_rows);
+        out.push('\n');
+    }
     out
 }
 
