@@ -150,3 +150,30 @@ async fn a_session_logs_its_start_and_end_under_its_id() {
         "{logs}"
     );
 }
+
+/// `--durability sync` means "stored before delivered", which the redis bus
+/// does not do: the daemon says so and stops instead of ignoring the flag.
+#[tokio::test]
+async fn sync_durability_on_the_redis_bus_is_refused_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = format!("sqlite://{}", dir.path().join("chat.db").display());
+    let (code, _, err) = run(
+        BIN,
+        &[
+            "--tcp",
+            "127.0.0.1:0",
+            "--http",
+            "127.0.0.1:0",
+            "--db",
+            &db,
+            "--bus",
+            "redis://127.0.0.1:1",
+            "--durability",
+            "sync",
+        ],
+        Duration::from_secs(25),
+    )
+    .await;
+    assert_ne!(code, Some(0), "{err}");
+    assert!(err.contains("--durability sync does not apply"), "{err}");
+}

@@ -99,6 +99,17 @@ pub async fn open(spec: &BusSpec, options: BusOptions<'_>) -> Result<Arc<dyn Bus
             .await?,
         ),
         BusSpec::Redis(url) => {
+            if options.durability == Durability::Sync {
+                // Said rather than ignored: on this bus a message is
+                // acknowledged once Redis holds it, and stored behind.
+                return Err(BusError::Redis(
+                    "--durability sync does not apply to the redis bus: a message is \
+                     acknowledged once Redis has numbered it and holds it in its streams \
+                     (durable across a Redis restart with appendonly yes), and stored in \
+                     the database behind delivery; leave --durability at async"
+                        .into(),
+                ));
+            }
             Arc::new(RedisBus::open(url, options.cluster, options.instance, options.store).await?)
         }
     })
