@@ -601,20 +601,21 @@ async fn an_idempotency_key_sends_once_across_instances_on_redis() {
     let cluster = cluster_name("keys");
     let daemons = start_cluster(&redis, &db, &cluster, &[]).await;
     let (h1, h2) = (Http::new(daemons[0].http), Http::new(daemons[1].http));
-    let send = |http: Http, token: String, key: &'static str| async move {
+    let send_in = |http: Http, token: String, room: &'static str, key: &'static str| async move {
         let auth = format!("Bearer {token}");
         let headers = [
             ("content-type", "application/json"),
             ("authorization", auth.as_str()),
             ("idempotency-key", key),
         ];
-        let body = serde_json::json!({ "room": "keys", "text": "exactly once" }).to_string();
+        let body = serde_json::json!({ "room": room, "text": "exactly once" }).to_string();
         let reply = http
             .request(hyper::Method::POST, "/message", &headers, Some(body.into()))
             .await;
         assert_eq!(reply.status, 200, "{}", reply.text());
         reply.json()
     };
+    let send = |http: Http, token: String, key: &'static str| send_in(http, token, "keys", key);
     let (carol, _) = h1.connect(Some("carol")).await;
     assert_eq!(h1.command(&carol, "/join keys").await.status, 200);
     let first = send(h1, carol.clone(), "k-1").await;
@@ -647,12 +648,22 @@ async fn an_idempotency_key_sends_once_across_instances_on_redis() {
         first,
         "a repeat, another instance"
     );
-    let other = send(h2, carol, "k-2").await;
+    let other = send(h2, carol.clone(), "k-2").await;
     assert_eq!(
         other["seq"],
         first["seq"].as_u64().unwrap() + 1,
         "a repeat uses no seq"
     );
+    // The key is the nick's, not the room's: repeated in another room it
+    // still answers the first send, and sends nothing there.
+    assert_eq!(h2.command(&carol, "/join elsewhere").await.status, 200);
+    assert_eq!(
+        send_in(h2, carol.clone(), "elsewhere", "k-1").await,
+        first,
+        "a repeat, another room"
+    );
+    let fresh = send_in(h2, carol, "elsewhere", "k-3").await;
+    assert_eq!(fresh["seq"], 1, "the repeat sent nothing in the other room");
     drop(daemons);
     common::forget_redis_cluster(&redis, &cluster);
 }

@@ -77,6 +77,13 @@ impl Keys {
         )
     }
 
+    /// Which room `nick` first used an `Idempotency-Key` in (the key is the
+    /// nick's, across rooms: PROTOCOL.md). In the nick's own slot: the
+    /// receipt itself lives in the room's, where the publish script writes it.
+    pub fn key_room(&self, nick: &str, key: &str) -> String {
+        format!("{{{}:n:{nick}}}:key:{key}", self.cluster)
+    }
+
     /// The room's capped stream of recent messages.
     pub fn log(&self, room: &RoomName) -> String {
         format!("{}:log:{room}", self.tag(Self::partition(room)))

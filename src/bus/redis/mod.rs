@@ -45,7 +45,7 @@ use tokio_util::sync::CancellationToken;
 use crate::core::ports::{
     Bus, BusError, Deliver, Directory, Envelope, IDEMPOTENCY_WINDOW, Presence, Store, WriterStats,
 };
-use crate::core::{Draft, Message};
+use crate::core::{Draft, Message, RoomName};
 use directory::{HEARTBEAT, Registry};
 use history::StreamFirst;
 use keys::Keys;
@@ -177,6 +177,64 @@ impl RedisBus {
 }
 
 impl Inner {
+    /// A send with an `Idempotency-Key` that this nick first used in another
+    /// room: that send's message (nothing is sent again), or `None` when the
+    /// key is new, was used in this room (the publish script answers that
+    /// case atomically), or its first send never got a seq (then the key
+    /// moves to this room).
+    ///
+    /// The key's room is recorded in the nick's slot before the publish
+    /// script runs in the room's; the two cannot be one script on a Redis
+    /// Cluster. Two sends racing with one key in two rooms can therefore
+    /// both be sent; one client retrying one send cannot race itself.
+    async fn first_send_elsewhere(
+        &self,
+        draft: &Draft,
+        key: &str,
+    ) -> Result<Option<Arc<Message>>, BusError> {
+        let nick = draft.nick.key();
+        let marker = self.keys.key_room(nick.as_str(), key);
+        let window = Some(Expiration::EX(IDEMPOTENCY_WINDOW.as_secs() as i64));
+        let room = draft.room.as_str();
+        let claimed: Option<String> = self
+            .cmd
+            .set(&marker, room, window.clone(), Some(SetOptions::NX), false)
+            .await
+            .map_err(unreachable)?;
+        if claimed.is_some() {
+            return Ok(None); // first use of the key
+        }
+        let first_room: Option<String> = self.cmd.get(&marker).await.map_err(unreachable)?;
+        let Some(first_room) = first_room.and_then(|r| RoomName::parse(&r).ok()) else {
+            return Ok(None);
+        };
+        if first_room == draft.room {
+            return Ok(None);
+        }
+        let receipt: Option<String> = self
+            .cmd
+            .get(self.keys.receipt(&first_room, nick.as_str(), key))
+            .await
+            .map_err(unreachable)?;
+        if let Some(receipt) = receipt {
+            let (seq, id) = parse_receipt(&receipt)?;
+            if let Some(id) = id {
+                return Ok(Some(Arc::new(Message {
+                    room: first_room,
+                    id,
+                    ..draft.clone().sequence(seq)
+                })));
+            }
+        }
+        // The first send was never numbered: the key is free for this room.
+        let _: Option<String> = self
+            .cmd
+            .set(&marker, room, window, None, false)
+            .await
+            .map_err(unreachable)?;
+        Ok(None)
+    }
+
     fn sink(&self) -> Option<Arc<dyn Deliver>> {
         self.sink.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
@@ -342,6 +400,9 @@ impl Bus for RedisBus {
             PERSIST_CAP.to_string(),
         ];
         if let Some(key) = &draft.key {
+            if let Some(first) = inner.first_send_elsewhere(&draft, key.as_str()).await? {
+                return Ok(first);
+            }
             keys.push(
                 inner
                     .keys
