@@ -895,3 +895,65 @@ async fn a_database_cut_stops_no_chat_and_loses_no_message() {
     pg.drop_now().await;
     common::forget_redis_cluster(&redis, &cluster);
 }
+
+/// A room stream reader whose instance is killed (`SIGKILL`) while messages
+/// flow reconnects to another instance with its `Last-Event-ID`, as
+/// EventSource does, and misses nothing: every seq once, no `gap`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_moved_off_a_killed_instance_misses_nothing() {
+    let Some(redis) = common::shared_redis().await else {
+        return;
+    };
+    let Some(pg) = PgDatabase::create().await else {
+        return;
+    };
+    let cluster = cluster_name("moved");
+    let mut daemons = start_cluster(&redis, &pg.url, &cluster, &["--rate", "0"]).await;
+    let mut alice = Client::in_room(daemons[0].tcp, "alice", "general").await;
+    let mut stream = Http::new(daemons[2].http)
+        .sse("/messages/general", None)
+        .await;
+    let mut seen: Vec<u64> = Vec::new();
+    let read = |frame: common::http::Frame, seen: &mut Vec<u64>| {
+        assert_eq!(
+            frame.event.as_deref(),
+            Some("message"),
+            "no gap: {}",
+            frame.data
+        );
+        seen.push(frame.json()["seq"].as_u64().unwrap());
+    };
+    for i in 1..=150 {
+        alice.send(&format!("m{i}")).await;
+    }
+    while seen.len() < 50 {
+        let frame = stream.event_or_end().await.expect("i3 is alive");
+        read(frame, &mut seen);
+    }
+    daemons[2].kill9().await;
+    for i in 151..=300 {
+        alice.send(&format!("m{i}")).await;
+    }
+    // What i3 had written before it died, then the end of the stream.
+    while let Some(frame) = stream.event_or_end().await {
+        read(frame, &mut seen);
+    }
+    let last = stream.last_id.clone().expect("frames had ids");
+    let mut moved = Http::new(daemons[1].http)
+        .sse("/messages/general", Some(&last))
+        .await;
+    while seen.last() != Some(&300) {
+        let frame = moved.event_or_end().await.expect("i2 is alive");
+        read(frame, &mut seen);
+    }
+    assert_eq!(
+        seen,
+        (1..=300).collect::<Vec<_>>(),
+        "every seq once, in order"
+    );
+    let all: Vec<u64> = (1..=300).collect();
+    wait_stored(&pg.url, &all, Duration::from_secs(30)).await;
+    drop((alice, daemons));
+    pg.drop_now().await;
+    common::forget_redis_cluster(&redis, &cluster);
+}

@@ -331,6 +331,31 @@ impl Sse {
         }
     }
 
+    /// The next event, or `None` once the stream ends or breaks (its server
+    /// died): for tests that resume elsewhere, as EventSource would.
+    pub async fn event_or_end(&mut self) -> Option<Frame> {
+        loop {
+            if self.buf.contains("\n\n") {
+                let frame = self.frame().await?;
+                if frame.event.is_some() {
+                    return Some(frame);
+                }
+                continue;
+            }
+            let next = tokio::time::timeout(WAIT, self.open.body.frame())
+                .await
+                .expect("an SSE frame within the wait");
+            match next {
+                None | Some(Err(_)) => return None,
+                Some(Ok(f)) => {
+                    if let Ok(data) = f.into_data() {
+                        self.buf.push_str(&String::from_utf8_lossy(&data));
+                    }
+                }
+            }
+        }
+    }
+
     /// The next frame that is an event (skipping pings and `retry:`).
     pub async fn event(&mut self) -> Frame {
         loop {
