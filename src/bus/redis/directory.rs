@@ -5,6 +5,7 @@
 //! {C:dir}:nick:KEY     "instance\towner\tnick", PX lease   who holds a nick
 //! {C:dir}:room:ROOM    hash nick key -> "instance\tnick"    a room's members
 //! {C:dir}:rooms        set of rooms with members
+//! {C:dir}:held:INST    set of "room\tnick key"              what INST's members are in
 //! {C:dir}:alive:INST   PX lease                             a live instance
 //! {C:dir}:instances    set of registered instances
 //! ```
@@ -50,6 +51,7 @@ pub struct Registry {
     claim: Lua,
     renew: Lua,
     release: Lua,
+    join: Lua,
     leave: Lua,
     members: Lua,
     rooms: Lua,
@@ -74,6 +76,7 @@ impl Registry {
             claim: Lua::new(script::CLAIM),
             renew: Lua::new(script::RENEW),
             release: Lua::new(script::RELEASE),
+            join: Lua::new(script::JOIN),
             leave: Lua::new(script::LEAVE),
             members: Lua::new(script::MEMBERS),
             rooms: Lua::new(script::ROOMS),
@@ -92,6 +95,11 @@ impl Registry {
 
     fn room_key(&self, room: &RoomName) -> String {
         self.keys.dir(&format!("room:{room}"))
+    }
+
+    /// The index of the memberships `instance`'s users hold.
+    fn held_key(&self, instance: &str) -> String {
+        self.keys.dir(&format!("held:{instance}"))
     }
 
     fn alive_prefix(&self) -> String {
@@ -181,6 +189,7 @@ impl Registry {
                     self.alive_prefix(),
                     self.keys.dir("room:"),
                     forget.to_owned(),
+                    self.keys.dir("held:"),
                 ],
             )
             .await
@@ -219,13 +228,21 @@ impl Registry {
         room: &RoomName,
         nick: &Nick,
     ) -> Result<(), BusError> {
-        let value = format!("{}\t{nick}", self.instance);
-        let () = cmd
-            .hset(self.room_key(room), (nick.key().as_str(), value))
-            .await
-            .map_err(unreachable)?;
-        let () = cmd
-            .sadd(self.keys.dir("rooms"), room.as_str())
+        let _: i64 = self
+            .join
+            .call(
+                cmd,
+                vec![
+                    self.room_key(room),
+                    self.keys.dir("rooms"),
+                    self.held_key(&self.instance),
+                ],
+                vec![
+                    nick.key().as_str().to_owned(),
+                    format!("{}\t{nick}", self.instance),
+                    room.to_string(),
+                ],
+            )
             .await
             .map_err(unreachable)?;
         Ok(())
@@ -256,7 +273,10 @@ impl Registry {
             .srem(self.keys.dir("instances"), self.instance.as_str())
             .await;
         let _: Result<i64, _> = cmd
-            .del(self.keys.dir(&format!("alive:{}", self.instance)))
+            .del(vec![
+                self.keys.dir(&format!("alive:{}", self.instance)),
+                self.held_key(&self.instance),
+            ])
             .await;
     }
 
@@ -295,7 +315,11 @@ impl Registry {
             .leave
             .call(
                 cmd,
-                vec![self.room_key(room), self.keys.dir("rooms")],
+                vec![
+                    self.room_key(room),
+                    self.keys.dir("rooms"),
+                    self.held_key(&self.instance),
+                ],
                 vec![
                     nick.key().as_str().to_owned(),
                     self.instance.clone(),

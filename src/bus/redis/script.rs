@@ -120,10 +120,23 @@ end
 return 0
 "#;
 
+/// Records a membership: the room's member hash, the set of rooms with
+/// members, and the instance's own index of what it holds (what reaping the
+/// instance reads), in one step, so none of the three can miss it.
+/// KEYS: room's member hash, rooms set, instance's held set.
+/// ARGV: nick key, `instance\tnick`, room.
+pub const JOIN: &str = r#"
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('SADD', KEYS[2], ARGV[3])
+redis.call('SADD', KEYS[3], ARGV[3] .. '\t' .. ARGV[1])
+return 1
+"#;
+
 /// Removes a room membership if this instance holds it.
-/// KEYS: room's member hash, rooms set. ARGV: nick key, instance, room.
-/// Returns 1 if removed.
+/// KEYS: room's member hash, rooms set, instance's held set.
+/// ARGV: nick key, instance, room. Returns 1 if removed.
 pub const LEAVE: &str = r#"
+redis.call('SREM', KEYS[3], ARGV[3] .. '\t' .. ARGV[1])
 local cur = redis.call('HGET', KEYS[1], ARGV[1])
 if cur and string.sub(cur, 1, #ARGV[2] + 1) == ARGV[2] .. '\t' then
   redis.call('HDEL', KEYS[1], ARGV[1])
@@ -179,33 +192,35 @@ return redis.call('SADD', KEYS[2], ARGV[1])
 /// Reaps instances whose lease ran out (and `ARGV[3]`, an instance starting
 /// again under the name of a previous life): forgets them and removes their
 /// memberships, atomically, so exactly one caller announces each departure.
+/// It reads each dead instance's own index of what it held, so reaping costs
+/// what the dead held, not what the whole cluster holds.
 /// Returns the memberships removed, flattened `room, nick, ...`.
 /// KEYS: instances set, rooms set.
-/// ARGV: live-instance key prefix, member hash prefix, instance to forget or "".
+/// ARGV: live-instance key prefix, member hash prefix, instance to forget or
+/// "", held-set prefix.
 pub const REAP: &str = r#"
-local dead = {}
-local any = false
+local out = {}
 for _, inst in ipairs(redis.call('SMEMBERS', KEYS[1])) do
   if inst == ARGV[3] or redis.call('EXISTS', ARGV[1] .. inst) == 0 then
-    dead[inst] = true
-    any = true
     redis.call('SREM', KEYS[1], inst)
-  end
-end
-local out = {}
-if not any then return out end
-for _, room in ipairs(redis.call('SMEMBERS', KEYS[2])) do
-  local key = ARGV[2] .. room
-  local all = redis.call('HGETALL', key)
-  for i = 1, #all, 2 do
-    local inst, nick = string.match(all[i + 1], '^(.-)\t(.*)$')
-    if inst and dead[inst] then
-      redis.call('HDEL', key, all[i])
-      table.insert(out, room)
-      table.insert(out, nick)
+    local held = ARGV[4] .. inst
+    for _, entry in ipairs(redis.call('SMEMBERS', held)) do
+      local room, nk = string.match(entry, '^(.-)\t(.*)$')
+      if room then
+        local key = ARGV[2] .. room
+        local cur = redis.call('HGET', key, nk)
+        local owner, nick
+        if cur then owner, nick = string.match(cur, '^(.-)\t(.*)$') end
+        if owner == inst then
+          redis.call('HDEL', key, nk)
+          table.insert(out, room)
+          table.insert(out, nick)
+          if redis.call('HLEN', key) == 0 then redis.call('SREM', KEYS[2], room) end
+        end
+      end
     end
+    redis.call('DEL', held)
   end
-  if redis.call('HLEN', key) == 0 then redis.call('SREM', KEYS[2], room) end
 end
 return out
 "#;
