@@ -47,6 +47,13 @@ async fn start_cluster(bus: &str, db: &str, cluster: &str, extra: &[&str]) -> Ve
     daemons
 }
 
+/// The shared Redis and a fresh PostgreSQL database, or `None` (the test
+/// skips, or fails under `BABY_REQUIRE_SERVICES`) when either is missing.
+async fn redis_and_postgres() -> Option<(String, PgDatabase)> {
+    let redis = common::shared_redis().await?;
+    Some((redis, PgDatabase::create().await?))
+}
+
 /// Reads `n` room messages, returning seq -> (id, text).
 async fn messages(client: &mut Client, n: usize) -> BTreeMap<u64, (String, String)> {
     let mut seen = BTreeMap::new();
@@ -405,10 +412,7 @@ async fn a_redis_restart_refuses_then_resumes_without_a_hole() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_of_an_instance_loses_no_acknowledged_message() {
-    let Some(redis) = common::shared_redis().await else {
-        return;
-    };
-    let Some(pg) = PgDatabase::create().await else {
+    let Some((redis, pg)) = redis_and_postgres().await else {
         return;
     };
     let cluster = cluster_name("kill");
@@ -799,10 +803,7 @@ async fn two_instances_chat_across_the_shards_of_a_redis_cluster() {
 /// 6-20 were lost without a `gap`.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_join_reads_the_room_stream_where_storage_lags() {
-    let Some(redis) = common::shared_redis().await else {
-        return;
-    };
-    let Some(pg) = PgDatabase::create().await else {
+    let Some((redis, pg)) = redis_and_postgres().await else {
         return;
     };
     let cluster = cluster_name("lag");
@@ -858,10 +859,7 @@ async fn a_join_reads_the_room_stream_where_storage_lags() {
 /// back the persisters store every message that was acknowledged meanwhile.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_database_cut_stops_no_chat_and_loses_no_message() {
-    let Some(redis) = common::shared_redis().await else {
-        return;
-    };
-    let Some(pg) = PgDatabase::create().await else {
+    let Some((redis, pg)) = redis_and_postgres().await else {
         return;
     };
     let cluster = cluster_name("dbcut");
@@ -901,10 +899,7 @@ async fn a_database_cut_stops_no_chat_and_loses_no_message() {
 /// EventSource does, and misses nothing: every seq once, no `gap`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_moved_off_a_killed_instance_misses_nothing() {
-    let Some(redis) = common::shared_redis().await else {
-        return;
-    };
-    let Some(pg) = PgDatabase::create().await else {
+    let Some((redis, pg)) = redis_and_postgres().await else {
         return;
     };
     let cluster = cluster_name("moved");

@@ -97,6 +97,16 @@ impl Registry {
         self.keys.dir(&format!("room:{room}"))
     }
 
+    /// What recording or removing a membership in `room` writes: the room's
+    /// member hash, the set of rooms with members, this instance's index.
+    fn membership_keys(&self, room: &RoomName) -> Vec<String> {
+        vec![
+            self.room_key(room),
+            self.keys.dir("rooms"),
+            self.held_key(&self.instance),
+        ]
+    }
+
     /// The index of the memberships `instance`'s users hold.
     fn held_key(&self, instance: &str) -> String {
         self.keys.dir(&format!("held:{instance}"))
@@ -232,11 +242,7 @@ impl Registry {
             .join
             .call(
                 cmd,
-                vec![
-                    self.room_key(room),
-                    self.keys.dir("rooms"),
-                    self.held_key(&self.instance),
-                ],
+                self.membership_keys(room),
                 vec![
                     nick.key().as_str().to_owned(),
                     format!("{}\t{nick}", self.instance),
@@ -315,11 +321,7 @@ impl Registry {
             .leave
             .call(
                 cmd,
-                vec![
-                    self.room_key(room),
-                    self.keys.dir("rooms"),
-                    self.held_key(&self.instance),
-                ],
+                self.membership_keys(room),
                 vec![
                     nick.key().as_str().to_owned(),
                     self.instance.clone(),
