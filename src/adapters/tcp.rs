@@ -7,6 +7,13 @@
 //! never waits for either: when the outbox is full it ends the session as a
 //! slow consumer, and the writer says so before closing.
 //!
+//! Most events skip the outbox: while nothing of the connection's is waiting,
+//! the hub writes an event straight into the socket (a non-blocking `send`,
+//! see [`Socket`]), so a client that keeps up costs one system call per event
+//! and no task wake-up. Only when the socket is full, or something is already
+//! queued, does the event go to the outbox, and the writer keeps the order
+//! until it has written everything waiting.
+//!
 //! A client that sends faster than it reads its answers is paced, not dropped:
 //! while its outbox is over half full the reader takes no more lines (TCP
 //! back-pressure: the client's sends block once the socket buffers fill), and
@@ -15,15 +22,17 @@
 //! at all becomes a slow consumer. `rate-limited` errors are coalesced to one
 //! a second (see [`super::coalesce`]).
 
+use std::io::{self, IoSlice};
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use bytes::{BufMut, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use futures::StreamExt;
 use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc::error::{TryRecvError, TrySendError};
 use tokio::sync::{Notify, Semaphore, mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::codec::FramedRead;
@@ -35,8 +44,8 @@ use super::coalesce::RateNotices;
 use super::lines::{Frame, LineCodec};
 use super::peers::Peers;
 use crate::core::{
-    Backlog, Command, EndReason, ErrorCode, Event, EventBody, Format, Hub, Refusal, Replies, Reply,
-    SessionHandle,
+    Backlog, Command, Direct, EndReason, ErrorCode, Event, EventBody, Format, Hub, Refusal,
+    Replies, Reply, SessionHandle,
 };
 
 /// Most bytes gathered into one write.
@@ -133,8 +142,10 @@ impl TcpAdapter {
         } = session;
         let (done_tx, done_rx) = oneshot::channel();
         let drained = Arc::new(Notify::new());
+        let socket = Arc::new(Socket::new(write));
+        self.hub.attach(id, socket.clone());
         let mut writer = tokio::spawn(
-            write_events(write, events, ended, done_rx, drained.clone())
+            write_events(socket, events, ended, done_rx, drained.clone())
                 .instrument(tracing::Span::current()),
         );
         // Start small: most lines are short and an idle connection should
@@ -249,9 +260,122 @@ impl Stop {
     }
 }
 
+/// The socket's write half, shared by the hub's direct writes and the writer.
+#[derive(Debug)]
+struct Socket {
+    half: OwnedWriteHalf,
+    state: Mutex<Turn>,
+    /// Wakes the writer to finish a direct write the socket took only part of.
+    tail_ready: Notify,
+}
+
+/// Whose turn it is to write, and how.
+#[derive(Debug)]
+struct Turn {
+    /// The writer has (or may have) something to write: every event goes to
+    /// the outbox until the writer finds it empty, so none overtakes another.
+    queued: bool,
+    /// The connection's format, as the writer last left it.
+    format: Format,
+    /// What the socket did not take of a direct write; written first.
+    tail: Bytes,
+}
+
+impl Socket {
+    fn new(half: OwnedWriteHalf) -> Self {
+        Socket {
+            half,
+            // The welcome is queued before the connection is attached.
+            state: Mutex::new(Turn {
+                queued: true,
+                format: Format::Text,
+                tail: Bytes::new(),
+            }),
+            tail_ready: Notify::new(),
+        }
+    }
+
+    fn turn(&self) -> MutexGuard<'_, Turn> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Writes all of `buf`, waiting while the socket is full. What is written
+    /// leaves `buf` at once, so if this is cancelled `buf` holds what is not.
+    async fn write_all(&self, buf: &mut BytesMut) -> io::Result<()> {
+        while !buf.is_empty() {
+            self.half.writable().await?;
+            match self.half.try_write(buf) {
+                Ok(n) => buf.advance(n),
+                Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
+                Err(err) => return Err(err),
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Direct for Socket {
+    fn deliver(
+        &self,
+        event: &Event,
+        outbox: &mpsc::Sender<Event>,
+    ) -> Result<(), TrySendError<Event>> {
+        let mut turn = self.turn();
+        if !turn.queued && is_plain(event) {
+            let (head, end): (&[u8], &[u8]) = match turn.format {
+                Format::Text => (event.text(), b""),
+                Format::Json => (event.json(), b"\n"),
+            };
+            let written = if end.is_empty() {
+                self.half.try_write(head)
+            } else {
+                self.half
+                    .try_write_vectored(&[IoSlice::new(head), IoSlice::new(end)])
+            };
+            match written {
+                Ok(n) if n == head.len() + end.len() => return Ok(()),
+                Ok(n) => {
+                    // The rest goes before anything that comes after it.
+                    let mut tail = BytesMut::with_capacity(head.len() + end.len() - n);
+                    if n < head.len() {
+                        tail.put_slice(&head[n..]);
+                        tail.put_slice(end);
+                    } else {
+                        tail.put_slice(&end[n - head.len()..]);
+                    }
+                    turn.tail = tail.freeze();
+                    turn.queued = true;
+                    self.tail_ready.notify_one();
+                    return Ok(());
+                }
+                // Full, or failed (the writer finds out): queue it.
+                Err(_) => {}
+            }
+        }
+        turn.queued = true;
+        // Pushed under the lock: the writer cannot find the outbox empty and
+        // hand the turn back between the check above and this push.
+        outbox.try_send(event.clone())
+    }
+}
+
+/// Whether an event renders the same whoever writes it: a `/format` reply
+/// switches the writer's format and a `rate-limited` refusal may be held back,
+/// so those two always go through the writer.
+fn is_plain(event: &Event) -> bool {
+    !matches!(
+        event.body(),
+        EventBody::Reply(Reply::Format { .. })
+            | EventBody::Error {
+                code: ErrorCode::RateLimited,
+                ..
+            }
+    )
+}
+
 /// The writer half: outbox to socket, batching whatever is queued.
 async fn write_events(
-    mut socket: OwnedWriteHalf,
+    socket: Arc<Socket>,
     mut events: mpsc::Receiver<Event>,
     mut ended: oneshot::Receiver<EndReason>,
     mut reader_done: oneshot::Receiver<()>,
@@ -259,21 +383,29 @@ async fn write_events(
 ) -> Stop {
     let mut format = Format::Text;
     let mut notices = RateNotices::default();
-    // Allocated per batch and released once written, so an idle connection
-    // holds no write buffer (one allocation per write is cheap next to the
-    // system call).
+    // Released whenever the writer hands the turn back, so an idle connection
+    // holds no write buffer.
     let mut buf = BytesMut::new();
+    // An event found while handing the turn back: it keeps the turn.
+    let mut next = None;
     let stop = loop {
-        let first = tokio::select! {
-            biased;
-            reason = &mut ended => break Stop::Ended(reason.unwrap_or(EndReason::Quit)),
-            _ = &mut reader_done => break Stop::Closed,
-            event = events.recv() => match event {
-                Some(event) => notices.filter(event, Instant::now()),
-                None => break Stop::Closed,
+        let first = match next.take() {
+            Some(event) => notices.filter(event, Instant::now()),
+            None => tokio::select! {
+                biased;
+                reason = &mut ended => break Stop::Ended(reason.unwrap_or(EndReason::Quit)),
+                _ = &mut reader_done => break Stop::Closed,
+                () = socket.tail_ready.notified() => None,
+                event = events.recv() => match event {
+                    Some(event) => notices.filter(event, Instant::now()),
+                    None => break Stop::Closed,
+                },
+                () = sleep_until(notices.due()) => notices.summary(Instant::now()),
             },
-            () = sleep_until(notices.due()) => notices.summary(Instant::now()),
         };
+        // The unwritten end of a direct write goes before anything queued
+        // after it.
+        buf.put(std::mem::take(&mut socket.turn().tail));
         if let Some(first) = first {
             render(&first, &mut format, &mut buf);
         }
@@ -288,31 +420,55 @@ async fn write_events(
             }
         }
         drained.notify_one();
-        if buf.is_empty() {
-            continue; // every event taken was a held-back refusal
+        if !buf.is_empty() {
+            // A client that does not read blocks this write; the core then
+            // ends the session, which must interrupt it.
+            let written = tokio::select! {
+                written = socket.write_all(&mut buf) => written,
+                reason = &mut ended => break Stop::Ended(reason.unwrap_or(EndReason::Quit)),
+            };
+            if written.is_err() {
+                break Stop::Closed;
+            }
+            // What was taken before the write is on its way: let the reader go on.
+            drained.notify_one();
         }
-        // A client that does not read blocks this write; the core then ends
-        // the session, which must interrupt it.
-        let written = tokio::select! {
-            written = socket.write_all(&buf) => written,
-            reason = &mut ended => break Stop::Ended(reason.unwrap_or(EndReason::Quit)),
-        };
-        if written.is_err() {
-            break Stop::Closed;
+        // Hand the turn back to direct writes once nothing is waiting. The
+        // hub queues under the same lock, so nothing slips in between.
+        let mut turn = socket.turn();
+        if !turn.tail.is_empty() {
+            continue;
         }
-        // What was taken before the write is on its way: let the reader go on.
-        drained.notify_one();
-        buf = BytesMut::new();
+        match events.try_recv() {
+            Ok(event) => next = Some(event),
+            Err(TryRecvError::Empty) => {
+                turn.queued = false;
+                turn.format = format;
+                buf = BytesMut::new();
+            }
+            Err(TryRecvError::Disconnected) => break Stop::Closed,
+        }
+    };
+    // From here on only this task writes.
+    let tail = {
+        let mut turn = socket.turn();
+        turn.queued = true;
+        std::mem::take(&mut turn.tail)
     };
     // The reader may be waiting for room that will never come.
     drained.notify_one();
-    buf.clear();
+    // A write cut short by the end leaves the rest in `buf`; a direct write
+    // the socket took only part of leaves its end in `tail` (never both).
+    buf.put(tail);
     let parting = match &stop {
         // Its socket is full: what is queued would never get through.
-        Stop::Ended(EndReason::SlowConsumer) => Some(Event::error(
-            ErrorCode::SlowConsumer,
-            "you were not reading fast enough; disconnected",
-        )),
+        Stop::Ended(EndReason::SlowConsumer) => {
+            buf.clear();
+            Some(Event::error(
+                ErrorCode::SlowConsumer,
+                "you were not reading fast enough; disconnected",
+            ))
+        }
         Stop::Ended(EndReason::Shutdown) => {
             drain(&mut events, &mut notices, &mut format, &mut buf);
             Some(Event::error(
@@ -329,9 +485,13 @@ async fn write_events(
         render(&event, &mut format, &mut buf);
     }
     if !buf.is_empty() {
-        let _ = tokio::time::timeout(PARTING, socket.write_all(&buf)).await;
+        let _ = tokio::time::timeout(PARTING, socket.write_all(&mut buf)).await;
     }
-    let _ = tokio::time::timeout(PARTING, socket.shutdown()).await;
+    // The hub has usually let go of the socket by now; if not, it is shut
+    // down when the hub does.
+    if let Ok(mut socket) = Arc::try_unwrap(socket) {
+        let _ = tokio::time::timeout(PARTING, socket.half.shutdown()).await;
+    }
     stop
 }
 

@@ -39,7 +39,7 @@ pub(super) fn fan_out<'a>(
         let Some(session) = sessions.get(id) else {
             continue;
         };
-        match session.outbox.try_send(event.clone()) {
+        match session.deliver(event) {
             Ok(()) => sent += 1,
             Err(TrySendError::Full(_)) => failed.slow.push(*id),
             Err(TrySendError::Closed(_)) => failed.gone.push(*id),
@@ -64,6 +64,7 @@ mod tests {
             rooms: Default::default(),
             current: None,
             outbox: tx,
+            direct: None,
             end: None,
             bucket: TokenBucket::new(0, 1),
             commands: TokenBucket::new(0, 1),

@@ -2,7 +2,9 @@
 
 use std::collections::BTreeSet;
 use std::fmt;
+use std::sync::Arc;
 
+use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{mpsc, oneshot};
 
 use super::event::Event;
@@ -89,6 +91,24 @@ impl Backlog {
     }
 }
 
+/// A quicker way into a connection than its outbox, offered by an adapter
+/// with [`Hub::attach`](super::Hub::attach).
+///
+/// The TCP adapter writes an event straight into the socket when nothing of
+/// the connection's is waiting, so a client that keeps up costs no task
+/// wake-up, and queues it to the outbox otherwise. It is called with the
+/// hub's lock held and must not wait.
+pub trait Direct: Send + Sync + fmt::Debug {
+    /// Delivers `event` after everything delivered to this session before it:
+    /// written now, or queued to `outbox` (whose refusal is returned, so a
+    /// full outbox still ends the session as a slow consumer).
+    fn deliver(
+        &self,
+        event: &Event,
+        outbox: &mpsc::Sender<Event>,
+    ) -> Result<(), TrySendError<Event>>;
+}
+
 /// The core's record of a session.
 #[derive(Debug)]
 pub(super) struct Session {
@@ -96,10 +116,22 @@ pub(super) struct Session {
     pub rooms: BTreeSet<RoomName>,
     pub current: Option<RoomName>,
     pub outbox: mpsc::Sender<Event>,
+    /// The adapter's quicker way in, if it offers one.
+    pub direct: Option<Arc<dyn Direct>>,
     pub end: Option<oneshot::Sender<EndReason>>,
     /// Messages and DMs.
     pub bucket: TokenBucket,
     /// Commands that reach others (`/nick`, `/join`, `/leave`).
     pub commands: TokenBucket,
     pub replies: Replies,
+}
+
+impl Session {
+    /// Hands `event` to the session, in order with everything before it.
+    pub fn deliver(&self, event: &Event) -> Result<(), TrySendError<Event>> {
+        match &self.direct {
+            Some(direct) => direct.deliver(event, &self.outbox),
+            None => self.outbox.try_send(event.clone()),
+        }
+    }
 }
