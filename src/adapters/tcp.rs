@@ -7,12 +7,14 @@
 //! never waits for either: when the outbox is full it ends the session as a
 //! slow consumer, and the writer says so before closing.
 //!
-//! Most events skip the outbox: while nothing of the connection's is waiting,
-//! the hub writes an event straight into the socket (a non-blocking `send`,
-//! see [`Socket`]), so a client that keeps up costs one system call per event
-//! and no task wake-up. Only when the socket is full, or something is already
-//! queued, does the event go to the outbox, and the writer keeps the order
-//! until it has written everything waiting.
+//! Most events skip the outbox and the writer: while nothing of the
+//! connection's is queued, the hub only notes the event on the connection
+//! and marks it dirty, and a flusher task writes every dirty connection once
+//! per scheduler turn (a non-blocking `send` each, see [`Socket`]). A client
+//! that keeps up costs no task wake-up of its own, and when the server is
+//! busy the events of one turn share a write. Only when the socket is full,
+//! or something is already queued, does an event go to the outbox, and the
+//! writer keeps the order until it has written everything waiting.
 //!
 //! A client that sends faster than it reads its answers is paced, not dropped:
 //! while its outbox is over half full the reader takes no more lines (TCP
@@ -22,9 +24,9 @@
 //! at all becomes a slow consumer. `rate-limited` errors are coalesced to one
 //! a second (see [`super::coalesce`]).
 
-use std::io::{self, IoSlice};
+use std::io;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
@@ -75,6 +77,15 @@ pub struct TcpAdapter {
 impl TcpAdapter {
     /// Accepts connections until shutdown.
     pub async fn serve(self, listener: TcpListener) {
+        // One flusher per core; each connection keeps to one of them.
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let flushers: Arc<[Arc<Flusher>]> = (0..cores)
+            .map(|_| {
+                let flusher = Arc::new(Flusher::default());
+                tokio::spawn(flusher.clone().run(self.shutdown.clone()));
+                flusher
+            })
+            .collect();
         loop {
             let accepted = tokio::select! {
                 _ = self.shutdown.cancelled() => return,
@@ -83,6 +94,7 @@ impl TcpAdapter {
             match accepted {
                 Ok((stream, peer)) => {
                     let this = self.clone();
+                    let flushers = flushers.clone();
                     // Every line logged during the connection's life names it.
                     let span = tracing::info_span!(
                         "tcp",
@@ -90,7 +102,7 @@ impl TcpAdapter {
                         session = tracing::field::Empty
                     );
                     self.tracker
-                        .spawn(this.connection(stream, peer).instrument(span));
+                        .spawn(this.connection(stream, peer, flushers).instrument(span));
                 }
                 Err(err) => {
                     // Usually EMFILE: back off instead of spinning.
@@ -101,7 +113,12 @@ impl TcpAdapter {
         }
     }
 
-    async fn connection(self, mut stream: TcpStream, peer: SocketAddr) {
+    async fn connection(
+        self,
+        mut stream: TcpStream,
+        peer: SocketAddr,
+        flushers: Arc<[Arc<Flusher>]>,
+    ) {
         let Some(_address_permit) = self.peers.admit(peer.ip()) else {
             let limit = self.peers.limits().max_conns;
             let refusal = Event::error(
@@ -142,7 +159,8 @@ impl TcpAdapter {
         } = session;
         let (done_tx, done_rx) = oneshot::channel();
         let drained = Arc::new(Notify::new());
-        let socket = Arc::new(Socket::new(write));
+        let flusher = flushers[(id.0 % flushers.len() as u64) as usize].clone();
+        let socket = Socket::new(write, flusher);
         self.hub.attach(id, socket.clone());
         let mut writer = tokio::spawn(
             write_events(socket, events, ended, done_rx, drained.clone())
@@ -260,16 +278,20 @@ impl Stop {
     }
 }
 
-/// The socket's write half, shared by the hub's direct writes and the writer.
+/// The socket's write half, shared by the flusher and the writer.
 #[derive(Debug)]
 struct Socket {
     half: OwnedWriteHalf,
     state: Mutex<Turn>,
-    /// Wakes the writer to finish a direct write the socket took only part of.
+    /// Wakes the writer to finish a flush the socket took only part of.
     tail_ready: Notify,
+    /// Writes what the hub hands over while the writer has nothing queued.
+    flusher: Arc<Flusher>,
+    /// This socket, for the flusher's list.
+    me: Weak<Socket>,
 }
 
-/// Whose turn it is to write, and how.
+/// Whose turn it is to write, and what waits.
 #[derive(Debug)]
 struct Turn {
     /// The writer has (or may have) something to write: every event goes to
@@ -277,26 +299,57 @@ struct Turn {
     queued: bool,
     /// The connection's format, as the writer last left it.
     format: Format,
-    /// What the socket did not take of a direct write; written first.
+    /// Events handed over since the last flush, oldest first. Only added to
+    /// while `queued` is false; the writer writes them first when it takes
+    /// the turn.
+    pending: Vec<Event>,
+    /// What the socket did not take of a flush; written before anything else.
     tail: Bytes,
 }
 
 impl Socket {
-    fn new(half: OwnedWriteHalf) -> Self {
-        Socket {
+    fn new(half: OwnedWriteHalf, flusher: Arc<Flusher>) -> Arc<Self> {
+        Arc::new_cyclic(|me| Socket {
             half,
             // The welcome is queued before the connection is attached.
             state: Mutex::new(Turn {
                 queued: true,
                 format: Format::Text,
+                pending: Vec::new(),
                 tail: Bytes::new(),
             }),
             tail_ready: Notify::new(),
-        }
+            flusher,
+            me: me.clone(),
+        })
     }
 
     fn turn(&self) -> MutexGuard<'_, Turn> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Writes what is pending, once, without waiting. What the socket does
+    /// not take becomes the writer's to finish.
+    fn flush(&self, buf: &mut BytesMut) {
+        let mut turn = self.turn();
+        if turn.queued || turn.pending.is_empty() {
+            return; // the writer has taken the turn, and what was pending
+        }
+        buf.clear();
+        let mut format = turn.format;
+        for event in turn.pending.drain(..) {
+            render(&event, &mut format, buf);
+        }
+        if turn.pending.capacity() > PENDING_KEPT {
+            turn.pending = Vec::new();
+        }
+        // Full, or failed: the writer waits for room, or finds out.
+        let written = self.half.try_write(buf).unwrap_or_default();
+        if written < buf.len() {
+            turn.tail = Bytes::copy_from_slice(&buf[written..]);
+            turn.queued = true;
+            self.tail_ready.notify_one();
+        }
     }
 
     /// Writes all of `buf`, waiting while the socket is full. What is written
@@ -322,40 +375,66 @@ impl Direct for Socket {
     ) -> Result<(), TrySendError<Event>> {
         let mut turn = self.turn();
         if !turn.queued && is_plain(event) {
-            let (head, end): (&[u8], &[u8]) = match turn.format {
-                Format::Text => (event.text(), b""),
-                Format::Json => (event.json(), b"\n"),
-            };
-            let written = if end.is_empty() {
-                self.half.try_write(head)
-            } else {
-                self.half
-                    .try_write_vectored(&[IoSlice::new(head), IoSlice::new(end)])
-            };
-            match written {
-                Ok(n) if n == head.len() + end.len() => return Ok(()),
-                Ok(n) => {
-                    // The rest goes before anything that comes after it.
-                    let mut tail = BytesMut::with_capacity(head.len() + end.len() - n);
-                    if n < head.len() {
-                        tail.put_slice(&head[n..]);
-                        tail.put_slice(end);
-                    } else {
-                        tail.put_slice(&end[n - head.len()..]);
-                    }
-                    turn.tail = tail.freeze();
-                    turn.queued = true;
-                    self.tail_ready.notify_one();
-                    return Ok(());
+            if turn.pending.is_empty() {
+                if let Some(me) = self.me.upgrade() {
+                    self.flusher.mark(me);
                 }
-                // Full, or failed (the writer finds out): queue it.
-                Err(_) => {}
             }
+            turn.pending.push(event.clone());
+            return Ok(());
         }
         turn.queued = true;
         // Pushed under the lock: the writer cannot find the outbox empty and
         // hand the turn back between the check above and this push.
         outbox.try_send(event.clone())
+    }
+}
+
+/// Pending events kept room for between flushes; more is released.
+const PENDING_KEPT: usize = 8;
+
+/// Writes every connection the hub handed events to, once per scheduler
+/// turn: one wake-up for a whole fan-out instead of one per recipient, and,
+/// when the server is busy, one write for all of a turn's events.
+#[derive(Debug, Default)]
+struct Flusher {
+    dirty: Mutex<Vec<Arc<Socket>>>,
+    wake: Notify,
+}
+
+impl Flusher {
+    /// Queues `socket` for the next flush.
+    fn mark(&self, socket: Arc<Socket>) {
+        let mut dirty = self.dirty.lock().unwrap_or_else(|e| e.into_inner());
+        dirty.push(socket);
+        if dirty.len() == 1 {
+            self.wake.notify_one();
+        }
+    }
+
+    async fn run(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut buf = BytesMut::new();
+        let mut batch = Vec::new();
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                () = self.wake.notified() => {}
+            }
+            // Let the tasks already woken run first (and the I/O driver be
+            // polled): what they deliver shares this flush's writes. An idle
+            // server loses nothing by it.
+            tokio::task::yield_now().await;
+            std::mem::swap(
+                &mut batch,
+                &mut *self.dirty.lock().unwrap_or_else(|e| e.into_inner()),
+            );
+            for socket in batch.drain(..) {
+                socket.flush(&mut buf);
+            }
+            if buf.capacity() > WRITE_BUFFER {
+                buf = BytesMut::new();
+            }
+        }
     }
 }
 
@@ -403,9 +482,17 @@ async fn write_events(
                 () = sleep_until(notices.due()) => notices.summary(Instant::now()),
             },
         };
-        // The unwritten end of a direct write goes before anything queued
-        // after it.
-        buf.put(std::mem::take(&mut socket.turn().tail));
+        {
+            // The writer takes the turn (a notice summary wakes it while it
+            // has none). The unwritten end of a flush, then what was pending
+            // for the next one, go before anything queued after them.
+            let mut turn = socket.turn();
+            turn.queued = true;
+            buf.put(std::mem::take(&mut turn.tail));
+            for event in turn.pending.drain(..) {
+                render(&event, &mut format, &mut buf);
+            }
+        }
         if let Some(first) = first {
             render(&first, &mut format, &mut buf);
         }
@@ -436,7 +523,7 @@ async fn write_events(
         // Hand the turn back to direct writes once nothing is waiting. The
         // hub queues under the same lock, so nothing slips in between.
         let mut turn = socket.turn();
-        if !turn.tail.is_empty() {
+        if !turn.tail.is_empty() || !turn.pending.is_empty() {
             continue;
         }
         match events.try_recv() {
@@ -449,17 +536,20 @@ async fn write_events(
             Err(TryRecvError::Disconnected) => break Stop::Closed,
         }
     };
-    // From here on only this task writes.
-    let tail = {
+    // From here on only this task writes. A write cut short by the end
+    // leaves the rest in `buf`; a flush the socket took only part of leaves
+    // its end in `tail`, and events may be pending for the next flush (only
+    // one of the three is ever non-empty).
+    {
         let mut turn = socket.turn();
         turn.queued = true;
-        std::mem::take(&mut turn.tail)
-    };
+        buf.put(std::mem::take(&mut turn.tail));
+        for event in std::mem::take(&mut turn.pending) {
+            render(&event, &mut format, &mut buf);
+        }
+    }
     // The reader may be waiting for room that will never come.
     drained.notify_one();
-    // A write cut short by the end leaves the rest in `buf`; a direct write
-    // the socket took only part of leaves its end in `tail` (never both).
-    buf.put(tail);
     let parting = match &stop {
         // Its socket is full: what is queued would never get through.
         Stop::Ended(EndReason::SlowConsumer) => {
@@ -533,5 +623,150 @@ fn render(event: &Event, format: &mut Format, buf: &mut BytesMut) {
             buf.put_slice(event.json());
             buf.put_u8(b'\n');
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+
+    /// A writer over one end of a loopback connection; the other end, and
+    /// the hub's side of the session (its outbox and end signal).
+    async fn wired(
+        rcvbuf: Option<u32>,
+    ) -> (
+        Arc<Socket>,
+        mpsc::Sender<Event>,
+        oneshot::Sender<EndReason>,
+        tokio::task::JoinHandle<Stop>,
+        TcpStream,
+    ) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = tokio::net::TcpSocket::new_v4().unwrap();
+        if let Some(size) = rcvbuf {
+            client.set_recv_buffer_size(size).unwrap();
+        }
+        let (client, accepted) = tokio::join!(
+            client.connect(listener.local_addr().unwrap()),
+            listener.accept()
+        );
+        let (_read, write) = accepted.unwrap().0.into_split();
+        // Not run: the tests flush by hand, when they choose.
+        let socket = Socket::new(write, Arc::new(Flusher::default()));
+        let (outbox, events) = mpsc::channel(1024);
+        // As the hub queues a welcome.
+        outbox.try_send(numbered(0, 0)).unwrap();
+        let (end, ended) = oneshot::channel();
+        let (_done, reader_done) = oneshot::channel();
+        std::mem::forget(_done);
+        let writer = tokio::spawn(write_events(
+            socket.clone(),
+            events,
+            ended,
+            reader_done,
+            Arc::new(Notify::new()),
+        ));
+        (socket, outbox, end, writer, client.unwrap())
+    }
+
+    fn numbered(n: usize, pad: usize) -> Event {
+        Event::error(ErrorCode::Unavailable, format!("{n} {}", "x".repeat(pad)))
+    }
+
+    /// The numbers of the `numbered` events in what the client read.
+    fn numbers(text: &str) -> Vec<usize> {
+        text.lines()
+            .filter_map(|l| l.split_whitespace().find_map(|w| w.parse().ok()))
+            .collect()
+    }
+
+    async fn read_all(mut client: TcpStream) -> String {
+        let mut out = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), client.read_to_end(&mut out))
+            .await
+            .expect("the writer closes")
+            .unwrap();
+        String::from_utf8(out).unwrap()
+    }
+
+    #[tokio::test]
+    async fn pending_events_go_before_what_is_queued_after_them() {
+        let (socket, outbox, end, writer, client) = wired(None).await;
+        // The writer has the turn at first: let it write the welcome, find
+        // the outbox empty and hand the turn back.
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while socket.turn().queued {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .unwrap();
+        // 1 and 2 wait for a flush; a format reply takes the writer's way
+        // and gives it the turn; 3 must queue behind it.
+        socket.deliver(&numbered(1, 0), &outbox).unwrap();
+        socket.deliver(&numbered(2, 0), &outbox).unwrap();
+        assert_eq!(socket.turn().pending.len(), 2);
+        let reply = Event::new(EventBody::Reply(Reply::Format {
+            format: Format::Text,
+        }));
+        socket.deliver(&reply, &outbox).unwrap();
+        socket.deliver(&numbered(3, 0), &outbox).unwrap();
+        // Once the writer hands the turn back, 4 waits for a flush again.
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while socket.turn().queued {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .unwrap();
+        socket.deliver(&numbered(4, 0), &outbox).unwrap();
+        socket.flush(&mut BytesMut::new());
+        end.send(EndReason::Quit).unwrap();
+        drop(outbox);
+        // The flusher (not running) still lists it.
+        socket.flusher.dirty.lock().unwrap().clear();
+        drop(socket);
+        writer.await.unwrap();
+        let text = read_all(client).await;
+        assert_eq!(numbers(&text), [0, 1, 2, 3, 4], "{text}");
+        assert!(text.contains("format is now text"), "{text}");
+    }
+
+    #[tokio::test]
+    async fn a_flush_the_socket_cannot_take_is_finished_in_order() {
+        // A small receive window that is not read until the end.
+        let (socket, outbox, end, writer, client) = wired(Some(4096)).await;
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while socket.turn().queued {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .unwrap();
+        let mut n = 0;
+        // Flush until the socket refuses part of one; then keep delivering.
+        while !socket.turn().queued {
+            for _ in 0..10 {
+                n += 1;
+                socket.deliver(&numbered(n, 1_000), &outbox).unwrap();
+            }
+            socket.flush(&mut BytesMut::new());
+            assert!(n < 1_000_000, "the socket never filled");
+        }
+        for _ in 0..100 {
+            n += 1;
+            socket.deliver(&numbered(n, 1_000), &outbox).unwrap();
+        }
+        drop(outbox);
+        let reading = tokio::spawn(read_all(client));
+        // The writer gets the rest through once the client reads, and stops
+        // when the outbox closes.
+        assert!(matches!(writer.await.unwrap(), Stop::Closed));
+        drop(end);
+        socket.flusher.dirty.lock().unwrap().clear();
+        drop(socket);
+        let text = reading.await.unwrap();
+        assert_eq!(numbers(&text), (0..=n).collect::<Vec<_>>());
     }
 }
