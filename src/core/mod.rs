@@ -45,7 +45,7 @@ use catchup::{CatchUp, MAX_CATCH_UP};
 use ports::{Bus, BusError, Claim, Deliver, Envelope, Presence, Store};
 use rooms::Room;
 use router::{Undeliverable, fan_out};
-use sessions::Session;
+use sessions::{IdMap, Session};
 
 /// How many guest nicks a new session draws before giving up.
 const GUEST_DRAWS: usize = 16;
@@ -139,7 +139,7 @@ struct Shared {
 
 #[derive(Default)]
 struct State {
-    sessions: HashMap<SessionId, Session>,
+    sessions: IdMap<Session>,
     nicks: HashMap<NickKey, SessionId>,
     rooms: HashMap<RoomName, Room>,
     closed: bool,
