@@ -30,14 +30,13 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use futures::StreamExt;
 use tokio::io::AsyncWriteExt;
-use tokio::net::tcp::OwnedWriteHalf;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc::error::{TryRecvError, TrySendError};
 use tokio::sync::{Notify, Semaphore, mpsc, oneshot};
 use tokio::time::Instant;
-use tokio_util::codec::FramedRead;
+use tokio_util::codec::Decoder;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
@@ -52,7 +51,7 @@ use crate::core::{
 
 /// Most bytes gathered into one write.
 const WRITE_BUFFER: usize = 64 * 1024;
-/// A connection's first read buffer.
+/// Room made in the read buffer for each read.
 const READ_BUFFER: usize = 512;
 /// How long a parting message may take to write before the socket is dropped.
 const PARTING: Duration = Duration::from_secs(2);
@@ -166,9 +165,7 @@ impl TcpAdapter {
             write_events(socket, events, ended, done_rx, drained.clone())
                 .instrument(tracing::Span::current()),
         );
-        // Start small: most lines are short and an idle connection should
-        // cost little (the buffer grows for long lines, up to --max-line).
-        let mut lines = FramedRead::with_capacity(read, LineCodec::new(self.max_line), READ_BUFFER);
+        let mut lines = LineReader::new(read, self.max_line);
         let pace = Pace {
             backlog,
             drained,
@@ -229,6 +226,59 @@ impl TcpAdapter {
             let _ = writer.await;
         }
         tracing::info!(reason, "disconnected");
+    }
+}
+
+/// Frames lines (at most `--max-line` bytes) from the socket, with a buffer
+/// that exists only while input is waiting: an idle connection holds none.
+/// Most lines are short, so each read makes room for a few hundred bytes; a
+/// long line grows the buffer up to `--max-line`.
+struct LineReader {
+    half: OwnedReadHalf,
+    codec: LineCodec,
+    buf: BytesMut,
+    eof: bool,
+}
+
+impl LineReader {
+    fn new(half: OwnedReadHalf, max_line: usize) -> Self {
+        LineReader {
+            half,
+            codec: LineCodec::new(max_line),
+            buf: BytesMut::new(),
+            eof: false,
+        }
+    }
+
+    /// The next line, or `None` at the end of input.
+    async fn next(&mut self) -> Option<io::Result<Frame>> {
+        loop {
+            let frame = if self.eof {
+                self.codec.decode_eof(&mut self.buf)
+            } else {
+                self.codec.decode(&mut self.buf)
+            };
+            match frame {
+                Ok(Some(frame)) => return Some(Ok(frame)),
+                Ok(None) if self.eof => return None,
+                Ok(None) => {}
+                Err(err) => return Some(Err(err)),
+            }
+            if self.buf.is_empty() {
+                // Everything read is handled: give the memory back.
+                self.buf = BytesMut::new();
+            }
+            if let Err(err) = self.half.readable().await {
+                return Some(Err(err));
+            }
+            self.buf.reserve(READ_BUFFER);
+            match self.half.try_read_buf(&mut self.buf) {
+                Ok(0) => self.eof = true,
+                Ok(_) => {}
+                Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
+                Err(err) => return Some(Err(err)),
+            }
+        }
     }
 }
 
