@@ -512,3 +512,110 @@ async fn a_new_user_gets_plain_answers() {
     assert_eq!(next().await.as_deref(), Some("* bye"));
     assert_eq!(next().await, None, "closed after bye");
 }
+
+/// A member that keeps up is written to straight from the fan-out; one whose
+/// socket is full has its events queued to the writer. Switching between the
+/// two, again and again, with two senders racing, must never let a later
+/// event overtake an earlier one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn direct_writes_never_overtake_a_queued_backlog() {
+    use tokio::io::AsyncWriteExt;
+
+    // Long lines, so a pause fills the sockets (the server's send buffer
+    // grows to 4 MB on loopback) in few messages.
+    let (d, _dir) = daemon(&["--rate", "0", "--max-line", "50000", "--max-text", "45000"]).await;
+    // A small receive buffer, so the server's socket fills within a pause.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4 * 1024).unwrap();
+    let (read, mut reader_tx) = socket.connect(d.tcp).await.unwrap().into_split();
+    let mut reader_rx = tokio::io::BufReader::new(read);
+    reader_tx
+        .write_all(b"/format json\n/nick reader\n/join general\n")
+        .await
+        .unwrap();
+    let mut line = String::new();
+    while !line.contains(r#""type":"join""#) {
+        line.clear();
+        tokio::time::timeout(WAIT, reader_rx.read_line(&mut line))
+            .await
+            .expect("the reader joins")
+            .unwrap();
+    }
+    // Every PAUSE messages the reader stops reading until the server has
+    // sent PAUSE more (6 MB: more than the sockets hold, well within its
+    // outbox of 1,024 events). Talker 1 reports how far the server got.
+    const PAUSE: u64 = 150;
+    const TOTAL: u64 = 5 * PAUSE;
+    let (echoed_tx, mut echoed_rx) = tokio::sync::watch::channel(0u64);
+    let (seen_tx, mut seen_rx) = tokio::sync::watch::channel(0u64);
+    let mut talkers = Vec::new();
+    for nick in ["talker1", "talker2"] {
+        let (mut rx, tx) = Client::in_room(d.tcp, nick, "general").await.split();
+        // Each talker reads its echoes, or it would be dropped.
+        let echoed_tx = (nick == "talker1").then(|| echoed_tx.clone());
+        tokio::spawn(async move {
+            let mut line = String::new();
+            while rx.read_line(&mut line).await.unwrap_or(0) > 0 {
+                if let Some(echoed) = &echoed_tx {
+                    let v: Value = serde_json::from_str(&line).unwrap();
+                    if let Some(seq) = v["seq"].as_u64() {
+                        let _ = echoed.send(seq);
+                    }
+                }
+                line.clear();
+            }
+        });
+        talkers.push(tx);
+    }
+    let reading = tokio::spawn(async move {
+        let mut last_seq = 0;
+        let mut line = String::new();
+        loop {
+            line.clear();
+            let n = tokio::time::timeout(WAIT, reader_rx.read_line(&mut line))
+                .await
+                .expect("the reader keeps receiving")
+                .unwrap();
+            assert!(n > 0, "the reader was not dropped");
+            let v: Value = serde_json::from_str(&line).unwrap();
+            if v["type"] != "message" {
+                continue;
+            }
+            let seq = v["seq"].as_u64().unwrap();
+            assert_eq!(seq, last_seq + 1, "every message, in order");
+            last_seq = seq;
+            let _ = seen_tx.send(seq);
+            if seq == TOTAL {
+                return last_seq;
+            }
+            // Now and then ask for an answer that always goes through the
+            // writer, while messages keep coming.
+            if seq % 37 == 0 {
+                reader_tx.write_all(b"/format json\n").await.unwrap();
+            }
+            if seq % PAUSE == 0 {
+                tokio::time::timeout(WAIT, echoed_rx.wait_for(|&n| n >= (seq + PAUSE).min(TOTAL)))
+                    .await
+                    .expect("the talkers go on")
+                    .unwrap();
+            }
+        }
+    });
+    let line = format!("{}\n", "x".repeat(40_000));
+    for n in 0..TOTAL {
+        // Never more than PAUSE + 50 ahead of the reader.
+        tokio::time::timeout(WAIT, seen_rx.wait_for(|&seen| n < seen + PAUSE + 50))
+            .await
+            .expect("the reader keeps up")
+            .unwrap();
+        talkers[(n % 2) as usize]
+            .write_all(line.as_bytes())
+            .await
+            .unwrap();
+    }
+    let last = tokio::time::timeout(Duration::from_secs(60), reading)
+        .await
+        .expect("the reader sees the last message")
+        .unwrap();
+    assert_eq!(last, TOTAL);
+}

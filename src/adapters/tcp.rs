@@ -7,6 +7,15 @@
 //! never waits for either: when the outbox is full it ends the session as a
 //! slow consumer, and the writer says so before closing.
 //!
+//! Most events skip the outbox and the writer: while nothing of the
+//! connection's is queued, the hub only notes the event on the connection
+//! and marks it dirty, and a flusher task writes every dirty connection once
+//! per scheduler turn (a non-blocking `send` each, see [`Socket`]). A client
+//! that keeps up costs no task wake-up of its own, and when the server is
+//! busy the events of one turn share a write. Only when the socket is full,
+//! or something is already queued, does an event go to the outbox, and the
+//! writer keeps the order until it has written everything waiting.
+//!
 //! A client that sends faster than it reads its answers is paced, not dropped:
 //! while its outbox is over half full the reader takes no more lines (TCP
 //! back-pressure: the client's sends block once the socket buffers fill), and
@@ -15,18 +24,19 @@
 //! at all becomes a slow consumer. `rate-limited` errors are coalesced to one
 //! a second (see [`super::coalesce`]).
 
+use std::io;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
-use bytes::{BufMut, BytesMut};
-use futures::StreamExt;
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tokio::io::AsyncWriteExt;
-use tokio::net::tcp::OwnedWriteHalf;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc::error::{TryRecvError, TrySendError};
 use tokio::sync::{Notify, Semaphore, mpsc, oneshot};
 use tokio::time::Instant;
-use tokio_util::codec::FramedRead;
+use tokio_util::codec::Decoder;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
@@ -35,13 +45,13 @@ use super::coalesce::RateNotices;
 use super::lines::{Frame, LineCodec};
 use super::peers::Peers;
 use crate::core::{
-    Backlog, Command, EndReason, ErrorCode, Event, EventBody, Format, Hub, Refusal, Replies, Reply,
-    SessionHandle,
+    Backlog, Command, Direct, EndReason, ErrorCode, Event, EventBody, Format, Hub, Refusal,
+    Replies, Reply, SessionHandle,
 };
 
 /// Most bytes gathered into one write.
 const WRITE_BUFFER: usize = 64 * 1024;
-/// A connection's first read buffer.
+/// Room made in the read buffer for each read.
 const READ_BUFFER: usize = 512;
 /// How long a parting message may take to write before the socket is dropped.
 const PARTING: Duration = Duration::from_secs(2);
@@ -66,6 +76,15 @@ pub struct TcpAdapter {
 impl TcpAdapter {
     /// Accepts connections until shutdown.
     pub async fn serve(self, listener: TcpListener) {
+        // One flusher per core; each connection keeps to one of them.
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let flushers: Arc<[Arc<Flusher>]> = (0..cores)
+            .map(|_| {
+                let flusher = Arc::new(Flusher::default());
+                tokio::spawn(flusher.clone().run(self.shutdown.clone()));
+                flusher
+            })
+            .collect();
         loop {
             let accepted = tokio::select! {
                 _ = self.shutdown.cancelled() => return,
@@ -74,6 +93,7 @@ impl TcpAdapter {
             match accepted {
                 Ok((stream, peer)) => {
                     let this = self.clone();
+                    let flushers = flushers.clone();
                     // Every line logged during the connection's life names it.
                     let span = tracing::info_span!(
                         "tcp",
@@ -81,7 +101,7 @@ impl TcpAdapter {
                         session = tracing::field::Empty
                     );
                     self.tracker
-                        .spawn(this.connection(stream, peer).instrument(span));
+                        .spawn(this.connection(stream, peer, flushers).instrument(span));
                 }
                 Err(err) => {
                     // Usually EMFILE: back off instead of spinning.
@@ -92,7 +112,12 @@ impl TcpAdapter {
         }
     }
 
-    async fn connection(self, mut stream: TcpStream, peer: SocketAddr) {
+    async fn connection(
+        self,
+        mut stream: TcpStream,
+        peer: SocketAddr,
+        flushers: Arc<[Arc<Flusher>]>,
+    ) {
         let Some(_address_permit) = self.peers.admit(peer.ip()) else {
             let limit = self.peers.limits().max_conns;
             let refusal = Event::error(
@@ -133,13 +158,14 @@ impl TcpAdapter {
         } = session;
         let (done_tx, done_rx) = oneshot::channel();
         let drained = Arc::new(Notify::new());
+        let flusher = flushers[(id.0 % flushers.len() as u64) as usize].clone();
+        let socket = Socket::new(write, flusher);
+        self.hub.attach(id, socket.clone());
         let mut writer = tokio::spawn(
-            write_events(write, events, ended, done_rx, drained.clone())
+            write_events(socket, events, ended, done_rx, drained.clone())
                 .instrument(tracing::Span::current()),
         );
-        // Start small: most lines are short and an idle connection should
-        // cost little (the buffer grows for long lines, up to --max-line).
-        let mut lines = FramedRead::with_capacity(read, LineCodec::new(self.max_line), READ_BUFFER);
+        let mut lines = LineReader::new(read, self.max_line);
         let pace = Pace {
             backlog,
             drained,
@@ -203,6 +229,59 @@ impl TcpAdapter {
     }
 }
 
+/// Frames lines (at most `--max-line` bytes) from the socket, with a buffer
+/// that exists only while input is waiting: an idle connection holds none.
+/// Most lines are short, so each read makes room for a few hundred bytes; a
+/// long line grows the buffer up to `--max-line`.
+struct LineReader {
+    half: OwnedReadHalf,
+    codec: LineCodec,
+    buf: BytesMut,
+    eof: bool,
+}
+
+impl LineReader {
+    fn new(half: OwnedReadHalf, max_line: usize) -> Self {
+        LineReader {
+            half,
+            codec: LineCodec::new(max_line),
+            buf: BytesMut::new(),
+            eof: false,
+        }
+    }
+
+    /// The next line, or `None` at the end of input.
+    async fn next(&mut self) -> Option<io::Result<Frame>> {
+        loop {
+            let frame = if self.eof {
+                self.codec.decode_eof(&mut self.buf)
+            } else {
+                self.codec.decode(&mut self.buf)
+            };
+            match frame {
+                Ok(Some(frame)) => return Some(Ok(frame)),
+                Ok(None) if self.eof => return None,
+                Ok(None) => {}
+                Err(err) => return Some(Err(err)),
+            }
+            if self.buf.is_empty() {
+                // Everything read is handled: give the memory back.
+                self.buf = BytesMut::new();
+            }
+            if let Err(err) = self.half.readable().await {
+                return Some(Err(err));
+            }
+            self.buf.reserve(READ_BUFFER);
+            match self.half.try_read_buf(&mut self.buf) {
+                Ok(0) => self.eof = true,
+                Ok(_) => {}
+                Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
+                Err(err) => return Some(Err(err)),
+            }
+        }
+    }
+}
+
 /// Back-pressure for one connection's reader.
 struct Pace {
     backlog: Backlog,
@@ -249,9 +328,183 @@ impl Stop {
     }
 }
 
+/// The socket's write half, shared by the flusher and the writer.
+#[derive(Debug)]
+struct Socket {
+    half: OwnedWriteHalf,
+    state: Mutex<Turn>,
+    /// Wakes the writer to finish a flush the socket took only part of.
+    tail_ready: Notify,
+    /// Writes what the hub hands over while the writer has nothing queued.
+    flusher: Arc<Flusher>,
+    /// This socket, for the flusher's list.
+    me: Weak<Socket>,
+}
+
+/// Whose turn it is to write, and what waits.
+#[derive(Debug)]
+struct Turn {
+    /// The writer has (or may have) something to write: every event goes to
+    /// the outbox until the writer finds it empty, so none overtakes another.
+    queued: bool,
+    /// The connection's format, as the writer last left it.
+    format: Format,
+    /// Events handed over since the last flush, oldest first. Only added to
+    /// while `queued` is false; the writer writes them first when it takes
+    /// the turn.
+    pending: Vec<Event>,
+    /// What the socket did not take of a flush; written before anything else.
+    tail: Bytes,
+}
+
+impl Socket {
+    fn new(half: OwnedWriteHalf, flusher: Arc<Flusher>) -> Arc<Self> {
+        Arc::new_cyclic(|me| Socket {
+            half,
+            // The welcome is queued before the connection is attached.
+            state: Mutex::new(Turn {
+                queued: true,
+                format: Format::Text,
+                pending: Vec::new(),
+                tail: Bytes::new(),
+            }),
+            tail_ready: Notify::new(),
+            flusher,
+            me: me.clone(),
+        })
+    }
+
+    fn turn(&self) -> MutexGuard<'_, Turn> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Writes what is pending, once, without waiting. What the socket does
+    /// not take becomes the writer's to finish.
+    fn flush(&self, buf: &mut BytesMut) {
+        let mut turn = self.turn();
+        if turn.queued || turn.pending.is_empty() {
+            return; // the writer has taken the turn, and what was pending
+        }
+        buf.clear();
+        let mut format = turn.format;
+        for event in turn.pending.drain(..) {
+            render(&event, &mut format, buf);
+        }
+        if turn.pending.capacity() > PENDING_KEPT {
+            turn.pending = Vec::new();
+        }
+        // Full, or failed: the writer waits for room, or finds out.
+        let written = self.half.try_write(buf).unwrap_or_default();
+        if written < buf.len() {
+            turn.tail = Bytes::copy_from_slice(&buf[written..]);
+            turn.queued = true;
+            self.tail_ready.notify_one();
+        }
+    }
+
+    /// Writes all of `buf`, waiting while the socket is full. What is written
+    /// leaves `buf` at once, so if this is cancelled `buf` holds what is not.
+    async fn write_all(&self, buf: &mut BytesMut) -> io::Result<()> {
+        while !buf.is_empty() {
+            self.half.writable().await?;
+            match self.half.try_write(buf) {
+                Ok(n) => buf.advance(n),
+                Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
+                Err(err) => return Err(err),
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Direct for Socket {
+    fn deliver(
+        &self,
+        event: &Event,
+        outbox: &mpsc::Sender<Event>,
+    ) -> Result<(), TrySendError<Event>> {
+        let mut turn = self.turn();
+        if !turn.queued && is_plain(event) {
+            if turn.pending.is_empty() {
+                if let Some(me) = self.me.upgrade() {
+                    self.flusher.mark(me);
+                }
+            }
+            turn.pending.push(event.clone());
+            return Ok(());
+        }
+        turn.queued = true;
+        // Pushed under the lock: the writer cannot find the outbox empty and
+        // hand the turn back between the check above and this push.
+        outbox.try_send(event.clone())
+    }
+}
+
+/// Pending events kept room for between flushes; more is released.
+const PENDING_KEPT: usize = 8;
+
+/// Writes every connection the hub handed events to, once per scheduler
+/// turn: one wake-up for a whole fan-out instead of one per recipient, and,
+/// when the server is busy, one write for all of a turn's events.
+#[derive(Debug, Default)]
+struct Flusher {
+    dirty: Mutex<Vec<Arc<Socket>>>,
+    wake: Notify,
+}
+
+impl Flusher {
+    /// Queues `socket` for the next flush.
+    fn mark(&self, socket: Arc<Socket>) {
+        let mut dirty = self.dirty.lock().unwrap_or_else(|e| e.into_inner());
+        dirty.push(socket);
+        if dirty.len() == 1 {
+            self.wake.notify_one();
+        }
+    }
+
+    async fn run(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut buf = BytesMut::new();
+        let mut batch = Vec::new();
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                () = self.wake.notified() => {}
+            }
+            // Let the tasks already woken run first (and the I/O driver be
+            // polled): what they deliver shares this flush's writes. An idle
+            // server loses nothing by it.
+            tokio::task::yield_now().await;
+            std::mem::swap(
+                &mut batch,
+                &mut *self.dirty.lock().unwrap_or_else(|e| e.into_inner()),
+            );
+            for socket in batch.drain(..) {
+                socket.flush(&mut buf);
+            }
+            if buf.capacity() > WRITE_BUFFER {
+                buf = BytesMut::new();
+            }
+        }
+    }
+}
+
+/// Whether an event renders the same whoever writes it: a `/format` reply
+/// switches the writer's format and a `rate-limited` refusal may be held back,
+/// so those two always go through the writer.
+fn is_plain(event: &Event) -> bool {
+    !matches!(
+        event.body(),
+        EventBody::Reply(Reply::Format { .. })
+            | EventBody::Error {
+                code: ErrorCode::RateLimited,
+                ..
+            }
+    )
+}
+
 /// The writer half: outbox to socket, batching whatever is queued.
 async fn write_events(
-    mut socket: OwnedWriteHalf,
+    socket: Arc<Socket>,
     mut events: mpsc::Receiver<Event>,
     mut ended: oneshot::Receiver<EndReason>,
     mut reader_done: oneshot::Receiver<()>,
@@ -259,21 +512,37 @@ async fn write_events(
 ) -> Stop {
     let mut format = Format::Text;
     let mut notices = RateNotices::default();
-    // Allocated per batch and released once written, so an idle connection
-    // holds no write buffer (one allocation per write is cheap next to the
-    // system call).
+    // Released whenever the writer hands the turn back, so an idle connection
+    // holds no write buffer.
     let mut buf = BytesMut::new();
+    // An event found while handing the turn back: it keeps the turn.
+    let mut next = None;
     let stop = loop {
-        let first = tokio::select! {
-            biased;
-            reason = &mut ended => break Stop::Ended(reason.unwrap_or(EndReason::Quit)),
-            _ = &mut reader_done => break Stop::Closed,
-            event = events.recv() => match event {
-                Some(event) => notices.filter(event, Instant::now()),
-                None => break Stop::Closed,
+        let first = match next.take() {
+            Some(event) => notices.filter(event, Instant::now()),
+            None => tokio::select! {
+                biased;
+                reason = &mut ended => break Stop::Ended(reason.unwrap_or(EndReason::Quit)),
+                _ = &mut reader_done => break Stop::Closed,
+                () = socket.tail_ready.notified() => None,
+                event = events.recv() => match event {
+                    Some(event) => notices.filter(event, Instant::now()),
+                    None => break Stop::Closed,
+                },
+                () = sleep_until(notices.due()) => notices.summary(Instant::now()),
             },
-            () = sleep_until(notices.due()) => notices.summary(Instant::now()),
         };
+        {
+            // The writer takes the turn (a notice summary wakes it while it
+            // has none). The unwritten end of a flush, then what was pending
+            // for the next one, go before anything queued after them.
+            let mut turn = socket.turn();
+            turn.queued = true;
+            buf.put(std::mem::take(&mut turn.tail));
+            for event in turn.pending.drain(..) {
+                render(&event, &mut format, &mut buf);
+            }
+        }
         if let Some(first) = first {
             render(&first, &mut format, &mut buf);
         }
@@ -288,31 +557,58 @@ async fn write_events(
             }
         }
         drained.notify_one();
-        if buf.is_empty() {
-            continue; // every event taken was a held-back refusal
+        if !buf.is_empty() {
+            // A client that does not read blocks this write; the core then
+            // ends the session, which must interrupt it.
+            let written = tokio::select! {
+                written = socket.write_all(&mut buf) => written,
+                reason = &mut ended => break Stop::Ended(reason.unwrap_or(EndReason::Quit)),
+            };
+            if written.is_err() {
+                break Stop::Closed;
+            }
+            // What was taken before the write is on its way: let the reader go on.
+            drained.notify_one();
         }
-        // A client that does not read blocks this write; the core then ends
-        // the session, which must interrupt it.
-        let written = tokio::select! {
-            written = socket.write_all(&buf) => written,
-            reason = &mut ended => break Stop::Ended(reason.unwrap_or(EndReason::Quit)),
-        };
-        if written.is_err() {
-            break Stop::Closed;
+        // Hand the turn back to direct writes once nothing is waiting. The
+        // hub queues under the same lock, so nothing slips in between.
+        let mut turn = socket.turn();
+        if !turn.tail.is_empty() || !turn.pending.is_empty() {
+            continue;
         }
-        // What was taken before the write is on its way: let the reader go on.
-        drained.notify_one();
-        buf = BytesMut::new();
+        match events.try_recv() {
+            Ok(event) => next = Some(event),
+            Err(TryRecvError::Empty) => {
+                turn.queued = false;
+                turn.format = format;
+                buf = BytesMut::new();
+            }
+            Err(TryRecvError::Disconnected) => break Stop::Closed,
+        }
     };
+    // From here on only this task writes. A write cut short by the end
+    // leaves the rest in `buf`; a flush the socket took only part of leaves
+    // its end in `tail`, and events may be pending for the next flush (only
+    // one of the three is ever non-empty).
+    {
+        let mut turn = socket.turn();
+        turn.queued = true;
+        buf.put(std::mem::take(&mut turn.tail));
+        for event in std::mem::take(&mut turn.pending) {
+            render(&event, &mut format, &mut buf);
+        }
+    }
     // The reader may be waiting for room that will never come.
     drained.notify_one();
-    buf.clear();
     let parting = match &stop {
         // Its socket is full: what is queued would never get through.
-        Stop::Ended(EndReason::SlowConsumer) => Some(Event::error(
-            ErrorCode::SlowConsumer,
-            "you were not reading fast enough; disconnected",
-        )),
+        Stop::Ended(EndReason::SlowConsumer) => {
+            buf.clear();
+            Some(Event::error(
+                ErrorCode::SlowConsumer,
+                "you were not reading fast enough; disconnected",
+            ))
+        }
         Stop::Ended(EndReason::Shutdown) => {
             drain(&mut events, &mut notices, &mut format, &mut buf);
             Some(Event::error(
@@ -329,9 +625,13 @@ async fn write_events(
         render(&event, &mut format, &mut buf);
     }
     if !buf.is_empty() {
-        let _ = tokio::time::timeout(PARTING, socket.write_all(&buf)).await;
+        let _ = tokio::time::timeout(PARTING, socket.write_all(&mut buf)).await;
     }
-    let _ = tokio::time::timeout(PARTING, socket.shutdown()).await;
+    // The hub has usually let go of the socket by now; if not, it is shut
+    // down when the hub does.
+    if let Ok(mut socket) = Arc::try_unwrap(socket) {
+        let _ = tokio::time::timeout(PARTING, socket.half.shutdown()).await;
+    }
     stop
 }
 
@@ -373,5 +673,150 @@ fn render(event: &Event, format: &mut Format, buf: &mut BytesMut) {
             buf.put_slice(event.json());
             buf.put_u8(b'\n');
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+
+    /// A writer over one end of a loopback connection; the other end, and
+    /// the hub's side of the session (its outbox and end signal).
+    async fn wired(
+        rcvbuf: Option<u32>,
+    ) -> (
+        Arc<Socket>,
+        mpsc::Sender<Event>,
+        oneshot::Sender<EndReason>,
+        tokio::task::JoinHandle<Stop>,
+        TcpStream,
+    ) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = tokio::net::TcpSocket::new_v4().unwrap();
+        if let Some(size) = rcvbuf {
+            client.set_recv_buffer_size(size).unwrap();
+        }
+        let (client, accepted) = tokio::join!(
+            client.connect(listener.local_addr().unwrap()),
+            listener.accept()
+        );
+        let (_read, write) = accepted.unwrap().0.into_split();
+        // Not run: the tests flush by hand, when they choose.
+        let socket = Socket::new(write, Arc::new(Flusher::default()));
+        let (outbox, events) = mpsc::channel(1024);
+        // As the hub queues a welcome.
+        outbox.try_send(numbered(0, 0)).unwrap();
+        let (end, ended) = oneshot::channel();
+        let (_done, reader_done) = oneshot::channel();
+        std::mem::forget(_done);
+        let writer = tokio::spawn(write_events(
+            socket.clone(),
+            events,
+            ended,
+            reader_done,
+            Arc::new(Notify::new()),
+        ));
+        (socket, outbox, end, writer, client.unwrap())
+    }
+
+    fn numbered(n: usize, pad: usize) -> Event {
+        Event::error(ErrorCode::Unavailable, format!("{n} {}", "x".repeat(pad)))
+    }
+
+    /// The numbers of the `numbered` events in what the client read.
+    fn numbers(text: &str) -> Vec<usize> {
+        text.lines()
+            .filter_map(|l| l.split_whitespace().find_map(|w| w.parse().ok()))
+            .collect()
+    }
+
+    async fn read_all(mut client: TcpStream) -> String {
+        let mut out = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), client.read_to_end(&mut out))
+            .await
+            .expect("the writer closes")
+            .unwrap();
+        String::from_utf8(out).unwrap()
+    }
+
+    #[tokio::test]
+    async fn pending_events_go_before_what_is_queued_after_them() {
+        let (socket, outbox, end, writer, client) = wired(None).await;
+        // The writer has the turn at first: let it write the welcome, find
+        // the outbox empty and hand the turn back.
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while socket.turn().queued {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .unwrap();
+        // 1 and 2 wait for a flush; a format reply takes the writer's way
+        // and gives it the turn; 3 must queue behind it.
+        socket.deliver(&numbered(1, 0), &outbox).unwrap();
+        socket.deliver(&numbered(2, 0), &outbox).unwrap();
+        assert_eq!(socket.turn().pending.len(), 2);
+        let reply = Event::new(EventBody::Reply(Reply::Format {
+            format: Format::Text,
+        }));
+        socket.deliver(&reply, &outbox).unwrap();
+        socket.deliver(&numbered(3, 0), &outbox).unwrap();
+        // Once the writer hands the turn back, 4 waits for a flush again.
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while socket.turn().queued {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .unwrap();
+        socket.deliver(&numbered(4, 0), &outbox).unwrap();
+        socket.flush(&mut BytesMut::new());
+        end.send(EndReason::Quit).unwrap();
+        drop(outbox);
+        // The flusher (not running) still lists it.
+        socket.flusher.dirty.lock().unwrap().clear();
+        drop(socket);
+        writer.await.unwrap();
+        let text = read_all(client).await;
+        assert_eq!(numbers(&text), [0, 1, 2, 3, 4], "{text}");
+        assert!(text.contains("format is now text"), "{text}");
+    }
+
+    #[tokio::test]
+    async fn a_flush_the_socket_cannot_take_is_finished_in_order() {
+        // A small receive window that is not read until the end.
+        let (socket, outbox, end, writer, client) = wired(Some(4096)).await;
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while socket.turn().queued {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .unwrap();
+        let mut n = 0;
+        // Flush until the socket refuses part of one; then keep delivering.
+        while !socket.turn().queued {
+            for _ in 0..10 {
+                n += 1;
+                socket.deliver(&numbered(n, 1_000), &outbox).unwrap();
+            }
+            socket.flush(&mut BytesMut::new());
+            assert!(n < 1_000_000, "the socket never filled");
+        }
+        for _ in 0..100 {
+            n += 1;
+            socket.deliver(&numbered(n, 1_000), &outbox).unwrap();
+        }
+        drop(outbox);
+        let reading = tokio::spawn(read_all(client));
+        // The writer gets the rest through once the client reads, and stops
+        // when the outbox closes.
+        assert!(matches!(writer.await.unwrap(), Stop::Closed));
+        drop(end);
+        socket.flusher.dirty.lock().unwrap().clear();
+        drop(socket);
+        let text = reading.await.unwrap();
+        assert_eq!(numbers(&text), (0..=n).collect::<Vec<_>>());
     }
 }

@@ -38,14 +38,14 @@ pub use names::{
     IdempotencyKey, MAX_IDEMPOTENCY_KEY, MAX_NICK, MAX_ROOM, Nick, NickKey, Refusal, RoomName, Text,
 };
 pub use rate::TokenBucket;
-pub use sessions::{Backlog, EndReason, Replies, SessionHandle, SessionId};
+pub use sessions::{Backlog, Direct, EndReason, Replies, SessionHandle, SessionId};
 pub use watch::RoomWatch;
 
 use catchup::{CatchUp, MAX_CATCH_UP};
 use ports::{Bus, BusError, Claim, Deliver, Envelope, Presence, Store};
 use rooms::Room;
 use router::{Undeliverable, fan_out};
-use sessions::Session;
+use sessions::{IdMap, Session};
 
 /// How many guest nicks a new session draws before giving up.
 const GUEST_DRAWS: usize = 16;
@@ -139,7 +139,7 @@ struct Shared {
 
 #[derive(Default)]
 struct State {
-    sessions: HashMap<SessionId, Session>,
+    sessions: IdMap<Session>,
     nicks: HashMap<NickKey, SessionId>,
     rooms: HashMap<RoomName, Room>,
     closed: bool,
@@ -283,6 +283,7 @@ impl Hub {
                 rooms: BTreeSet::new(),
                 current: None,
                 outbox,
+                direct: None,
                 end: Some(end),
                 bucket: TokenBucket::new(self.shared.limits.rate, self.shared.limits.burst),
                 commands: TokenBucket::new(
@@ -299,6 +300,15 @@ impl Hub {
             ended,
             backlog,
         })
+    }
+
+    /// Gives the core a quicker way into session `id`'s connection than its
+    /// outbox (see [`Direct`]). Events already queued keep their place: the
+    /// adapter's `Direct` must queue behind them until they are written.
+    pub fn attach(&self, id: SessionId, direct: Arc<dyn Direct>) {
+        if let Some(session) = self.lock().sessions.get_mut(&id) {
+            session.direct = Some(direct);
+        }
     }
 
     /// The nick a new session asked for, or a free guest nick, claimed

@@ -8,7 +8,7 @@
 //! the ring is re-read from storage when the room is next used, and the bus
 //! forgets its cursor for the room ([`Bus::unwatch`](crate::core::ports::Bus::unwatch)).
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -20,7 +20,7 @@ use super::Hub;
 use super::event::{Event, Message};
 use super::history::History;
 use super::names::RoomName;
-use super::sessions::SessionId;
+use super::sessions::{IdMap, SessionId};
 
 /// How long eviction waits for storage to hold every published message, so a
 /// re-read ring is complete. A sweep that cannot wait that long evicts nothing.
@@ -41,7 +41,7 @@ pub(super) struct Room {
     /// from: each already has every message up to its seq, so live copies up
     /// to it are not sent again. Almost always empty; an entry goes once its
     /// seq has been passed.
-    pub ahead: HashMap<SessionId, u64>,
+    pub ahead: IdMap<u64>,
     /// When the room was last seen in use: created, joined, left, sent to, or
     /// found with a member or reader by a sweep.
     last_used: Instant,
@@ -79,7 +79,7 @@ impl Room {
             members: BTreeSet::new(),
             history: History::from_stored(stored.into_iter().map(Arc::new)),
             watchers: Vec::new(),
-            ahead: HashMap::new(),
+            ahead: IdMap::default(),
             last_used: Instant::now(),
         }
     }

@@ -4,12 +4,10 @@
 //! client is not reading; that session is ended with `slow-consumer` instead of
 //! letting it hold up the room (IRC's SendQ exceeded).
 
-use std::collections::HashMap;
-
 use tokio::sync::mpsc::error::TrySendError;
 
 use super::event::Event;
-use super::sessions::{Session, SessionId};
+use super::sessions::{IdMap, Session, SessionId};
 
 /// The outcome of pushing to sessions: who could not take the event.
 #[derive(Debug, Default)]
@@ -29,7 +27,7 @@ impl Undeliverable {
 
 /// Pushes `event` to every session in `to`, recording those that cannot take it.
 pub(super) fn fan_out<'a>(
-    sessions: &HashMap<SessionId, Session>,
+    sessions: &IdMap<Session>,
     to: impl IntoIterator<Item = &'a SessionId>,
     event: &Event,
     failed: &mut Undeliverable,
@@ -39,7 +37,7 @@ pub(super) fn fan_out<'a>(
         let Some(session) = sessions.get(id) else {
             continue;
         };
-        match session.outbox.try_send(event.clone()) {
+        match session.deliver(event) {
             Ok(()) => sent += 1,
             Err(TrySendError::Full(_)) => failed.slow.push(*id),
             Err(TrySendError::Closed(_)) => failed.gone.push(*id),
@@ -64,6 +62,7 @@ mod tests {
             rooms: Default::default(),
             current: None,
             outbox: tx,
+            direct: None,
             end: None,
             bucket: TokenBucket::new(0, 1),
             commands: TokenBucket::new(0, 1),
@@ -74,7 +73,7 @@ mod tests {
 
     #[test]
     fn a_full_outbox_is_reported_and_does_not_stop_the_others() {
-        let mut sessions = HashMap::new();
+        let mut sessions = IdMap::default();
         let (fast, mut fast_rx) = session(8);
         let (slow, _slow_rx) = session(1);
         let (gone, gone_rx) = session(8);

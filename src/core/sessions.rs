@@ -1,8 +1,11 @@
 //! The connection manager's view of one user: nick, rooms, outbox, rate.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::fmt;
+use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::Arc;
 
+use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{mpsc, oneshot};
 
 use super::event::Event;
@@ -12,6 +15,33 @@ use super::rate::TokenBucket;
 /// Identifies a session inside one instance.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SessionId(pub u64);
+
+/// A map keyed by session id, hashed by [`IdHasher`].
+pub type IdMap<V> = HashMap<SessionId, V, BuildHasherDefault<IdHasher>>;
+
+/// Hashes session ids with one multiply instead of SipHash. The server hands
+/// ids out in sequence and no client chooses one, so there are no collisions
+/// to attack; the fan-out looks one up per recipient.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &byte in bytes {
+            self.write_u64(u64::from(byte));
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        // The multiplier of FxHash: spreads sequential ids over the high
+        // bits, which the table uses too.
+        self.0 = (self.0.rotate_left(5) ^ n).wrapping_mul(0x517c_c1b7_2722_0a95);
+    }
+}
 
 impl fmt::Display for SessionId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -89,6 +119,24 @@ impl Backlog {
     }
 }
 
+/// A quicker way into a connection than its outbox, offered by an adapter
+/// with [`Hub::attach`](super::Hub::attach).
+///
+/// The TCP adapter writes an event straight into the socket when nothing of
+/// the connection's is waiting, so a client that keeps up costs no task
+/// wake-up, and queues it to the outbox otherwise. It is called with the
+/// hub's lock held and must not wait.
+pub trait Direct: Send + Sync + fmt::Debug {
+    /// Delivers `event` after everything delivered to this session before it:
+    /// written now, or queued to `outbox` (whose refusal is returned, so a
+    /// full outbox still ends the session as a slow consumer).
+    fn deliver(
+        &self,
+        event: &Event,
+        outbox: &mpsc::Sender<Event>,
+    ) -> Result<(), TrySendError<Event>>;
+}
+
 /// The core's record of a session.
 #[derive(Debug)]
 pub(super) struct Session {
@@ -96,10 +144,22 @@ pub(super) struct Session {
     pub rooms: BTreeSet<RoomName>,
     pub current: Option<RoomName>,
     pub outbox: mpsc::Sender<Event>,
+    /// The adapter's quicker way in, if it offers one.
+    pub direct: Option<Arc<dyn Direct>>,
     pub end: Option<oneshot::Sender<EndReason>>,
     /// Messages and DMs.
     pub bucket: TokenBucket,
     /// Commands that reach others (`/nick`, `/join`, `/leave`).
     pub commands: TokenBucket,
     pub replies: Replies,
+}
+
+impl Session {
+    /// Hands `event` to the session, in order with everything before it.
+    pub fn deliver(&self, event: &Event) -> Result<(), TrySendError<Event>> {
+        match &self.direct {
+            Some(direct) => direct.deliver(event, &self.outbox),
+            None => self.outbox.try_send(event.clone()),
+        }
+    }
 }
