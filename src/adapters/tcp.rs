@@ -424,7 +424,9 @@ impl Direct for Socket {
         outbox: &mpsc::Sender<Event>,
     ) -> Result<(), TrySendError<Event>> {
         let mut turn = self.turn();
-        if !turn.queued && is_plain(event) {
+        // Pending events are bounded like the outbox: a flusher that does not
+        // get to run (a saturated server) must not let them grow past it.
+        if !turn.queued && is_plain(event) && turn.pending.len() < outbox.max_capacity() {
             if turn.pending.is_empty() {
                 if let Some(me) = self.me.upgrade() {
                     self.flusher.mark(me);
