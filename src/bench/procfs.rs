@@ -14,6 +14,8 @@ pub struct Sample {
     pub rss_kib: u64,
     /// User plus system CPU time, milliseconds.
     pub cpu_ms: u64,
+    /// Of it, user-space time (the rest is the kernel's, mostly `send`).
+    pub user_ms: u64,
 }
 
 impl Sample {
@@ -32,6 +34,7 @@ impl Sample {
             let s = Sample::read(pid)?;
             total.rss_kib += s.rss_kib;
             total.cpu_ms += s.cpu_ms;
+            total.user_ms += s.user_ms;
         }
         Ok(total)
     }
@@ -54,6 +57,7 @@ fn parse(status: &str, stat: &str) -> Option<Sample> {
     Some(Sample {
         rss_kib,
         cpu_ms: (utime + stime) * 1000 / TICKS_PER_SECOND,
+        user_ms: utime * 1000 / TICKS_PER_SECOND,
     })
 }
 
@@ -69,7 +73,8 @@ mod tests {
             parse(status, stat),
             Some(Sample {
                 rss_kib: 12345,
-                cpu_ms: 3000
+                cpu_ms: 3000,
+                user_ms: 2500,
             })
         );
     }

@@ -58,21 +58,30 @@ pub struct ServerUsage {
     pub cpu_ms: u64,
     /// CPU time per delivery, microseconds.
     pub cpu_us_per_delivery: f64,
+    /// Of it, user-space time (the server's own code); the rest is the
+    /// kernel's, mostly the `send` calls.
+    #[serde(default)]
+    pub user_us_per_delivery: f64,
 }
 
 impl ServerUsage {
     /// The difference between two readings, spread over `deliveries`.
     pub fn between(before: Sample, after: Sample, deliveries: u64) -> ServerUsage {
         let cpu_ms = after.cpu_ms.saturating_sub(before.cpu_ms);
+        let user_ms = after.user_ms.saturating_sub(before.user_ms);
+        let per_delivery = |ms: u64| {
+            if deliveries == 0 {
+                0.0
+            } else {
+                ms as f64 * 1000.0 / deliveries as f64
+            }
+        };
         ServerUsage {
             rss_before_kib: before.rss_kib,
             rss_after_kib: after.rss_kib,
             cpu_ms,
-            cpu_us_per_delivery: if deliveries == 0 {
-                0.0
-            } else {
-                cpu_ms as f64 * 1000.0 / deliveries as f64
-            },
+            cpu_us_per_delivery: per_delivery(cpu_ms),
+            user_us_per_delivery: per_delivery(user_ms),
         }
     }
 }
@@ -328,8 +337,13 @@ fn load_table(out: &mut String, r: &LoadResult) {
     if let Some(s) = &r.server {
         let _ = writeln!(
             out,
-            "server      RSS {} -> {} KiB, CPU {} ms, {:.2} µs CPU per delivery",
-            s.rss_before_kib, s.rss_after_kib, s.cpu_ms, s.cpu_us_per_delivery
+            "server      RSS {} -> {} KiB, CPU {} ms, {:.2} µs CPU per delivery ({:.2} user + {:.2} system)",
+            s.rss_before_kib,
+            s.rss_after_kib,
+            s.cpu_ms,
+            s.cpu_us_per_delivery,
+            s.user_us_per_delivery,
+            s.cpu_us_per_delivery - s.user_us_per_delivery
         );
     }
 }

@@ -76,14 +76,15 @@ pub fn markdown(reports: &[Report]) -> String {
         .filter(|(_, l)| !l.is_empty())
         .collect();
     if !load_groups.is_empty() {
-        out.push_str("| point | runs | connections | msg/s offered | deliveries/s | p50 ms | p99 ms | p99.9 ms | max ms | lost | duplicates | server CPU µs/delivery | server CPU busy | generator CPU busy |\n");
+        out.push_str("| point | runs | connections | msg/s offered | deliveries/s | p50 ms | p99 ms | p99.9 ms | max ms | lost | duplicates | server CPU µs/delivery (user) | server CPU busy | generator CPU busy |\n");
         out.push_str("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
         for (key, runs) in &load_groups {
             let m = |f: fn(&LoadResult) -> f64| median(runs.iter().map(|r| f(r)).collect());
             let cpu = if runs.iter().all(|r| r.server.is_some()) {
                 format!(
-                    "{:.2}",
-                    m(|r| r.server.as_ref().map_or(0.0, |s| s.cpu_us_per_delivery))
+                    "{:.2} ({:.2} user)",
+                    m(|r| r.server.as_ref().map_or(0.0, |s| s.cpu_us_per_delivery)),
+                    m(|r| r.server.as_ref().map_or(0.0, |s| s.user_us_per_delivery))
                 )
             } else {
                 "-".to_owned()
