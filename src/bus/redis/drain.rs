@@ -79,9 +79,7 @@ pub async fn run(
         let (_flushes, flush_rx) = tokio::sync::mpsc::channel(1);
         let stop = stop.clone();
         tasks.push(tokio::spawn(async move {
-            persister
-                .run(stop, flush_rx, Arc::new(tokio::sync::Notify::new()))
-                .await;
+            persister.run(stop, flush_rx, Arc::default()).await;
         }));
     }
     let deadline = started + Duration::from_secs(600);

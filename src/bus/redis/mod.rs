@@ -38,7 +38,7 @@ use fred::clients::SubscriberClient;
 use fred::prelude::*;
 use fred::types::config::ReconnectPolicy;
 use tokio::sync::broadcast::error::RecvError;
-use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -49,7 +49,7 @@ use crate::core::{Draft, Message, RoomName};
 use directory::{HEARTBEAT, Registry};
 use history::StreamFirst;
 use keys::Keys;
-use persist::{FlushRequest, Persister};
+use persist::{FlushRequest, Persister, Pokes};
 use rooms::{Rooms, unreachable};
 use script::Lua;
 use wire::{Body, Incoming};
@@ -85,8 +85,8 @@ struct Inner {
     stop: CancellationToken,
     persist_stop: CancellationToken,
     flushes: mpsc::Sender<FlushRequest>,
-    /// Wakes this instance's persister: it has published something.
-    persist_poke: Arc<Notify>,
+    /// Tells this instance's persister which partitions it published to.
+    pokes: Arc<Pokes>,
     stats: Arc<WriterStats>,
     sink: StdMutex<Option<Arc<dyn Deliver>>>,
 }
@@ -149,7 +149,7 @@ impl RedisBus {
             stop: CancellationToken::new(),
             persist_stop: CancellationToken::new(),
             flushes,
-            persist_poke: Arc::new(Notify::new()),
+            pokes: Arc::default(),
             stats: stats.clone(),
             sink: StdMutex::new(None),
         });
@@ -163,11 +163,8 @@ impl RedisBus {
             store,
             stats,
         };
-        let persister = tokio::spawn(persister.run(
-            inner.persist_stop.clone(),
-            flush_rx,
-            inner.persist_poke.clone(),
-        ));
+        let persister =
+            tokio::spawn(persister.run(inner.persist_stop.clone(), flush_rx, inner.pokes.clone()));
         Ok(RedisBus {
             inner,
             tasks: StdMutex::default(),
@@ -428,7 +425,7 @@ impl Bus for RedisBus {
             }));
         }
         let message = Arc::new(draft.sequence(seq));
-        inner.persist_poke.notify_one();
+        inner.pokes.published(partition);
         // Delivered here at once (after anything older not heard yet); the
         // copy that comes back on the channel is then a duplicate.
         inner.rooms.offer(message.clone()).await;

@@ -15,7 +15,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use fred::prelude::*;
@@ -35,15 +35,45 @@ const BATCH: u64 = 1_000;
 pub const CLAIM_IDLE: Duration = Duration::from_secs(10);
 /// How often pending entries are looked for.
 const CLAIM_EVERY: Duration = Duration::from_secs(3);
-/// The pause after the first round that found nothing; it doubles while
-/// rounds keep finding nothing, up to [`MAX_IDLE`]. A message published by
-/// this instance wakes the persister at once ([`Persister::run`]'s `poke`),
-/// so the pause only delays what other instances published and did not
-/// store themselves (they died, or their database link is cut).
-const IDLE: Duration = Duration::from_millis(50);
-/// The longest pause between rounds: an idle cluster of N instances costs
-/// Redis `N * PARTITIONS` reads per `MAX_IDLE`.
-const MAX_IDLE: Duration = Duration::from_secs(1);
+/// How often a persister reads every partition. Between full rounds it
+/// reads only the partitions this instance published to ([`Pokes`]), at
+/// once, and a partition again at once while it fills whole batches (a
+/// backlog). So the period only delays what other instances published and
+/// did not store themselves (they died, or their database link is cut), and
+/// an idle cluster of N instances costs Redis `N * PARTITIONS` reads per
+/// period.
+const FULL_ROUND_EVERY: Duration = Duration::from_secs(1);
+/// Every partition, as a [`Pokes`] mask.
+const ALL: u32 = if PARTITIONS >= 32 {
+    u32::MAX
+} else {
+    (1 << PARTITIONS) - 1
+};
+const _: () = assert!(PARTITIONS <= 32, "a partition mask is a u32");
+
+/// The partitions this instance has published to since its persister last
+/// read them, as a bit mask, and the persister's wake-up.
+#[derive(Debug, Default)]
+pub struct Pokes {
+    dirty: AtomicU32,
+    wake: Notify,
+}
+
+impl Pokes {
+    /// This instance published a message to `partition`'s stream.
+    pub fn published(&self, partition: u32) {
+        self.mark(1 << partition);
+    }
+
+    fn mark(&self, mask: u32) {
+        self.dirty.fetch_or(mask, Ordering::AcqRel);
+        self.wake.notify_one();
+    }
+
+    fn take(&self) -> u32 {
+        self.dirty.swap(0, Ordering::AcqRel)
+    }
+}
 
 type Entry = (String, HashMap<String, String>);
 
@@ -66,20 +96,20 @@ struct Taken {
 }
 
 impl Persister {
-    /// Runs until `stop`, then does a last round. `flushes` ask for a round
-    /// to finish (a read that wants the store to catch up); `poke` says this
-    /// instance published something.
+    /// Runs until `stop`, then does a last round. `flushes` ask for a full
+    /// round to finish (a read that wants the store to catch up); `pokes`
+    /// name the partitions this instance published to.
     pub async fn run(
         self,
         stop: CancellationToken,
         mut flushes: mpsc::Receiver<FlushRequest>,
-        poke: Arc<Notify>,
+        pokes: Arc<Pokes>,
     ) {
         self.ensure_groups().await;
         let mut last_claim = Instant::now();
-        let mut idle = IDLE;
+        let mut next_full = Instant::now();
+        let mut waiting: Vec<FlushRequest> = Vec::new();
         loop {
-            let mut waiting = Vec::new();
             while let Ok(done) = flushes.try_recv() {
                 waiting.push(done);
             }
@@ -87,32 +117,32 @@ impl Persister {
             if claim {
                 last_claim = Instant::now();
             }
-            let stored = self.round(claim, &stop).await;
-            for done in waiting {
+            let full = claim || !waiting.is_empty() || Instant::now() >= next_full;
+            let mask = pokes.take() | if full { ALL } else { 0 };
+            let (_, again) = self.round(mask, claim, &stop).await;
+            // A partition that filled a whole batch may hold more: read it
+            // again at once.
+            if again != 0 {
+                pokes.mark(again);
+            }
+            for done in waiting.drain(..) {
                 let _ = done.send(());
             }
             if stop.is_cancelled() {
                 // One more round for what this instance published last.
-                self.round(false, &CancellationToken::new()).await;
+                self.round(ALL, false, &CancellationToken::new()).await;
                 return;
             }
-            if stored > 0 {
-                idle = IDLE;
-                continue;
+            if full {
+                next_full = Instant::now() + FULL_ROUND_EVERY;
             }
             // Claims must still run every CLAIM_EVERY while idle.
-            let pause = idle.min(CLAIM_EVERY.saturating_sub(last_claim.elapsed()));
-            idle = (idle * 2).min(MAX_IDLE);
+            let until = next_full.min(last_claim + CLAIM_EVERY);
             tokio::select! {
                 _ = stop.cancelled() => {}
-                _ = tokio::time::sleep(pause) => {}
-                _ = poke.notified() => idle = IDLE,
-                Some(done) = flushes.recv() => {
-                    // Read now, and answer once done.
-                    self.round(false, &stop).await;
-                    let _ = done.send(());
-                    idle = IDLE;
-                }
+                _ = tokio::time::sleep_until(until.into()) => {}
+                _ = pokes.wake.notified() => {}
+                Some(done) = flushes.recv() => waiting.push(done),
             }
         }
     }
@@ -132,26 +162,34 @@ impl Persister {
         }
     }
 
-    /// Reads every partition once (and claims abandoned entries if `claim`),
-    /// and stores all it found in one transaction. Returns how many messages
-    /// it stored.
+    /// Reads the partitions in `mask` once (and claims abandoned entries if
+    /// `claim`), and stores all it found in one transaction. Returns how many
+    /// messages it stored, and the partitions that filled a whole batch.
     ///
     /// The partitions are read concurrently: fred pipelines the commands on
     /// one connection, so a round costs one round trip to Redis, not one per
     /// partition. One commit per round, not per partition: a commit waits
     /// for the database's log flush, which costs the same for 10 rows as for
     /// 10,000, and it is what bounds the rate when a backlog drains.
-    async fn round(&self, claim: bool, stop: &CancellationToken) -> usize {
-        let taken: Vec<Taken> =
-            futures::future::join_all((0..PARTITIONS).map(|p| self.take(p, claim))).await;
+    async fn round(&self, mask: u32, claim: bool, stop: &CancellationToken) -> (usize, u32) {
+        let wanted = (0..PARTITIONS).filter(|p| mask & (1 << p) != 0);
+        let taken: Vec<(u32, Taken)> = futures::future::join_all(
+            wanted.map(|p| async move { (p, self.take(p, claim).await) }),
+        )
+        .await;
+        let again = taken
+            .iter()
+            .filter(|(_, t)| t.entries.len() as u64 >= BATCH)
+            .fold(0, |mask, (p, _)| mask | (1 << p));
         let taken: Vec<Taken> = taken
             .into_iter()
+            .map(|(_, t)| t)
             .filter(|t| !t.entries.is_empty())
             .collect();
         if taken.is_empty() {
-            return 0;
+            return (0, again);
         }
-        self.store_and_ack(taken, stop).await
+        (self.store_and_ack(taken, stop).await, again)
     }
 
     /// What partition `p` has for this instance: new entries, and with
