@@ -59,10 +59,10 @@ trap 'exit 130' INT TERM
 
 if [ "$QUICK" = 1 ]; then
   FAN_MEMBERS=200; IDLE_CONNS=1000; ROOMS_CLIENTS=1000; ROOMS_ROOMS=100; DURATION=3
-  SAT_MAX=400; CLUSTER_MEMBERS=60
+  SAT_MAX=400; CLUSTER_MEMBERS=60; SSE_MEMBERS=50; SSE_RATE=200
 else
   FAN_MEMBERS=1000; IDLE_CONNS=10000; ROOMS_CLIENTS=10000; ROOMS_ROOMS=1000; DURATION=10
-  SAT_MAX=3000; CLUSTER_MEMBERS=300
+  SAT_MAX=3000; CLUSTER_MEMBERS=300; SSE_MEMBERS=100; SSE_RATE=500
 fi
 
 # Pin the server and the generator to different cores when there are two.
@@ -172,6 +172,55 @@ for run in $(seq "$RUNS"); do
   fi
   stop_daemons
 done
+
+# SSE fan-out against a Node 20 hub built on better-sse (bench/node-sse), the
+# same load on both, interleaved run by run: SSE_MEMBERS streams in one room,
+# 10 senders, SSE_RATE msg/s. baby-discord's receivers are HTTP sessions
+# (GET /events) and its senders TCP members; the Node hub's members are all
+# streams and its senders POST. Deliveries per server CPU-second are 10^6 over
+# the median CPU µs per delivery.
+SSE_COSTS=$WORK/sse-costs.txt
+if command -v node >/dev/null && command -v npm >/dev/null \
+    && [ "$(node -p 'process.versions.node.split(".")[0]' 2>/dev/null || echo 0)" -ge 20 ] \
+    && (cd bench/node-sse && npm ci --silent --no-audit --no-fund >/dev/null 2>&1); then
+  echo "== SSE fan-out: $SSE_MEMBERS streams at $SSE_RATE msg/s, baby-discord and Node better-sse"
+  for run in $(seq "$RUNS"); do
+    start_daemon --db "sqlite://$WORK/sse-fanout-$run.db" --rate 0 --queue 4096
+    args=(fanout --receivers sse --target "$TCP" --http-target "$HTTP" --members "$SSE_MEMBERS"
+          --senders 10 --rate "$SSE_RATE" --duration "$DURATION" --server-pid "$PID"
+          --label "sse fanout baby-discord, $SSE_MEMBERS streams @ $SSE_RATE msg/s")
+    [ "$run" = 1 ] && note_command "baby-discord serve --db sqlite://FILE --rate 0 --queue 4096" \
+      && note_command "baby-discord bench $(printf '%q ' "${args[@]}")"
+    bench "${args[@]}" || true
+    stop_daemons
+    log=$WORK/node-$run.log
+    (cd bench/node-sse && PORT=0 exec "${SERVER_CPU[@]}" node server.js) >"$log" 2>&1 &
+    PID=$!
+    DAEMONS+=("$PID")
+    for _ in $(seq 100); do grep -q '^listening' "$log" && break; sleep 0.1; done
+    NODE_HTTP=$(grep -m1 -o 'http=[0-9.:]*' "$log" | cut -d= -f2)
+    if [ -z "$NODE_HTTP" ]; then
+      echo "failed run: the Node SSE hub did not start ($(head -c 200 "$log"))" >>"$PENDING"
+      stop_daemons
+      continue
+    fi
+    args=(fanout --receivers sse-peer --http-target "$NODE_HTTP" --members "$SSE_MEMBERS"
+          --senders 10 --rate "$SSE_RATE" --duration "$DURATION" --server-pid "$PID"
+          --label "sse fanout node better-sse, $SSE_MEMBERS streams @ $SSE_RATE msg/s")
+    [ "$run" = 1 ] && note_command "(cd bench/node-sse && npm ci && PORT=0 node server.js)  # pinned: taskset -c 0" \
+      && note_command "baby-discord bench $(printf '%q ' "${args[@]}")"
+    bench "${args[@]}" || true
+    stop_daemons
+  done
+  for who in "baby-discord" "node better-sse"; do
+    jq -r --arg who "sse fanout $who," 'select((.label // "") | startswith($who))
+      | .outcome.server.cpu_us_per_delivery // empty' "$RESULTS" | sort -g \
+      | awk -v who="$who" '{ v[NR] = $1 } END { if (NR) printf "%s %.0f\n", who, 1e6 / v[int((NR + 1) / 2)] }' \
+      >>"$SSE_COSTS"
+  done
+else
+  echo "SSE fan-out against Node better-sse: needs node >= 20 and npm (bench/node-sse)" | tee -a "$PENDING"
+fi
 
 echo "== saturate: $FAN_MEMBERS members, server --rate 0, p99 bound 5 ms"
 for run in $(seq "$RUNS"); do
@@ -307,6 +356,16 @@ CPU_MODEL=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//' |
     echo "|---|---|---|---|"
     n=0; while read -r total eval; do n=$((n + 1));
       echo "| $n | $total | $eval | $(awk -v d="$DURATION" 'BEGIN { print 50 * d }') |"; done <"$REDIS_COSTS"
+    echo
+  fi
+  if [ -s "$SSE_COSTS" ]; then
+    echo
+    echo "SSE fan-out, deliveries per server CPU-second (10^6 / median CPU µs per delivery)"
+    echo "for the same load on each server, runs interleaved:"
+    echo
+    echo "| server | deliveries per CPU-second |"
+    echo "|---|---|"
+    while read -r line; do echo "| ${line% *} | ${line##* } |"; done <"$SSE_COSTS"
     echo
   fi
   if [ -s "$PENDING" ]; then

@@ -607,6 +607,27 @@ async fn h2c_works_for_commands_and_streams() {
     sse.expect(|_, v| is_message(v, "over h2")).await;
 }
 
+/// The server tells HTTP/1 from h2c by peeking at a connection's first
+/// bytes; a request that arrives in pieces, first a byte that could begin the
+/// HTTP/2 preface, must still be read as HTTP/1.
+#[tokio::test]
+async fn an_http1_request_split_after_its_first_byte_is_answered() {
+    let (_d, _dir, http) = daemon(&[]).await;
+    let mut raw = tokio::net::TcpStream::connect(http.addr).await.unwrap();
+    raw.set_nodelay(true).unwrap();
+    raw.write_all(b"P").await.unwrap();
+    raw.write_all(b"OST /connect HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}")
+        .await
+        .unwrap();
+    let mut reply = Vec::new();
+    tokio::time::timeout(WAIT, raw.read_to_end(&mut reply))
+        .await
+        .expect("an answer in time")
+        .unwrap();
+    let text = String::from_utf8_lossy(&reply);
+    assert!(text.starts_with("HTTP/1.1 201"), "{text}");
+}
+
 #[tokio::test]
 async fn a_session_without_a_stream_expires_and_frees_its_nick() {
     let (_d, _dir, http) = daemon(&["--session-linger", "1"]).await;

@@ -25,7 +25,7 @@ use super::conn::{Lines, READY_TIMEOUT, Rendering, TcpClient};
 use super::payload::{self, Clock};
 use super::procfs::Sample;
 use super::report::{Latency, LoadResult, ServerUsage};
-use super::sse::SseClient;
+use super::sse::{SseClient, SseStream};
 
 /// How receivers are connected.
 #[derive(
@@ -36,6 +36,12 @@ pub enum Transport {
     Tcp,
     /// HTTP sessions reading `GET /events` (SSE); senders stay on TCP.
     Sse,
+    /// Another SSE hub, for a baseline (`bench/node-sse`): members read
+    /// `GET /rooms/ROOM/events`, senders are members that also
+    /// `POST /rooms/ROOM/messages` (the text as the body) on a keep-alive
+    /// connection of their own.
+    #[value(name = "sse-peer")]
+    SsePeer,
 }
 
 /// One room of a plan.
@@ -123,14 +129,14 @@ impl Plan {
         };
         for (r, room) in self.rooms.iter().enumerate() {
             let senders = room.senders.min(match self.transport {
-                Transport::Tcp => room.members,
+                Transport::Tcp | Transport::SsePeer => room.members,
                 Transport::Sse => usize::MAX,
             });
             room_senders.push(senders);
             match self.transport {
-                Transport::Tcp => {
+                Transport::Tcp | Transport::SsePeer => {
                     for m in 0..room.members {
-                        specs.push(next(Transport::Tcp, r, m < senders, &mut sender_target));
+                        specs.push(next(self.transport, r, m < senders, &mut sender_target));
                     }
                 }
                 Transport::Sse => {
@@ -198,9 +204,8 @@ pub async fn run(plan: &Plan) -> anyhow::Result<LoadResult> {
         if let Some(mut writer) = writer {
             if !warmed_rooms[spec.room] {
                 warmed_rooms[spec.room] = true;
-                writer
-                    .write_all(format!("{}\n", payload::warm(run_id)).as_bytes())
-                    .await?;
+                let warm = outgoing(plan, spec, &payload::warm(run_id));
+                writer.write_all(&warm).await?;
             }
             connections.push((spec, writer));
         }
@@ -219,6 +224,7 @@ pub async fn run(plan: &Plan) -> anyhow::Result<LoadResult> {
     for (spec, mut writer) in connections {
         let Some(id) = spec.sender else { continue };
         let size = plan.size;
+        let plan = plan.clone();
         let offset = (id as f64 / plan.rate * 1e9) as u64;
         senders.push(tokio::spawn(async move {
             let mut n = 0u64;
@@ -231,14 +237,12 @@ pub async fn run(plan: &Plan) -> anyhow::Result<LoadResult> {
                 tokio::time::sleep_until(clock.at(due).into()).await;
                 let now = clock.now_ns();
                 lag_max_ns = lag_max_ns.max(now.saturating_sub(due));
-                let mut line = payload::message(run_id, id, n, now, size);
-                line.push('\n');
-                writer.write_all(line.as_bytes()).await?;
+                let text = payload::message(run_id, id, n, now, size);
+                writer.write_all(&outgoing(&plan, spec, &text)).await?;
                 n += 1;
             }
-            let mut line = payload::end(run_id, id, n);
-            line.push('\n');
-            writer.write_all(line.as_bytes()).await?;
+            let text = payload::end(run_id, id, n);
+            writer.write_all(&outgoing(&plan, spec, &text)).await?;
             anyhow::Ok(Sent {
                 sender: id,
                 total: n,
@@ -427,11 +431,55 @@ async fn open(plan: &Plan, spec: Spec) -> anyhow::Result<(Spec, Lines, Option<Ow
                 let c = SseClient::join(addr, room).await?;
                 anyhow::Ok((spec, Lines::Sse(c.stream), None))
             }
+            Transport::SsePeer => {
+                anyhow::ensure!(!plan.http_targets.is_empty(), "no --http-target for SSE");
+                let addr = plan.http_targets[spec.target % plan.http_targets.len()];
+                let stream = SseStream::open(addr, &format!("/rooms/{room}/events")).await?;
+                let writer = match spec.sender {
+                    Some(_) => Some(poster(addr).await?),
+                    None => None,
+                };
+                anyhow::Ok((spec, Lines::Sse(stream), writer))
+            }
         }
     };
     tokio::time::timeout(READY_TIMEOUT, ready)
         .await
         .with_context(|| format!("a connection to room {room} was not ready in time"))?
+}
+
+/// What a sender writes to send `text`: a line on TCP, a request to a peer.
+fn outgoing(plan: &Plan, spec: Spec, text: &str) -> Vec<u8> {
+    match spec.transport {
+        Transport::Tcp | Transport::Sse => format!("{text}\n").into_bytes(),
+        Transport::SsePeer => {
+            let room = &plan.rooms[spec.room].name;
+            let mut request = format!(
+                "POST /rooms/{room}/messages HTTP/1.1\r\nhost: bench\r\n\
+                 content-type: text/plain\r\ncontent-length: {}\r\n\r\n",
+                text.len()
+            )
+            .into_bytes();
+            request.extend_from_slice(text.as_bytes());
+            request
+        }
+    }
+}
+
+/// A keep-alive connection for a peer sender's requests, which are
+/// pipelined (sent on schedule, never waiting for an answer): its answers
+/// are read and dropped by a task of their own.
+async fn poster(addr: SocketAddr) -> anyhow::Result<OwnedWriteHalf> {
+    let stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .with_context(|| format!("could not connect to {addr}"))?;
+    stream.set_nodelay(true)?;
+    let (mut read, write) = stream.into_split();
+    tokio::spawn(async move {
+        let mut sink = tokio::io::sink();
+        let _ = tokio::io::copy(&mut read, &mut sink).await;
+    });
+    Ok(write)
 }
 
 /// Reads the servers, or nothing when no PID was given.

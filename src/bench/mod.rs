@@ -104,7 +104,8 @@ pub struct Traffic {
     /// Bytes per message text (at least the stamp, about 40 bytes).
     #[arg(long, default_value_t = 64)]
     pub size: usize,
-    /// How receivers connect: tcp, or sse (HTTP sessions; senders stay on TCP).
+    /// How receivers connect: tcp, sse (HTTP sessions; senders stay on TCP),
+    /// or sse-peer (another SSE hub, for a baseline: see bench/node-sse).
     #[arg(long, value_enum, default_value = "tcp")]
     pub receivers: Transport,
     /// How TCP connections render events.

@@ -49,6 +49,21 @@ impl SseStream {
     }
 }
 
+impl SseStream {
+    /// Opens a plain SSE stream (`GET path`), for a hub that is not this
+    /// server (`bench fanout --receivers sse-peer`).
+    pub async fn open(addr: SocketAddr, path: &str) -> anyhow::Result<SseStream> {
+        let (status, body) = request(addr, Method::GET, path, None, "").await?;
+        if status != StatusCode::OK {
+            bail!("{addr} answered {status} to GET {path}");
+        }
+        Ok(SseStream {
+            body,
+            buffer: BytesMut::new(),
+        })
+    }
+}
+
 /// An HTTP session with its event stream open.
 pub struct SseClient {
     /// The session's events.

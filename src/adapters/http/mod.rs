@@ -69,6 +69,65 @@ async fn silent(timeout: Duration, first_request: &Notify) {
     }
 }
 
+/// The HTTP/2 cleartext preface, which every h2c connection starts with.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// What a connection's first bytes say it speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Protocol {
+    /// Not the HTTP/2 preface: HTTP/1.
+    Http1,
+    /// The preface, a prefix of it, or nothing yet: hyper-util decides.
+    Either,
+}
+
+/// Looks at a connection's first bytes without consuming them.
+///
+/// hyper-util's protocol detection reads them itself and hands them back to
+/// hyper first: hyper's first read then returns only those few bytes, and its
+/// read buffer, topped up before the next read, doubles from 8 to 16 KiB for
+/// the connection's whole life (an SSE stream's included). Bytes that are not
+/// a prefix of the HTTP/2 preface are HTTP/1 to hyper-util as well; those go
+/// straight to hyper's HTTP/1 server, which then reads the request whole.
+async fn sniff(stream: &tokio::net::TcpStream) -> Protocol {
+    let mut first = [0u8; H2_PREFACE.len()];
+    match stream.peek(&mut first).await {
+        Ok(n) if n > 0 && first[..n] != H2_PREFACE[..n] => Protocol::Http1,
+        _ => Protocol::Either,
+    }
+}
+
+/// What ends a connection besides its client.
+struct Ends<'a, F> {
+    cut: &'a CancellationToken,
+    silent: std::pin::Pin<&'a mut F>,
+    shutdown: &'a CancellationToken,
+    peer: std::net::SocketAddr,
+}
+
+impl<F: std::future::Future<Output = ()>> Ends<'_, F> {
+    /// Serves `conn` until it ends, is cut, sends no request in time, or the
+    /// daemon stops (then it gets [`DRAIN`] to finish).
+    async fn drive<C: std::future::Future>(
+        mut self,
+        conn: C,
+        shut_down: impl FnOnce(std::pin::Pin<&mut C>),
+    ) {
+        tokio::pin!(conn);
+        tokio::select! {
+            _ = conn.as_mut() => {}
+            _ = self.cut.cancelled() => {}
+            () = self.silent.as_mut() => {
+                tracing::debug!(peer = %self.peer, "closed an HTTP connection that sent no request in time");
+            }
+            _ = self.shutdown.cancelled() => {
+                shut_down(conn.as_mut());
+                let _ = tokio::time::timeout(DRAIN, conn).await;
+            }
+        }
+    }
+}
+
 /// What the HTTP adapter needs.
 #[derive(Clone)]
 pub struct HttpAdapter {
@@ -138,71 +197,94 @@ impl HttpAdapter {
             let this = self.clone();
             let routes = routes.clone();
             let open = http_connections.clone();
-            self.tracker.spawn(async move {
-                // Over a limit, every request on the connection is answered 503.
-                let address_permit = this.peers.admit(peer.ip());
-                let permit = address_permit
-                    .as_ref()
-                    .and_then(|_| this.connections.clone().try_acquire_owned().ok());
-                let refusal = match (&address_permit, &permit) {
-                    (None, _) => Some(format!(
-                        "too many connections from your address (at most {}); close some first",
-                        this.peers.limits().max_conns
-                    )),
-                    (Some(_), None) => Some("the server is full; try again later".to_owned()),
-                    _ => None,
-                };
-                open.fetch_add(1, Ordering::Relaxed);
-                // Cancelled to cut this connection (a stream's reader is stuck).
-                let cut = CancellationToken::new();
-                let mut builder = auto::Builder::new(TokioExecutor::new());
-                builder
-                    .http1()
-                    .timer(TokioTimer::new())
-                    .header_read_timeout(this.header_timeout);
-                builder
-                    .http2()
-                    .timer(TokioTimer::new())
-                    .max_concurrent_streams(100);
-                let refusal = Arc::new(refusal);
-                let first_request = Arc::new(Notify::new());
-                let service = {
-                    let cut = cut.clone();
-                    let first_request = first_request.clone();
-                    hyper::service::service_fn(move |req: Request<Incoming>| {
-                        first_request.notify_one();
-                        let routes = routes.clone();
+            self.tracker.spawn(
+                async move {
+                    // Over a limit, every request on the connection is answered 503.
+                    let address_permit = this.peers.admit(peer.ip());
+                    let permit = address_permit
+                        .as_ref()
+                        .and_then(|_| this.connections.clone().try_acquire_owned().ok());
+                    let refusal = match (&address_permit, &permit) {
+                        (None, _) => Some(format!(
+                            "too many connections from your address (at most {}); close some first",
+                            this.peers.limits().max_conns
+                        )),
+                        (Some(_), None) => Some("the server is full; try again later".to_owned()),
+                        _ => None,
+                    };
+                    open.fetch_add(1, Ordering::Relaxed);
+                    // Cancelled to cut this connection (a stream's reader is stuck).
+                    let cut = CancellationToken::new();
+                    let refusal = Arc::new(refusal);
+                    let first_request = Arc::new(Notify::new());
+                    let service = {
                         let cut = cut.clone();
-                        let refusal = refusal.clone();
-                        async move {
-                            // Health checks are answered even when full: a
-                            // full instance is still a live one.
-                            let health = req.uri().path() == "/healthz";
-                            let response = match &*refusal {
-                                Some(why) if !health => routes::overloaded(why),
-                                _ => routes.handle(req, cut, peer.ip()).await,
-                            };
-                            Ok::<_, Infallible>(response)
+                        let first_request = first_request.clone();
+                        hyper::service::service_fn(move |req: Request<Incoming>| {
+                            first_request.notify_one();
+                            let routes = routes.clone();
+                            let cut = cut.clone();
+                            let refusal = refusal.clone();
+                            // Boxed: hyper keeps a slot the size of this future
+                            // for the whole connection, and an open stream's
+                            // connection would hold every route's state for nothing.
+                            Box::pin(async move {
+                                // Health checks are answered even when full: a
+                                // full instance is still a live one.
+                                let health = req.uri().path() == "/healthz";
+                                let response = match &*refusal {
+                                    Some(why) if !health => routes::overloaded(why),
+                                    _ => routes.handle(req, cut, peer.ip()).await,
+                                };
+                                Ok::<_, Infallible>(response)
+                            })
+                        })
+                    };
+                    let silent = silent(this.header_timeout, &first_request);
+                    tokio::pin!(silent);
+                    let sniffed = tokio::select! {
+                        sniffed = sniff(&stream) => Some(sniffed),
+                        () = &mut silent => None,
+                        _ = this.shutdown.cancelled() => None,
+                    };
+                    let ends = Ends {
+                        cut: &cut,
+                        silent,
+                        shutdown: &this.shutdown,
+                        peer,
+                    };
+                    match sniffed {
+                        Some(Protocol::Http1) => {
+                            let mut builder = hyper::server::conn::http1::Builder::new();
+                            builder
+                                .timer(TokioTimer::new())
+                                .header_read_timeout(this.header_timeout);
+                            let conn = builder.serve_connection(TokioIo::new(stream), service);
+                            ends.drive(conn, |conn| conn.graceful_shutdown()).await;
                         }
-                    })
-                };
-                let conn = builder.serve_connection(TokioIo::new(stream), service);
-                tokio::pin!(conn);
-                tokio::select! {
-                    _ = conn.as_mut() => {}
-                    _ = cut.cancelled() => {}
-                    () = silent(this.header_timeout, &first_request) => {
-                        tracing::debug!(%peer, "closed an HTTP connection that sent no request in time");
+                        Some(Protocol::Either) => {
+                            let mut builder = auto::Builder::new(TokioExecutor::new());
+                            builder
+                                .http1()
+                                .timer(TokioTimer::new())
+                                .header_read_timeout(this.header_timeout);
+                            builder
+                                .http2()
+                                .timer(TokioTimer::new())
+                                .max_concurrent_streams(100);
+                            let conn = builder.serve_connection(TokioIo::new(stream), service);
+                            // Boxed: h2c is rare, and its larger state would
+                            // otherwise size every HTTP/1 connection's task.
+                            Box::pin(ends.drive(conn, |conn| conn.graceful_shutdown())).await;
+                        }
+                        None => {}
                     }
-                    _ = this.shutdown.cancelled() => {
-                        conn.as_mut().graceful_shutdown();
-                        let _ = tokio::time::timeout(DRAIN, conn).await;
-                    }
+                    open.fetch_sub(1, Ordering::Relaxed);
+                    drop(permit);
+                    drop(address_permit);
                 }
-                open.fetch_sub(1, Ordering::Relaxed);
-                drop(permit);
-                drop(address_permit);
-            }.instrument(tracing::info_span!("http", %peer)));
+                .instrument(tracing::info_span!("http", %peer)),
+            );
         }
     }
 }

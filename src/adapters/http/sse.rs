@@ -177,7 +177,9 @@ pub fn session_stream(
         // The rooms the session left and has nothing remembered of are forgotten.
         attached.feed.memory.retain_rooms(&ctx.hub.rooms_of(attached.session.id));
         if let Some(last) = last_event_id {
-            let wires = catch_up(&ctx.hub, &mut attached.feed.memory, &last).await;
+            // Boxed: a resume's storage reads would otherwise size the
+            // state of every stream, for its whole life.
+            let wires = Box::pin(catch_up(&ctx.hub, &mut attached.feed.memory, &last)).await;
             for wire in wires {
                 if let Some(id) = wire.id {
                     yield data(id);
