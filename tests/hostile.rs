@@ -50,8 +50,22 @@ async fn blast(addr: std::net::SocketAddr, bytes: Vec<u8>, limit: Duration) {
 
 /// Sends a raw HTTP request and returns the status line's code (0 if none).
 async fn raw_http(addr: std::net::SocketAddr, request: Vec<u8>) -> u16 {
+    raw_http_from(addr, None, request).await
+}
+
+/// [`raw_http`] from local address `from` (another loopback address is
+/// another client to the server's per-address limits).
+async fn raw_http_from(
+    addr: std::net::SocketAddr,
+    from: Option<std::net::IpAddr>,
+    request: Vec<u8>,
+) -> u16 {
     let fut = async {
-        let mut stream = TcpStream::connect(addr).await.ok()?;
+        let socket = tokio::net::TcpSocket::new_v4().ok()?;
+        if let Some(ip) = from {
+            socket.bind((ip, 0).into()).ok()?;
+        }
+        let mut stream = socket.connect(addr).await.ok()?;
         // The server may answer (and close) before the whole request is sent.
         let _ = stream.write_all(&request).await;
         let mut head = vec![0u8; 64];
@@ -125,10 +139,15 @@ async fn hostile_clients_neither_starve_the_canary_nor_grow_memory() {
             blast(tcp, lines.into_bytes(), Duration::from_secs(20)).await;
         });
     }
-    // HTTP: a 50 MB body, 60,000-deep JSON, 10,000 headers.
+    // HTTP: a 50 MB body, 60,000-deep JSON, 10,000 headers. From an address
+    // of their own: on the attackers' address the other attacks fill the
+    // per-address quotas, and a full quota answers 503 whatever the body;
+    // these answers must say what the server made of the requests.
     let statuses = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let seen = statuses.clone();
     attacks.spawn(async move {
+        let own: Option<std::net::IpAddr> = Some([127, 0, 0, 2].into());
+        let raw_http = |addr, request| raw_http_from(addr, own, request);
         let mut head = format!(
             "POST /connect HTTP/1.1\r\nhost: x\r\ncontent-length: {}\r\n\r\n",
             50 * 1024 * 1024
