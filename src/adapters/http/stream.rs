@@ -167,6 +167,7 @@ async fn write_response(socket: &mut TcpStream, response: Response<Body>) -> std
     let mut ignored = [0u8; 64];
     loop {
         let frame = tokio::select! {
+            biased;
             frame = body.frame() => frame,
             n = read.read(&mut ignored) => match n {
                 Ok(0) | Err(_) => return Ok(()),
@@ -215,7 +216,8 @@ fn chunk(out: &mut Vec<u8>, data: &[u8]) {
     if data.is_empty() {
         return;
     }
-    out.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
+    use std::io::Write as _;
+    let _ = write!(out, "{:x}\r\n", data.len());
     out.extend_from_slice(data);
     out.extend_from_slice(b"\r\n");
 }
