@@ -161,6 +161,8 @@ async fn write_response(socket: &mut TcpStream, response: Response<Body>) -> std
         out.extend_from_slice(b"\r\n");
     }
     out.extend_from_slice(b"transfer-encoding: chunked\r\nconnection: close\r\n\r\n");
+    // The head is written once; its headers are not kept for the stream's life.
+    drop(parts);
     socket.write_all(&out).await?;
     out = Vec::new();
     let (mut read, mut write) = socket.split();
