@@ -628,6 +628,49 @@ async fn an_http1_request_split_after_its_first_byte_is_answered() {
     assert!(text.starts_with("HTTP/1.1 201"), "{text}");
 }
 
+/// A connection whose first request opens a stream is answered without
+/// hyper (its buffers would be most of an idle stream's memory): the same
+/// statuses and frames, chunked, and the connection closes when it ends.
+#[tokio::test]
+async fn a_stream_opened_first_on_a_connection_is_chunked_and_closes_after() {
+    let (_d, _dir, http) = daemon(&[]).await;
+    let mut raw = tokio::net::TcpStream::connect(http.addr).await.unwrap();
+    raw.write_all(b"GET /events?session=nosuchtoken HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut reply = Vec::new();
+    tokio::time::timeout(WAIT, raw.read_to_end(&mut reply))
+        .await
+        .expect("an answer, then the end of the connection")
+        .unwrap();
+    let text = String::from_utf8_lossy(&reply).to_lowercase();
+    assert!(text.starts_with("http/1.1 401 unauthorized\r\n"), "{text}");
+    assert!(text.contains("transfer-encoding: chunked\r\n"), "{text}");
+    assert!(text.ends_with("\r\n0\r\n\r\n"), "{text}");
+
+    let mut raw = tokio::net::TcpStream::connect(http.addr).await.unwrap();
+    raw.write_all(b"GET /messages/general HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !String::from_utf8_lossy(&got).contains("retry: 2000") {
+        let n = tokio::time::timeout(WAIT, raw.read(&mut buf))
+            .await
+            .expect("the stream's first frame in time")
+            .unwrap();
+        assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+    }
+    let text = String::from_utf8_lossy(&got).to_lowercase();
+    assert!(text.starts_with("http/1.1 200 ok\r\n"), "{text}");
+    assert!(
+        text.contains("content-type: text/event-stream\r\n"),
+        "{text}"
+    );
+    assert!(text.contains("\r\n\r\nd\r\nretry: 2000\n\n\r\n"), "{text}");
+}
+
 #[tokio::test]
 async fn a_session_without_a_stream_expires_and_frees_its_nick() {
     let (_d, _dir, http) = daemon(&["--session-linger", "1"]).await;

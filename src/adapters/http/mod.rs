@@ -19,6 +19,7 @@ mod resend;
 mod routes;
 mod sessions;
 mod sse;
+mod stream;
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -75,6 +76,8 @@ const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// What a connection's first bytes say it speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Protocol {
+    /// An HTTP/1.1 request that opens an event stream: `stream.rs`.
+    Stream,
     /// Not the HTTP/2 preface: HTTP/1.
     Http1,
     /// The preface, a prefix of it, or nothing yet: hyper-util decides.
@@ -89,10 +92,16 @@ enum Protocol {
 /// the connection's whole life (an SSE stream's included). Bytes that are not
 /// a prefix of the HTTP/2 preface are HTTP/1 to hyper-util as well; those go
 /// straight to hyper's HTTP/1 server, which then reads the request whole.
+///
+/// A first request that opens an event stream, whole in the first bytes,
+/// goes to `stream.rs`, which keeps neither of hyper's buffers.
 async fn sniff(stream: &tokio::net::TcpStream) -> Protocol {
-    let mut first = [0u8; H2_PREFACE.len()];
+    let mut first = [0u8; 512];
     match stream.peek(&mut first).await {
-        Ok(n) if n > 0 && first[..n] != H2_PREFACE[..n] => Protocol::Http1,
+        Ok(n) if n > 0 && stream::is_stream_request(&first[..n]) => Protocol::Stream,
+        Ok(n) if n > 0 && !H2_PREFACE.starts_with(&first[..n.min(H2_PREFACE.len())]) => {
+            Protocol::Http1
+        }
         _ => Protocol::Either,
     }
 }
@@ -217,6 +226,13 @@ impl HttpAdapter {
                     let cut = CancellationToken::new();
                     let refusal = Arc::new(refusal);
                     let first_request = Arc::new(Notify::new());
+                    let streaming = stream::Stream {
+                        routes: routes.clone(),
+                        cut: cut.clone(),
+                        peer,
+                        refusal: (*refusal).clone(),
+                        first_request: first_request.clone(),
+                    };
                     let service = {
                         let cut = cut.clone();
                         let first_request = first_request.clone();
@@ -254,13 +270,19 @@ impl HttpAdapter {
                         peer,
                     };
                     match sniffed {
+                        Some(Protocol::Stream) => {
+                            // The stream itself ends when the daemon stops.
+                            ends.drive(streaming.serve(stream), |_| {}).await;
+                        }
                         Some(Protocol::Http1) => {
                             let mut builder = hyper::server::conn::http1::Builder::new();
                             builder
                                 .timer(TokioTimer::new())
                                 .header_read_timeout(this.header_timeout);
                             let conn = builder.serve_connection(TokioIo::new(stream), service);
-                            ends.drive(conn, |conn| conn.graceful_shutdown()).await;
+                            // Boxed, as h2c below: an event stream's task is
+                            // then no larger than its own state.
+                            Box::pin(ends.drive(conn, |conn| conn.graceful_shutdown())).await;
                         }
                         Some(Protocol::Either) => {
                             let mut builder = auto::Builder::new(TokioExecutor::new());

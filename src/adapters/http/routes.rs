@@ -25,7 +25,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full, Limited, StreamBody};
-use hyper::body::Incoming;
 use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use percent_encoding::percent_decode_str;
@@ -45,6 +44,22 @@ use crate::core::{
 
 /// Every response body: a whole buffer or an SSE stream.
 pub type Body = UnsyncBoxBody<Bytes, Infallible>;
+
+/// What a request's body may be: hyper's, or none for a stream request
+/// read by `stream.rs`.
+pub trait RequestBody:
+    hyper::body::Body<Data = Bytes, Error: Into<Box<dyn std::error::Error + Send + Sync>>>
+    + Send
+    + 'static
+{
+}
+
+impl<B> RequestBody for B where
+    B: hyper::body::Body<Data = Bytes, Error: Into<Box<dyn std::error::Error + Send + Sync>>>
+        + Send
+        + 'static
+{
+}
 
 /// The browser client, one file, no build step.
 const PAGE: &str = include_str!("page.html");
@@ -297,9 +312,9 @@ pub(crate) fn check_bodies(bytes: &[u8], max_text: usize) {
 
 impl Routes {
     /// Answers one request.
-    pub async fn handle(
+    pub async fn handle<B: RequestBody>(
         &self,
-        req: Request<Incoming>,
+        req: Request<B>,
         connection: CancellationToken,
         peer: IpAddr,
     ) -> Response<Body> {
@@ -351,7 +366,7 @@ impl Routes {
     /// Reads a body of at most `max_body` bytes: a declared length over the
     /// limit is refused before reading any of it, a chunked body as soon as it
     /// passes the limit.
-    async fn body(&self, req: Request<Incoming>) -> Result<Bytes, Failure> {
+    async fn body<B: RequestBody>(&self, req: Request<B>) -> Result<Bytes, Failure> {
         let too_large = || {
             Failure::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
@@ -381,9 +396,9 @@ impl Routes {
     }
 
     /// Reads and parses a JSON body; an empty body reads as `{}` when allowed.
-    async fn json<T: for<'de> Deserialize<'de>>(
+    async fn json<T: for<'de> Deserialize<'de>, B: RequestBody>(
         &self,
-        req: Request<Incoming>,
+        req: Request<B>,
         empty_ok: bool,
     ) -> Result<T, Failure> {
         let bytes = self.body(req).await?;
@@ -408,7 +423,7 @@ impl Routes {
         Ok(session)
     }
 
-    async fn connect(&self, req: Request<Incoming>, peer: IpAddr) -> Answer {
+    async fn connect<B: RequestBody>(&self, req: Request<B>, peer: IpAddr) -> Answer {
         // The body is read first, even when refused, so the connection can be reused.
         let body: ConnectBody = self.json(req, true).await?;
         if !self.peers.may_connect(peer) {
@@ -462,7 +477,7 @@ impl Routes {
         Ok(json_response(StatusCode::CREATED, &body))
     }
 
-    async fn command(&self, req: Request<Incoming>) -> Answer {
+    async fn command<B: RequestBody>(&self, req: Request<B>) -> Answer {
         let session = self.session(&req)?;
         let body: CommandBody = self.json(req, false).await?;
         let events = match self.hub.parse(&body.line) {
@@ -479,7 +494,7 @@ impl Routes {
         Ok(raw_json_response(StatusCode::OK, "events", events.iter()))
     }
 
-    async fn message(&self, req: Request<Incoming>) -> Answer {
+    async fn message<B: RequestBody>(&self, req: Request<B>) -> Answer {
         let session = self.session(&req)?;
         let key = idempotency_key(req.headers())?;
         let body: MessageBody = self.json(req, false).await?;
@@ -508,7 +523,7 @@ impl Routes {
     /// within `S` seconds rather than after the whole linger window. The
     /// token may come as `?session=` because `navigator.sendBeacon` cannot set
     /// headers.
-    async fn disconnect(&self, req: Request<Incoming>) -> Answer {
+    async fn disconnect<B: RequestBody>(&self, req: Request<B>) -> Answer {
         let session = self.session(&req)?;
         let grace = match query_param(req.uri().query(), "grace") {
             None => None,
@@ -564,7 +579,11 @@ impl Routes {
         }
     }
 
-    async fn events(&self, req: Request<Incoming>, connection: CancellationToken) -> Answer {
+    async fn events<B: RequestBody>(
+        &self,
+        req: Request<B>,
+        connection: CancellationToken,
+    ) -> Answer {
         let session = self.session(&req)?;
         let last = last_event_id(req.headers());
         let attached = session
