@@ -193,17 +193,15 @@ impl Inner {
         let marker = self.keys.key_room(nick.as_str(), key);
         let window = Some(Expiration::EX(IDEMPOTENCY_WINDOW.as_secs() as i64));
         let room = draft.room.as_str();
-        let claimed: Option<String> = self
+        // SET NX GET: records this room unless the key has one, and answers
+        // the room it had (nothing for a first use), in one round trip.
+        let first_room: Option<String> = self
             .cmd
-            .set(&marker, room, window.clone(), Some(SetOptions::NX), false)
+            .set(&marker, room, window.clone(), Some(SetOptions::NX), true)
             .await
             .map_err(unreachable)?;
-        if claimed.is_some() {
-            return Ok(None); // first use of the key
-        }
-        let first_room: Option<String> = self.cmd.get(&marker).await.map_err(unreachable)?;
         let Some(first_room) = first_room.and_then(|r| RoomName::parse(&r).ok()) else {
-            return Ok(None);
+            return Ok(None); // first use of the key
         };
         if first_room == draft.room {
             return Ok(None);

@@ -91,6 +91,7 @@ pub struct Persister {
 
 /// What one round read from one partition stream.
 struct Taken {
+    partition: u32,
     key: String,
     entries: Vec<Entry>,
 }
@@ -119,7 +120,7 @@ impl Persister {
             }
             let full = claim || !waiting.is_empty() || Instant::now() >= next_full;
             let mask = pokes.take() | if full { ALL } else { 0 };
-            let (_, again) = self.round(mask, claim, &stop).await;
+            let again = self.round(mask, claim, &stop).await;
             // A partition that filled a whole batch may hold more: read it
             // again at once.
             if again != 0 {
@@ -163,33 +164,27 @@ impl Persister {
     }
 
     /// Reads the partitions in `mask` once (and claims abandoned entries if
-    /// `claim`), and stores all it found in one transaction. Returns how many
-    /// messages it stored, and the partitions that filled a whole batch.
+    /// `claim`), and stores all it found in one transaction. Returns the
+    /// partitions that filled a whole batch (they may hold more).
     ///
     /// The partitions are read concurrently: fred pipelines the commands on
     /// one connection, so a round costs one round trip to Redis, not one per
     /// partition. One commit per round, not per partition: a commit waits
     /// for the database's log flush, which costs the same for 10 rows as for
     /// 10,000, and it is what bounds the rate when a backlog drains.
-    async fn round(&self, mask: u32, claim: bool, stop: &CancellationToken) -> (usize, u32) {
+    async fn round(&self, mask: u32, claim: bool, stop: &CancellationToken) -> u32 {
         let wanted = (0..PARTITIONS).filter(|p| mask & (1 << p) != 0);
-        let taken: Vec<(u32, Taken)> = futures::future::join_all(
-            wanted.map(|p| async move { (p, self.take(p, claim).await) }),
-        )
-        .await;
+        let mut taken: Vec<Taken> =
+            futures::future::join_all(wanted.map(|p| self.take(p, claim))).await;
         let again = taken
             .iter()
-            .filter(|(_, t)| t.entries.len() as u64 >= BATCH)
-            .fold(0, |mask, (p, _)| mask | (1 << p));
-        let taken: Vec<Taken> = taken
-            .into_iter()
-            .map(|(_, t)| t)
-            .filter(|t| !t.entries.is_empty())
-            .collect();
-        if taken.is_empty() {
-            return (0, again);
+            .filter(|t| t.entries.len() as u64 >= BATCH)
+            .fold(0, |mask, t| mask | (1 << t.partition));
+        taken.retain(|t| !t.entries.is_empty());
+        if !taken.is_empty() {
+            self.store_and_ack(taken, stop).await;
         }
-        (self.store_and_ack(taken, stop).await, again)
+        again
     }
 
     /// What partition `p` has for this instance: new entries, and with
@@ -213,7 +208,11 @@ impl Persister {
         if claim {
             entries.extend(self.claim(&key).await);
         }
-        Taken { key, entries }
+        Taken {
+            partition: p,
+            key,
+            entries,
+        }
     }
 
     async fn read(&self, key: &str) -> Result<Vec<Entry>, fred::error::Error> {
@@ -267,7 +266,7 @@ impl Persister {
 
     /// Stores what a round took (retrying until it works or the bus stops),
     /// then acknowledges and deletes it, partition by partition.
-    async fn store_and_ack(&self, taken: Vec<Taken>, stop: &CancellationToken) -> usize {
+    async fn store_and_ack(&self, taken: Vec<Taken>, stop: &CancellationToken) {
         let batch: Vec<Arc<Message>> = taken
             .iter()
             .flat_map(|t| t.entries.iter())
@@ -290,7 +289,7 @@ impl Persister {
                     tracing::warn!(cause = %err, rows = batch.len(), retry_in = ?backoff, "persister: store write failed; the messages wait in Redis");
                     if stop.is_cancelled() {
                         // Not acknowledged: another instance will store them.
-                        return 0;
+                        return;
                     }
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(5));
@@ -308,7 +307,6 @@ impl Persister {
             }
         });
         futures::future::join_all(acks).await;
-        batch.len()
     }
 }
 
