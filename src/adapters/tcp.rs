@@ -685,6 +685,18 @@ mod tests {
 
     /// A writer over one end of a loopback connection; the other end, and
     /// the hub's side of the session (its outbox and end signal).
+    /// Waits until the writer has found its outbox empty and handed the
+    /// turn back.
+    async fn writer_gives_the_turn_back(socket: &Socket) {
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while socket.turn().queued {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .unwrap();
+    }
+
     async fn wired(
         rcvbuf: Option<u32>,
     ) -> (
@@ -747,13 +759,7 @@ mod tests {
         let (socket, outbox, end, writer, client) = wired(None).await;
         // The writer has the turn at first: let it write the welcome, find
         // the outbox empty and hand the turn back.
-        tokio::time::timeout(Duration::from_secs(5), async {
-            while socket.turn().queued {
-                tokio::task::yield_now().await;
-            }
-        })
-        .await
-        .unwrap();
+        writer_gives_the_turn_back(&socket).await;
         // 1 and 2 wait for a flush; a format reply takes the writer's way
         // and gives it the turn; 3 must queue behind it.
         socket.deliver(&numbered(1, 0), &outbox).unwrap();
@@ -765,13 +771,7 @@ mod tests {
         socket.deliver(&reply, &outbox).unwrap();
         socket.deliver(&numbered(3, 0), &outbox).unwrap();
         // Once the writer hands the turn back, 4 waits for a flush again.
-        tokio::time::timeout(Duration::from_secs(5), async {
-            while socket.turn().queued {
-                tokio::task::yield_now().await;
-            }
-        })
-        .await
-        .unwrap();
+        writer_gives_the_turn_back(&socket).await;
         socket.deliver(&numbered(4, 0), &outbox).unwrap();
         socket.flush(&mut BytesMut::new());
         end.send(EndReason::Quit).unwrap();
@@ -789,13 +789,7 @@ mod tests {
     async fn a_flush_the_socket_cannot_take_is_finished_in_order() {
         // A small receive window that is not read until the end.
         let (socket, outbox, end, writer, client) = wired(Some(4096)).await;
-        tokio::time::timeout(Duration::from_secs(5), async {
-            while socket.turn().queued {
-                tokio::task::yield_now().await;
-            }
-        })
-        .await
-        .unwrap();
+        writer_gives_the_turn_back(&socket).await;
         let mut n = 0;
         // Flush until the socket refuses part of one; then keep delivering.
         while !socket.turn().queued {
