@@ -162,3 +162,75 @@ async fn latency_includes_the_servers_delay() {
     assert!(r.latency.p50_ms < 500.0, "and not much more: {r:?}");
     assert!(r.latency.max_ms >= r.latency.p99_ms && r.latency.p99_ms >= r.latency.p50_ms);
 }
+
+/// A fake IRC server: NICK/USER get the welcome numeric, JOIN the end of the
+/// names list, and a PRIVMSG goes to every other member of the channel (IRC
+/// does not echo a member's own messages).
+async fn fake_irc_server() -> SocketAddr {
+    type Channel = Arc<Mutex<Vec<(u32, mpsc::UnboundedSender<Vec<u8>>)>>>;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let channel: Channel = Arc::default();
+    tokio::spawn(async move {
+        for id in 0u32.. {
+            let (stream, _) = listener.accept().await.unwrap();
+            let (read, mut write) = stream.into_split();
+            let (out_tx, mut out) = mpsc::unbounded_channel::<Vec<u8>>();
+            tokio::spawn(async move {
+                while let Some(bytes) = out.recv().await {
+                    if write.write_all(&bytes).await.is_err() {
+                        return;
+                    }
+                }
+            });
+            let channel = channel.clone();
+            tokio::spawn(async move {
+                let mut lines = BufReader::new(read).lines();
+                let mut nick = String::new();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    let line = line.trim_end();
+                    let reply = if let Some(n) = line.strip_prefix("NICK ") {
+                        nick = n.to_owned();
+                        continue;
+                    } else if line.starts_with("USER ") {
+                        format!(":fake 001 {nick} :welcome\r\n")
+                    } else if let Some(room) = line.strip_prefix("JOIN ") {
+                        channel.lock().unwrap().push((id, out_tx.clone()));
+                        format!(":fake 366 {nick} {room} :End of NAMES list\r\n")
+                    } else if let Some(rest) = line.strip_prefix("PRIVMSG ") {
+                        let relayed = format!(":{nick}!u@h PRIVMSG {rest}\r\n");
+                        for (member, tx) in channel.lock().unwrap().iter() {
+                            if *member != id {
+                                let _ = tx.send(relayed.clone().into_bytes());
+                            }
+                        }
+                        continue;
+                    } else {
+                        continue;
+                    };
+                    let _ = out_tx.send(reply.into_bytes());
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn irc_members_do_not_expect_their_own_messages() {
+    let addr = fake_irc_server().await;
+    let mut plan = plan(addr);
+    plan.transport = Transport::Irc;
+    plan.rooms[0].senders = 2;
+    let r = tokio::time::timeout(Duration::from_secs(30), load::run(&plan))
+        .await
+        .expect("the run ends")
+        .expect("the run works");
+    assert_eq!(r.sent, 20, "40 msg/s for 0.5 s: {r:?}");
+    assert_eq!(r.expected, 40, "each message reaches the two others: {r:?}");
+    assert_eq!((r.lost, r.duplicates), (0, 0), "{r:?}");
+    assert_eq!(r.delivered, 40, "{r:?}");
+    assert_eq!(r.incomplete_receivers, 0, "end markers arrived: {r:?}");
+    let per_read = r.deliveries_per_read.expect("TCP reads are counted");
+    assert!(per_read >= 1.0, "at least one delivery per read: {r:?}");
+}

@@ -69,6 +69,8 @@ pub struct Receiver {
     pub errors: ErrorCounts,
     /// When the last measured message arrived (run clock, ns).
     pub last_arrival_ns: u64,
+    /// Socket reads that completed a measured message, where counted (TCP).
+    pub reads: Option<u64>,
 }
 
 impl Receiver {
@@ -84,6 +86,7 @@ impl Receiver {
             duplicates: 0,
             errors: ErrorCounts::default(),
             last_arrival_ns: 0,
+            reads: None,
         }
     }
 

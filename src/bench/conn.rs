@@ -1,13 +1,18 @@
 //! One benchmark connection over TCP: connect, read the welcome, choose the
-//! rendering, join a room, then hand over a line reader and a writer.
+//! rendering, join a room, then hand over a line reader and a writer. Also an
+//! IRC client of the same shape, so a C IRC server can be measured beside this
+//! one by the same instrument.
 
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Context as TaskContext, Poll};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWriteExt, BufReader, ReadBuf};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpSocket, TcpStream};
 
 use super::sse::SseStream;
 
@@ -28,10 +33,47 @@ pub enum Rendering {
     Text,
 }
 
+/// A socket's read half that counts the reads that returned data. Lines per
+/// read tells how many deliveries shared a server write, roughly: the kernel
+/// may join two writes that arrive before the reader gets to them.
+pub struct Counted {
+    half: OwnedReadHalf,
+    reads: u64,
+}
+
+impl Counted {
+    /// Reads that returned data so far.
+    pub fn reads(&self) -> u64 {
+        self.reads
+    }
+}
+
+impl AsyncRead for Counted {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.half).poll_read(cx, buf);
+        if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            self.reads += 1;
+        }
+        polled
+    }
+}
+
+/// A buffered, counted read half.
+pub type Reader = BufReader<Counted>;
+
+fn reader(half: OwnedReadHalf) -> Reader {
+    BufReader::new(Counted { half, reads: 0 })
+}
+
 /// Where a connection's lines come from.
 pub enum Lines {
     /// A TCP connection's lines.
-    Tcp(BufReader<OwnedReadHalf>),
+    Tcp(Reader),
     /// An SSE stream's `data:` lines.
     Sse(SseStream),
 }
@@ -45,12 +87,20 @@ impl Lines {
             Lines::Sse(stream) => stream.next_data(buf).await,
         }
     }
+
+    /// Reads that returned data so far, where they are counted (TCP).
+    pub fn reads(&self) -> Option<u64> {
+        match self {
+            Lines::Tcp(reader) => Some(reader.get_ref().reads()),
+            Lines::Sse(_) => None,
+        }
+    }
 }
 
 /// A connected TCP client, possibly in a room.
 pub struct TcpClient {
     /// Its lines.
-    pub reader: BufReader<OwnedReadHalf>,
+    pub reader: Reader,
     /// Its writer. Dropping it closes the session, so keep it while reading.
     pub writer: OwnedWriteHalf,
     /// The nick the server gave it.
@@ -73,12 +123,9 @@ impl TcpClient {
     }
 
     async fn connect_once(addr: SocketAddr) -> anyhow::Result<TcpClient> {
-        let stream = TcpStream::connect(addr)
-            .await
-            .with_context(|| format!("could not connect to {addr}"))?;
-        stream.set_nodelay(true)?;
+        let stream = dial(addr).await?;
         let (read, writer) = stream.into_split();
-        let mut reader = BufReader::new(read);
+        let mut reader = reader(read);
         let mut line = Vec::new();
         if reader.read_until(b'\n', &mut line).await? == 0 {
             bail!("{addr} closed the connection before its welcome");
@@ -130,6 +177,106 @@ impl TcpClient {
     }
 }
 
+/// Connections one loopback source address opens before the next is used:
+/// one address to one port has about 28,000 ephemeral ports on Linux.
+const CONNECTIONS_PER_SOURCE: usize = 20_000;
+
+/// Connections this process has opened, to spread them over source addresses.
+static DIALED: AtomicUsize = AtomicUsize::new(0);
+
+/// Connects to `addr` with `TCP_NODELAY`. To a loopback address, every
+/// 20,000 connections come from the next source address (127.0.0.1, .2, ...),
+/// so one run can hold more connections than one address has ports.
+pub async fn dial(addr: SocketAddr) -> anyhow::Result<TcpStream> {
+    let n = DIALED.fetch_add(1, Ordering::Relaxed);
+    let stream = match addr {
+        SocketAddr::V4(v4) if v4.ip().is_loopback() => {
+            let host = 1 + (n / CONNECTIONS_PER_SOURCE % 250) as u8;
+            let socket = TcpSocket::new_v4()?;
+            socket.bind(SocketAddr::from((Ipv4Addr::new(127, 0, 0, host), 0)))?;
+            socket.connect(addr).await
+        }
+        _ => TcpStream::connect(addr).await,
+    }
+    .with_context(|| format!("could not connect to {addr}"))?;
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
+/// An IRC client (RFC 1459/2812 subset: NICK, USER, JOIN, PRIVMSG), for a
+/// baseline server. It does not answer PINGs: the baseline's configuration
+/// (`bench/ngircd`) sets a ping timeout longer than any run.
+pub struct IrcClient {
+    /// Its lines.
+    pub reader: Reader,
+    /// Its writer.
+    pub writer: OwnedWriteHalf,
+}
+
+/// IRC nicks handed out by this process.
+static IRC_NICKS: AtomicUsize = AtomicUsize::new(0);
+
+impl IrcClient {
+    /// Connects and registers under a fresh nick, returning after the
+    /// welcome numeric (001).
+    pub async fn connect(addr: SocketAddr) -> anyhow::Result<IrcClient> {
+        let (read, mut writer) = dial(addr).await?.into_split();
+        let n = IRC_NICKS.fetch_add(1, Ordering::Relaxed);
+        let nick = format!("b{:x}x{n}", std::process::id());
+        let hello = format!("NICK {nick}\r\nUSER {nick} 0 * :{nick}\r\n");
+        writer.write_all(hello.as_bytes()).await?;
+        let mut client = IrcClient {
+            reader: reader(read),
+            writer,
+        };
+        client.wait_for("001").await?;
+        Ok(client)
+    }
+
+    /// Connects, registers and joins `#room`, returning at the end of the
+    /// channel's names list (366), after which the channel's messages flow.
+    pub async fn join(addr: SocketAddr, room: &str) -> anyhow::Result<IrcClient> {
+        let mut client = IrcClient::connect(addr).await?;
+        client
+            .writer
+            .write_all(format!("JOIN #{room}\r\n").as_bytes())
+            .await?;
+        client.wait_for("366").await?;
+        Ok(client)
+    }
+
+    /// Reads lines until the numeric `want`; fails on `ERROR` or an error
+    /// numeric (4xx, 5xx).
+    async fn wait_for(&mut self, want: &str) -> anyhow::Result<()> {
+        let mut line = Vec::new();
+        loop {
+            line.clear();
+            if self.reader.read_until(b'\n', &mut line).await? == 0 {
+                bail!("the IRC server closed the connection while waiting for {want}");
+            }
+            let text = String::from_utf8_lossy(&line);
+            let text = text.trim_end();
+            match irc_numeric(text) {
+                Some(n) if n == want => return Ok(()),
+                Some(n) if n.starts_with('4') || n.starts_with('5') => {
+                    bail!("the IRC server refused: {text}")
+                }
+                _ if text.starts_with("ERROR") => bail!("the IRC server refused: {text}"),
+                _ => {}
+            }
+        }
+    }
+}
+
+/// The numeric of `:server 001 nick :text`, if the line is one.
+fn irc_numeric(line: &str) -> Option<&str> {
+    let mut words = line.strip_prefix(':')?.split(' ');
+    words.next()?;
+    words
+        .next()
+        .filter(|w| w.len() == 3 && w.bytes().all(|b| b.is_ascii_digit()))
+}
+
 /// The nick in `* welcome to baby-discord (instance a1). You are NICK. /help ...`.
 fn welcome_nick(line: &str) -> Option<&str> {
     let rest = line.split_once("You are ")?.1;
@@ -146,5 +293,16 @@ mod tests {
             "* welcome to baby-discord (instance a1). You are guest-7f3a. /help for commands";
         assert_eq!(welcome_nick(line), Some("guest-7f3a"));
         assert_eq!(welcome_nick("! unavailable: too many connections"), None);
+    }
+
+    #[test]
+    fn irc_numerics_are_told_from_messages() {
+        assert_eq!(irc_numeric(":irc.local 001 b1 :Welcome"), Some("001"));
+        assert_eq!(
+            irc_numeric(":irc.local 366 b1 #r :End of NAMES"),
+            Some("366")
+        );
+        assert_eq!(irc_numeric(":a!u@h PRIVMSG #r :001"), None);
+        assert_eq!(irc_numeric("PING :irc.local"), None);
     }
 }

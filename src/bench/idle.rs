@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use futures::{StreamExt, TryStreamExt};
 
-use super::conn::{READY_TIMEOUT, TcpClient};
+use super::conn::{IrcClient, READY_TIMEOUT, TcpClient};
 use super::load::sample;
 use super::report::IdleResult;
 use super::sse::SseClient;
@@ -21,6 +21,8 @@ pub struct IdlePlan {
     pub http_targets: Vec<SocketAddr>,
     /// TCP connections to hold.
     pub tcp: usize,
+    /// Whether the TCP connections are IRC clients (a baseline server).
+    pub irc: bool,
     /// SSE connections to hold.
     pub sse: usize,
     /// Connections opened at once.
@@ -43,7 +45,16 @@ pub async fn run(plan: &IdlePlan) -> anyhow::Result<Vec<IdleResult>> {
         held_tcp = futures::stream::iter(0..plan.tcp)
             .map(|i| {
                 let addr = plan.targets[i % plan.targets.len()];
-                ready(TcpClient::connect(addr))
+                ready(async move {
+                    // Held for their sockets: dropping either half closes it.
+                    anyhow::Ok(if plan.irc {
+                        let c = IrcClient::connect(addr).await?;
+                        (c.reader, c.writer)
+                    } else {
+                        let c = TcpClient::connect(addr).await?;
+                        (c.reader, c.writer)
+                    })
+                })
             })
             .buffer_unordered(plan.concurrency.max(1))
             .try_collect::<Vec<_>>()

@@ -21,7 +21,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::account::{ErrorCounts, Receiver};
-use super::conn::{Lines, READY_TIMEOUT, Rendering, TcpClient};
+use super::conn::{IrcClient, Lines, READY_TIMEOUT, Rendering, TcpClient};
 use super::payload::{self, Clock};
 use super::procfs::Sample;
 use super::report::{Latency, LoadResult, ServerUsage};
@@ -42,6 +42,17 @@ pub enum Transport {
     /// connection of their own.
     #[value(name = "sse-peer")]
     SsePeer,
+    /// An IRC server, for a baseline (`bench/ngircd`): members register,
+    /// `JOIN #ROOM` and `PRIVMSG #ROOM :text`. IRC does not send a member
+    /// its own messages, so a sending member expects the others' only.
+    Irc,
+}
+
+impl Transport {
+    /// Whether a member receives its own messages.
+    fn echoes(self) -> bool {
+        self != Transport::Irc
+    }
 }
 
 /// One room of a plan.
@@ -94,6 +105,8 @@ struct Spec {
 /// What a receiving task hands back.
 struct Received {
     room: usize,
+    /// The member's own sender id, when it sends and does not hear itself.
+    unheard: Option<u32>,
     account: Receiver,
     _writer: Option<OwnedWriteHalf>,
 }
@@ -129,12 +142,12 @@ impl Plan {
         };
         for (r, room) in self.rooms.iter().enumerate() {
             let senders = room.senders.min(match self.transport {
-                Transport::Tcp | Transport::SsePeer => room.members,
+                Transport::Tcp | Transport::SsePeer | Transport::Irc => room.members,
                 Transport::Sse => usize::MAX,
             });
             room_senders.push(senders);
             match self.transport {
-                Transport::Tcp | Transport::SsePeer => {
+                Transport::Tcp | Transport::SsePeer | Transport::Irc => {
                     for m in 0..room.members {
                         specs.push(next(self.transport, r, m < senders, &mut sender_target));
                     }
@@ -206,6 +219,9 @@ pub async fn run(plan: &Plan) -> anyhow::Result<LoadResult> {
                 warmed_rooms[spec.room] = true;
                 let warm = outgoing(plan, spec, &payload::warm(run_id));
                 writer.write_all(&warm).await?;
+                if !spec.transport.echoes() {
+                    barrier.pass(); // it will not hear its own warm-up line
+                }
             }
             connections.push((spec, writer));
         }
@@ -297,10 +313,16 @@ pub async fn run(plan: &Plan) -> anyhow::Result<LoadResult> {
     for r in received {
         let r = r.context("a receiver panicked")?;
         for &s in &senders_of_room[r.room] {
+            if r.unheard == Some(s) {
+                continue;
+            }
             result.expected += sent[s as usize];
             result.lost += r.account.lost_from(s, sent[s as usize]);
         }
         result.delivered += r.account.unique();
+        if let Some(reads) = r.account.reads {
+            *result.reads.get_or_insert(0) += reads;
+        }
         result.duplicates += r.account.duplicates;
         if !r.account.done() {
             result.incomplete_receivers += 1;
@@ -314,6 +336,10 @@ pub async fn run(plan: &Plan) -> anyhow::Result<LoadResult> {
     let window = last_arrival.max(end).saturating_sub(t0).max(1);
     result.deliveries_per_s = result.delivered as f64 / (window as f64 / 1e9);
     result.window_ms = window as f64 / 1e6;
+    result.deliveries_per_read = result
+        .reads
+        .filter(|&reads| reads > 0)
+        .map(|reads| result.delivered as f64 / reads as f64);
     if let (Some(b), Some(a)) = (generator_before, generator_after) {
         result.generator_cpu_ms = a.cpu_ms.saturating_sub(b.cpu_ms);
     }
@@ -384,9 +410,15 @@ async fn receive(
     mut lines: Lines,
     keep: Option<OwnedWriteHalf>,
 ) -> Received {
-    let mut account = Receiver::new(ctx.run_id, ctx.room_senders[spec.room]);
+    let unheard = spec.sender.filter(|_| !spec.transport.echoes());
+    let heard_senders = ctx.room_senders[spec.room] - usize::from(unheard.is_some());
+    let mut account = Receiver::new(ctx.run_id, heard_senders);
     let mut buf = Vec::with_capacity(512);
     let mut warm = false;
+    // The reads that completed at least one measured message: joins, the
+    // warm-up line and end markers are not deliveries.
+    let mut delivering_reads = 0;
+    let mut last_read = None;
     let remote = |s: u32| ctx.sender_target.get(s as usize) != Some(&spec.target);
     loop {
         tokio::select! {
@@ -399,7 +431,13 @@ async fn receive(
                         ctx.barrier.pass();
                         continue;
                     }
+                    let before = account.unique();
                     account.on_line(&buf, ctx.clock.now_ns(), remote);
+                    let read = lines.reads();
+                    if account.unique() > before && read.is_some() && read != last_read {
+                        delivering_reads += 1;
+                        last_read = read;
+                    }
                     if account.done() {
                         break;
                     }
@@ -408,8 +446,10 @@ async fn receive(
             },
         }
     }
+    account.reads = lines.reads().map(|_| delivering_reads);
     Received {
         room: spec.room,
+        unheard,
         account,
         _writer: keep,
     }
@@ -441,6 +481,11 @@ async fn open(plan: &Plan, spec: Spec) -> anyhow::Result<(Spec, Lines, Option<Ow
                 };
                 anyhow::Ok((spec, Lines::Sse(stream), writer))
             }
+            Transport::Irc => {
+                let addr = plan.targets[spec.target % plan.targets.len()];
+                let c = IrcClient::join(addr, room).await?;
+                anyhow::Ok((spec, Lines::Tcp(c.reader), Some(c.writer)))
+            }
         }
     };
     tokio::time::timeout(READY_TIMEOUT, ready)
@@ -452,6 +497,10 @@ async fn open(plan: &Plan, spec: Spec) -> anyhow::Result<(Spec, Lines, Option<Ow
 fn outgoing(plan: &Plan, spec: Spec, text: &str) -> Vec<u8> {
     match spec.transport {
         Transport::Tcp | Transport::Sse => format!("{text}\n").into_bytes(),
+        Transport::Irc => {
+            let room = &plan.rooms[spec.room].name;
+            format!("PRIVMSG #{room} :{text}\r\n").into_bytes()
+        }
         Transport::SsePeer => {
             let room = &plan.rooms[spec.room].name;
             let mut request = format!(

@@ -105,7 +105,8 @@ pub struct Traffic {
     #[arg(long, default_value_t = 64)]
     pub size: usize,
     /// How receivers connect: tcp, sse (HTTP sessions; senders stay on TCP),
-    /// or sse-peer (another SSE hub, for a baseline: see bench/node-sse).
+    /// sse-peer (another SSE hub, for a baseline: see bench/node-sse), or irc
+    /// (an IRC server, for a baseline: see bench/ngircd; senders too).
     #[arg(long, value_enum, default_value = "tcp")]
     pub receivers: Transport,
     /// How TCP connections render events.
@@ -166,6 +167,10 @@ pub struct IdleArgs {
     /// TCP connections to hold open.
     #[arg(long = "tcp", default_value_t = 1_000)]
     pub tcp: usize,
+    /// The TCP connections are IRC clients, registered and in no channel
+    /// (a baseline server: see bench/ngircd).
+    #[arg(long)]
+    pub irc: bool,
     /// SSE connections to hold open (after the TCP ones).
     #[arg(long = "sse", default_value_t = 0)]
     pub sse: usize,
@@ -280,6 +285,7 @@ pub async fn main(args: BenchArgs) -> anyhow::Result<()> {
                 targets: i.common.targets.clone(),
                 http_targets: i.common.http_targets.clone(),
                 tcp: i.tcp,
+                irc: i.irc,
                 sse: i.sse,
                 concurrency: i.common.concurrency,
                 hold: Duration::from_secs_f64(i.hold),

@@ -132,6 +132,13 @@ pub struct LoadResult {
     pub generator_cpu_ms: u64,
     /// Length of the measured window (first send to last arrival), ms.
     pub window_ms: f64,
+    /// Receivers' socket reads that completed at least one measured message (TCP).
+    #[serde(default)]
+    pub reads: Option<u64>,
+    /// Deliveries per such read: how many messages shared a server write
+    /// (roughly: the kernel may join writes the reader had not read yet).
+    #[serde(default)]
+    pub deliveries_per_read: Option<f64>,
 }
 
 /// Memory per held-open connection (`idle`).
@@ -329,6 +336,13 @@ fn load_table(out: &mut String, r: &LoadResult) {
         "senders     worst lag behind schedule {:.1} ms; drain after sending {:.1} ms",
         r.send_lag_max_ms, r.drain_ms
     );
+    if let Some(per_read) = r.deliveries_per_read {
+        let _ = writeln!(
+            out,
+            "reads       {} by receivers, {per_read:.2} deliveries per read",
+            r.reads.unwrap_or(0)
+        );
+    }
     let _ = writeln!(
         out,
         "generator   CPU {} ms over a {:.0} ms window",

@@ -1,10 +1,16 @@
 //! `bench report`: reads JSON results, groups them by label, and prints the
 //! medians as markdown tables; with `--svg`, draws latency by rate (from
-//! `saturate`) and cross-instance latency by poll interval (from `cluster`).
+//! `saturate`), cross-instance latency by poll interval (from `cluster`) and,
+//! for servers compared under one load, p99 and CPU per delivery by rate.
+//!
+//! A label `POINT | SERVER` marks one server's runs of a point that several
+//! servers ran (baby-discord and a baseline): the comparison panels draw one
+//! line per server from such `saturate` runs.
 
 use std::path::Path;
 
 use anyhow::{Context, anyhow};
+use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
 
 use super::ReportArgs;
@@ -76,8 +82,8 @@ pub fn markdown(reports: &[Report]) -> String {
         .filter(|(_, l)| !l.is_empty())
         .collect();
     if !load_groups.is_empty() {
-        out.push_str("| point | runs | connections | msg/s offered | deliveries/s | p50 ms | p99 ms | p99.9 ms | max ms | lost | duplicates | server CPU µs/delivery (user) | server CPU busy | generator CPU busy |\n");
-        out.push_str("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+        out.push_str("| point | runs | connections | msg/s offered | deliveries/s | p50 ms | p99 ms | p99.9 ms | max ms | lost | duplicates | server CPU µs/delivery (user) | server CPU busy | generator CPU busy | deliveries per read |\n");
+        out.push_str("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
         for (key, runs) in &load_groups {
             let m = |f: fn(&LoadResult) -> f64| median(runs.iter().map(|r| f(r)).collect());
             let cpu = if runs.iter().all(|r| r.server.is_some()) {
@@ -99,8 +105,13 @@ pub fn markdown(reports: &[Report]) -> String {
                 busy(|r| r.server.as_ref().map_or(0.0, |s| s.cpu_ms as f64))
             };
             let generator_busy = busy(|r| r.generator_cpu_ms as f64);
+            let per_read = if runs.iter().all(|r| r.deliveries_per_read.is_some()) {
+                format!("{:.2}", m(|r| r.deliveries_per_read.unwrap_or(0.0)))
+            } else {
+                "-".to_owned()
+            };
             out.push_str(&format!(
-                "| {key} | {} | {:.0} | {:.0} | {:.0} | {:.3} | {:.3} | {:.3} | {:.3} | {:.0} | {:.0} | {cpu} | {server_busy} | {generator_busy} |\n",
+                "| {key} | {} | {:.0} | {:.0} | {:.0} | {:.3} | {:.3} | {:.3} | {:.3} | {:.0} | {:.0} | {cpu} | {server_busy} | {generator_busy} | {per_read} |\n",
                 runs.len(),
                 m(|r| r.connections as f64),
                 m(|r| r.rate),
@@ -256,10 +267,17 @@ pub fn markdown(reports: &[Report]) -> String {
     out
 }
 
-/// Median p50 and p99 per offered rate over every `saturate` step.
+/// The server of a `POINT | SERVER` label.
+fn compared_server(report: &Report) -> Option<&str> {
+    let label = report.label.as_deref()?;
+    label.rsplit_once(" | ").map(|(_, server)| server.trim())
+}
+
+/// Median p50 and p99 per offered rate over every `saturate` step, except
+/// those of compared servers (they have panels of their own).
 fn latency_by_rate(reports: &[Report]) -> Vec<(f64, f64, f64)> {
     let mut by_rate: Vec<(f64, Vec<f64>, Vec<f64>)> = Vec::new();
-    for r in reports {
+    for r in reports.iter().filter(|r| compared_server(r).is_none()) {
         if let Outcome::Saturate(s) = &r.outcome {
             for step in &s.steps {
                 match by_rate.iter_mut().find(|(rate, _, _)| *rate == step.rate) {
@@ -306,12 +324,70 @@ fn latency_by_interval(reports: &[Report]) -> Vec<(f64, f64, f64)> {
         .collect()
 }
 
-/// Draws the two panels into an SVG file.
+/// One compared server's `saturate` steps: median p99 and median CPU µs per
+/// delivery at each offered rate.
+struct ServerCurve {
+    server: String,
+    p99: Vec<(f64, f64)>,
+    cpu: Vec<(f64, f64)>,
+}
+
+/// The curves of every compared server, in first-seen order.
+fn curves_by_server(reports: &[Report]) -> Vec<ServerCurve> {
+    type Steps = Vec<(f64, Vec<f64>, Vec<f64>)>;
+    let mut servers: Vec<(String, Steps)> = Vec::new();
+    for r in reports {
+        let (Some(server), Outcome::Saturate(s)) = (compared_server(r), &r.outcome) else {
+            continue;
+        };
+        let at = match servers.iter().position(|(name, _)| name == server) {
+            Some(at) => at,
+            None => {
+                servers.push((server.to_owned(), Vec::new()));
+                servers.len() - 1
+            }
+        };
+        let steps = &mut servers[at].1;
+        for step in &s.steps {
+            let cpu = step.server.as_ref().map(|u| u.cpu_us_per_delivery);
+            let at = match steps.iter().position(|(rate, _, _)| *rate == step.rate) {
+                Some(at) => at,
+                None => {
+                    steps.push((step.rate, Vec::new(), Vec::new()));
+                    steps.len() - 1
+                }
+            };
+            steps[at].1.push(step.latency.p99_ms);
+            steps[at].2.extend(cpu);
+        }
+    }
+    servers
+        .into_iter()
+        .map(|(server, mut steps)| {
+            steps.sort_by(|a, b| a.0.total_cmp(&b.0));
+            let p99 = steps.iter().map(|(x, p, _)| (*x, median(p.clone())));
+            let cpu = steps
+                .iter()
+                .filter(|(_, _, c)| !c.is_empty())
+                .map(|(x, _, c)| (*x, median(c.clone())));
+            ServerCurve {
+                server,
+                p99: p99.collect(),
+                cpu: cpu.collect(),
+            }
+        })
+        .collect()
+}
+
+/// Draws the panels into an SVG file: two, or four when servers were compared.
 pub fn chart(reports: &[Report], path: &Path) -> anyhow::Result<()> {
     let plot = |e: &dyn std::fmt::Display| anyhow!("could not draw {}: {e}", path.display());
-    let root = SVGBackend::new(path, (1000, 420)).into_drawing_area();
+    let curves = curves_by_server(reports);
+    let height = if curves.is_empty() { 420 } else { 840 };
+    let root = SVGBackend::new(path, (1000, height)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| plot(&e))?;
-    let (left, right) = root.split_horizontally(500);
+    let (top, bottom) = root.split_vertically(420);
+    let (left, right) = top.split_horizontally(500);
     panel(
         &left,
         "Fan-out latency by rate (saturate)",
@@ -328,8 +404,77 @@ pub fn chart(reports: &[Report], path: &Path) -> anyhow::Result<()> {
         true,
     )
     .map_err(|e| plot(&e))?;
+    if !curves.is_empty() {
+        let (left, right) = bottom.split_horizontally(500);
+        let p99 = curves.iter().map(|c| (c.server.as_str(), &c.p99[..]));
+        compare(&left, "p99 latency by rate", "p99, ms (log)", true, p99).map_err(|e| plot(&e))?;
+        let cpu = curves.iter().map(|c| (c.server.as_str(), &c.cpu[..]));
+        compare(&right, "Server CPU per delivery by rate", "µs", false, cpu)
+            .map_err(|e| plot(&e))?;
+    }
     root.present().map_err(|e| plot(&e))?;
     Ok(())
+}
+
+/// One panel with a line per compared server, over messages/s offered.
+fn compare<'a>(
+    area: &Area<'_>,
+    title: &str,
+    y_desc: &str,
+    log: bool,
+    lines: impl Iterator<Item = (&'a str, &'a [(f64, f64)])> + Clone,
+) -> Result<(), DrawingAreaErrorKind<std::io::Error>> {
+    let all = || lines.clone().flat_map(|(_, points)| points.iter());
+    let x_max = all().map(|p| p.0).fold(1.0, f64::max) * 1.1;
+    let y_max = all().map(|p| p.1).fold(0.01, f64::max) * 1.5;
+    let y_min = all().map(|p| p.1).fold(f64::MAX, f64::min).max(0.01) * 0.7;
+    let mut caption = ChartBuilder::on(area);
+    caption
+        .caption(format!("{title} (saturate)"), ("sans-serif", 18))
+        .margin(10)
+        .x_label_area_size(40)
+        .y_label_area_size(55);
+    if log {
+        let mut chart =
+            caption.build_cartesian_2d(0.0..x_max, (y_min..y_max.max(y_min * 2.0)).log_scale())?;
+        chart
+            .configure_mesh()
+            .x_desc("messages/s offered")
+            .y_desc(y_desc)
+            .draw()?;
+        draw_lines(&mut chart, lines)
+    } else {
+        let mut chart = caption.build_cartesian_2d(0.0..x_max, 0.0..y_max)?;
+        chart
+            .configure_mesh()
+            .x_desc("messages/s offered")
+            .y_desc(y_desc)
+            .draw()?;
+        draw_lines(&mut chart, lines)
+    }
+}
+
+/// Draws one coloured line per server, with a legend.
+fn draw_lines<'a, 'b, Y: Ranged<ValueType = f64>>(
+    chart: &mut ChartContext<'b, SVGBackend<'b>, Cartesian2d<RangedCoordf64, Y>>,
+    lines: impl Iterator<Item = (&'a str, &'a [(f64, f64)])>,
+) -> Result<(), DrawingAreaErrorKind<std::io::Error>> {
+    const COLORS: [RGBColor; 4] = [RED, BLUE, GREEN, MAGENTA];
+    for ((server, points), color) in lines.zip(COLORS.iter().cycle()) {
+        let color = *color;
+        chart
+            .draw_series(
+                LineSeries::new(points.iter().copied(), color.stroke_width(2)).point_size(3),
+            )?
+            .label(server)
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
+    }
+    chart
+        .configure_series_labels()
+        .border_style(BLACK)
+        .background_style(WHITE.mix(0.8))
+        .position(SeriesLabelPosition::UpperLeft)
+        .draw()
 }
 
 /// A named, coloured line.
@@ -466,5 +611,66 @@ mod tests {
         let svg = std::fs::read_to_string(&path).unwrap();
         assert!(svg.starts_with("<svg"), "{}", &svg[..50.min(svg.len())]);
         assert!(svg.contains("p99"));
+        assert!(
+            !svg.contains("CPU per delivery"),
+            "no compared servers, no panel"
+        );
+    }
+
+    #[test]
+    fn compared_servers_get_a_line_each() {
+        use crate::bench::report::ServerUsage;
+        let step = |rate: f64, p99: f64, cpu: f64| LoadResult {
+            rate,
+            latency: Latency {
+                p99_ms: p99,
+                ..Latency::default()
+            },
+            server: Some(ServerUsage {
+                cpu_us_per_delivery: cpu,
+                ..ServerUsage::default()
+            }),
+            ..LoadResult::default()
+        };
+        let saturate = |label: &str, steps| Report {
+            workload: "saturate".into(),
+            label: Some(label.into()),
+            poll_interval_ms: None,
+            command: String::new(),
+            outcome: Outcome::Saturate(SaturateResult {
+                steps,
+                ..SaturateResult::default()
+            }),
+        };
+        let reports = vec![
+            saturate(
+                "sat | one",
+                vec![step(100.0, 1.0, 3.0), step(150.0, 2.0, 2.5)],
+            ),
+            saturate("sat | two", vec![step(100.0, 4.0, 2.0)]),
+            saturate("sat | one", vec![step(100.0, 3.0, 5.0)]),
+        ];
+        let curves = curves_by_server(&reports);
+        assert_eq!(curves.len(), 2);
+        assert_eq!(curves[0].server, "one");
+        assert_eq!(
+            curves[0].p99,
+            vec![(100.0, 2.0), (150.0, 2.0)],
+            "medians by rate"
+        );
+        assert_eq!(curves[0].cpu, vec![(100.0, 4.0), (150.0, 2.5)]);
+        assert_eq!(curves[1].p99, vec![(100.0, 4.0)]);
+        assert!(
+            latency_by_rate(&reports).is_empty(),
+            "compared runs stay apart"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("chart.svg");
+        chart(&reports, &path).unwrap();
+        let svg = std::fs::read_to_string(&path).unwrap();
+        assert!(
+            svg.contains("CPU per delivery") && svg.contains("two"),
+            "both panels"
+        );
     }
 }
