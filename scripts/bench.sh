@@ -60,9 +60,11 @@ trap 'exit 130' INT TERM
 if [ "$QUICK" = 1 ]; then
   FAN_MEMBERS=200; IDLE_CONNS=1000; ROOMS_CLIENTS=1000; ROOMS_ROOMS=100; DURATION=3
   SAT_MAX=400; CLUSTER_MEMBERS=60; SSE_MEMBERS=50; SSE_RATE=200
+  PEER_IDLE=2000; PEER_BIG=200; PEER_SAT_MAX=3000
 else
   FAN_MEMBERS=1000; IDLE_CONNS=10000; ROOMS_CLIENTS=10000; ROOMS_ROOMS=1000; DURATION=10
   SAT_MAX=3000; CLUSTER_MEMBERS=300; SSE_MEMBERS=100; SSE_RATE=500
+  PEER_IDLE=10000; PEER_BIG=1000; PEER_SAT_MAX=40000
 fi
 
 # Pin the server and the generator to different cores when there are two.
@@ -311,6 +313,121 @@ else
   echo "persist: needs PostgreSQL at $PG_URL and Redis at $REDIS_URL" >>"$PENDING"
 fi
 
+# The delivery path beside ngircd, a C IRC server (bench/ngircd), the same
+# load on both, runs interleaved: baby-discord's members read its text lines
+# (about as long as IRC's), ngircd's speak IRC. Labels are "POINT | SERVER", which bench report
+# draws side by side. baby-discord runs with --rate 0 (10 senders send more
+# than the default 10 msg/s each) and --queue 4096 (a 1,000-member room).
+# start_ngircd: starts ngircd on a free port; sets PID and IRC.
+start_ngircd() {
+  STARTS=$((STARTS + 1))
+  local dir=$WORK/ngircd-$STARTS port
+  mkdir -p "$dir" && chmod 777 "$dir" # it drops root for an unprivileged user
+  for _ in $(seq 50); do
+    port=$((20000 + RANDOM % 20000))
+    [ -z "$(ss -Hltn "sport = :$port" 2>/dev/null)" ] && break
+  done
+  sed -e "s/@PORT@/$port/" -e "s#@RUN@#$dir#" bench/ngircd/ngircd.conf.in >"$dir/ngircd.conf"
+  "${SERVER_CPU[@]}" ngircd --nodaemon --config "$dir/ngircd.conf" >"$dir/ngircd.log" 2>&1 &
+  PID=$!
+  DAEMONS+=("$PID")
+  for _ in $(seq 100); do
+    grep -qs "Now listening" "$dir/ngircd.log" && break
+    kill -0 "$PID" 2>/dev/null || break
+    sleep 0.1
+  done
+  grep -q 'Now listening' "$dir/ngircd.log" || { cat "$dir/ngircd.log" >&2; return 1; }
+  IRC=127.0.0.1:$port
+}
+
+# peer_point NAME ARGS...: one run of a load point on baby-discord, then on
+# ngircd; ARGS are the bench arguments after the workload's receivers.
+peer_point() {
+  local name=$1 workload=$2; shift 2
+  start_daemon --db "sqlite://$WORK/peer-$STARTS.db" --rate 0 --queue 4096
+  local text=(--format text)
+  [ "$workload" = idle ] && text=()
+  args=("$workload" "${text[@]}" --target "$TCP" "$@" --server-pid "$PID" --label "$name | baby-discord")
+  [ "$run" = 1 ] && note_command "baby-discord bench $(printf '%q ' "${args[@]}")"
+  bench "${args[@]}" || true
+  stop_daemons
+  if start_ngircd; then
+    local irc=(--receivers irc)
+    [ "$workload" = idle ] && irc=(--irc)
+    args=("$workload" "${irc[@]}" --target "$IRC" "$@" --server-pid "$PID" --label "$name | ngircd")
+    [ "$run" = 1 ] && note_command "baby-discord bench $(printf '%q ' "${args[@]}")"
+    bench "${args[@]}" || true
+  else
+    echo "failed run: ngircd did not start" >>"$PENDING"
+  fi
+  stop_daemons
+}
+
+if command -v ngircd >/dev/null; then
+  echo "== delivery path beside ngircd: fan-out, saturation, idle connections"
+  note_command "baby-discord serve --db sqlite://FILE --rate 0 --queue 4096  # pinned: taskset -c 0"
+  note_command "ngircd --nodaemon --config bench/ngircd/ngircd.conf.in  # port filled in; pinned: taskset -c 0"
+  for run in $(seq "$RUNS"); do
+    peer_point "M=100 R=100" fanout --members 100 --senders 10 --rate 100 --duration "$DURATION"
+    peer_point "M=100 R=1000" fanout --members 100 --senders 10 --rate 1000 --duration "$DURATION"
+    peer_point "M=$PEER_BIG R=200" fanout --members "$PEER_BIG" --senders 10 --rate 200 --duration "$DURATION"
+    peer_point "saturate M=100" saturate --members 100 --senders 10 --start 200 --factor 1.5 \
+      --max-rate "$PEER_SAT_MAX" --p99-ms 2 --duration 3
+    # ngircd accepts slowly (an accept queue of 10): 16 connections at a time.
+    peer_point "idle $PEER_IDLE" idle --tcp "$PEER_IDLE" --sse 0 --concurrency 16
+  done
+else
+  echo "the delivery path beside ngircd: needs ngircd (apt-get install ngircd)" | tee -a "$PENDING"
+fi
+
+# med LABEL JQ: the median of JQ over the runs labelled LABEL ("-" if none).
+med() {
+  jq -r --arg l "$1" "select(.label == \$l) | $2 // empty" "$RESULTS" | sort -g \
+    | awk '{ v[NR] = $1 } END { if (NR) print v[int((NR + 1) / 2)]; else print "-" }'
+}
+# fmt N VALUE: VALUE with N decimals, or "-".
+fmt() { [ "$2" = - ] && echo - || printf "%.${1}f" "$2"; }
+# meets EXPR: "yes" or "no" from an awk comparison of numbers ("-" if missing).
+meets() { case "$*" in *-*) echo "-" ;; *) awk "BEGIN { print ($*) ? \"yes\" : \"no\" }" ;; esac; }
+SERVER_JQ='.outcome.server.cpu_us_per_delivery'
+USER_JQ='.outcome.server.user_us_per_delivery'
+IDLE_JQ='.outcome.results[] | select(.transport == "tcp") | .kib_per_connection'
+TARGETS=$WORK/targets.md
+if command -v ngircd >/dev/null; then
+  B="| baby-discord"; N="| ngircd"
+  cpu=$(med "M=100 R=1000 $B" "$SERVER_JQ"); cpu_n=$(med "M=100 R=1000 $N" "$SERVER_JQ")
+  user=$(med "M=100 R=1000 $B" "$USER_JQ"); user_n=$(med "M=100 R=1000 $N" "$USER_JQ")
+  p50=$(med "M=100 R=1000 $B" .outcome.latency.p50_ms); p50_n=$(med "M=100 R=1000 $N" .outcome.latency.p50_ms)
+  p99=$(med "M=100 R=1000 $B" .outcome.latency.p99_ms); p99_n=$(med "M=100 R=1000 $N" .outcome.latency.p99_ms)
+  dpr=$(med "M=100 R=1000 $B" .outcome.deliveries_per_read); dpr_n=$(med "M=100 R=1000 $N" .outcome.deliveries_per_read)
+  p99s=$(med "M=100 R=100 $B" .outcome.latency.p99_ms); p99s_n=$(med "M=100 R=100 $N" .outcome.latency.p99_ms)
+  big="M=$PEER_BIG R=200"
+  cpub=$(med "$big $B" "$SERVER_JQ"); cpub_n=$(med "$big $N" "$SERVER_JQ")
+  p99b=$(med "$big $B" .outcome.latency.p99_ms); p99b_n=$(med "$big $N" .outcome.latency.p99_ms)
+  sat=$(med "saturate M=100 $B" .outcome.highest_keeping_up_deliveries_per_s)
+  sat_n=$(med "saturate M=100 $N" .outcome.highest_keeping_up_deliveries_per_s)
+  idle=$(med "idle $PEER_IDLE $B" "$IDLE_JQ"); idle_n=$(med "idle $PEER_IDLE $N" "$IDLE_JQ")
+  sse=$(jq -r 'select(.label == "idle") | .outcome.results[] | select(.transport == "sse") | .kib_per_connection // empty' "$RESULTS" \
+    | sort -g | awk '{ v[NR] = $1 } END { if (NR) print v[int((NR + 1) / 2)]; else print "-" }')
+  sse_b=$(awk '$1 == "baby-discord" { print $2 }' "$SSE_COSTS" 2>/dev/null); sse_b=${sse_b:--}
+  sse_n=$(awk '$1 == "node" { print $3 }' "$SSE_COSTS" 2>/dev/null); sse_n=${sse_n:--}
+  ratio() { [ "$1" = - ] || [ "$2" = - ] && echo - || awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
+  {
+    echo "| target (M members, R msg/s, 10 senders) | when set (2026-11) | goal | baby-discord now | baseline, same run | met |"
+    echo "|---|---|---|---|---|---|"
+    echo "| M=100 R=1000: server CPU µs per delivery | 8.1-8.4 | ≤ 0.75 × ngircd | $(fmt 2 "$cpu") ($(ratio "$cpu" "$cpu_n") × ngircd) | ngircd $(fmt 2 "$cpu_n") | $(meets "$cpu <= 0.75 * $cpu_n") |"
+    echo "| same: user-space CPU µs per delivery | 2.05 | ≤ 0.5 | $(fmt 2 "$user") | ngircd $(fmt 2 "$user_n") | $(meets "$user <= 0.5") |"
+    echo "| same: p50 / p99 ms | 1.2 / 11-13 | ≤ 0.5 / 2 | $(fmt 2 "$p50") / $(fmt 2 "$p99") | ngircd $(fmt 2 "$p50_n") / $(fmt 2 "$p99_n") | $(meets "$p50 <= 0.5 && $p99 <= 2") |"
+    echo "| same: deliveries per read (no goal) | 1.62 | - | $(fmt 2 "$dpr") | ngircd $(fmt 2 "$dpr_n") | - |"
+    echo "| M=100 R=100: p99 ms | - | < 1 | $(fmt 2 "$p99s") | ngircd $(fmt 2 "$p99s_n") | $(meets "$p99s < 1") |"
+    echo "| $big: CPU µs per delivery, p99 ms | 4.95, 23.6 | ≤ 3.5, ≤ 10 | $(fmt 2 "$cpub"), $(fmt 2 "$p99b") | ngircd $(fmt 2 "$cpub_n"), $(fmt 2 "$p99b_n") | $(meets "$cpub <= 3.5 && $p99b <= 10") |"
+    echo "| saturated deliveries/s (M=100), highest rate keeping up | 1.01 × ngircd | ≥ 1.5 × ngircd | $(fmt 0 "$sat") ($(ratio "$sat" "$sat_n") × ngircd) | ngircd $(fmt 0 "$sat_n") | $(meets "$sat >= 1.5 * $sat_n") |"
+    echo "| idle TCP KiB per connection, at $PEER_IDLE | 4.56 | ≤ 2.5 (at 50,000) | $(fmt 2 "$idle") | ngircd $(fmt 2 "$idle_n") | $(meets "$idle <= 2.5") |"
+    echo "| idle SSE KiB per session, at $IDLE_CONNS | 30 | ≤ 8 | $(fmt 2 "$sse") | - | $(meets "$sse <= 8") |"
+    echo "| SSE fan-out, deliveries per server CPU-second | - | ≥ 5 × Node better-sse | $sse_b ($(ratio "$sse_b" "$sse_n") × Node) | Node $sse_n | $(meets "$sse_b >= 5 * $sse_n") |"
+  } >"$TARGETS"
+fi
+
 echo "== report"
 mkdir -p "$(dirname "$OUT")"
 ELAPSED=$(( $(date +%s) - STARTED ))
@@ -345,6 +462,20 @@ CPU_MODEL=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//' |
   echo "by members; \"lost\" are expected deliveries that never came, \"duplicates\" are"
   echo "messages a member received twice."
   echo
+  if [ -s "$TARGETS" ]; then
+    echo "### The delivery path against its targets"
+    echo
+    echo "Medians of the same run, baby-discord beside ngircd (a C IRC server, bench/ngircd)"
+    echo "under the same load, and beside a Node 20 better-sse hub for SSE. \"When set\" is"
+    echo "what the targets were set against (2026-11, an independent load generator)."
+    echo "The targets name 50,000 idle connections; a process here may hold $(ulimit -Hn) descriptors"
+    echo "(\`ulimit -Hn\`), and ngircd takes about 50 s to accept 10,000, so both hold $PEER_IDLE."
+    echo
+    cat "$TARGETS"
+    echo
+    echo "### Every point"
+    echo
+  fi
   echo "$TABLES"
   if [ -s "$REDIS_COSTS" ]; then
     echo
