@@ -62,15 +62,8 @@ async fn fake_server(faults: Faults) -> SocketAddr {
             let (stream, _) = listener.accept().await.unwrap();
             next += 1;
             let nick = format!("guest-{next:04x}");
-            let (read, mut write) = stream.into_split();
-            let (out_tx, mut out) = mpsc::unbounded_channel::<Vec<u8>>();
-            tokio::spawn(async move {
-                while let Some(bytes) = out.recv().await {
-                    if write.write_all(&bytes).await.is_err() {
-                        return;
-                    }
-                }
-            });
+            let (read, write) = stream.into_split();
+            let out_tx = writer(write);
             let welcome = format!(
                 "* welcome to baby-discord (instance t). You are {nick}. /help for commands\n"
             );
@@ -97,6 +90,19 @@ async fn fake_server(faults: Faults) -> SocketAddr {
         }
     });
     addr
+}
+
+/// A task that writes what it is sent to `write`, in order.
+fn writer(mut write: tokio::net::tcp::OwnedWriteHalf) -> mpsc::UnboundedSender<Vec<u8>> {
+    let (out_tx, mut out) = mpsc::unbounded_channel::<Vec<u8>>();
+    tokio::spawn(async move {
+        while let Some(bytes) = out.recv().await {
+            if write.write_all(&bytes).await.is_err() {
+                return;
+            }
+        }
+    });
+    out_tx
 }
 
 fn plan(addr: SocketAddr) -> Plan {
@@ -174,15 +180,8 @@ async fn fake_irc_server() -> SocketAddr {
     tokio::spawn(async move {
         for id in 0u32.. {
             let (stream, _) = listener.accept().await.unwrap();
-            let (read, mut write) = stream.into_split();
-            let (out_tx, mut out) = mpsc::unbounded_channel::<Vec<u8>>();
-            tokio::spawn(async move {
-                while let Some(bytes) = out.recv().await {
-                    if write.write_all(&bytes).await.is_err() {
-                        return;
-                    }
-                }
-            });
+            let (read, write) = stream.into_split();
+            let out_tx = writer(write);
             let channel = channel.clone();
             tokio::spawn(async move {
                 let mut lines = BufReader::new(read).lines();

@@ -213,13 +213,37 @@ pub struct IrcClient {
     pub writer: OwnedWriteHalf,
 }
 
+/// Tries at an IRC connection that was reset while registering.
+const IRC_ATTEMPTS: u32 = 5;
+
+/// Whether `error` comes from a connection the server reset.
+fn was_reset(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::ConnectionReset)
+    })
+}
+
 /// IRC nicks handed out by this process.
 static IRC_NICKS: AtomicUsize = AtomicUsize::new(0);
 
 impl IrcClient {
     /// Connects and registers under a fresh nick, returning after the
-    /// welcome numeric (001).
+    /// welcome numeric (001). A connection reset while registering is tried
+    /// again: a server with a short accept queue (ngircd's holds 10) resets
+    /// some of many connections opened at once, which is not what is measured.
     pub async fn connect(addr: SocketAddr) -> anyhow::Result<IrcClient> {
+        let mut attempt = 1;
+        loop {
+            match IrcClient::connect_once(addr).await {
+                Err(e) if attempt < IRC_ATTEMPTS && was_reset(&e) => attempt += 1,
+                result => return result,
+            }
+        }
+    }
+
+    async fn connect_once(addr: SocketAddr) -> anyhow::Result<IrcClient> {
         let (read, mut writer) = dial(addr).await?.into_split();
         let n = IRC_NICKS.fetch_add(1, Ordering::Relaxed);
         let nick = format!("b{:x}x{n}", std::process::id());

@@ -407,21 +407,21 @@ pub fn chart(reports: &[Report], path: &Path) -> anyhow::Result<()> {
     if !curves.is_empty() {
         let (left, right) = bottom.split_horizontally(500);
         let p99 = curves.iter().map(|c| (c.server.as_str(), &c.p99[..]));
-        compare(&left, "p99 latency by rate", "p99, ms (log)", true, p99).map_err(|e| plot(&e))?;
+        compare(&left, "p99 latency by rate", "p99, ms (log)", p99).map_err(|e| plot(&e))?;
         let cpu = curves.iter().map(|c| (c.server.as_str(), &c.cpu[..]));
-        compare(&right, "Server CPU per delivery by rate", "µs", false, cpu)
+        compare(&right, "Server CPU per delivery by rate", "µs (log)", cpu)
             .map_err(|e| plot(&e))?;
     }
     root.present().map_err(|e| plot(&e))?;
     Ok(())
 }
 
-/// One panel with a line per compared server, over messages/s offered.
+/// One panel with a line per compared server, over messages/s offered, on a
+/// log scale (the servers may differ tenfold).
 fn compare<'a>(
     area: &Area<'_>,
     title: &str,
     y_desc: &str,
-    log: bool,
     lines: impl Iterator<Item = (&'a str, &'a [(f64, f64)])> + Clone,
 ) -> Result<(), DrawingAreaErrorKind<std::io::Error>> {
     let all = || lines.clone().flat_map(|(_, points)| points.iter());
@@ -434,24 +434,14 @@ fn compare<'a>(
         .margin(10)
         .x_label_area_size(40)
         .y_label_area_size(55);
-    if log {
-        let mut chart =
-            caption.build_cartesian_2d(0.0..x_max, (y_min..y_max.max(y_min * 2.0)).log_scale())?;
-        chart
-            .configure_mesh()
-            .x_desc("messages/s offered")
-            .y_desc(y_desc)
-            .draw()?;
-        draw_lines(&mut chart, lines)
-    } else {
-        let mut chart = caption.build_cartesian_2d(0.0..x_max, 0.0..y_max)?;
-        chart
-            .configure_mesh()
-            .x_desc("messages/s offered")
-            .y_desc(y_desc)
-            .draw()?;
-        draw_lines(&mut chart, lines)
-    }
+    let mut chart =
+        caption.build_cartesian_2d(0.0..x_max, (y_min..y_max.max(y_min * 2.0)).log_scale())?;
+    chart
+        .configure_mesh()
+        .x_desc("messages/s offered")
+        .y_desc(y_desc)
+        .draw()?;
+    draw_lines(&mut chart, lines)
 }
 
 /// Draws one coloured line per server, with a legend.
