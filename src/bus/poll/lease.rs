@@ -18,6 +18,14 @@
 //! instance whose row survived its stall still holds everything it held, and
 //! one whose row was reaped always finds out on its next heartbeat.
 //!
+//! What an instance wrote just before it stalled may reach the database only
+//! after its lease was reaped (the process was frozen between two
+//! statements, or its statements were held up on the network). A membership
+//! is therefore recorded only while the instance holds the nick, and
+//! announced only while it is recorded under a lease that exists: a late
+//! join neither brings back a membership whose end was announced nor shows
+//! a nick that another session holds by now.
+//!
 //! An instance reaps only once it has itself renewed steadily for a whole
 //! lease. After an outage of the database that every instance saw, all
 //! leases look expired at once; the first instance back must not reap the
