@@ -981,6 +981,57 @@ mod tests {
         assert_eq!(take_inbox(&b).await, Vec::<String>::new());
     }
 
+    /// A hub whose sessions change while its claims are re-asserted: each
+    /// call to `claims` answers the next snapshot, then the last one again.
+    struct Snapshots(StdMutex<Vec<Vec<crate::core::ports::Claim>>>);
+
+    impl Deliver for Snapshots {
+        fn deliver(&self, _: Envelope) {}
+
+        fn claims(&self) -> Vec<crate::core::ports::Claim> {
+            let mut left = self.0.lock().unwrap();
+            if left.len() > 1 {
+                left.remove(0)
+            } else {
+                left[0].clone()
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_join_made_while_the_claims_are_re_asserted_is_recorded() {
+        let (_dir, a, b) = two_instances().await;
+        let mut lease = a.lease.lock().unwrap().take().unwrap();
+        let (u8, general, side) = (
+            Nick::parse("u8").unwrap(),
+            RoomName::parse("general").unwrap(),
+            RoomName::parse("side").unwrap(),
+        );
+        assert!(a.claim_nick(&u8, SessionId(1)).await.unwrap());
+        a.joined(&general, &u8, 0).await.unwrap();
+        lease::Lease::release(&a.db, "a").await.unwrap();
+
+        // u8 joins #side after the hub's first snapshot, and the join
+        // reaches the database before the nick is claimed again: it finds
+        // no claim and records nothing.
+        a.joined(&side, &u8, 0).await.unwrap();
+        let claim = |rooms: &[&RoomName]| crate::core::ports::Claim {
+            session: SessionId(1),
+            nick: u8.clone(),
+            rooms: rooms.iter().map(|&r| (r.clone(), 0)).collect(),
+        };
+        let hub: Arc<dyn Deliver> = Arc::new(Snapshots(StdMutex::new(vec![
+            vec![claim(&[&general])],
+            vec![claim(&[&general, &side])],
+        ])));
+        take_inbox(&b).await;
+        lease.renew(&a.db, Some(&hub)).await.unwrap();
+
+        assert_eq!(b.members(&side).await.unwrap(), vec![u8.clone()]);
+        let told = take_inbox(&b).await.concat();
+        assert!(told.contains(r#"{"room":"side","nick":"u8"}"#), "{told}");
+    }
+
     #[test]
     fn a_reaped_instance_s_departures_arrive_one_per_membership() {
         let member = |room: &str, nick: &str| Member {
