@@ -345,6 +345,76 @@ async fn an_instance_cut_off_from_postgres_keeps_its_users_or_renames_them() {
     pg.drop_now().await;
 }
 
+/// The third instance is cut off from PostgreSQL past its lease, and `u7`
+/// joins `#side` meanwhile: the join is answered at once while its
+/// statements wait on the link. A newcomer takes the nick (as `U7`) before
+/// the link comes back. The held-up join reaches the database after the
+/// reap: it must not come back as `u7` joining `#side` (a nick that is
+/// someone else's by now), nor leave `u7` listed there. The others see `u7`
+/// renamed to a guest nick that joins both rooms, as after any stall.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_held_up_past_the_lease_does_not_come_back_under_a_taken_nick() {
+    let Some(pg) = PgDatabase::create().await else {
+        return;
+    };
+    let proxy = Proxy::start(pg.address()).await;
+    let through = proxy.url_for(&pg.url);
+    let (daemons, mut peers) = cluster([&pg.url, &pg.url, &through]).await;
+    peers[7].send("/leave side").await;
+    peers[7]
+        .expect("its own leave", |v| {
+            v["type"] == "leave" && v["nick"] == "u7"
+        })
+        .await;
+    let side: Vec<String> = ["u0", "u1", "u2", "u3", "u4", "u5", "u6", "u8"]
+        .map(String::from)
+        .to_vec();
+    // Asked through u7's own connection, which takes one command at a time:
+    // the answer also says the leave is done, so none of its statements is
+    // on the link when it stops.
+    converge(&mut peers[7], "side", &side).await;
+
+    let started = Instant::now();
+    proxy.pause();
+    peers[7].send("/join side").await;
+    peers[7]
+        .expect("its own join", |v| {
+            v["type"] == "join" && v["nick"] == "u7" && v["room"] == "side"
+        })
+        .await;
+    let mut gone = everywhere(&["u6", "u8"]);
+    gone.insert(("general".to_owned(), "u7".to_owned()));
+    for watcher in [0, 3] {
+        let deadline = started + DEPARTURE + Duration::from_secs(2);
+        peers[watcher].presence("leave", &gone, deadline).await;
+    }
+    let _taker = Peer::join_rooms(daemons[1].tcp, "U7", &["general"]).await;
+    proxy.resume();
+
+    let renamed = peers[7]
+        .expect("a rename away from a nick taken meanwhile", |v| {
+            v["type"] == "nick" && v["old"] == "u7"
+        })
+        .await;
+    let guest = text(&renamed["new"]);
+    assert!(guest.starts_with("guest-"), "{renamed}");
+    peers[7].nick = guest.clone();
+    let back = everywhere(&["u6", "u8", guest.as_str()]);
+    for watcher in [0, 3] {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let seen = peers[watcher].presence("join", &back, deadline).await;
+        let stolen = seen.iter().any(|(_, nick)| nick == "u7");
+        assert!(!stolen, "the held-up join came back under u7: {seen:?}");
+    }
+    let mut side = side;
+    side.push(guest);
+    for i in [0, 3, 7] {
+        converge(&mut peers[i], "side", &side).await;
+    }
+    drop(daemons);
+    pg.drop_now().await;
+}
+
 /// SIGKILL the third instance: the survivors' users and room streams see
 /// each of its users leave each room within the lease, once; `/who` drops
 /// them; restarting it under the same name announces nobody who is not there.

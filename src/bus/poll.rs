@@ -36,7 +36,9 @@ use super::gate::{self, Gate};
 use crate::core::ports::{
     Bus, BusError, Deliver, Directory, Durability, Envelope, Presence, Store, StoreError,
 };
-use crate::core::{DirectMessage, Draft, Message, Nick, RoomCount, RoomName, SessionId, Timestamp};
+use crate::core::{
+    DirectMessage, Draft, Message, Nick, NickKey, RoomCount, RoomName, SessionId, Timestamp,
+};
 use crate::store::keys::{self as idempotency, Pruner as KeyPruner};
 
 /// How long an instance may stay silent before the others reap its claims
@@ -276,6 +278,44 @@ async fn broadcast(database: &Db, instance: &str, row: &InboxRow) -> Result<(), 
     .execute(database.run())
     .await
     .map_err(db)?;
+    Ok(())
+}
+
+/// Posts `row`, news that `nick_key` of `instance` joined `room` (or, with
+/// no room, was renamed to it), like [`broadcast`], but only while that is
+/// still true: the membership is recorded for `instance`, whose lease is
+/// held. Recording a membership and announcing it are two statements; if
+/// this instance stalls between them for longer than the lease, the others
+/// reap the membership and announce its end, and the announcement arriving
+/// after that must not bring it back under a nick that may be someone
+/// else's by now.
+async fn announce(
+    database: &Db,
+    instance: &str,
+    row: &InboxRow,
+    nick_key: &NickKey,
+    room: Option<&RoomName>,
+) -> Result<(), BusError> {
+    let held = match room {
+        Some(_) => "p.nick_key = $3 AND p.room = $4",
+        None => "p.nick_key = $3",
+    };
+    let sql = format!(
+        "INSERT INTO inbox (instance, payload)
+         SELECT instance, $1 FROM instances
+         WHERE instance <> $2
+           AND EXISTS (SELECT 1 FROM presence p JOIN instances me ON me.instance = p.instance
+                       WHERE p.instance = $2 AND {held})"
+    );
+    // Only a fixed condition is formatted in; every value is bound.
+    let mut q = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(row.to_json())
+        .bind(instance)
+        .bind(nick_key.as_str().to_owned());
+    if let Some(room) = room {
+        q = q.bind(room.as_str().to_owned());
+    }
+    q.execute(database.run()).await.map_err(db)?;
     Ok(())
 }
 
@@ -688,24 +728,41 @@ impl Directory for PollBus {
                 new: new.to_string(),
                 rooms: rooms.into_iter().map(|(r,)| r).collect(),
             };
-            self.broadcast(&row).await?;
+            announce(&self.db, &self.instance, &row, &new_key, None).await?;
         }
         Ok(())
     }
 
     async fn joined(&self, room: &RoomName, nick: &Nick, delivered: u64) -> Result<(), BusError> {
         Bus::watch(self, room, delivered).await;
-        self.exec(
-            "INSERT INTO presence (room, nick_key, nick, instance) VALUES ($1, $2, $3, $4)
-             ON CONFLICT (room, nick_key) DO UPDATE SET nick = excluded.nick, instance = excluded.instance",
-            &[room.as_str(), nick.key().as_str(), nick.as_str(), &self.instance],
-        )
-        .await?;
+        // Only under this instance's claim on the nick. A join still on its
+        // way when this instance stalled (frozen, or its statements held up
+        // on the network) may reach the database after the lease was reaped
+        // and the nick given to someone else: it must not record a
+        // membership for a nick this instance no longer holds.
+        let recorded = self
+            .exec(
+                "INSERT INTO presence (room, nick_key, nick, instance)
+                 SELECT $1, $2, $3, $4
+                 WHERE EXISTS (SELECT 1 FROM nicks WHERE nick_key = $2 AND instance = $4)
+                 ON CONFLICT (room, nick_key) DO UPDATE
+                 SET nick = excluded.nick, instance = excluded.instance",
+                &[
+                    room.as_str(),
+                    nick.key().as_str(),
+                    nick.as_str(),
+                    &self.instance,
+                ],
+            )
+            .await?;
+        if recorded == 0 {
+            return Ok(());
+        }
         let row = InboxRow::Joined {
             room: room.to_string(),
             nick: nick.to_string(),
         };
-        self.broadcast(&row).await
+        announce(&self.db, &self.instance, &row, &nick.key(), Some(room)).await
     }
 
     async fn left(&self, room: &RoomName, nick: &Nick) -> Result<(), BusError> {
@@ -840,6 +897,139 @@ mod tests {
         Bus::unwatch(&bus, &a).await;
         let watched: Vec<RoomName> = bus.state.lock().await.delivered.keys().cloned().collect();
         assert_eq!(watched, vec![b]);
+    }
+
+    /// Two instances, `a` and `b`, sharing one SQLite database.
+    async fn two_instances() -> (tempfile::TempDir, PollBus, PollBus) {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("bus.db").display());
+        let store = crate::store::open(&url, Durability::Sync).await.unwrap();
+        let open = |name: &'static str| {
+            PollBus::open(
+                &url,
+                name,
+                store.clone(),
+                Duration::from_secs(1),
+                Durability::Sync,
+            )
+        };
+        let (a, b) = (open("a").await.unwrap(), open("b").await.unwrap());
+        (dir, a, b)
+    }
+
+    /// Takes what waits in `bus`'s inbox, as the JSON it was posted as.
+    async fn take_inbox(bus: &PollBus) -> Vec<String> {
+        let rows: Vec<(String,)> =
+            sqlx::query_as("DELETE FROM inbox WHERE instance = $1 RETURNING payload")
+                .bind(bus.instance.as_str())
+                .fetch_all(&bus.db.pool)
+                .await
+                .unwrap();
+        rows.into_iter().map(|(payload,)| payload).collect()
+    }
+
+    /// `a` stalls past its lease: `b` reaps it (its users leave), a session
+    /// of `b` takes `U7` (the key of `a`'s `u7`), and `a` registers again as
+    /// its next heartbeat would.
+    async fn reaped_and_back(a: &PollBus, b: &PollBus) {
+        lease::Lease::release(&a.db, "a").await.unwrap();
+        let taken = Nick::parse("U7").unwrap();
+        assert!(b.claim_nick(&taken, SessionId(2)).await.unwrap());
+        sqlx::query("INSERT INTO instances (instance, seen_at) VALUES ('a', $1)")
+            .bind(now_ms())
+            .execute(&a.db.pool)
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_join_announced_after_the_lease_was_reaped_is_not_announced() {
+        let (_dir, a, b) = two_instances().await;
+        let (u7, side) = (Nick::parse("u7").unwrap(), RoomName::parse("side").unwrap());
+        assert!(a.claim_nick(&u7, SessionId(1)).await.unwrap());
+        a.joined(&side, &u7, 0).await.unwrap();
+        assert_eq!(take_inbox(&b).await.len(), 1, "the join, announced");
+
+        // The instance stalls between recording a join and announcing it.
+        reaped_and_back(&a, &b).await;
+        let gone = take_inbox(&b).await;
+        assert!(
+            gone.iter().all(|row| row.contains(r#""kind":"gone""#)),
+            "{gone:?}"
+        );
+        let late = InboxRow::Joined {
+            room: side.to_string(),
+            nick: u7.to_string(),
+        };
+        announce(&a.db, "a", &late, &u7.key(), Some(&side))
+            .await
+            .unwrap();
+        assert_eq!(take_inbox(&b).await, Vec::<String>::new());
+    }
+
+    #[tokio::test]
+    async fn a_join_that_reaches_the_database_after_the_lease_was_reaped_records_nothing() {
+        let (_dir, a, b) = two_instances().await;
+        let (u7, side) = (Nick::parse("u7").unwrap(), RoomName::parse("side").unwrap());
+        assert!(a.claim_nick(&u7, SessionId(1)).await.unwrap());
+
+        // The whole join was held up until after the lease was reaped.
+        reaped_and_back(&a, &b).await;
+        take_inbox(&b).await;
+        a.joined(&side, &u7, 0).await.unwrap();
+        assert_eq!(b.members(&side).await.unwrap(), Vec::<Nick>::new());
+        assert_eq!(take_inbox(&b).await, Vec::<String>::new());
+    }
+
+    /// A hub whose sessions change while its claims are re-asserted: each
+    /// call to `claims` answers the next snapshot, then the last one again.
+    struct Snapshots(StdMutex<Vec<Vec<crate::core::ports::Claim>>>);
+
+    impl Deliver for Snapshots {
+        fn deliver(&self, _: Envelope) {}
+
+        fn claims(&self) -> Vec<crate::core::ports::Claim> {
+            let mut left = self.0.lock().unwrap();
+            if left.len() > 1 {
+                left.remove(0)
+            } else {
+                left[0].clone()
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_join_made_while_the_claims_are_re_asserted_is_recorded() {
+        let (_dir, a, b) = two_instances().await;
+        let mut lease = a.lease.lock().unwrap().take().unwrap();
+        let (u8, general, side) = (
+            Nick::parse("u8").unwrap(),
+            RoomName::parse("general").unwrap(),
+            RoomName::parse("side").unwrap(),
+        );
+        assert!(a.claim_nick(&u8, SessionId(1)).await.unwrap());
+        a.joined(&general, &u8, 0).await.unwrap();
+        lease::Lease::release(&a.db, "a").await.unwrap();
+
+        // u8 joins #side after the hub's first snapshot, and the join
+        // reaches the database before the nick is claimed again: it finds
+        // no claim and records nothing.
+        a.joined(&side, &u8, 0).await.unwrap();
+        let claim = |rooms: &[&RoomName]| crate::core::ports::Claim {
+            session: SessionId(1),
+            nick: u8.clone(),
+            rooms: rooms.iter().map(|&r| (r.clone(), 0)).collect(),
+        };
+        let hub: Arc<dyn Deliver> = Arc::new(Snapshots(StdMutex::new(vec![
+            vec![claim(&[&general])],
+            vec![claim(&[&general, &side])],
+        ])));
+        take_inbox(&b).await;
+        lease.renew(&a.db, Some(&hub)).await.unwrap();
+
+        assert_eq!(b.members(&side).await.unwrap(), vec![u8.clone()]);
+        let told = take_inbox(&b).await.concat();
+        assert!(told.contains(r#"{"room":"side","nick":"u8"}"#), "{told}");
     }
 
     #[test]

@@ -18,6 +18,14 @@
 //! instance whose row survived its stall still holds everything it held, and
 //! one whose row was reaped always finds out on its next heartbeat.
 //!
+//! What an instance wrote just before it stalled may reach the database only
+//! after its lease was reaped (the process was frozen between two
+//! statements, or its statements were held up on the network). A membership
+//! is therefore recorded only while the instance holds the nick, and
+//! announced only while it is recorded under a lease that exists: a late
+//! join neither brings back a membership whose end was announced nor shows
+//! a nick that another session holds by now.
+//!
 //! An instance reaps only once it has itself renewed steadily for a whole
 //! lease. After an outage of the database that every instance saw, all
 //! leases look expired at once; the first instance back must not reap the
@@ -219,7 +227,65 @@ async fn reassert(database: &Db, instance: &str, sink: &dyn Deliver) -> Result<(
     // A session that ended, renamed, joined or left while the claims above
     // were in flight has already told the directory; what was re-asserted
     // for it from the older snapshot must not outlive it.
-    tidy(database, instance, &claims, &sink.claims()).await
+    let now = sink.claims();
+    tidy(database, instance, &claims, &now).await?;
+    // Except a join made before its nick was claimed again: the directory
+    // records a membership only under a nick this instance holds, so that
+    // join recorded nothing. The hub has it now; record it here.
+    joined_meanwhile(database, instance, &kept, &now).await
+}
+
+/// Records and announces the rooms that sessions whose nick was kept joined
+/// after the snapshot `kept` comes from, as `now` (a later one) shows. A
+/// membership already recorded (the join reached the database after the
+/// nick was claimed again, and announced itself) is left as it is.
+async fn joined_meanwhile(
+    database: &Db,
+    instance: &str,
+    kept: &[&Claim],
+    now: &[Claim],
+) -> Result<(), BusError> {
+    let mut joined = Vec::new();
+    for claim in now {
+        let Some(before) = kept
+            .iter()
+            .find(|k| k.session == claim.session && k.nick == claim.nick)
+        else {
+            continue;
+        };
+        for (room, _) in &claim.rooms {
+            if before.rooms.iter().any(|(r, _)| r == room) {
+                continue;
+            }
+            let recorded = sqlx::query(
+                "INSERT INTO presence (room, nick_key, nick, instance)
+                 SELECT $1, $2, $3, $4
+                 WHERE EXISTS (SELECT 1 FROM nicks WHERE nick_key = $2 AND instance = $4)
+                 ON CONFLICT (room, nick_key) DO NOTHING",
+            )
+            .bind(room.as_str())
+            .bind(claim.nick.key().as_str())
+            .bind(claim.nick.as_str())
+            .bind(instance)
+            .execute(database.run())
+            .await
+            .map_err(db)?
+            .rows_affected();
+            if recorded > 0 {
+                joined.push(Member {
+                    room: room.to_string(),
+                    nick: claim.nick.to_string(),
+                });
+            }
+        }
+    }
+    for chunk in joined.chunks(MEMBERS_PER_ROW) {
+        let row = InboxRow::Back {
+            members: chunk.to_vec(),
+        };
+        broadcast(database, instance, &row).await?;
+    }
+    Ok(())
 }
 
 /// Withdraws re-asserted claims that the hub no longer has: the nick of a
