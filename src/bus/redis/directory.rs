@@ -170,7 +170,9 @@ impl Registry {
                     continue;
                 }
                 for room in &h.rooms {
-                    self.record_join(cmd, room, &h.nick).await?;
+                    if !self.record_join(cmd, room, &h.nick).await? {
+                        continue; // taken since the renewal: the next beat says so
+                    }
                     let change = Presence::Joined {
                         room: room.clone(),
                         nick: h.nick.clone(),
@@ -232,26 +234,32 @@ impl Registry {
         Ok(())
     }
 
+    /// Records `nick`'s membership of `room`, if this instance is alive and
+    /// still holds the nick; false if not (nothing was recorded).
     async fn record_join(
         &self,
         cmd: &Client,
         room: &RoomName,
         nick: &Nick,
-    ) -> Result<(), BusError> {
-        let _: i64 = self
+    ) -> Result<bool, BusError> {
+        let mut keys = self.membership_keys(room);
+        keys.push(self.nick_key(nick));
+        keys.push(self.keys.dir(&format!("alive:{}", self.instance)));
+        let recorded: i64 = self
             .join
             .call(
                 cmd,
-                self.membership_keys(room),
+                keys,
                 vec![
                     nick.key().as_str().to_owned(),
                     format!("{}\t{nick}", self.instance),
                     room.to_string(),
+                    format!("{}\t", self.instance),
                 ],
             )
             .await
             .map_err(unreachable)?;
-        Ok(())
+        Ok(recorded == 1)
     }
 
     /// Tells the members of `room` on other instances (those that hear it).
@@ -426,7 +434,12 @@ impl Directory for RedisBus {
         if let Some(h) = dir.held().get_mut(&nick.key()) {
             h.rooms.insert(room.clone());
         }
-        dir.record_join(&self.inner.cmd, room, nick).await?;
+        if !dir.record_join(&self.inner.cmd, room, nick).await? {
+            // The join reached Redis after this instance lost the nick (it
+            // stalled past its lease): nothing to announce, and the next
+            // heartbeat renames the user.
+            return Ok(());
+        }
         let change = Presence::Joined {
             room: room.clone(),
             nick: nick.clone(),
@@ -519,5 +532,102 @@ impl Directory for RedisBus {
             .await
             .map_err(unreachable)?;
         Ok(Some(to))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A client of the Redis tests use (`BABY_TEST_REDIS`, default
+    /// 127.0.0.1:6379), or `None` with the reason printed; with
+    /// `BABY_REQUIRE_SERVICES=1` a missing Redis fails the test instead.
+    async fn redis() -> Option<Client> {
+        let addr = std::env::var("BABY_TEST_REDIS").unwrap_or_else(|_| "127.0.0.1:6379".into());
+        let connected = async {
+            let config = Config::from_url(&format!("redis://{addr}")).map_err(|e| e.to_string())?;
+            let client = Builder::from_config(config)
+                .build()
+                .map_err(|e| e.to_string())?;
+            let init = tokio::time::timeout(Duration::from_secs(2), client.init());
+            init.await
+                .map_err(|_| "timed out".to_owned())?
+                .map_err(|e| e.to_string())?;
+            Ok::<_, String>(client)
+        };
+        match connected.await {
+            Ok(client) => Some(client),
+            Err(why) if std::env::var("BABY_REQUIRE_SERVICES").as_deref() == Ok("1") => {
+                panic!("Redis is required (BABY_REQUIRE_SERVICES=1) but unavailable: {why}")
+            }
+            Err(why) => {
+                eprintln!("SKIPPED: Redis unavailable at {addr} ({why})");
+                None
+            }
+        }
+    }
+
+    /// Claims `nick` for session 1 of `dir`'s instance.
+    async fn claim(cmd: &Client, dir: &Registry, nick: &Nick) -> bool {
+        let holder = dir.holder(SessionId(1));
+        let held: i64 = dir
+            .claim
+            .call(
+                cmd,
+                vec![dir.nick_key(nick)],
+                vec![format!("{holder}{nick}"), holder, "60000".into()],
+            )
+            .await
+            .unwrap();
+        held == 1
+    }
+
+    /// An instance that stalled with a `/join` on its way: by the time the
+    /// join reaches Redis, its lease was reaped and a newcomer on another
+    /// instance took the nick. The late join must not record the old holder
+    /// in the room (nor overwrite the newcomer's membership there).
+    #[tokio::test]
+    async fn a_join_that_arrives_after_the_nick_was_taken_records_nothing() {
+        let Some(cmd) = redis().await else {
+            return;
+        };
+        let keys = Keys::new(&format!("test-late-join-{:08x}", rand::random::<u32>())).unwrap();
+        let (a, c) = (Registry::new(keys.clone(), "a"), Registry::new(keys, "c"));
+        a.beat(&cmd).await.unwrap();
+        c.beat(&cmd).await.unwrap();
+        let side = RoomName::parse("side").unwrap();
+        let taker = Nick::parse("U7").unwrap();
+        let late = Nick::parse("u7").unwrap();
+        assert!(claim(&cmd, &a, &taker).await, "the newcomer takes the nick");
+        assert!(a.record_join(&cmd, &side, &taker).await.unwrap());
+
+        let recorded = c.record_join(&cmd, &side, &late).await.unwrap();
+        let member: Option<String> = cmd
+            .hget(c.room_key(&side), late.key().as_str())
+            .await
+            .unwrap();
+        // Its own nick still records, while the instance is alive.
+        let carol = Nick::parse("carol").unwrap();
+        assert!(claim(&cmd, &c, &carol).await);
+        let carol_recorded = c.record_join(&cmd, &side, &carol).await.unwrap();
+        let _: Result<i64, _> = cmd.del(vec![c.keys.dir("alive:c")]).await;
+        let after_lease = c.record_join(&cmd, &side, &carol).await.unwrap();
+        let mut leftovers: Vec<String> = [&taker, &carol]
+            .iter()
+            .map(|nick| a.nick_key(nick))
+            .collect();
+        leftovers
+            .extend(["rooms", "instances", "alive:a", "held:a", "held:c"].map(|k| a.keys.dir(k)));
+        leftovers.push(a.room_key(&side));
+        let _: Result<i64, _> = cmd.del(leftovers).await;
+
+        assert!(!recorded, "a join under a nick another holds is refused");
+        assert_eq!(
+            member.as_deref(),
+            Some("a\tU7"),
+            "the newcomer's membership stands"
+        );
+        assert!(carol_recorded, "a held nick on a live instance records");
+        assert!(!after_lease, "without a lease nothing records");
     }
 }

@@ -123,9 +123,21 @@ return 0
 /// Records a membership: the room's member hash, the set of rooms with
 /// members, and the instance's own index of what it holds (what reaping the
 /// instance reads), in one step, so none of the three can miss it.
-/// KEYS: room's member hash, rooms set, instance's held set.
-/// ARGV: nick key, `instance\tnick`, room.
+///
+/// Only while the instance is alive and holds the nick: a join sent just
+/// before the instance stalled may reach Redis after its lease was reaped
+/// and the nick taken, and must then neither claim the room for the old
+/// holder nor overwrite the new holder's membership.
+///
+/// KEYS: room's member hash, rooms set, instance's held set, nick key,
+/// instance's lease. ARGV: nick key, `instance\tnick`, room, `instance\t`.
+/// Returns 1 if recorded, 0 if the instance no longer holds the nick.
 pub const JOIN: &str = r#"
+local holder = redis.call('GET', KEYS[4])
+if not holder or string.sub(holder, 1, #ARGV[4]) ~= ARGV[4]
+    or redis.call('EXISTS', KEYS[5]) == 0 then
+  return 0
+end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 redis.call('SADD', KEYS[2], ARGV[3])
 redis.call('SADD', KEYS[3], ARGV[3] .. '\t' .. ARGV[1])
