@@ -33,8 +33,7 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc::error::{TryRecvError, TrySendError};
-use tokio::sync::{Notify, Semaphore, mpsc, oneshot};
+use tokio::sync::{Notify, Semaphore, oneshot};
 use tokio::time::Instant;
 use tokio_util::codec::Decoder;
 use tokio_util::sync::CancellationToken;
@@ -44,6 +43,7 @@ use tracing::Instrument;
 use super::coalesce::RateNotices;
 use super::lines::{Frame, LineCodec};
 use super::peers::Peers;
+use crate::core::outbox::{self, TryRecvError, TrySendError};
 use crate::core::{
     Backlog, Command, Direct, EndReason, ErrorCode, Event, EventBody, Format, Hub, Refusal,
     Replies, Reply, SessionHandle,
@@ -112,120 +112,126 @@ impl TcpAdapter {
         }
     }
 
-    async fn connection(
+    // Not an `async fn`: its arguments would be kept twice in the task.
+    #[allow(clippy::manual_async_fn)]
+    fn connection(
         self,
         mut stream: TcpStream,
         peer: SocketAddr,
         flushers: Arc<[Arc<Flusher>]>,
-    ) {
-        let Some(_address_permit) = self.peers.admit(peer.ip()) else {
-            let limit = self.peers.limits().max_conns;
-            let refusal = Event::error(
-                ErrorCode::Unavailable,
-                format!(
-                    "too many connections from your address (at most {limit}); close some first"
-                ),
-            );
-            let _ = tokio::time::timeout(PARTING, stream.write_all(refusal.text())).await;
-            return;
-        };
-        let Ok(_permit) = self.connections.clone().try_acquire_owned() else {
-            let refusal = Event::error(
-                ErrorCode::Unavailable,
-                "the server is full; try again later",
-            );
-            let _ = tokio::time::timeout(PARTING, stream.write_all(refusal.text())).await;
-            return;
-        };
-        let _ = stream.set_nodelay(true);
-        let session = match self.hub.connect(None, Replies::Outbox, None).await {
-            Ok(session) => session,
-            Err(refusal) => {
-                let event = Event::error(refusal.code, refusal.message);
-                let _ = tokio::time::timeout(PARTING, stream.write_all(event.text())).await;
-                return;
-            }
-        };
-        let id = session.id;
-        tracing::Span::current().record("session", tracing::field::display(id));
-        tracing::info!(nick = %session.nick, "connected");
-        let (read, write) = stream.into_split();
-        let SessionHandle {
-            events,
-            ended,
-            backlog,
-            ..
-        } = session;
-        let (done_tx, done_rx) = oneshot::channel();
-        let drained = Arc::new(Notify::new());
-        let flusher = flushers[(id.0 % flushers.len() as u64) as usize].clone();
-        let socket = Socket::new(write, flusher);
-        self.hub.attach(id, socket.clone());
-        let mut writer = tokio::spawn(
-            write_events(socket, events, ended, done_rx, drained.clone())
-                .instrument(tracing::Span::current()),
-        );
-        let mut lines = LineReader::new(read, self.max_line);
-        let pace = Pace {
-            backlog,
-            drained,
-            high: self.hub.limits().queue / 2,
-        };
-        let mut writer_stop = None;
-        let reason = loop {
-            let frame = tokio::select! {
-                frame = async {
-                    pace.wait().await;
-                    lines.next().await
-                } => frame,
-                // The core ended the session (slow consumer): stop reading too.
-                stop = &mut writer => {
-                    let stop = stop.unwrap_or(Stop::Closed);
-                    let reason = stop.describe();
-                    writer_stop = Some(stop);
-                    break reason;
-                }
-                // The writer sees the session end and says goodbye.
-                _ = self.shutdown.cancelled() => break "shutdown",
-            };
-            let refusal = match frame {
-                None => break "closed by the client",
-                Some(Err(_)) => break "read error",
-                Some(Ok(Frame::Line(line))) => match self.hub.parse(&line) {
-                    Ok(None) => continue,
-                    Ok(Some(Command::Quit)) => {
-                        // The hub queues a goodbye, then ends the session.
-                        self.hub.handle(id, Command::Quit).await;
-                        break "quit";
-                    }
-                    Ok(Some(command)) => {
-                        self.hub.handle(id, command).await;
-                        continue;
-                    }
-                    Err(refusal) => refusal,
-                },
-                Some(Ok(Frame::TooLong)) => Refusal::new(
-                    ErrorCode::TooLong,
+    ) -> impl Future<Output = ()> + Send + use<> {
+        async move {
+            let Some(_address_permit) = self.peers.admit(peer.ip()) else {
+                let limit = self.peers.limits().max_conns;
+                let refusal = Event::error(
+                    ErrorCode::Unavailable,
                     format!(
-                        "lines are at most {} bytes; this one was discarded",
-                        self.max_line
+                        "too many connections from your address (at most {limit}); close some first"
                     ),
-                ),
-                Some(Ok(Frame::InvalidUtf8)) => Refusal::new(
-                    ErrorCode::InvalidUtf8,
-                    "that line was not valid UTF-8; it was discarded",
-                ),
+                );
+                part(&mut stream, refusal.text()).await;
+                return;
             };
-            self.hub.refuse(id, refusal);
-        };
-        if !self.shutdown.is_cancelled() {
-            let _ = done_tx.send(());
-            self.hub.disconnect(id, EndReason::Quit);
+            let Ok(_permit) = self.connections.clone().try_acquire_owned() else {
+                let refusal = Event::error(
+                    ErrorCode::Unavailable,
+                    "the server is full; try again later",
+                );
+                part(&mut stream, refusal.text()).await;
+                return;
+            };
+            let _ = stream.set_nodelay(true);
+            // Boxed, as every command below: the task of an idle connection is
+            // then no larger than the state it keeps while it waits.
+            let session = match Box::pin(self.hub.connect(None, Replies::Outbox, None)).await {
+                Ok(session) => session,
+                Err(refusal) => {
+                    let event = Event::error(refusal.code, refusal.message);
+                    part(&mut stream, event.text()).await;
+                    return;
+                }
+            };
+            let id = session.id;
+            tracing::Span::current().record("session", tracing::field::display(id));
+            tracing::info!(nick = %session.nick, "connected");
+            let (read, write) = stream.into_split();
+            let SessionHandle {
+                events,
+                ended,
+                backlog,
+                ..
+            } = session;
+            let (done_tx, done_rx) = oneshot::channel();
+            let drained = Arc::new(Notify::new());
+            let flusher = flushers[(id.0 % flushers.len() as u64) as usize].clone();
+            let socket = Socket::new(write, flusher);
+            self.hub.attach(id, socket.clone());
+            let mut writer = tokio::spawn(
+                write_events(socket, events, ended, done_rx, drained.clone())
+                    .instrument(tracing::Span::current()),
+            );
+            let mut lines = LineReader::new(read, self.max_line);
+            let pace = Pace {
+                backlog,
+                drained,
+                high: self.hub.limits().queue / 2,
+            };
+            let mut writer_stop = None;
+            let reason = loop {
+                let frame = tokio::select! {
+                    frame = async {
+                        pace.wait().await;
+                        lines.next().await
+                    } => frame,
+                    // The core ended the session (slow consumer): stop reading too.
+                    stop = &mut writer => {
+                        let stop = stop.unwrap_or(Stop::Closed);
+                        let reason = stop.describe();
+                        writer_stop = Some(stop);
+                        break reason;
+                    }
+                    // The writer sees the session end and says goodbye.
+                    _ = self.shutdown.cancelled() => break "shutdown",
+                };
+                let refusal = match frame {
+                    None => break "closed by the client",
+                    Some(Err(_)) => break "read error",
+                    Some(Ok(Frame::Line(line))) => match self.hub.parse(&line) {
+                        Ok(None) => continue,
+                        Ok(Some(Command::Quit)) => {
+                            // The hub queues a goodbye, then ends the session.
+                            Box::pin(self.hub.handle(id, Command::Quit)).await;
+                            break "quit";
+                        }
+                        Ok(Some(command)) => {
+                            Box::pin(self.hub.handle(id, command)).await;
+                            continue;
+                        }
+                        Err(refusal) => refusal,
+                    },
+                    Some(Ok(Frame::TooLong)) => Refusal::new(
+                        ErrorCode::TooLong,
+                        format!(
+                            "lines are at most {} bytes; this one was discarded",
+                            self.max_line
+                        ),
+                    ),
+                    Some(Ok(Frame::InvalidUtf8)) => Refusal::new(
+                        ErrorCode::InvalidUtf8,
+                        "that line was not valid UTF-8; it was discarded",
+                    ),
+                };
+                self.hub.refuse(id, refusal);
+            };
+            if !self.shutdown.is_cancelled() {
+                let _ = done_tx.send(());
+                self.hub.disconnect(id, EndReason::Quit);
+            }
+            if writer_stop.is_none() {
+                let _ = writer.await;
+            }
+            tracing::info!(reason, "disconnected");
         }
-        if writer_stop.is_none() {
-            let _ = writer.await;
-        }
-        tracing::info!(reason, "disconnected");
     }
 }
 
@@ -418,11 +424,7 @@ impl Socket {
 }
 
 impl Direct for Socket {
-    fn deliver(
-        &self,
-        event: &Event,
-        outbox: &mpsc::Sender<Event>,
-    ) -> Result<(), TrySendError<Event>> {
+    fn deliver(&self, event: &Event, outbox: &outbox::Sender) -> Result<(), TrySendError<Event>> {
         let mut turn = self.turn();
         // Pending events are bounded like the outbox: a flusher that does not
         // get to run (a saturated server) must not let them grow past it.
@@ -505,149 +507,163 @@ fn is_plain(event: &Event) -> bool {
 }
 
 /// The writer half: outbox to socket, batching whatever is queued.
-async fn write_events(
+///
+/// Not an `async fn`: its arguments would be kept twice in the task.
+#[allow(clippy::manual_async_fn)]
+fn write_events(
     socket: Arc<Socket>,
-    mut events: mpsc::Receiver<Event>,
+    mut events: outbox::Receiver,
     mut ended: oneshot::Receiver<EndReason>,
     mut reader_done: oneshot::Receiver<()>,
     drained: Arc<Notify>,
-) -> Stop {
-    let mut format = Format::Text;
-    let mut notices = RateNotices::default();
-    // Released whenever the writer hands the turn back, so an idle connection
-    // holds no write buffer.
-    let mut buf = BytesMut::new();
-    // An event found while handing the turn back: it keeps the turn.
-    let mut next = None;
-    let stop = loop {
-        let first = match next.take() {
-            Some(event) => notices.filter(event, Instant::now()),
-            None => tokio::select! {
-                biased;
-                reason = &mut ended => break Stop::Ended(reason.unwrap_or(EndReason::Quit)),
-                _ = &mut reader_done => break Stop::Closed,
-                () = socket.tail_ready.notified() => None,
-                event = events.recv() => match event {
-                    Some(event) => notices.filter(event, Instant::now()),
-                    None => break Stop::Closed,
+) -> impl Future<Output = Stop> + Send + use<> {
+    async move {
+        let mut format = Format::Text;
+        let mut notices = RateNotices::default();
+        // Released whenever the writer hands the turn back, so an idle connection
+        // holds no write buffer.
+        let mut buf = BytesMut::new();
+        // An event found while handing the turn back: it keeps the turn.
+        let mut next = None;
+        let stop = loop {
+            let first = match next.take() {
+                Some(event) => notices.filter(event, Instant::now()),
+                None => tokio::select! {
+                    biased;
+                    reason = &mut ended => break Stop::Ended(reason.unwrap_or(EndReason::Quit)),
+                    _ = &mut reader_done => break Stop::Closed,
+                    () = socket.tail_ready.notified() => None,
+                    event = events.recv() => match event {
+                        Some(event) => notices.filter(event, Instant::now()),
+                        None => break Stop::Closed,
+                    },
+                    () = sleep_until(notices.due()) => notices.summary(Instant::now()),
                 },
-                () = sleep_until(notices.due()) => notices.summary(Instant::now()),
-            },
+            };
+            {
+                // The writer takes the turn (a notice summary wakes it while it
+                // has none). The unwritten end of a flush, then what was pending
+                // for the next one, go before anything queued after them.
+                let mut turn = socket.turn();
+                turn.queued = true;
+                buf.put(std::mem::take(&mut turn.tail));
+                for event in turn.pending.drain(..) {
+                    render(&event, &mut format, &mut buf);
+                }
+            }
+            if let Some(first) = first {
+                render(&first, &mut format, &mut buf);
+            }
+            while buf.len() < WRITE_BUFFER {
+                match events.try_recv() {
+                    Ok(event) => {
+                        if let Some(event) = notices.filter(event, Instant::now()) {
+                            render(&event, &mut format, &mut buf);
+                        }
+                    }
+                    Err(_) => break,
+                }
+            }
+            drained.notify_one();
+            if !buf.is_empty() {
+                // A client that does not read blocks this write; the core then
+                // ends the session, which must interrupt it.
+                let written = tokio::select! {
+                    written = socket.write_all(&mut buf) => written,
+                    reason = &mut ended => break Stop::Ended(reason.unwrap_or(EndReason::Quit)),
+                };
+                if written.is_err() {
+                    break Stop::Closed;
+                }
+                // What was taken before the write is on its way: let the reader go on.
+                drained.notify_one();
+            }
+            // Hand the turn back to direct writes once nothing is waiting. The
+            // hub queues under the same lock, so nothing slips in between.
+            let mut turn = socket.turn();
+            if !turn.tail.is_empty() || !turn.pending.is_empty() {
+                continue;
+            }
+            match events.try_recv() {
+                Ok(event) => next = Some(event),
+                Err(TryRecvError::Empty) => {
+                    turn.queued = false;
+                    turn.format = format;
+                    buf = BytesMut::new();
+                }
+                Err(TryRecvError::Disconnected) => break Stop::Closed,
+            }
         };
+        // From here on only this task writes. A write cut short by the end
+        // leaves the rest in `buf`; a flush the socket took only part of leaves
+        // its end in `tail`, and events may be pending for the next flush (only
+        // one of the three is ever non-empty).
         {
-            // The writer takes the turn (a notice summary wakes it while it
-            // has none). The unwritten end of a flush, then what was pending
-            // for the next one, go before anything queued after them.
             let mut turn = socket.turn();
             turn.queued = true;
             buf.put(std::mem::take(&mut turn.tail));
-            for event in turn.pending.drain(..) {
+            for event in std::mem::take(&mut turn.pending) {
                 render(&event, &mut format, &mut buf);
             }
         }
-        if let Some(first) = first {
-            render(&first, &mut format, &mut buf);
-        }
-        while buf.len() < WRITE_BUFFER {
-            match events.try_recv() {
-                Ok(event) => {
-                    if let Some(event) = notices.filter(event, Instant::now()) {
-                        render(&event, &mut format, &mut buf);
-                    }
-                }
-                Err(_) => break,
-            }
-        }
+        // The reader may be waiting for room that will never come.
         drained.notify_one();
-        if !buf.is_empty() {
-            // A client that does not read blocks this write; the core then
-            // ends the session, which must interrupt it.
-            let written = tokio::select! {
-                written = socket.write_all(&mut buf) => written,
-                reason = &mut ended => break Stop::Ended(reason.unwrap_or(EndReason::Quit)),
-            };
-            if written.is_err() {
-                break Stop::Closed;
+        let parting = match &stop {
+            // Its socket is full: what is queued would never get through.
+            Stop::Ended(EndReason::SlowConsumer) => {
+                buf.clear();
+                Some(Event::error(
+                    ErrorCode::SlowConsumer,
+                    "you were not reading fast enough; disconnected",
+                ))
             }
-            // What was taken before the write is on its way: let the reader go on.
-            drained.notify_one();
-        }
-        // Hand the turn back to direct writes once nothing is waiting. The
-        // hub queues under the same lock, so nothing slips in between.
-        let mut turn = socket.turn();
-        if !turn.tail.is_empty() || !turn.pending.is_empty() {
-            continue;
-        }
-        match events.try_recv() {
-            Ok(event) => next = Some(event),
-            Err(TryRecvError::Empty) => {
-                turn.queued = false;
-                turn.format = format;
-                buf = BytesMut::new();
+            Stop::Ended(EndReason::Shutdown) => {
+                drain(&mut events, &mut notices, &mut format, &mut buf);
+                Some(Event::error(
+                    ErrorCode::Unavailable,
+                    "the server is shutting down",
+                ))
             }
-            Err(TryRecvError::Disconnected) => break Stop::Closed,
-        }
-    };
-    // From here on only this task writes. A write cut short by the end
-    // leaves the rest in `buf`; a flush the socket took only part of leaves
-    // its end in `tail`, and events may be pending for the next flush (only
-    // one of the three is ever non-empty).
-    {
-        let mut turn = socket.turn();
-        turn.queued = true;
-        buf.put(std::mem::take(&mut turn.tail));
-        for event in std::mem::take(&mut turn.pending) {
+            Stop::Ended(_) | Stop::Closed => {
+                drain(&mut events, &mut notices, &mut format, &mut buf);
+                None
+            }
+        };
+        if let Some(event) = parting {
             render(&event, &mut format, &mut buf);
         }
-    }
-    // The reader may be waiting for room that will never come.
-    drained.notify_one();
-    let parting = match &stop {
-        // Its socket is full: what is queued would never get through.
-        Stop::Ended(EndReason::SlowConsumer) => {
-            buf.clear();
-            Some(Event::error(
-                ErrorCode::SlowConsumer,
-                "you were not reading fast enough; disconnected",
-            ))
+        // The parting writes are boxed: the writer's task keeps no room for
+        // them while it waits.
+        if !buf.is_empty() {
+            let _ = Box::pin(tokio::time::timeout(PARTING, socket.write_all(&mut buf))).await;
         }
-        Stop::Ended(EndReason::Shutdown) => {
-            drain(&mut events, &mut notices, &mut format, &mut buf);
-            Some(Event::error(
-                ErrorCode::Unavailable,
-                "the server is shutting down",
-            ))
+        // The hub has usually let go of the socket by now; if not, it is shut
+        // down when the hub does.
+        if let Ok(mut socket) = Arc::try_unwrap(socket) {
+            let _ = Box::pin(tokio::time::timeout(PARTING, socket.half.shutdown())).await;
         }
-        Stop::Ended(_) | Stop::Closed => {
-            drain(&mut events, &mut notices, &mut format, &mut buf);
-            None
-        }
-    };
-    if let Some(event) = parting {
-        render(&event, &mut format, &mut buf);
+        stop
     }
-    if !buf.is_empty() {
-        let _ = tokio::time::timeout(PARTING, socket.write_all(&mut buf)).await;
-    }
-    // The hub has usually let go of the socket by now; if not, it is shut
-    // down when the hub does.
-    if let Ok(mut socket) = Arc::try_unwrap(socket) {
-        let _ = tokio::time::timeout(PARTING, socket.half.shutdown()).await;
-    }
-    stop
 }
 
-/// Sleeps until `deadline`, or forever without one.
+/// Sleeps until `deadline`, or forever without one. The timer is boxed, and
+/// made only while a notice is due, so the writer's task does not carry one.
 async fn sleep_until(deadline: Option<Instant>) {
     match deadline {
-        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        Some(deadline) => Box::pin(tokio::time::sleep_until(deadline)).await,
         None => std::future::pending().await,
     }
 }
 
+/// Writes a refusal to a connection that was not let in, for at most
+/// [`PARTING`]. Boxed: a connection that was let in never needs it.
+async fn part(stream: &mut TcpStream, bytes: &[u8]) {
+    let _ = Box::pin(tokio::time::timeout(PARTING, stream.write_all(bytes))).await;
+}
+
 /// Renders everything still queued, ending with any held-back refusals.
 fn drain(
-    events: &mut mpsc::Receiver<Event>,
+    events: &mut outbox::Receiver,
     notices: &mut RateNotices,
     format: &mut Format,
     buf: &mut BytesMut,
@@ -701,7 +717,7 @@ mod tests {
         rcvbuf: Option<u32>,
     ) -> (
         Arc<Socket>,
-        mpsc::Sender<Event>,
+        outbox::Sender,
         oneshot::Sender<EndReason>,
         tokio::task::JoinHandle<Stop>,
         TcpStream,
@@ -718,7 +734,7 @@ mod tests {
         let (_read, write) = accepted.unwrap().0.into_split();
         // Not run: the tests flush by hand, when they choose.
         let socket = Socket::new(write, Arc::new(Flusher::default()));
-        let (outbox, events) = mpsc::channel(1024);
+        let (outbox, events) = outbox::channel(1024);
         // As the hub queues a welcome.
         outbox.try_send(numbered(0, 0)).unwrap();
         let (end, ended) = oneshot::channel();
