@@ -6,11 +6,10 @@ use std::hint::black_box;
 use std::sync::Arc;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use tokio::sync::mpsc;
 
 use baby_discord::bus::{Deliver, Envelope, LocalBus};
 use baby_discord::core::{
-    Command, Event, Hub, Limits, Message, MessageKind, Nick, Replies, RoomName, Timestamp, parse,
+    Command, Hub, Limits, Message, MessageKind, Nick, Replies, RoomName, Timestamp, outbox, parse,
 };
 use baby_discord::store::{self, Durability};
 
@@ -35,7 +34,7 @@ fn hub_with_room(
     rt: &tokio::runtime::Runtime,
     dir: &tempfile::TempDir,
     members: usize,
-) -> (Hub, Vec<mpsc::Receiver<Event>>) {
+) -> (Hub, Vec<outbox::Receiver>) {
     rt.block_on(async {
         let url = format!("sqlite://{}", dir.path().join("bench.db").display());
         let store = store::open(&url, Durability::Async)

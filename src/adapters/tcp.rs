@@ -1,11 +1,14 @@
 //! The line-based TCP adapter: `nc localhost 9001`.
 //!
-//! Each connection is two tasks. The reader frames lines (at most `--max-line`
-//! bytes), parses them and hands commands to the [`Hub`], one at a time. The
-//! writer drains the session's bounded outbox, rendering each event as text or
-//! JSON, and writes everything that is waiting in one buffer per write. The hub
-//! never waits for either: when the outbox is full it ends the session as a
-//! slow consumer, and the writer says so before closing.
+//! Each connection is one task with two halves. The reader frames lines (at
+//! most `--max-line` bytes), parses them and hands commands to the [`Hub`],
+//! one at a time. The writer drains the session's bounded outbox, rendering
+//! each event as text or JSON, and writes everything that is waiting in one
+//! buffer per write; it runs beside the reader (also while a command is
+//! handled) only while it has something to do, and is otherwise parked as
+//! plain state (see [`Writer`]). The hub never waits for either: when the
+//! outbox is full it ends the session as a slow consumer, and the writer
+//! says so before closing.
 //!
 //! Most events skip the outbox and the writer: while nothing of the
 //! connection's is queued, the hub only notes the event on the connection
@@ -33,8 +36,7 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc::error::{TryRecvError, TrySendError};
-use tokio::sync::{Notify, Semaphore, mpsc, oneshot};
+use tokio::sync::{Notify, Semaphore, oneshot};
 use tokio::time::Instant;
 use tokio_util::codec::Decoder;
 use tokio_util::sync::CancellationToken;
@@ -44,6 +46,7 @@ use tracing::Instrument;
 use super::coalesce::RateNotices;
 use super::lines::{Frame, LineCodec};
 use super::peers::Peers;
+use crate::core::outbox::{self, TryRecvError, TrySendError};
 use crate::core::{
     Backlog, Command, Direct, EndReason, ErrorCode, Event, EventBody, Format, Hub, Refusal,
     Replies, Reply, SessionHandle,
@@ -112,120 +115,127 @@ impl TcpAdapter {
         }
     }
 
-    async fn connection(
+    // Not an `async fn`: its arguments would be kept twice in the task.
+    #[allow(clippy::manual_async_fn)]
+    fn connection(
         self,
         mut stream: TcpStream,
         peer: SocketAddr,
         flushers: Arc<[Arc<Flusher>]>,
-    ) {
-        let Some(_address_permit) = self.peers.admit(peer.ip()) else {
-            let limit = self.peers.limits().max_conns;
-            let refusal = Event::error(
-                ErrorCode::Unavailable,
-                format!(
-                    "too many connections from your address (at most {limit}); close some first"
-                ),
-            );
-            let _ = tokio::time::timeout(PARTING, stream.write_all(refusal.text())).await;
-            return;
-        };
-        let Ok(_permit) = self.connections.clone().try_acquire_owned() else {
-            let refusal = Event::error(
-                ErrorCode::Unavailable,
-                "the server is full; try again later",
-            );
-            let _ = tokio::time::timeout(PARTING, stream.write_all(refusal.text())).await;
-            return;
-        };
-        let _ = stream.set_nodelay(true);
-        let session = match self.hub.connect(None, Replies::Outbox, None).await {
-            Ok(session) => session,
-            Err(refusal) => {
-                let event = Event::error(refusal.code, refusal.message);
-                let _ = tokio::time::timeout(PARTING, stream.write_all(event.text())).await;
-                return;
-            }
-        };
-        let id = session.id;
-        tracing::Span::current().record("session", tracing::field::display(id));
-        tracing::info!(nick = %session.nick, "connected");
-        let (read, write) = stream.into_split();
-        let SessionHandle {
-            events,
-            ended,
-            backlog,
-            ..
-        } = session;
-        let (done_tx, done_rx) = oneshot::channel();
-        let drained = Arc::new(Notify::new());
-        let flusher = flushers[(id.0 % flushers.len() as u64) as usize].clone();
-        let socket = Socket::new(write, flusher);
-        self.hub.attach(id, socket.clone());
-        let mut writer = tokio::spawn(
-            write_events(socket, events, ended, done_rx, drained.clone())
-                .instrument(tracing::Span::current()),
-        );
-        let mut lines = LineReader::new(read, self.max_line);
-        let pace = Pace {
-            backlog,
-            drained,
-            high: self.hub.limits().queue / 2,
-        };
-        let mut writer_stop = None;
-        let reason = loop {
-            let frame = tokio::select! {
-                frame = async {
-                    pace.wait().await;
-                    lines.next().await
-                } => frame,
-                // The core ended the session (slow consumer): stop reading too.
-                stop = &mut writer => {
-                    let stop = stop.unwrap_or(Stop::Closed);
-                    let reason = stop.describe();
-                    writer_stop = Some(stop);
-                    break reason;
-                }
-                // The writer sees the session end and says goodbye.
-                _ = self.shutdown.cancelled() => break "shutdown",
-            };
-            let refusal = match frame {
-                None => break "closed by the client",
-                Some(Err(_)) => break "read error",
-                Some(Ok(Frame::Line(line))) => match self.hub.parse(&line) {
-                    Ok(None) => continue,
-                    Ok(Some(Command::Quit)) => {
-                        // The hub queues a goodbye, then ends the session.
-                        self.hub.handle(id, Command::Quit).await;
-                        break "quit";
-                    }
-                    Ok(Some(command)) => {
-                        self.hub.handle(id, command).await;
-                        continue;
-                    }
-                    Err(refusal) => refusal,
-                },
-                Some(Ok(Frame::TooLong)) => Refusal::new(
-                    ErrorCode::TooLong,
+    ) -> impl Future<Output = ()> + Send + use<> {
+        async move {
+            let Some(_address_permit) = self.peers.admit(peer.ip()) else {
+                let limit = self.peers.limits().max_conns;
+                let refusal = Event::error(
+                    ErrorCode::Unavailable,
                     format!(
-                        "lines are at most {} bytes; this one was discarded",
-                        self.max_line
+                        "too many connections from your address (at most {limit}); close some first"
                     ),
-                ),
-                Some(Ok(Frame::InvalidUtf8)) => Refusal::new(
-                    ErrorCode::InvalidUtf8,
-                    "that line was not valid UTF-8; it was discarded",
-                ),
+                );
+                part(&mut stream, refusal.text()).await;
+                return;
             };
-            self.hub.refuse(id, refusal);
-        };
-        if !self.shutdown.is_cancelled() {
-            let _ = done_tx.send(());
-            self.hub.disconnect(id, EndReason::Quit);
+            let Ok(_permit) = self.connections.clone().try_acquire_owned() else {
+                let refusal = Event::error(
+                    ErrorCode::Unavailable,
+                    "the server is full; try again later",
+                );
+                part(&mut stream, refusal.text()).await;
+                return;
+            };
+            let _ = stream.set_nodelay(true);
+            // Boxed, as every command below: the task of an idle connection is
+            // then no larger than the state it keeps while it waits.
+            let session = match Box::pin(self.hub.connect(None, Replies::Outbox, None)).await {
+                Ok(session) => session,
+                Err(refusal) => {
+                    let event = Event::error(refusal.code, refusal.message);
+                    part(&mut stream, event.text()).await;
+                    return;
+                }
+            };
+            let id = session.id;
+            tracing::Span::current().record("session", tracing::field::display(id));
+            tracing::info!(nick = %session.nick, "connected");
+            let (read, write) = stream.into_split();
+            let SessionHandle {
+                events,
+                ended,
+                backlog,
+                ..
+            } = session;
+            let (done_tx, done_rx) = oneshot::channel();
+            let drained = Arc::new(Notify::new());
+            let flusher = flushers[(id.0 % flushers.len() as u64) as usize].clone();
+            let socket = Socket::new(write, flusher);
+            self.hub.attach(id, socket.clone());
+            // The welcome is queued: the writer starts at once.
+            let mut writer = Writer::new(
+                WriterState {
+                    socket,
+                    events,
+                    ended,
+                    reader_done: done_rx,
+                    notices: RateNotices::default(),
+                },
+                drained.clone(),
+            );
+            let mut lines = LineReader::new(read, self.max_line);
+            let pace = Pace {
+                backlog,
+                drained,
+                high: self.hub.limits().queue / 2,
+            };
+            let reason = loop {
+                let frame = tokio::select! {
+                    frame = async {
+                        pace.wait().await;
+                        lines.next().await
+                    } => frame,
+                    // The core ended the session (slow consumer): stop reading too.
+                    stop = writer.stopped() => break stop.describe(),
+                    // The writer sees the session end and says goodbye.
+                    _ = self.shutdown.cancelled() => break "shutdown",
+                };
+                let refusal = match frame {
+                    None => break "closed by the client",
+                    Some(Err(_)) => break "read error",
+                    Some(Ok(Frame::Line(line))) => match self.hub.parse(&line) {
+                        Ok(None) => continue,
+                        Ok(Some(Command::Quit)) => {
+                            // The hub queues a goodbye, then ends the session.
+                            writer
+                                .beside(Box::pin(self.hub.handle(id, Command::Quit)))
+                                .await;
+                            break "quit";
+                        }
+                        Ok(Some(command)) => {
+                            writer.beside(Box::pin(self.hub.handle(id, command))).await;
+                            continue;
+                        }
+                        Err(refusal) => refusal,
+                    },
+                    Some(Ok(Frame::TooLong)) => Refusal::new(
+                        ErrorCode::TooLong,
+                        format!(
+                            "lines are at most {} bytes; this one was discarded",
+                            self.max_line
+                        ),
+                    ),
+                    Some(Ok(Frame::InvalidUtf8)) => Refusal::new(
+                        ErrorCode::InvalidUtf8,
+                        "that line was not valid UTF-8; it was discarded",
+                    ),
+                };
+                self.hub.refuse(id, refusal);
+            };
+            if !self.shutdown.is_cancelled() {
+                let _ = done_tx.send(());
+                self.hub.disconnect(id, EndReason::Quit);
+            }
+            writer.finish().await;
+            tracing::info!(reason, "disconnected");
         }
-        if writer_stop.is_none() {
-            let _ = writer.await;
-        }
-        tracing::info!(reason, "disconnected");
     }
 }
 
@@ -309,6 +319,7 @@ impl Pace {
 }
 
 /// Why the writer stops.
+#[derive(Clone, Copy)]
 enum Stop {
     /// The core ended the session.
     Ended(EndReason),
@@ -335,6 +346,9 @@ struct Socket {
     state: Mutex<Turn>,
     /// Wakes the writer to finish a flush the socket took only part of.
     tail_ready: Notify,
+    /// Signalled whenever the writer takes the turn back from direct
+    /// writes: a parked writer is started again (see [`Writer`]).
+    wanted: Notify,
     /// Writes what the hub hands over while the writer has nothing queued.
     flusher: Arc<Flusher>,
     /// This socket, for the flusher's list.
@@ -369,6 +383,7 @@ impl Socket {
                 tail: Bytes::new(),
             }),
             tail_ready: Notify::new(),
+            wanted: Notify::new(),
             flusher,
             me: me.clone(),
         })
@@ -399,6 +414,7 @@ impl Socket {
             turn.tail = Bytes::copy_from_slice(&buf[written..]);
             turn.queued = true;
             self.tail_ready.notify_one();
+            self.wanted.notify_one();
         }
     }
 
@@ -418,11 +434,7 @@ impl Socket {
 }
 
 impl Direct for Socket {
-    fn deliver(
-        &self,
-        event: &Event,
-        outbox: &mpsc::Sender<Event>,
-    ) -> Result<(), TrySendError<Event>> {
+    fn deliver(&self, event: &Event, outbox: &outbox::Sender) -> Result<(), TrySendError<Event>> {
         let mut turn = self.turn();
         // Pending events are bounded like the outbox: a flusher that does not
         // get to run (a saturated server) must not let them grow past it.
@@ -435,7 +447,10 @@ impl Direct for Socket {
             turn.pending.push(event.clone());
             return Ok(());
         }
-        turn.queued = true;
+        if !turn.queued {
+            turn.queued = true;
+            self.wanted.notify_one();
+        }
         // Pushed under the lock: the writer cannot find the outbox empty and
         // hand the turn back between the check above and this push.
         outbox.try_send(event.clone())
@@ -505,149 +520,318 @@ fn is_plain(event: &Event) -> bool {
 }
 
 /// The writer half: outbox to socket, batching whatever is queued.
-async fn write_events(
-    socket: Arc<Socket>,
-    mut events: mpsc::Receiver<Event>,
-    mut ended: oneshot::Receiver<EndReason>,
-    mut reader_done: oneshot::Receiver<()>,
+///
+/// Not an `async fn`: its arguments would be kept twice in the task.
+#[allow(clippy::manual_async_fn)]
+///
+/// With `may_park`, it parks once it has handed the turn back with nothing
+/// due, returning its state; `early` is an end the connection saw while it
+/// was parked.
+fn write_events(
+    state: WriterState,
     drained: Arc<Notify>,
-) -> Stop {
-    let mut format = Format::Text;
-    let mut notices = RateNotices::default();
-    // Released whenever the writer hands the turn back, so an idle connection
-    // holds no write buffer.
-    let mut buf = BytesMut::new();
-    // An event found while handing the turn back: it keeps the turn.
-    let mut next = None;
-    let stop = loop {
-        let first = match next.take() {
-            Some(event) => notices.filter(event, Instant::now()),
-            None => tokio::select! {
-                biased;
-                reason = &mut ended => break Stop::Ended(reason.unwrap_or(EndReason::Quit)),
-                _ = &mut reader_done => break Stop::Closed,
-                () = socket.tail_ready.notified() => None,
-                event = events.recv() => match event {
+    early: Option<EndReason>,
+    may_park: bool,
+) -> impl Future<Output = Outcome> + Send + use<> {
+    async move {
+        let WriterState {
+            socket,
+            mut events,
+            mut ended,
+            mut reader_done,
+            mut notices,
+        } = state;
+        let mut format = socket.turn().format;
+        // Released whenever the writer hands the turn back, so an idle connection
+        // holds no write buffer.
+        let mut buf = BytesMut::new();
+        // An event found while handing the turn back: it keeps the turn.
+        let mut next = None;
+        let stop = if let Some(reason) = early {
+            Stop::Ended(reason)
+        } else {
+            loop {
+                let first = match next.take() {
                     Some(event) => notices.filter(event, Instant::now()),
-                    None => break Stop::Closed,
-                },
-                () = sleep_until(notices.due()) => notices.summary(Instant::now()),
-            },
-        };
-        {
-            // The writer takes the turn (a notice summary wakes it while it
-            // has none). The unwritten end of a flush, then what was pending
-            // for the next one, go before anything queued after them.
-            let mut turn = socket.turn();
-            turn.queued = true;
-            buf.put(std::mem::take(&mut turn.tail));
-            for event in turn.pending.drain(..) {
-                render(&event, &mut format, &mut buf);
-            }
-        }
-        if let Some(first) = first {
-            render(&first, &mut format, &mut buf);
-        }
-        while buf.len() < WRITE_BUFFER {
-            match events.try_recv() {
-                Ok(event) => {
-                    if let Some(event) = notices.filter(event, Instant::now()) {
+                    None => tokio::select! {
+                        biased;
+                        reason = &mut ended => break Stop::Ended(reason.unwrap_or(EndReason::Quit)),
+                        _ = &mut reader_done => break Stop::Closed,
+                        () = socket.tail_ready.notified() => None,
+                        event = events.recv() => match event {
+                            Some(event) => notices.filter(event, Instant::now()),
+                            None => break Stop::Closed,
+                        },
+                        () = sleep_until(notices.due()) => notices.summary(Instant::now()),
+                    },
+                };
+                {
+                    // The writer takes the turn (a notice summary wakes it while it
+                    // has none). The unwritten end of a flush, then what was pending
+                    // for the next one, go before anything queued after them.
+                    let mut turn = socket.turn();
+                    turn.queued = true;
+                    buf.put(std::mem::take(&mut turn.tail));
+                    for event in turn.pending.drain(..) {
                         render(&event, &mut format, &mut buf);
                     }
                 }
-                Err(_) => break,
+                if let Some(first) = first {
+                    render(&first, &mut format, &mut buf);
+                }
+                while buf.len() < WRITE_BUFFER {
+                    match events.try_recv() {
+                        Ok(event) => {
+                            if let Some(event) = notices.filter(event, Instant::now()) {
+                                render(&event, &mut format, &mut buf);
+                            }
+                        }
+                        Err(_) => break,
+                    }
+                }
+                drained.notify_one();
+                if !buf.is_empty() {
+                    // A client that does not read blocks this write; the core then
+                    // ends the session, which must interrupt it.
+                    let written = tokio::select! {
+                        written = socket.write_all(&mut buf) => written,
+                        reason = &mut ended => break Stop::Ended(reason.unwrap_or(EndReason::Quit)),
+                    };
+                    if written.is_err() {
+                        break Stop::Closed;
+                    }
+                    // What was taken before the write is on its way: let the reader go on.
+                    drained.notify_one();
+                }
+                // Hand the turn back to direct writes once nothing is waiting. The
+                // hub queues under the same lock, so nothing slips in between.
+                let mut turn = socket.turn();
+                if !turn.tail.is_empty() || !turn.pending.is_empty() {
+                    continue;
+                }
+                match events.try_recv() {
+                    Ok(event) => next = Some(event),
+                    Err(TryRecvError::Empty) => {
+                        turn.queued = false;
+                        turn.format = format;
+                        buf = BytesMut::new();
+                        if may_park && notices.due().is_none() {
+                            drop(turn);
+                            return Outcome::Parked(WriterState {
+                                socket,
+                                events,
+                                ended,
+                                reader_done,
+                                notices,
+                            });
+                        }
+                    }
+                    Err(TryRecvError::Disconnected) => break Stop::Closed,
+                }
+            }
+        };
+        // From here on only this task writes. A write cut short by the end
+        // leaves the rest in `buf`; a flush the socket took only part of leaves
+        // its end in `tail`, and events may be pending for the next flush (only
+        // one of the three is ever non-empty).
+        {
+            let mut turn = socket.turn();
+            turn.queued = true;
+            buf.put(std::mem::take(&mut turn.tail));
+            for event in std::mem::take(&mut turn.pending) {
+                render(&event, &mut format, &mut buf);
             }
         }
+        // The reader may be waiting for room that will never come.
         drained.notify_one();
-        if !buf.is_empty() {
-            // A client that does not read blocks this write; the core then
-            // ends the session, which must interrupt it.
-            let written = tokio::select! {
-                written = socket.write_all(&mut buf) => written,
-                reason = &mut ended => break Stop::Ended(reason.unwrap_or(EndReason::Quit)),
-            };
-            if written.is_err() {
-                break Stop::Closed;
+        let parting = match &stop {
+            // Its socket is full: what is queued would never get through.
+            Stop::Ended(EndReason::SlowConsumer) => {
+                buf.clear();
+                Some(Event::error(
+                    ErrorCode::SlowConsumer,
+                    "you were not reading fast enough; disconnected",
+                ))
             }
-            // What was taken before the write is on its way: let the reader go on.
-            drained.notify_one();
-        }
-        // Hand the turn back to direct writes once nothing is waiting. The
-        // hub queues under the same lock, so nothing slips in between.
-        let mut turn = socket.turn();
-        if !turn.tail.is_empty() || !turn.pending.is_empty() {
-            continue;
-        }
-        match events.try_recv() {
-            Ok(event) => next = Some(event),
-            Err(TryRecvError::Empty) => {
-                turn.queued = false;
-                turn.format = format;
-                buf = BytesMut::new();
+            Stop::Ended(EndReason::Shutdown) => {
+                drain(&mut events, &mut notices, &mut format, &mut buf);
+                Some(Event::error(
+                    ErrorCode::Unavailable,
+                    "the server is shutting down",
+                ))
             }
-            Err(TryRecvError::Disconnected) => break Stop::Closed,
-        }
-    };
-    // From here on only this task writes. A write cut short by the end
-    // leaves the rest in `buf`; a flush the socket took only part of leaves
-    // its end in `tail`, and events may be pending for the next flush (only
-    // one of the three is ever non-empty).
-    {
-        let mut turn = socket.turn();
-        turn.queued = true;
-        buf.put(std::mem::take(&mut turn.tail));
-        for event in std::mem::take(&mut turn.pending) {
+            Stop::Ended(_) | Stop::Closed => {
+                drain(&mut events, &mut notices, &mut format, &mut buf);
+                None
+            }
+        };
+        if let Some(event) = parting {
             render(&event, &mut format, &mut buf);
         }
-    }
-    // The reader may be waiting for room that will never come.
-    drained.notify_one();
-    let parting = match &stop {
-        // Its socket is full: what is queued would never get through.
-        Stop::Ended(EndReason::SlowConsumer) => {
-            buf.clear();
-            Some(Event::error(
-                ErrorCode::SlowConsumer,
-                "you were not reading fast enough; disconnected",
-            ))
+        // The parting writes are boxed: the writer's task keeps no room for
+        // them while it waits.
+        if !buf.is_empty() {
+            let _ = Box::pin(tokio::time::timeout(PARTING, socket.write_all(&mut buf))).await;
         }
-        Stop::Ended(EndReason::Shutdown) => {
-            drain(&mut events, &mut notices, &mut format, &mut buf);
-            Some(Event::error(
-                ErrorCode::Unavailable,
-                "the server is shutting down",
-            ))
+        // The hub has usually let go of the socket by now; if not, it is shut
+        // down when the hub does.
+        if let Ok(mut socket) = Arc::try_unwrap(socket) {
+            let _ = Box::pin(tokio::time::timeout(PARTING, socket.half.shutdown())).await;
         }
-        Stop::Ended(_) | Stop::Closed => {
-            drain(&mut events, &mut notices, &mut format, &mut buf);
-            None
-        }
-    };
-    if let Some(event) = parting {
-        render(&event, &mut format, &mut buf);
+        Outcome::Stopped(stop)
     }
-    if !buf.is_empty() {
-        let _ = tokio::time::timeout(PARTING, socket.write_all(&mut buf)).await;
-    }
-    // The hub has usually let go of the socket by now; if not, it is shut
-    // down when the hub does.
-    if let Ok(mut socket) = Arc::try_unwrap(socket) {
-        let _ = tokio::time::timeout(PARTING, socket.half.shutdown()).await;
-    }
-    stop
 }
 
-/// Sleeps until `deadline`, or forever without one.
+/// What the writer keeps between its runs.
+struct WriterState {
+    socket: Arc<Socket>,
+    events: outbox::Receiver,
+    ended: oneshot::Receiver<EndReason>,
+    reader_done: oneshot::Receiver<()>,
+    /// Held-back `rate-limited` refusals: their once-a-second pace holds
+    /// across runs.
+    notices: RateNotices,
+}
+
+/// How a run of the writer ends.
+enum Outcome {
+    /// Nothing to write: started again when something is.
+    Parked(WriterState),
+    /// For good.
+    Stopped(Stop),
+}
+
+/// A connection's writer, run by its connection task beside the reader: a
+/// boxed future while it has something to write (or a held-back notice
+/// due), and only its state, parked here, while the client keeps up. Most
+/// connections are idle most of the time, and an idle one then holds no
+/// writer task and no writer future. (A task of its own, started and
+/// parked again and again, would also cost more: task memory is aligned to
+/// a cache line, and the allocator does not reuse such blocks well.)
+///
+/// A parked writer is started again when the hub or the flusher takes the
+/// turn from direct writes (`Socket::wanted`), when the core ends the
+/// session, and when the reader is done. The turn keeps the order as
+/// before: whatever arrives while it starts waits in the outbox, or in the
+/// socket's tail, for it.
+struct Writer {
+    running: Option<std::pin::Pin<Box<dyn Future<Output = Outcome> + Send>>>,
+    parked: Option<WriterState>,
+    drained: Arc<Notify>,
+    /// Why it stopped for good, once it has.
+    stopped: Option<Stop>,
+}
+
+impl Writer {
+    /// Starts the writer: something is queued (the welcome).
+    fn new(state: WriterState, drained: Arc<Notify>) -> Self {
+        let mut writer = Writer {
+            running: None,
+            parked: Some(state),
+            drained,
+            stopped: None,
+        };
+        writer.start(None, true);
+        writer
+    }
+
+    fn start(&mut self, early: Option<EndReason>, may_park: bool) {
+        if let Some(state) = self.parked.take() {
+            self.running = Some(Box::pin(write_events(
+                state,
+                self.drained.clone(),
+                early,
+                may_park,
+            )));
+        }
+    }
+
+    /// Resolves once the writer has stopped for good (the session ended, or
+    /// the socket failed), starting it whenever it is wanted meanwhile.
+    /// Cancel-safe: dropped and called again, it picks up where it was.
+    async fn stopped(&mut self) -> Stop {
+        enum Next {
+            Ran(Option<Outcome>),
+            Wanted,
+            Ended(EndReason),
+        }
+        loop {
+            if let Some(stop) = self.stopped {
+                return stop;
+            }
+            let next = match (&mut self.running, &mut self.parked) {
+                (Some(running), _) => Next::Ran(Some(running.await)),
+                (None, Some(state)) => tokio::select! {
+                    biased;
+                    reason = &mut state.ended => Next::Ended(reason.unwrap_or(EndReason::Quit)),
+                    () = state.socket.wanted.notified() => Next::Wanted,
+                },
+                (None, None) => Next::Ran(None),
+            };
+            match next {
+                Next::Ran(outcome) => self.ran(outcome),
+                Next::Wanted => self.start(None, true),
+                Next::Ended(reason) => self.start(Some(reason), false),
+            }
+        }
+    }
+
+    /// Runs `work` (a command) while keeping the writer going, as a writer
+    /// task of its own would be.
+    async fn beside<F: Future + Unpin>(&mut self, mut work: F) -> F::Output {
+        tokio::select! {
+            biased;
+            output = &mut work => return output,
+            // Stopped for good: finish the command; the reader sees it next.
+            _ = self.stopped() => {}
+        }
+        work.await
+    }
+
+    /// Takes in how a run ended.
+    fn ran(&mut self, outcome: Option<Outcome>) {
+        self.running = None;
+        match outcome {
+            Some(Outcome::Parked(state)) => self.parked = Some(state),
+            Some(Outcome::Stopped(stop)) => self.stopped = Some(stop),
+            None => self.stopped = Some(Stop::Closed),
+        }
+    }
+
+    /// The reader is done (or the daemon stops): lets the writer write what
+    /// is left and close (it parks no more), and waits for it.
+    async fn finish(&mut self) {
+        while self.stopped.is_none() {
+            match &mut self.running {
+                Some(running) => {
+                    let outcome = running.await;
+                    self.ran(Some(outcome));
+                }
+                None if self.parked.is_some() => self.start(None, false),
+                None => self.stopped = Some(Stop::Closed),
+            }
+        }
+    }
+}
+
+/// Sleeps until `deadline`, or forever without one. The timer is boxed, and
+/// made only while a notice is due, so the writer's task does not carry one.
 async fn sleep_until(deadline: Option<Instant>) {
     match deadline {
-        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        Some(deadline) => Box::pin(tokio::time::sleep_until(deadline)).await,
         None => std::future::pending().await,
     }
 }
 
+/// Writes a refusal to a connection that was not let in, for at most
+/// [`PARTING`]. Boxed: a connection that was let in never needs it.
+async fn part(stream: &mut TcpStream, bytes: &[u8]) {
+    let _ = Box::pin(tokio::time::timeout(PARTING, stream.write_all(bytes))).await;
+}
+
 /// Renders everything still queued, ending with any held-back refusals.
 fn drain(
-    events: &mut mpsc::Receiver<Event>,
+    events: &mut outbox::Receiver,
     notices: &mut RateNotices,
     format: &mut Format,
     buf: &mut BytesMut,
@@ -701,9 +885,25 @@ mod tests {
         rcvbuf: Option<u32>,
     ) -> (
         Arc<Socket>,
-        mpsc::Sender<Event>,
+        outbox::Sender,
         oneshot::Sender<EndReason>,
         tokio::task::JoinHandle<Stop>,
+        TcpStream,
+    ) {
+        let (socket, outbox, end, mut writer, client) = wired_writer(rcvbuf).await;
+        // Driven as the connection task drives it.
+        let writer = tokio::spawn(async move { writer.stopped().await });
+        (socket, outbox, end, writer, client)
+    }
+
+    /// As [`wired`], with the writer left for the test to drive.
+    async fn wired_writer(
+        rcvbuf: Option<u32>,
+    ) -> (
+        Arc<Socket>,
+        outbox::Sender,
+        oneshot::Sender<EndReason>,
+        Writer,
         TcpStream,
     ) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -718,19 +918,22 @@ mod tests {
         let (_read, write) = accepted.unwrap().0.into_split();
         // Not run: the tests flush by hand, when they choose.
         let socket = Socket::new(write, Arc::new(Flusher::default()));
-        let (outbox, events) = mpsc::channel(1024);
+        let (outbox, events) = outbox::channel(1024);
         // As the hub queues a welcome.
         outbox.try_send(numbered(0, 0)).unwrap();
         let (end, ended) = oneshot::channel();
         let (_done, reader_done) = oneshot::channel();
         std::mem::forget(_done);
-        let writer = tokio::spawn(write_events(
-            socket.clone(),
-            events,
-            ended,
-            reader_done,
+        let writer = Writer::new(
+            WriterState {
+                socket: socket.clone(),
+                events,
+                ended,
+                reader_done,
+                notices: RateNotices::default(),
+            },
             Arc::new(Notify::new()),
-        ));
+        );
         (socket, outbox, end, writer, client.unwrap())
     }
 
@@ -814,5 +1017,43 @@ mod tests {
         drop(socket);
         let text = reading.await.unwrap();
         assert_eq!(numbers(&text), (0..=n).collect::<Vec<_>>());
+    }
+
+    #[tokio::test]
+    async fn a_parked_writer_started_again_keeps_the_order() {
+        let (socket, outbox, end, mut writer, client) = wired_writer(None).await;
+        // It writes the welcome, hands the turn back and parks.
+        let outcome = writer.running.take().expect("started").await;
+        writer.ran(Some(outcome));
+        assert!(writer.parked.is_some() && writer.running.is_none());
+        assert!(!socket.turn().queued);
+        // 1 and 2 wait for a flush; the format reply takes the turn (and
+        // asks for the writer), and 3 queues behind it, all before the
+        // writer is running again.
+        socket.deliver(&numbered(1, 0), &outbox).unwrap();
+        socket.deliver(&numbered(2, 0), &outbox).unwrap();
+        let reply = Event::new(EventBody::Reply(Reply::Format {
+            format: Format::Text,
+        }));
+        socket.deliver(&reply, &outbox).unwrap();
+        socket.deliver(&numbered(3, 0), &outbox).unwrap();
+        assert!(socket.turn().queued);
+        let driver = tokio::spawn(async move { writer.stopped().await });
+        // Started again, it writes all of it, hands the turn back, and
+        // parks; 4 then goes by a flush.
+        writer_gives_the_turn_back(&socket).await;
+        socket.deliver(&numbered(4, 0), &outbox).unwrap();
+        socket.flush(&mut BytesMut::new());
+        // An end seen while parked still closes the connection.
+        end.send(EndReason::Quit).unwrap();
+        drop(outbox);
+        socket.flusher.dirty.lock().unwrap().clear();
+        drop(socket);
+        assert!(matches!(
+            driver.await.unwrap(),
+            Stop::Ended(EndReason::Quit)
+        ));
+        let text = read_all(client).await;
+        assert_eq!(numbers(&text), [0, 1, 2, 3, 4], "{text}");
     }
 }

@@ -14,6 +14,7 @@ mod commands;
 mod event;
 mod history;
 mod names;
+pub mod outbox;
 pub mod ports;
 mod rate;
 mod rooms;
@@ -25,7 +26,7 @@ use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use uuid::Uuid;
 
 pub use commands::{Command, DEFAULT_HISTORY, HELP, MAX_HISTORY, parse};
@@ -265,7 +266,7 @@ impl Hub {
                 "the server is shutting down",
             ));
         }
-        let (outbox, events) = mpsc::channel(self.shared.limits.queue.max(1));
+        let (outbox, events) = outbox::channel(self.shared.limits.queue.max(1));
         let (end, ended) = oneshot::channel();
         let welcome = Event::new(EventBody::Welcome {
             nick: nick.clone(),

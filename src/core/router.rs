@@ -51,12 +51,12 @@ mod tests {
     use super::*;
     use crate::core::event::ErrorCode;
     use crate::core::names::Nick;
+    use crate::core::outbox;
     use crate::core::rate::TokenBucket;
     use crate::core::sessions::Replies;
-    use tokio::sync::mpsc;
 
-    fn session(cap: usize) -> (Session, mpsc::Receiver<Event>) {
-        let (tx, rx) = mpsc::channel(cap);
+    fn session(cap: usize) -> (Session, outbox::Receiver) {
+        let (tx, rx) = outbox::channel(cap);
         let s = Session {
             nick: Nick::parse("n").unwrap(),
             rooms: Default::default(),

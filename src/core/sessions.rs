@@ -5,11 +5,11 @@ use std::fmt;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Arc;
 
-use tokio::sync::mpsc::error::TrySendError;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
 use super::event::Event;
 use super::names::{Nick, RoomName};
+use super::outbox::{self, TrySendError};
 use super::rate::TokenBucket;
 
 /// Identifies a session inside one instance.
@@ -91,7 +91,7 @@ pub struct SessionHandle {
     /// The nick the session starts with.
     pub nick: Nick,
     /// Every event for this session, bounded by `--queue`.
-    pub events: mpsc::Receiver<Event>,
+    pub events: outbox::Receiver,
     /// Fires once if the core ends the session (slow consumer, quit, shutdown).
     pub ended: oneshot::Receiver<EndReason>,
     /// How full `events` is, for an adapter that paces its reading by it.
@@ -105,10 +105,10 @@ pub struct SessionHandle {
 /// fast. It holds only a weak reference: the core still decides when the
 /// session ends.
 #[derive(Debug, Clone)]
-pub struct Backlog(mpsc::WeakSender<Event>);
+pub struct Backlog(outbox::WeakSender);
 
 impl Backlog {
-    pub(super) fn of(outbox: &mpsc::Sender<Event>) -> Self {
+    pub(super) fn of(outbox: &outbox::Sender) -> Self {
         Backlog(outbox.downgrade())
     }
 
@@ -130,11 +130,7 @@ pub trait Direct: Send + Sync + fmt::Debug {
     /// Delivers `event` after everything delivered to this session before it:
     /// written now, or queued to `outbox` (whose refusal is returned, so a
     /// full outbox still ends the session as a slow consumer).
-    fn deliver(
-        &self,
-        event: &Event,
-        outbox: &mpsc::Sender<Event>,
-    ) -> Result<(), TrySendError<Event>>;
+    fn deliver(&self, event: &Event, outbox: &outbox::Sender) -> Result<(), TrySendError<Event>>;
 }
 
 /// The core's record of a session.
@@ -143,7 +139,7 @@ pub(super) struct Session {
     pub nick: Nick,
     pub rooms: BTreeSet<RoomName>,
     pub current: Option<RoomName>,
-    pub outbox: mpsc::Sender<Event>,
+    pub outbox: outbox::Sender,
     /// The adapter's quicker way in, if it offers one.
     pub direct: Option<Arc<dyn Direct>>,
     pub end: Option<oneshot::Sender<EndReason>>,

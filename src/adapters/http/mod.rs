@@ -62,7 +62,9 @@ const DRAIN: Duration = Duration::from_secs(2);
 /// connection permit forever. This covers the whole way to a first request,
 /// whatever the protocol.
 async fn silent(timeout: Duration, first_request: &Notify) {
-    if tokio::time::timeout(timeout, first_request.notified())
+    // Boxed: the timer is freed once the first request is in, instead of
+    // sizing the connection's task for its whole life.
+    if Box::pin(tokio::time::timeout(timeout, first_request.notified()))
         .await
         .is_ok()
     {
@@ -117,12 +119,14 @@ struct Ends<'a, F> {
 impl<F: std::future::Future<Output = ()>> Ends<'_, F> {
     /// Serves `conn` until it ends, is cut, sends no request in time, or the
     /// daemon stops (then it gets [`DRAIN`] to finish).
+    ///
+    /// `conn` comes pinned by the caller: pinned here, it would be kept
+    /// twice in the task (as the argument, and as the pinned local).
     async fn drive<C: std::future::Future>(
         mut self,
-        conn: C,
+        mut conn: std::pin::Pin<&mut C>,
         shut_down: impl FnOnce(std::pin::Pin<&mut C>),
     ) {
-        tokio::pin!(conn);
         tokio::select! {
             _ = conn.as_mut() => {}
             _ = self.cut.cancelled() => {}
@@ -131,7 +135,8 @@ impl<F: std::future::Future<Output = ()>> Ends<'_, F> {
             }
             _ = self.shutdown.cancelled() => {
                 shut_down(conn.as_mut());
-                let _ = tokio::time::timeout(DRAIN, conn).await;
+                // Boxed: only shutdown needs this timer.
+                let _ = Box::pin(tokio::time::timeout(DRAIN, conn)).await;
             }
         }
     }
@@ -259,7 +264,8 @@ impl HttpAdapter {
                     let silent = silent(this.header_timeout, &first_request);
                     tokio::pin!(silent);
                     let sniffed = tokio::select! {
-                        sniffed = sniff(&stream) => Some(sniffed),
+                        // Boxed: its peek buffer is needed only until then.
+                        sniffed = Box::pin(sniff(&stream)) => Some(sniffed),
                         () = &mut silent => None,
                         _ = this.shutdown.cancelled() => None,
                     };
@@ -272,17 +278,20 @@ impl HttpAdapter {
                     match sniffed {
                         Some(Protocol::Stream) => {
                             // The stream itself ends when the daemon stops.
-                            ends.drive(streaming.serve(stream), |_| {}).await;
+                            let conn = std::pin::pin!(streaming.serve(stream));
+                            ends.drive(conn, |_| {}).await;
                         }
                         Some(Protocol::Http1) => {
                             let mut builder = hyper::server::conn::http1::Builder::new();
                             builder
                                 .timer(TokioTimer::new())
                                 .header_read_timeout(this.header_timeout);
-                            let conn = builder.serve_connection(TokioIo::new(stream), service);
                             // Boxed, as h2c below: an event stream's task is
                             // then no larger than its own state.
-                            Box::pin(ends.drive(conn, |conn| conn.graceful_shutdown())).await;
+                            let mut conn =
+                                Box::pin(builder.serve_connection(TokioIo::new(stream), service));
+                            Box::pin(ends.drive(conn.as_mut(), |conn| conn.graceful_shutdown()))
+                                .await;
                         }
                         Some(Protocol::Either) => {
                             let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -294,10 +303,12 @@ impl HttpAdapter {
                                 .http2()
                                 .timer(TokioTimer::new())
                                 .max_concurrent_streams(100);
-                            let conn = builder.serve_connection(TokioIo::new(stream), service);
                             // Boxed: h2c is rare, and its larger state would
                             // otherwise size every HTTP/1 connection's task.
-                            Box::pin(ends.drive(conn, |conn| conn.graceful_shutdown())).await;
+                            let mut conn =
+                                Box::pin(builder.serve_connection(TokioIo::new(stream), service));
+                            Box::pin(ends.drive(conn.as_mut(), |conn| conn.graceful_shutdown()))
+                                .await;
                         }
                         None => {}
                     }

@@ -12,14 +12,14 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::{OwnedMutexGuard, mpsc, oneshot, watch};
+use tokio::sync::{OwnedMutexGuard, oneshot, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use super::resend::Memory;
-use crate::core::{EndReason, Event, Hub, SessionHandle, SessionId};
+use crate::core::{EndReason, Hub, SessionHandle, SessionId, outbox};
 
 /// How long a new stream waits for the old one to let go before cutting its
 /// connection (it may be stuck writing to a dead socket).
@@ -60,13 +60,13 @@ pub struct HttpSession {
 /// sent, which outlives any one stream.
 pub struct Feed {
     /// The core's bounded outbox for this session.
-    pub events: mpsc::Receiver<Event>,
+    pub events: outbox::Receiver,
     /// Frames sent lately and each room's seqs, for resuming.
     pub memory: Memory,
 }
 
 impl Feed {
-    fn new(events: mpsc::Receiver<Event>) -> Self {
+    fn new(events: outbox::Receiver) -> Self {
         Feed {
             events,
             memory: Memory::default(),
@@ -249,7 +249,8 @@ async fn supervise(
         let since = *detached.borrow_and_update();
         let expiry = async {
             match since {
-                Some(since) => tokio::time::sleep_until(since + sessions.linger).await,
+                // Boxed: a session with its stream open holds no timer.
+                Some(since) => Box::pin(tokio::time::sleep_until(since + sessions.linger)).await,
                 None => std::future::pending().await,
             }
         };

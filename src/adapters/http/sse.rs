@@ -167,12 +167,11 @@ pub(super) fn cut_soon(connection: &CancellationToken) {
 /// daemon stops.
 pub fn session_stream(
     ctx: StreamContext,
-    attached: Attached,
+    mut attached: Attached,
     last_event_id: Option<String>,
 ) -> impl Stream<Item = Chunk> {
     async_stream::stream! {
         let _open = Open::new(&ctx.open);
-        let mut attached = attached;
         yield data(RETRY);
         // The rooms the session left and has nothing remembered of are forgotten.
         attached.feed.memory.retain_rooms(&ctx.hub.rooms_of(attached.session.id));
@@ -219,10 +218,11 @@ pub fn session_stream(
                     None => {
                         // The core dropped the outbox: the session ended; learn why.
                         let mut ended = attached.ended.clone();
-                        let reason = tokio::time::timeout(
+                        // Boxed: the stream's state keeps no room for it.
+                        let reason = Box::pin(tokio::time::timeout(
                             Duration::from_secs(1),
                             ended.wait_for(Option::is_some),
-                        )
+                        ))
                         .await;
                         break match reason {
                             Ok(Ok(reason)) => *reason,

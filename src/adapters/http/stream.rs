@@ -62,32 +62,38 @@ pub struct Stream {
 impl Stream {
     /// Reads the request head, answers it, and writes the answer's body as
     /// it comes, until it ends or the client goes away.
-    pub async fn serve(self, mut socket: TcpStream) {
-        // Boxed, as the routes' future below: what only the start needs is
-        // freed once the stream runs, instead of sizing its task for good.
-        let request = match Box::pin(read_head(&mut socket)).await {
-            Ok(Some(request)) => request,
-            Ok(None) => return,
-            Err(status) => {
-                let head =
-                    format!("HTTP/1.1 {status}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
-                let _ = socket.write_all(head.as_bytes()).await;
-                return;
-            }
-        };
-        self.first_request.notify_one();
-        let response = match &self.refusal {
-            Some(why) => routes::overloaded(why),
-            None => {
-                Box::pin(
-                    self.routes
-                        .handle(request, self.cut.clone(), self.peer.ip()),
-                )
-                .await
-            }
-        };
-        let _ = write_response(&mut socket, response).await;
-        let _ = socket.shutdown().await;
+    ///
+    /// Not an `async fn`: its arguments would be kept twice in the task.
+    #[allow(clippy::manual_async_fn)]
+    pub fn serve(self, mut socket: TcpStream) -> impl Future<Output = ()> + Send + use<> {
+        async move {
+            // Boxed, as the routes' future below: what only the start needs is
+            // freed once the stream runs, instead of sizing its task for good.
+            let request = match Box::pin(read_head(&mut socket)).await {
+                Ok(Some(request)) => request,
+                Ok(None) => return,
+                Err(status) => {
+                    let head = format!(
+                        "HTTP/1.1 {status}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+                    );
+                    let _ = socket.write_all(head.as_bytes()).await;
+                    return;
+                }
+            };
+            self.first_request.notify_one();
+            let response = match &self.refusal {
+                Some(why) => routes::overloaded(why),
+                None => {
+                    Box::pin(
+                        self.routes
+                            .handle(request, self.cut.clone(), self.peer.ip()),
+                    )
+                    .await
+                }
+            };
+            let _ = write_response(&mut socket, response).await;
+            let _ = socket.shutdown().await;
+        }
     }
 }
 
@@ -130,86 +136,94 @@ async fn read_head(socket: &mut TcpStream) -> Result<Option<Request<Empty<Bytes>
 /// Writes the response as `transfer-encoding: chunked`, frames that are
 /// ready together in one write. Ends when the body does, or when the client
 /// closes its side (bytes it sends are ignored: no second request is read).
-async fn write_response(socket: &mut TcpStream, response: Response<Body>) -> std::io::Result<()> {
-    let (parts, mut body) = response.into_parts();
-    let mut out = Vec::with_capacity(256);
-    out.extend_from_slice(b"HTTP/1.1 ");
-    out.extend_from_slice(parts.status.as_str().as_bytes());
-    out.push(b' ');
-    out.extend_from_slice(
-        parts
-            .status
-            .canonical_reason()
-            .unwrap_or("Unknown")
-            .as_bytes(),
-    );
-    out.extend_from_slice(b"\r\n");
-    for (name, value) in &parts.headers {
-        // Framing is this module's to say.
-        if [
-            header::CONTENT_LENGTH,
-            header::TRANSFER_ENCODING,
-            header::CONNECTION,
-        ]
-        .contains(name)
-        {
-            continue;
-        }
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
+///
+/// Not an `async fn`: its arguments would be kept twice in the stream's task.
+#[allow(clippy::manual_async_fn)]
+fn write_response(
+    socket: &mut TcpStream,
+    response: Response<Body>,
+) -> impl Future<Output = std::io::Result<()>> + Send + '_ {
+    async move {
+        let (parts, mut body) = response.into_parts();
+        let mut out = Vec::with_capacity(256);
+        out.extend_from_slice(b"HTTP/1.1 ");
+        out.extend_from_slice(parts.status.as_str().as_bytes());
+        out.push(b' ');
+        out.extend_from_slice(
+            parts
+                .status
+                .canonical_reason()
+                .unwrap_or("Unknown")
+                .as_bytes(),
+        );
         out.extend_from_slice(b"\r\n");
-    }
-    out.extend_from_slice(b"transfer-encoding: chunked\r\nconnection: close\r\n\r\n");
-    // The head is written once; its headers are not kept for the stream's life.
-    drop(parts);
-    socket.write_all(&out).await?;
-    out = Vec::new();
-    let (mut read, mut write) = socket.split();
-    let mut ignored = [0u8; 64];
-    loop {
-        let frame = tokio::select! {
-            biased;
-            frame = body.frame() => frame,
-            n = read.read(&mut ignored) => match n {
-                Ok(0) | Err(_) => return Ok(()),
-                Ok(_) => continue,
-            },
-        };
-        let Some(Ok(frame)) = frame else {
-            write.write_all(b"0\r\n\r\n").await?;
-            return Ok(());
-        };
-        if let Ok(data) = frame.into_data() {
-            chunk(&mut out, &data);
-        }
-        // Whatever else is ready goes in the same write.
-        let mut ended = false;
-        while out.len() < BATCH {
-            match futures::FutureExt::now_or_never(body.frame()) {
-                Some(Some(Ok(frame))) => {
-                    if let Ok(data) = frame.into_data() {
-                        chunk(&mut out, &data);
-                    }
-                }
-                Some(_) => {
-                    ended = true;
-                    break;
-                }
-                None => break,
+        for (name, value) in &parts.headers {
+            // Framing is this module's to say.
+            if [
+                header::CONTENT_LENGTH,
+                header::TRANSFER_ENCODING,
+                header::CONNECTION,
+            ]
+            .contains(name)
+            {
+                continue;
             }
+            out.extend_from_slice(name.as_str().as_bytes());
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(value.as_bytes());
+            out.extend_from_slice(b"\r\n");
         }
-        if ended || body.is_end_stream() {
-            out.extend_from_slice(b"0\r\n\r\n");
-        }
-        if !out.is_empty() {
-            write.write_all(&out).await?;
-        }
-        if ended {
-            return Ok(());
-        }
-        // The batch buffer is not kept between writes: an idle stream holds none.
+        out.extend_from_slice(b"transfer-encoding: chunked\r\nconnection: close\r\n\r\n");
+        // The head is written once; its headers are not kept for the stream's life.
+        drop(parts);
+        socket.write_all(&out).await?;
         out = Vec::new();
+        let (mut read, mut write) = socket.split();
+        let mut ignored = [0u8; 64];
+        loop {
+            let frame = tokio::select! {
+                biased;
+                frame = body.frame() => frame,
+                n = read.read(&mut ignored) => match n {
+                    Ok(0) | Err(_) => return Ok(()),
+                    Ok(_) => continue,
+                },
+            };
+            let Some(Ok(frame)) = frame else {
+                write.write_all(b"0\r\n\r\n").await?;
+                return Ok(());
+            };
+            if let Ok(data) = frame.into_data() {
+                chunk(&mut out, &data);
+            }
+            // Whatever else is ready goes in the same write.
+            let mut ended = false;
+            while out.len() < BATCH {
+                match futures::FutureExt::now_or_never(body.frame()) {
+                    Some(Some(Ok(frame))) => {
+                        if let Ok(data) = frame.into_data() {
+                            chunk(&mut out, &data);
+                        }
+                    }
+                    Some(_) => {
+                        ended = true;
+                        break;
+                    }
+                    None => break,
+                }
+            }
+            if ended || body.is_end_stream() {
+                out.extend_from_slice(b"0\r\n\r\n");
+            }
+            if !out.is_empty() {
+                write.write_all(&out).await?;
+            }
+            if ended {
+                return Ok(());
+            }
+            // The batch buffer is not kept between writes: an idle stream holds none.
+            out = Vec::new();
+        }
     }
 }
 
