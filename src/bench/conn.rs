@@ -184,15 +184,20 @@ const CONNECTIONS_PER_SOURCE: usize = 20_000;
 /// Connections this process has opened, to spread them over source addresses.
 static DIALED: AtomicUsize = AtomicUsize::new(0);
 
-/// Connects to `addr` with `TCP_NODELAY`. To a loopback address, every
-/// 20,000 connections come from the next source address (127.0.0.1, .2, ...),
-/// so one run can hold more connections than one address has ports.
+/// Connects to `addr` with `TCP_NODELAY`. To a loopback address, after the
+/// first 20,000 connections, each next 20,000 come from the next source
+/// address (127.0.0.2, .3, ...), so one run can hold more connections than
+/// one address has ports. The first ones bind nothing: a port picked at
+/// `bind` time may not be one a recently closed connection still holds,
+/// while one picked by `connect` may, so a run right after another (its
+/// connections in TIME_WAIT) would run out of ports sooner.
 pub async fn dial(addr: SocketAddr) -> anyhow::Result<TcpStream> {
     let n = DIALED.fetch_add(1, Ordering::Relaxed);
     let stream = match addr {
-        SocketAddr::V4(v4) if v4.ip().is_loopback() => {
+        SocketAddr::V4(v4) if v4.ip().is_loopback() && n >= CONNECTIONS_PER_SOURCE => {
             let host = 1 + (n / CONNECTIONS_PER_SOURCE % 250) as u8;
             let socket = TcpSocket::new_v4()?;
+            socket.set_reuseaddr(true)?;
             socket.bind(SocketAddr::from((Ipv4Addr::new(127, 0, 0, host), 0)))?;
             socket.connect(addr).await
         }
