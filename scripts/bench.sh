@@ -363,17 +363,19 @@ peer_point() {
   stop_daemons
 }
 
+# ngircd's accept queue holds 10 connections: more opened at once are
+# dropped and retried by the kernel seconds later, so every peer point opens
+# 16 at a time, on both servers.
 if command -v ngircd >/dev/null; then
   echo "== delivery path beside ngircd: fan-out, saturation, idle connections"
   note_command "baby-discord serve --db sqlite://FILE --rate 0 --queue 4096  # pinned: taskset -c 0"
   note_command "ngircd --nodaemon --config bench/ngircd/ngircd.conf.in  # port filled in; pinned: taskset -c 0"
   for run in $(seq "$RUNS"); do
-    peer_point "M=100 R=100" fanout --members 100 --senders 10 --rate 100 --duration "$DURATION"
-    peer_point "M=100 R=1000" fanout --members 100 --senders 10 --rate 1000 --duration "$DURATION"
-    peer_point "M=$PEER_BIG R=200" fanout --members "$PEER_BIG" --senders 10 --rate 200 --duration "$DURATION"
+    peer_point "M=100 R=100" fanout --members 100 --senders 10 --rate 100 --duration "$DURATION" --concurrency 16
+    peer_point "M=100 R=1000" fanout --members 100 --senders 10 --rate 1000 --duration "$DURATION" --concurrency 16
+    peer_point "M=$PEER_BIG R=200" fanout --members "$PEER_BIG" --senders 10 --rate 200 --duration "$DURATION" --concurrency 16
     peer_point "saturate M=100" saturate --members 100 --senders 10 --start 200 --factor 1.5 \
-      --max-rate "$PEER_SAT_MAX" --p99-ms 2 --duration 3
-    # ngircd accepts slowly (an accept queue of 10): 16 connections at a time.
+      --max-rate "$PEER_SAT_MAX" --p99-ms 2 --duration 3 --concurrency 16
     peer_point "idle $PEER_IDLE" idle --tcp "$PEER_IDLE" --sse 0 --concurrency 16
   done
 else
