@@ -591,21 +591,35 @@ fn rss(d: &Daemon) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_session_memory_is_bounded_by_bytes() {
     const SESSIONS: usize = 10;
-    const DMS: usize = 1_100;
+    // 2,200 frames of 4 KB: 8.8 MB per session if nothing bounded them.
+    const DMS: usize = 2_200;
     let (d, _dir) = daemon(&["--rate", "0"]).await;
     let http = Http::new(d.http);
     let mut readers = Vec::new();
     let mut nicks = Vec::new();
+    // DMs received by all readers, so the sender can stay a few rounds
+    // ahead: what the test bounds is the session's memory of sent frames,
+    // not the frames queued for a reader a loaded machine slows down (those
+    // are bounded by --queue, and the allocator keeps their peak resident).
+    let received = std::sync::Arc::new((
+        std::sync::atomic::AtomicUsize::new(0),
+        tokio::sync::Notify::new(),
+    ));
     for i in 0..SESSIONS {
         let nick = format!("u{i}");
         let (token, _) = http.connect(Some(&nick)).await;
         let mut sse = events(&http, &token, None).await;
         sse.expect(|_, v| v["type"] == "welcome").await;
+        let received = received.clone();
         readers.push(tokio::spawn(async move {
             let mut dms = 0;
             while dms < DMS {
                 if sse.event().await.event.as_deref() == Some("dm") {
                     dms += 1;
+                    received
+                        .0
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    received.1.notify_one();
                 }
             }
             sse // still attached: the session stays alive
@@ -624,7 +638,18 @@ async fn http_session_memory_is_bounded_by_bytes() {
     });
     // 2,000 two-byte characters: a 4 KB frame.
     let text = "é".repeat(2_000);
-    for _ in 0..DMS {
+    const AHEAD: usize = 50;
+    for round in 0..DMS {
+        if round >= AHEAD {
+            let behind = (round - AHEAD) * SESSIONS;
+            tokio::time::timeout(Duration::from_secs(60), async {
+                while received.0.load(std::sync::atomic::Ordering::Relaxed) < behind {
+                    received.1.notified().await;
+                }
+            })
+            .await
+            .expect("the readers keep up within a minute");
+        }
         for nick in &nicks {
             use tokio::io::AsyncWriteExt;
             let line = format!("/msg {nick} {text}\n");
@@ -648,8 +673,11 @@ async fn http_session_memory_is_bounded_by_bytes() {
         after >> 20,
         per_session as f64 / (1 << 20) as f64
     );
+    // 1 MiB of frames, plus what the allocator keeps: with several worker
+    // threads, glibc may spread the frames over two arenas, which shows as
+    // 1.3-2.4 MiB per session from one run to the next.
     assert!(
-        per_session < 2 << 20,
+        per_session < 3 << 20,
         "a session's memory grew by {per_session} bytes; the bound is 1 MiB of frames"
     );
     drain.abort();
