@@ -308,6 +308,7 @@ pub async fn run(plan: &Plan) -> anyhow::Result<LoadResult> {
     };
     let mut local = Vec::new();
     let mut remote = Vec::new();
+    let mut reads = Some(0);
     let mut errors = ErrorCounts::default();
     let mut last_arrival = 0;
     for r in received {
@@ -320,9 +321,12 @@ pub async fn run(plan: &Plan) -> anyhow::Result<LoadResult> {
             result.lost += r.account.lost_from(s, sent[s as usize]);
         }
         result.delivered += r.account.unique();
-        if let Some(reads) = r.account.reads {
-            *result.reads.get_or_insert(0) += reads;
-        }
+        // Reads are counted only where every receiver's are (TCP): with
+        // SSE receivers the TCP senders' few reads would stand for all.
+        reads = match (reads, r.account.reads) {
+            (Some(total), Some(these)) => Some(total + these),
+            _ => None,
+        };
         result.duplicates += r.account.duplicates;
         if !r.account.done() {
             result.incomplete_receivers += 1;
@@ -333,6 +337,7 @@ pub async fn run(plan: &Plan) -> anyhow::Result<LoadResult> {
         remote.extend_from_slice(&r.account.remote_latencies);
     }
     result.errors = errors;
+    result.reads = reads;
     let window = last_arrival.max(end).saturating_sub(t0).max(1);
     result.deliveries_per_s = result.delivered as f64 / (window as f64 / 1e9);
     result.window_ms = window as f64 / 1e6;
