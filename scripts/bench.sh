@@ -424,8 +424,7 @@ if command -v ngircd >/dev/null; then
   sat=$(med "saturate M=100 $B" .outcome.highest_keeping_up_deliveries_per_s)
   sat_n=$(med "saturate M=100 $N" .outcome.highest_keeping_up_deliveries_per_s)
   idle=$(med "idle $PEER_IDLE $B" "$IDLE_JQ"); idle_n=$(med "idle $PEER_IDLE $N" "$IDLE_JQ")
-  sse=$(jq -r 'select(.label == "idle") | .outcome.results[] | select(.transport == "sse") | .kib_per_connection // empty' "$RESULTS" \
-    | sort -g | awk '{ v[NR] = $1 } END { if (NR) print v[int((NR + 1) / 2)]; else print "-" }')
+  sse=$(med idle '.outcome.results[] | select(.transport == "sse") | .kib_per_connection')
   sse_b=$(awk '$1 == "baby-discord" { print $2 }' "$SSE_COSTS" 2>/dev/null); sse_b=${sse_b:--}
   sse_n=$(awk '$1 == "node" { print $3 }' "$SSE_COSTS" 2>/dev/null); sse_n=${sse_n:--}
   ratio() { [ "$1" = - ] || [ "$2" = - ] && echo - || awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }

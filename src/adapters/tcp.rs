@@ -418,6 +418,18 @@ impl Socket {
         }
     }
 
+    /// The writer takes the turn from direct writes: the unwritten end of a
+    /// flush, then what was pending for the next one, go into `buf` before
+    /// anything queued after them.
+    fn take_turn(&self, format: &mut Format, buf: &mut BytesMut) {
+        let mut turn = self.turn();
+        turn.queued = true;
+        buf.put(std::mem::take(&mut turn.tail));
+        for event in turn.pending.drain(..) {
+            render(&event, format, buf);
+        }
+    }
+
     /// Writes all of `buf`, waiting while the socket is full. What is written
     /// leaves `buf` at once, so if this is cancelled `buf` holds what is not.
     async fn write_all(&self, buf: &mut BytesMut) -> io::Result<()> {
@@ -521,12 +533,12 @@ fn is_plain(event: &Event) -> bool {
 
 /// The writer half: outbox to socket, batching whatever is queued.
 ///
-/// Not an `async fn`: its arguments would be kept twice in the task.
-#[allow(clippy::manual_async_fn)]
-///
 /// With `may_park`, it parks once it has handed the turn back with nothing
 /// due, returning its state; `early` is an end the connection saw while it
 /// was parked.
+///
+/// Not an `async fn`: its arguments would be kept twice in the task.
+#[allow(clippy::manual_async_fn)]
 fn write_events(
     state: WriterState,
     drained: Arc<Notify>,
@@ -565,17 +577,9 @@ fn write_events(
                         () = sleep_until(notices.due()) => notices.summary(Instant::now()),
                     },
                 };
-                {
-                    // The writer takes the turn (a notice summary wakes it while it
-                    // has none). The unwritten end of a flush, then what was pending
-                    // for the next one, go before anything queued after them.
-                    let mut turn = socket.turn();
-                    turn.queued = true;
-                    buf.put(std::mem::take(&mut turn.tail));
-                    for event in turn.pending.drain(..) {
-                        render(&event, &mut format, &mut buf);
-                    }
-                }
+                // The writer takes the turn (a notice summary wakes it while it
+                // has none).
+                socket.take_turn(&mut format, &mut buf);
                 if let Some(first) = first {
                     render(&first, &mut format, &mut buf);
                 }
@@ -634,14 +638,7 @@ fn write_events(
         // leaves the rest in `buf`; a flush the socket took only part of leaves
         // its end in `tail`, and events may be pending for the next flush (only
         // one of the three is ever non-empty).
-        {
-            let mut turn = socket.turn();
-            turn.queued = true;
-            buf.put(std::mem::take(&mut turn.tail));
-            for event in std::mem::take(&mut turn.pending) {
-                render(&event, &mut format, &mut buf);
-            }
-        }
+        socket.take_turn(&mut format, &mut buf);
         // The reader may be waiting for room that will never come.
         drained.notify_one();
         let parting = match &stop {

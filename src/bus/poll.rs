@@ -281,6 +281,49 @@ async fn broadcast(database: &Db, instance: &str, row: &InboxRow) -> Result<(), 
     Ok(())
 }
 
+/// What recording a membership does to one already recorded.
+enum Existing {
+    /// Takes it over (a join: the nick's case, or its instance, may differ).
+    Replace,
+    /// Leaves it as it is (a re-assertion: it was recorded, and announced,
+    /// by the join itself).
+    Keep,
+}
+
+/// Records `nick`'s membership of `room` for `instance`, but only while
+/// `instance` holds the nick: a join that reaches the database after the
+/// instance's lease was reaped and the nick taken records nothing (see
+/// [`lease`]). Returns whether a row was written.
+async fn record_member(
+    database: &Db,
+    instance: &str,
+    room: &RoomName,
+    nick: &Nick,
+    existing: Existing,
+) -> Result<bool, BusError> {
+    let on_conflict = match existing {
+        Existing::Replace => "DO UPDATE SET nick = excluded.nick, instance = excluded.instance",
+        Existing::Keep => "DO NOTHING",
+    };
+    let sql = format!(
+        "INSERT INTO presence (room, nick_key, nick, instance)
+         SELECT $1, $2, $3, $4
+         WHERE EXISTS (SELECT 1 FROM nicks WHERE nick_key = $2 AND instance = $4)
+         ON CONFLICT (room, nick_key) {on_conflict}"
+    );
+    // Only a fixed clause is formatted in; every value is bound.
+    let written = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(room.as_str().to_owned())
+        .bind(nick.key().as_str().to_owned())
+        .bind(nick.as_str().to_owned())
+        .bind(instance.to_owned())
+        .execute(database.run())
+        .await
+        .map_err(db)?
+        .rows_affected();
+    Ok(written > 0)
+}
+
 /// Posts `row`, news that `nick_key` of `instance` joined `room` (or, with
 /// no room, was renamed to it), like [`broadcast`], but only while that is
 /// still true: the membership is recorded for `instance`, whose lease is
@@ -740,22 +783,7 @@ impl Directory for PollBus {
         // on the network) may reach the database after the lease was reaped
         // and the nick given to someone else: it must not record a
         // membership for a nick this instance no longer holds.
-        let recorded = self
-            .exec(
-                "INSERT INTO presence (room, nick_key, nick, instance)
-                 SELECT $1, $2, $3, $4
-                 WHERE EXISTS (SELECT 1 FROM nicks WHERE nick_key = $2 AND instance = $4)
-                 ON CONFLICT (room, nick_key) DO UPDATE
-                 SET nick = excluded.nick, instance = excluded.instance",
-                &[
-                    room.as_str(),
-                    nick.key().as_str(),
-                    nick.as_str(),
-                    &self.instance,
-                ],
-            )
-            .await?;
-        if recorded == 0 {
+        if !record_member(&self.db, &self.instance, room, nick, Existing::Replace).await? {
             return Ok(());
         }
         let row = InboxRow::Joined {

@@ -65,11 +65,14 @@ impl Shared {
 }
 
 impl State {
-    /// Gives back what a queue that grew holds once it is empty.
-    fn release_if_drained(&mut self) {
+    /// Takes the oldest event, giving back what a queue that grew holds once
+    /// it is empty.
+    fn pop(&mut self) -> Option<Event> {
+        let event = self.queue.pop_front()?;
         if self.queue.is_empty() && self.queue.capacity() > KEPT {
             self.queue = VecDeque::new();
         }
+        Some(event)
     }
 }
 
@@ -189,8 +192,7 @@ impl Receiver {
     pub async fn recv(&mut self) -> Option<Event> {
         poll_fn(|cx| {
             let mut state = self.shared.state();
-            if let Some(event) = state.queue.pop_front() {
-                state.release_if_drained();
+            if let Some(event) = state.pop() {
                 return Poll::Ready(Some(event));
             }
             if state.senders == 0 {
@@ -208,11 +210,8 @@ impl Receiver {
     /// The next event if one is queued.
     pub fn try_recv(&mut self) -> Result<Event, TryRecvError> {
         let mut state = self.shared.state();
-        match state.queue.pop_front() {
-            Some(event) => {
-                state.release_if_drained();
-                Ok(event)
-            }
+        match state.pop() {
+            Some(event) => Ok(event),
             None if state.senders == 0 => Err(TryRecvError::Disconnected),
             None => Err(TryRecvError::Empty),
         }

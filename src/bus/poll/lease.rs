@@ -40,7 +40,9 @@ use tokio::time::Instant;
 
 use sqlx::{Any, Transaction};
 
-use super::{Db, InboxRow, LEASE, Member, alive_since, broadcast, db, now_ms};
+use super::{
+    Db, Existing, InboxRow, LEASE, Member, alive_since, broadcast, db, now_ms, record_member,
+};
 use crate::core::ports::{BusError, Claim, Deliver, Envelope};
 use crate::core::{Nick, RoomName, SessionId};
 
@@ -257,21 +259,7 @@ async fn joined_meanwhile(
             if before.rooms.iter().any(|(r, _)| r == room) {
                 continue;
             }
-            let recorded = sqlx::query(
-                "INSERT INTO presence (room, nick_key, nick, instance)
-                 SELECT $1, $2, $3, $4
-                 WHERE EXISTS (SELECT 1 FROM nicks WHERE nick_key = $2 AND instance = $4)
-                 ON CONFLICT (room, nick_key) DO NOTHING",
-            )
-            .bind(room.as_str())
-            .bind(claim.nick.key().as_str())
-            .bind(claim.nick.as_str())
-            .bind(instance)
-            .execute(database.run())
-            .await
-            .map_err(db)?
-            .rows_affected();
-            if recorded > 0 {
+            if record_member(database, instance, room, &claim.nick, Existing::Keep).await? {
                 joined.push(Member {
                     room: room.to_string(),
                     nick: claim.nick.to_string(),
