@@ -16,13 +16,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use futures::{Stream, StreamExt};
 use hyper::body::Frame;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::resend::{Memory, Resume, Wire};
-use super::sessions::Attached;
+use super::sessions::{Attached, HttpSession};
 use crate::core::{EndReason, ErrorCode, Event, EventBody, Hub, RoomName, RoomWatch};
 
 /// The first frame: how long EventSource waits before reconnecting (ms).
@@ -33,6 +34,8 @@ const PING: &[u8] = b": ping\n\n";
 const REPLAY_PAGE: u32 = 500;
 /// How long a slow consumer's connection may take to receive its error.
 const PARTING: Duration = Duration::from_secs(2);
+/// Queued events taken into one frame, up to about this many bytes.
+const BATCH: usize = 16 * 1024;
 
 /// What every stream needs besides its events.
 #[derive(Clone)]
@@ -162,6 +165,40 @@ pub(super) fn cut_soon(connection: &CancellationToken) {
     });
 }
 
+/// Why a session stream must stop, other than its outbox closing: the
+/// daemon stops (`Shutdown`), the core ends the session (its reason), or a
+/// newer stream takes the session over (`None`).
+async fn stopped(
+    shutdown: &CancellationToken,
+    ended: &mut watch::Receiver<Option<EndReason>>,
+    generation: &mut watch::Receiver<u64>,
+    session: &HttpSession,
+) -> Option<EndReason> {
+    tokio::select! {
+        biased;
+        _ = shutdown.cancelled() => Some(EndReason::Shutdown),
+        _ = ended.changed() => *ended.borrow(),
+        _ = generation.changed() => {
+            if session.has_ended() {
+                *ended.borrow()
+            } else {
+                None
+            }
+        }
+    }
+}
+
+/// Appends what the stream writes for `event`, if anything: its id line,
+/// then its frame.
+fn push(batch: &mut BytesMut, memory: &mut Memory, event: &Event) {
+    if let Some(wire) = memory.record(event) {
+        if let Some(id) = wire.id {
+            batch.extend_from_slice(&id);
+        }
+        batch.extend_from_slice(&wire.frame);
+    }
+}
+
 /// A session's stream: first what it missed since `last_event_id`, then its
 /// queue, live, until the session ends, another stream takes over or the
 /// daemon stops.
@@ -187,28 +224,30 @@ pub fn session_stream(
             }
         }
         let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + ctx.ping, ctx.ping);
+        // Made once, not on every event: each of these waits registers with
+        // its signal, and doing that per event was a tenth of a delivery.
+        let mut ended = attached.ended.clone();
+        let mut generation = attached.generation.clone();
+        let stopped = stopped(&ctx.shutdown, &mut ended, &mut generation, &attached.session);
+        futures::pin_mut!(stopped);
         let reason = loop {
             tokio::select! {
                 biased;
-                _ = ctx.shutdown.cancelled() => break Some(EndReason::Shutdown),
-                _ = attached.ended.changed() => break *attached.ended.borrow(),
-                changed = attached.generation.changed() => {
-                    if attached.session.has_ended() {
-                        break *attached.ended.borrow();
-                    }
-                    if changed.is_err() {
-                        break None;
-                    }
-                    // A newer stream took over this session.
-                    break None;
-                }
+                reason = &mut stopped => break reason,
                 event = attached.feed.events.recv() => match event {
                     Some(event) => {
-                        if let Some(wire) = attached.feed.memory.record(&event) {
-                            if let Some(id) = wire.id {
-                                yield data(id);
+                        // Whatever else is queued goes in the same frame: one
+                        // wake-up and one write for all of it.
+                        let mut batch = BytesMut::new();
+                        push(&mut batch, &mut attached.feed.memory, &event);
+                        while batch.len() < BATCH {
+                            match attached.feed.events.try_recv() {
+                                Ok(event) => push(&mut batch, &mut attached.feed.memory, &event),
+                                Err(_) => break,
                             }
-                            yield data(wire.frame);
+                        }
+                        if !batch.is_empty() {
+                            yield data(batch.freeze());
                         }
                         if attached.feed.memory.crowded() {
                             let rooms = ctx.hub.rooms_of(attached.session.id);

@@ -232,8 +232,22 @@ fn chunk(out: &mut Vec<u8>, data: &[u8]) {
     if data.is_empty() {
         return;
     }
-    use std::io::Write as _;
-    let _ = write!(out, "{:x}\r\n", data.len());
+    // The size line in hex, written by hand: `write!` was a visible share of
+    // a delivery's instructions.
+    let mut size = [0u8; 16];
+    let mut at = size.len();
+    let mut n = data.len();
+    loop {
+        at -= 1;
+        size[at] = b"0123456789abcdef"[n & 0xf];
+        n >>= 4;
+        if n == 0 {
+            break;
+        }
+    }
+    out.reserve(size.len() - at + data.len() + 4);
+    out.extend_from_slice(&size[at..]);
+    out.extend_from_slice(b"\r\n");
     out.extend_from_slice(data);
     out.extend_from_slice(b"\r\n");
 }
@@ -260,6 +274,16 @@ mod tests {
         let mut out = Vec::new();
         chunk(&mut out, &[b'x'; 26]);
         chunk(&mut out, b"");
-        assert_eq!(out, [&b"1a\r\n"[..], &[b'x'; 26], b"\r\n"].concat());
+        chunk(&mut out, b"y");
+        chunk(&mut out, &[b'z'; 4096]);
+        let expected = [
+            &b"1a\r\n"[..],
+            &[b'x'; 26],
+            b"\r\n1\r\ny\r\n1000\r\n",
+            &[b'z'; 4096],
+            b"\r\n",
+        ]
+        .concat();
+        assert_eq!(out, expected);
     }
 }
