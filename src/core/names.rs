@@ -2,6 +2,7 @@
 //! valid, so nothing past the parser checks them again.
 
 use std::fmt;
+use std::sync::Arc;
 
 use serde::Serialize;
 
@@ -112,9 +113,17 @@ impl NickKey {
 }
 
 /// A room name: `[a-z0-9][a-z0-9_-]{0,63}`, stored without `#`.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
-#[serde(transparent)]
-pub struct RoomName(String);
+///
+/// Shared, not copied: every message, membership and remembered frame names
+/// its room, and a clone is a reference count instead of an allocation.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RoomName(Arc<str>);
+
+impl Serialize for RoomName {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.0)
+    }
+}
 
 impl RoomName {
     /// Accepts a leading `#` and folds upper case, as the protocol says.
@@ -127,7 +136,7 @@ impl RoomName {
                 .iter()
                 .all(|&b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
         if ok {
-            Ok(RoomName(name))
+            Ok(RoomName(name.into()))
         } else {
             Err(Refusal::new(
                 ErrorCode::InvalidRoom,

@@ -284,10 +284,16 @@ impl Memory {
 
     fn note(&mut self, sent: &Sent) {
         if let Some(p) = &sent.place {
-            let span = self.rooms.entry(p.room.clone()).or_insert(Span {
+            let fresh = Span {
                 before: p.from - 1,
                 last: 0,
-            });
+            };
+            // Looked up first: the room is almost always known, and the
+            // entry API would take a clone of its name for every frame.
+            let span = match self.rooms.get_mut(&p.room) {
+                Some(span) => span,
+                None => self.rooms.entry(p.room.clone()).or_insert(fresh),
+            };
             span.before = span.before.min(p.from - 1);
             span.last = span.last.max(p.to);
         }
