@@ -30,9 +30,11 @@
 use std::io;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
+use futures::task::AtomicWaker;
 use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
@@ -88,6 +90,7 @@ impl TcpAdapter {
                 flusher
             })
             .collect();
+        let mut accepted_count = 0usize;
         loop {
             let accepted = tokio::select! {
                 _ = self.shutdown.cancelled() => return,
@@ -95,8 +98,9 @@ impl TcpAdapter {
             };
             match accepted {
                 Ok((stream, peer)) => {
-                    let this = self.clone();
-                    let flushers = flushers.clone();
+                    // Connections take turns on the flushers.
+                    accepted_count = accepted_count.wrapping_add(1);
+                    let flusher = flushers[accepted_count % flushers.len()].clone();
                     // Every line logged during the connection's life names it.
                     let span = tracing::info_span!(
                         "tcp",
@@ -104,7 +108,7 @@ impl TcpAdapter {
                         session = tracing::field::Empty
                     );
                     self.tracker
-                        .spawn(this.connection(stream, peer, flushers).instrument(span));
+                        .spawn(self.connection(stream, peer, flusher).instrument(span));
                 }
                 Err(err) => {
                     // Usually EMFILE: back off instead of spinning.
@@ -115,27 +119,36 @@ impl TcpAdapter {
         }
     }
 
+    /// One connection's task. Admission is decided before it starts, and it
+    /// takes only the parts of the adapter it uses: what a task captures is
+    /// kept for the connection's life, and an idle connection's task is most
+    /// of what it costs.
     // Not an `async fn`: its arguments would be kept twice in the task.
     #[allow(clippy::manual_async_fn)]
     fn connection(
-        self,
+        &self,
         mut stream: TcpStream,
         peer: SocketAddr,
-        flushers: Arc<[Arc<Flusher>]>,
+        flusher: Arc<Flusher>,
     ) -> impl Future<Output = ()> + Send + use<> {
+        let address_permit = self.peers.admit(peer.ip());
+        let max_conns = self.peers.limits().max_conns;
+        let permit = self.connections.clone().try_acquire_owned();
+        let hub = self.hub.clone();
+        let max_line = self.max_line;
+        let shutdown = self.shutdown.clone();
         async move {
-            let Some(_address_permit) = self.peers.admit(peer.ip()) else {
-                let limit = self.peers.limits().max_conns;
+            let Some(_address_permit) = address_permit else {
                 let refusal = Event::error(
                     ErrorCode::Unavailable,
                     format!(
-                        "too many connections from your address (at most {limit}); close some first"
+                        "too many connections from your address (at most {max_conns}); close some first"
                     ),
                 );
                 part(&mut stream, refusal.text()).await;
                 return;
             };
-            let Ok(_permit) = self.connections.clone().try_acquire_owned() else {
+            let Ok(_permit) = permit else {
                 let refusal = Event::error(
                     ErrorCode::Unavailable,
                     "the server is full; try again later",
@@ -146,7 +159,7 @@ impl TcpAdapter {
             let _ = stream.set_nodelay(true);
             // Boxed, as every command below: the task of an idle connection is
             // then no larger than the state it keeps while it waits.
-            let session = match Box::pin(self.hub.connect(None, Replies::Outbox, None)).await {
+            let session = match Box::pin(hub.connect(None, Replies::Outbox, None)).await {
                 Ok(session) => session,
                 Err(refusal) => {
                     let event = Event::error(refusal.code, refusal.message);
@@ -165,10 +178,9 @@ impl TcpAdapter {
                 ..
             } = session;
             let (done_tx, done_rx) = oneshot::channel();
-            let drained = Arc::new(Notify::new());
-            let flusher = flushers[(id.0 % flushers.len() as u64) as usize].clone();
+            let drained = Arc::new(AtomicWaker::new());
             let socket = Socket::new(write, flusher);
-            self.hub.attach(id, socket.clone());
+            hub.attach(id, socket.clone());
             // The welcome is queued: the writer starts at once.
             let mut writer = Writer::new(
                 WriterState {
@@ -180,11 +192,11 @@ impl TcpAdapter {
                 },
                 drained.clone(),
             );
-            let mut lines = LineReader::new(read, self.max_line);
+            let mut lines = LineReader::new(read, max_line);
             let pace = Pace {
                 backlog,
                 drained,
-                high: self.hub.limits().queue / 2,
+                high: hub.limits().queue / 2,
             };
             let reason = loop {
                 let frame = tokio::select! {
@@ -192,25 +204,22 @@ impl TcpAdapter {
                         pace.wait().await;
                         lines.next().await
                     } => frame,
-                    // The core ended the session (slow consumer): stop reading too.
+                    // The core ended the session (slow consumer, or the daemon
+                    // stops: the hub ends every session): stop reading too.
                     stop = writer.stopped() => break stop.describe(),
-                    // The writer sees the session end and says goodbye.
-                    _ = self.shutdown.cancelled() => break "shutdown",
                 };
                 let refusal = match frame {
                     None => break "closed by the client",
                     Some(Err(_)) => break "read error",
-                    Some(Ok(Frame::Line(line))) => match self.hub.parse(&line) {
+                    Some(Ok(Frame::Line(line))) => match hub.parse(&line) {
                         Ok(None) => continue,
                         Ok(Some(Command::Quit)) => {
                             // The hub queues a goodbye, then ends the session.
-                            writer
-                                .beside(Box::pin(self.hub.handle(id, Command::Quit)))
-                                .await;
+                            writer.beside(Box::pin(hub.handle(id, Command::Quit))).await;
                             break "quit";
                         }
                         Ok(Some(command)) => {
-                            writer.beside(Box::pin(self.hub.handle(id, command))).await;
+                            writer.beside(Box::pin(hub.handle(id, command))).await;
                             continue;
                         }
                         Err(refusal) => refusal,
@@ -219,7 +228,7 @@ impl TcpAdapter {
                         ErrorCode::TooLong,
                         format!(
                             "lines are at most {} bytes; this one was discarded",
-                            self.max_line
+                            max_line
                         ),
                     ),
                     Some(Ok(Frame::InvalidUtf8)) => Refusal::new(
@@ -227,11 +236,11 @@ impl TcpAdapter {
                         "that line was not valid UTF-8; it was discarded",
                     ),
                 };
-                self.hub.refuse(id, refusal);
+                hub.refuse(id, refusal);
             };
-            if !self.shutdown.is_cancelled() {
+            if !shutdown.is_cancelled() {
                 let _ = done_tx.send(());
-                self.hub.disconnect(id, EndReason::Quit);
+                hub.disconnect(id, EndReason::Quit);
             }
             writer.finish().await;
             tracing::info!(reason, "disconnected");
@@ -262,6 +271,14 @@ impl LineReader {
 
     /// The next line, or `None` at the end of input.
     async fn next(&mut self) -> Option<io::Result<Frame>> {
+        std::future::poll_fn(|cx| self.poll_next(cx)).await
+    }
+
+    /// [`LineReader::next`], by hand: waiting with `poll_read_ready` keeps
+    /// the waker in the socket's own reader slot, where `readable()` would
+    /// put a waiter node of about 200 bytes in the connection's task, for
+    /// every idle connection's whole life.
+    fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<io::Result<Frame>>> {
         loop {
             let frame = if self.eof {
                 self.codec.decode_eof(&mut self.buf)
@@ -269,24 +286,26 @@ impl LineReader {
                 self.codec.decode(&mut self.buf)
             };
             match frame {
-                Ok(Some(frame)) => return Some(Ok(frame)),
-                Ok(None) if self.eof => return None,
+                Ok(Some(frame)) => return Poll::Ready(Some(Ok(frame))),
+                Ok(None) if self.eof => return Poll::Ready(None),
                 Ok(None) => {}
-                Err(err) => return Some(Err(err)),
+                Err(err) => return Poll::Ready(Some(Err(err))),
             }
             if self.buf.is_empty() {
                 // Everything read is handled: give the memory back.
                 self.buf = BytesMut::new();
             }
-            if let Err(err) = self.half.readable().await {
-                return Some(Err(err));
+            let half: &TcpStream = self.half.as_ref();
+            if let Err(err) = std::task::ready!(half.poll_read_ready(cx)) {
+                return Poll::Ready(Some(Err(err)));
             }
             self.buf.reserve(READ_BUFFER);
             match self.half.try_read_buf(&mut self.buf) {
                 Ok(0) => self.eof = true,
                 Ok(_) => {}
+                // Readiness is cleared: the next poll waits for more.
                 Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
-                Err(err) => return Some(Err(err)),
+                Err(err) => return Poll::Ready(Some(Err(err))),
             }
         }
     }
@@ -296,7 +315,7 @@ impl LineReader {
 struct Pace {
     backlog: Backlog,
     /// Signalled by the writer each time it has taken events off the outbox.
-    drained: Arc<Notify>,
+    drained: Arc<AtomicWaker>,
     /// Above this many queued events the reader takes no more lines.
     high: usize,
 }
@@ -306,15 +325,30 @@ impl Pace {
     /// Half a queue is room for any command's answer (`/history` is at most
     /// 100 events) except a resuming `/join ROOM SEQ`, which the core trims to
     /// the room left, with a `gap`.
+    ///
+    /// Polled by hand: a `Notified` would be kept in every idle connection's
+    /// task, and this wait is almost never taken.
     async fn wait(&self) {
-        loop {
-            // `notify_one` keeps a permit when nobody waits, so a drain that
-            // happens between this check and the wait below is not missed.
-            match self.backlog.queued() {
-                Some(queued) if queued > self.high => self.drained.notified().await,
-                _ => return,
+        std::future::poll_fn(|cx| {
+            if !self.is_behind() {
+                return Poll::Ready(());
             }
-        }
+            // Registered before looking again, so a drain between the two
+            // looks is not missed.
+            self.drained.register(cx.waker());
+            if self.is_behind() {
+                Poll::Pending
+            } else {
+                Poll::Ready(())
+            }
+        })
+        .await
+    }
+
+    fn is_behind(&self) -> bool {
+        self.backlog
+            .queued()
+            .is_some_and(|queued| queued > self.high)
     }
 }
 
@@ -541,7 +575,7 @@ fn is_plain(event: &Event) -> bool {
 #[allow(clippy::manual_async_fn)]
 fn write_events(
     state: WriterState,
-    drained: Arc<Notify>,
+    drained: Arc<AtomicWaker>,
     early: Option<EndReason>,
     may_park: bool,
 ) -> impl Future<Output = Outcome> + Send + use<> {
@@ -593,7 +627,7 @@ fn write_events(
                         Err(_) => break,
                     }
                 }
-                drained.notify_one();
+                drained.wake();
                 if !buf.is_empty() {
                     // A client that does not read blocks this write; the core then
                     // ends the session, which must interrupt it.
@@ -605,7 +639,7 @@ fn write_events(
                         break Stop::Closed;
                     }
                     // What was taken before the write is on its way: let the reader go on.
-                    drained.notify_one();
+                    drained.wake();
                 }
                 // Hand the turn back to direct writes once nothing is waiting. The
                 // hub queues under the same lock, so nothing slips in between.
@@ -640,7 +674,7 @@ fn write_events(
         // one of the three is ever non-empty).
         socket.take_turn(&mut format, &mut buf);
         // The reader may be waiting for room that will never come.
-        drained.notify_one();
+        drained.wake();
         let parting = match &stop {
             // Its socket is full: what is queued would never get through.
             Stop::Ended(EndReason::SlowConsumer) => {
@@ -714,14 +748,14 @@ enum Outcome {
 struct Writer {
     running: Option<std::pin::Pin<Box<dyn Future<Output = Outcome> + Send>>>,
     parked: Option<WriterState>,
-    drained: Arc<Notify>,
+    drained: Arc<AtomicWaker>,
     /// Why it stopped for good, once it has.
     stopped: Option<Stop>,
 }
 
 impl Writer {
     /// Starts the writer: something is queued (the welcome).
-    fn new(state: WriterState, drained: Arc<Notify>) -> Self {
+    fn new(state: WriterState, drained: Arc<AtomicWaker>) -> Self {
         let mut writer = Writer {
             running: None,
             parked: Some(state),
@@ -929,7 +963,7 @@ mod tests {
                 reader_done,
                 notices: RateNotices::default(),
             },
-            Arc::new(Notify::new()),
+            Arc::new(AtomicWaker::new()),
         );
         (socket, outbox, end, writer, client.unwrap())
     }
@@ -1014,6 +1048,32 @@ mod tests {
         drop(socket);
         let text = reading.await.unwrap();
         assert_eq!(numbers(&text), (0..=n).collect::<Vec<_>>());
+    }
+
+    #[tokio::test]
+    async fn a_reader_held_back_goes_on_once_the_writer_has_drained_the_backlog() {
+        let (_socket, outbox, _end, mut writer, _client) = wired_writer(None).await;
+        for n in 1..=10 {
+            outbox.try_send(numbered(n, 0)).unwrap();
+        }
+        let pace = Pace {
+            backlog: Backlog::of(&outbox),
+            drained: writer.drained.clone(),
+            high: 4,
+        };
+        // One task drives both, the reader's wait first, as a connection's
+        // does: the writer drains the outbox in one go and waits for more,
+        // and only its signal can wake the waiting reader.
+        // (The deadline goes first: a timer that wakes the task must not
+        // let the reader's wait find the drain by chance.)
+        let paced = tokio::select! {
+            biased;
+            () = tokio::time::sleep(Duration::from_secs(5)) => false,
+            () = pace.wait() => true,
+            _ = writer.stopped() => false,
+        };
+        assert!(paced, "the reader was left waiting");
+        assert_eq!(Backlog::of(&outbox).queued(), Some(0));
     }
 
     #[tokio::test]

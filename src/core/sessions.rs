@@ -108,7 +108,7 @@ pub struct SessionHandle {
 pub struct Backlog(outbox::WeakSender);
 
 impl Backlog {
-    pub(super) fn of(outbox: &outbox::Sender) -> Self {
+    pub fn of(outbox: &outbox::Sender) -> Self {
         Backlog(outbox.downgrade())
     }
 
