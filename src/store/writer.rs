@@ -1,15 +1,19 @@
 //! The background writer: chat never waits on disk.
 //!
 //! Delivered messages are queued here and written in batches, one transaction
-//! per batch: whatever has queued up while the previous batch was committing
-//! goes into the next one, so batches grow with load and a quiet room is
-//! written at once. A failed batch is retried with backoff; the queue is
-//! bounded, and a message that finds it full is counted and logged, not waited
-//! for (live chat goes on while the database is down).
+//! per batch. A message that finds the writer idle for [`COMMIT_EVERY`] is
+//! written at once; under load, commits start at most that often, and
+//! whatever queued up meanwhile (or while the previous batch was committing)
+//! goes into the next one. Batches grow with load, and a quiet room is written
+//! at once. A failed batch is retried with backoff; the queue is bounded, and
+//! a message that finds it full is counted and logged, not waited for (live
+//! chat goes on while the database is down).
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use tokio::sync::{mpsc, oneshot};
 
@@ -18,6 +22,11 @@ use crate::core::ports::{Store, WriterStats};
 
 /// Most messages in one transaction.
 const MAX_BATCH: usize = 1_000;
+/// Under load, the least time between the starts of two commits. A commit
+/// of one message costs about as much as one of ten (the transaction, not
+/// the row, is the price), so a busy writer gathers for this long; a crash
+/// loses at most this much more of the last batch.
+pub const COMMIT_EVERY: Duration = Duration::from_millis(5);
 /// Messages that may wait for the database.
 const QUEUE: usize = 65_536;
 
@@ -97,6 +106,9 @@ impl WriterTask {
     pub async fn run(mut self) {
         let mut batch = Vec::with_capacity(MAX_BATCH);
         let mut flushes = Vec::new();
+        // When the last commit started: the next starts COMMIT_EVERY later at
+        // the soonest, unless a flush is waiting or the batch is full.
+        let mut last_commit: Option<Instant> = None;
         while let Some(job) = self.jobs.recv().await {
             let mut next = Some(job);
             while let Some(job) = next.take() {
@@ -108,7 +120,18 @@ impl WriterTask {
                     next = self.jobs.try_recv().ok();
                 }
             }
+            if let Some(due) = last_commit.map(|at| at + COMMIT_EVERY) {
+                while flushes.is_empty() && batch.len() < MAX_BATCH && Instant::now() < due {
+                    match tokio::time::timeout_at(due, self.jobs.recv()).await {
+                        Ok(Some(Job::Save(m))) => batch.push(m),
+                        Ok(Some(Job::Flush(done))) => flushes.push(done),
+                        // Closed, or due: commit what there is.
+                        Ok(None) | Err(_) => break,
+                    }
+                }
+            }
             if !batch.is_empty() {
+                last_commit = Some(Instant::now());
                 self.commit(&batch).await;
                 batch.clear();
             }
@@ -136,5 +159,134 @@ impl WriterTask {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use async_trait::async_trait;
+
+    use super::*;
+    use crate::core::ports::StoreError;
+    use crate::core::{Message, MessageKind, Nick, RoomName, Timestamp};
+
+    /// Counts what the writer commits; answers nothing else.
+    #[derive(Default)]
+    struct Batches(Mutex<Vec<usize>>);
+
+    #[async_trait]
+    impl Store for Batches {
+        fn engine(&self) -> &'static str {
+            "test"
+        }
+        async fn append(&self, batch: &[Arc<Message>]) -> Result<(), StoreError> {
+            self.0.lock().unwrap().push(batch.len());
+            Ok(())
+        }
+        async fn last_seq(&self, _: &RoomName) -> Result<u64, StoreError> {
+            unreachable!()
+        }
+        async fn append_once(
+            &self,
+            _: &Arc<Message>,
+            _: &crate::core::IdempotencyKey,
+        ) -> Result<Option<Message>, StoreError> {
+            unreachable!()
+        }
+        async fn seq_floor(&self, _: &RoomName) -> Result<u64, StoreError> {
+            unreachable!()
+        }
+        async fn reserve_seqs(&self, _: &RoomName, _: u64) -> Result<(), StoreError> {
+            unreachable!()
+        }
+        async fn release_seqs(&self, _: &[(RoomName, u64)]) -> Result<(), StoreError> {
+            unreachable!()
+        }
+        async fn page(
+            &self,
+            _: &RoomName,
+            _: Option<u64>,
+            _: u32,
+        ) -> Result<Vec<Message>, StoreError> {
+            unreachable!()
+        }
+        async fn since(&self, _: &RoomName, _: u64, _: u32) -> Result<Vec<Message>, StoreError> {
+            unreachable!()
+        }
+        async fn ping(&self) -> Result<(), StoreError> {
+            Ok(())
+        }
+        async fn close(&self) {}
+    }
+
+    fn message(seq: u64) -> Arc<Message> {
+        Arc::new(Message {
+            room: RoomName::parse("r").unwrap(),
+            seq,
+            id: uuid::Uuid::now_v7(),
+            nick: Nick::parse("n").unwrap(),
+            text: format!("m{seq}"),
+            kind: MessageKind::Text,
+            ts: Timestamp(0),
+        })
+    }
+
+    fn started() -> (Writer, Arc<Batches>) {
+        let store = Arc::new(Batches::default());
+        let (writer, task) = Writer::new(store.clone());
+        tokio::spawn(task.run());
+        (writer, store)
+    }
+
+    fn committed(store: &Batches) -> Vec<usize> {
+        store.0.lock().unwrap().clone()
+    }
+
+    /// Paused time: the clock moves only when the test says, or when every
+    /// task waits for a timer.
+    #[tokio::test(start_paused = true)]
+    async fn a_message_to_an_idle_writer_is_committed_at_once() {
+        let (writer, store) = started();
+        writer.save(message(1));
+        writer.flush().await;
+        tokio::time::advance(COMMIT_EVERY * 2).await;
+        writer.save(message(2));
+        writer.flush().await;
+        assert_eq!(committed(&store), [1, 1]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn under_load_the_messages_of_one_interval_share_a_commit() {
+        let (writer, store) = started();
+        writer.save(message(1));
+        // Let the writer take the first and commit it alone.
+        tokio::task::yield_now().await;
+        tokio::task::yield_now().await;
+        assert_eq!(committed(&store), [1]);
+        // Ten more, one every COMMIT_EVERY / 10: they wait for the interval.
+        for seq in 2..=11 {
+            tokio::time::advance(COMMIT_EVERY / 10).await;
+            writer.save(message(seq));
+        }
+        tokio::time::advance(COMMIT_EVERY).await;
+        writer.flush().await;
+        let batches = committed(&store);
+        assert_eq!(batches.iter().sum::<usize>(), 11, "{batches:?}");
+        assert!(batches.len() <= 3, "one commit per interval: {batches:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_flush_does_not_wait_for_the_interval() {
+        let (writer, store) = started();
+        writer.save(message(1));
+        tokio::task::yield_now().await;
+        tokio::task::yield_now().await;
+        writer.save(message(2));
+        let start = Instant::now();
+        writer.flush().await;
+        assert_eq!(start.elapsed(), Duration::ZERO, "the flush waited");
+        assert_eq!(committed(&store), [1, 1]);
     }
 }
