@@ -57,13 +57,13 @@ impl History {
 }
 
 #[cfg(test)]
-pub(super) mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::core::event::{MessageKind, Timestamp};
     use crate::core::names::{Nick, RoomName};
 
-    /// A message of room `r` with `seq`, for the core's unit tests.
-    pub(in crate::core) fn msg(seq: u64) -> Arc<Message> {
+    /// A message of room `r` with `seq`, for unit tests.
+    pub(crate) fn msg(seq: u64) -> Arc<Message> {
         Arc::new(Message {
             room: RoomName::parse("r").unwrap(),
             seq,

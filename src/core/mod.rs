@@ -34,6 +34,9 @@ pub use event::{
     DirectMessage, Draft, ErrorCode, Event, EventBody, Format, HelpLine, Message, MessageKind,
     Reply, RoomCount, Timestamp,
 };
+/// A message of room `r` with a given seq, for unit tests.
+#[cfg(test)]
+pub(crate) use history::tests::msg as test_message;
 pub use history::{History, RING};
 pub use names::{
     IdempotencyKey, MAX_IDEMPOTENCY_KEY, MAX_NICK, MAX_ROOM, Nick, NickKey, Refusal, RoomName, Text,

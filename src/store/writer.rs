@@ -170,7 +170,7 @@ mod tests {
 
     use super::*;
     use crate::core::ports::StoreError;
-    use crate::core::{Message, MessageKind, Nick, RoomName, Timestamp};
+    use crate::core::{Message, RoomName, test_message as message};
 
     /// Counts what the writer commits; answers nothing else.
     #[derive(Default)]
@@ -221,18 +221,6 @@ mod tests {
         async fn close(&self) {}
     }
 
-    fn message(seq: u64) -> Arc<Message> {
-        Arc::new(Message {
-            room: RoomName::parse("r").unwrap(),
-            seq,
-            id: uuid::Uuid::now_v7(),
-            nick: Nick::parse("n").unwrap(),
-            text: format!("m{seq}"),
-            kind: MessageKind::Text,
-            ts: Timestamp(0),
-        })
-    }
-
     fn started() -> (Writer, Arc<Batches>) {
         let store = Arc::new(Batches::default());
         let (writer, task) = Writer::new(store.clone());
@@ -244,27 +232,33 @@ mod tests {
         store.0.lock().unwrap().clone()
     }
 
+    /// Saves a first message and lets the writer commit it, alone: the
+    /// interval starts.
+    async fn first_commit(writer: &Writer, store: &Batches) {
+        writer.save(message(1));
+        tokio::task::yield_now().await;
+        tokio::task::yield_now().await;
+        assert_eq!(committed(store), [1]);
+    }
+
     /// Paused time: the clock moves only when the test says, or when every
     /// task waits for a timer.
     #[tokio::test(start_paused = true)]
     async fn a_message_to_an_idle_writer_is_committed_at_once() {
         let (writer, store) = started();
-        writer.save(message(1));
-        writer.flush().await;
+        first_commit(&writer, &store).await;
+        // Quiet for longer than the interval: the next goes at once too.
         tokio::time::advance(COMMIT_EVERY * 2).await;
         writer.save(message(2));
-        writer.flush().await;
+        tokio::task::yield_now().await;
+        tokio::task::yield_now().await;
         assert_eq!(committed(&store), [1, 1]);
     }
 
     #[tokio::test(start_paused = true)]
     async fn under_load_the_messages_of_one_interval_share_a_commit() {
         let (writer, store) = started();
-        writer.save(message(1));
-        // Let the writer take the first and commit it alone.
-        tokio::task::yield_now().await;
-        tokio::task::yield_now().await;
-        assert_eq!(committed(&store), [1]);
+        first_commit(&writer, &store).await;
         // Ten more, one every COMMIT_EVERY / 10: they wait for the interval.
         for seq in 2..=11 {
             tokio::time::advance(COMMIT_EVERY / 10).await;
@@ -280,9 +274,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_flush_does_not_wait_for_the_interval() {
         let (writer, store) = started();
-        writer.save(message(1));
-        tokio::task::yield_now().await;
-        tokio::task::yield_now().await;
+        first_commit(&writer, &store).await;
         writer.save(message(2));
         let start = Instant::now();
         writer.flush().await;
