@@ -370,6 +370,65 @@ async fn connections_per_address_are_limited() {
     }
 }
 
+/// The per-address limit is there so one address cannot crowd others out. A
+/// burst from an address already at its limit is refused by that limit and
+/// must never count against the server's: another address still gets in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_burst_from_one_address_does_not_fill_the_server_for_another() {
+    let (d, _dir) = daemon(&[
+        "--max-conns",
+        "4",
+        "--max-conns-per-addr",
+        "1",
+        "--exempt-loopback",
+        "false",
+    ])
+    .await;
+    let mut held = connect_from(OTHER, d.tcp).await;
+    let mut first = [0u8; 9];
+    held.read_exact(&mut first).await.unwrap();
+    assert_eq!(&first, b"* welcome");
+    let mut refused = Vec::new();
+    for round in 0..20u8 {
+        let tcp = d.tcp;
+        let burst: Vec<_> = (0..100)
+            .map(|_| {
+                tokio::spawn(async move {
+                    let mut s = connect_from(OTHER, tcp).await;
+                    read_until_closed(&mut s).await
+                })
+            })
+            .collect();
+        // A fresh address each round: never at its own limit.
+        let newcomer = IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 1, 10 + round));
+        let (read, mut write) = connect_from(newcomer, d.tcp).await.into_split();
+        let mut lines = BufReader::new(read).lines();
+        let line = tokio::time::timeout(WAIT, lines.next_line())
+            .await
+            .expect("a first line")
+            .unwrap()
+            .unwrap_or_default();
+        for b in burst {
+            let said = b.await.unwrap();
+            assert!(said.starts_with("! unavailable"), "{said}");
+        }
+        if line.starts_with("* welcome") {
+            // Leaves, and is gone once the server closes its side.
+            write.write_all(b"/quit\n").await.unwrap();
+            while let Ok(Some(_)) = tokio::time::timeout(WAIT, lines.next_line())
+                .await
+                .expect("the server closes")
+            {}
+        } else {
+            refused.push(format!("round {round}: {line}"));
+        }
+    }
+    assert!(
+        refused.is_empty(),
+        "another address was refused while one was held to its limit: {refused:#?}"
+    );
+}
+
 #[tokio::test]
 async fn loopback_is_exempt_by_default() {
     let (d, _dir) = daemon(&["--max-conns-per-addr", "2"]).await;

@@ -133,7 +133,11 @@ impl TcpAdapter {
     ) -> impl Future<Output = ()> + Send + use<> {
         let address_permit = self.peers.admit(peer.ip());
         let max_conns = self.peers.limits().max_conns;
-        let permit = self.connections.clone().try_acquire_owned();
+        // Only a connection its address may open counts against the server:
+        // one address at its limit must not fill the server for the others.
+        let permit = address_permit
+            .as_ref()
+            .map(|_| self.connections.clone().try_acquire_owned());
         let hub = self.hub.clone();
         let max_line = self.max_line;
         let shutdown = self.shutdown.clone();
@@ -148,7 +152,7 @@ impl TcpAdapter {
                 part(&mut stream, refusal.text()).await;
                 return;
             };
-            let Ok(_permit) = permit else {
+            let Some(Ok(_permit)) = permit else {
                 let refusal = Event::error(
                     ErrorCode::Unavailable,
                     "the server is full; try again later",
