@@ -619,3 +619,44 @@ async fn direct_writes_never_overtake_a_queued_backlog() {
         .unwrap();
     assert_eq!(last, TOTAL);
 }
+
+/// A client that sends its last line without a newline and half-closes
+/// gets that line's answer, then the close.
+#[tokio::test]
+async fn a_last_line_without_newline_then_half_close_is_answered() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (d, _dir) = daemon(&[]).await;
+    let mut c = Client::connect(d.tcp).await;
+    c.send_raw(b"/nick halfy\n/nick second").await;
+    let (mut reader, mut writer) = c.split();
+    writer.shutdown().await.unwrap(); // FIN: half-closed, still reading
+    let mut all = String::new();
+    tokio::time::timeout(WAIT, reader.read_to_string(&mut all))
+        .await
+        .expect("the server closes within the wait")
+        .unwrap();
+    assert!(all.contains("is now known as halfy"), "{all}");
+    assert!(
+        all.contains("halfy is now known as second"),
+        "the answer to the unterminated line: {all}"
+    );
+}
+
+/// A client that resets its connection (SO_LINGER 0) is ended: the room
+/// sees it leave.
+#[tokio::test]
+async fn a_reset_connection_ends_its_session() {
+    let (d, _dir) = daemon(&[]).await;
+    let mut watcher = Client::in_room(d.tcp, "watcher", "general").await;
+    let c = Client::in_room(d.tcp, "resetter", "general").await;
+    watcher
+        .expect(|v| v["type"] == "join" && v["nick"] == "resetter")
+        .await;
+    let (r, w) = c.split();
+    let stream = r.into_inner().reunite(w).unwrap();
+    stream.set_zero_linger().unwrap();
+    drop(stream); // RST
+    watcher
+        .expect(|v| v["type"] == "leave" && v["nick"] == "resetter")
+        .await;
+}

@@ -281,4 +281,43 @@ mod tests {
         assert_eq!(start.elapsed(), Duration::ZERO, "the flush waited");
         assert_eq!(committed(&store), [1, 1]);
     }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_flush_that_arrives_during_the_wait_ends_it() {
+        let (writer, store) = started();
+        first_commit(&writer, &store).await;
+        writer.save(message(2));
+        // The writer takes message 2 and waits for the interval.
+        tokio::task::yield_now().await;
+        tokio::task::yield_now().await;
+        assert_eq!(committed(&store), [1], "message 2 waits for the interval");
+        let start = Instant::now();
+        writer.flush().await;
+        assert!(
+            start.elapsed() < COMMIT_EVERY,
+            "waited {:?}",
+            start.elapsed()
+        );
+        assert_eq!(committed(&store), [1, 1]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn closing_during_the_wait_commits_the_batch_at_once() {
+        let store = Arc::new(Batches::default());
+        let (writer, task) = Writer::new(store.clone());
+        let task = tokio::spawn(task.run());
+        first_commit(&writer, &store).await;
+        writer.save(message(2));
+        writer.save(message(3));
+        tokio::task::yield_now().await;
+        let start = Instant::now();
+        drop(writer);
+        task.await.unwrap();
+        assert!(
+            start.elapsed() < COMMIT_EVERY,
+            "waited {:?}",
+            start.elapsed()
+        );
+        assert_eq!(committed(&store).iter().sum::<usize>(), 3);
+    }
 }
