@@ -992,6 +992,32 @@ mod tests {
         String::from_utf8(out).unwrap()
     }
 
+    /// Delivers a `/format` reply, which takes the writer's way (and the
+    /// turn), then 3, which must queue behind it.
+    fn deliver_a_format_reply_then_3(socket: &Socket, outbox: &outbox::Sender) {
+        let reply = Event::new(EventBody::Reply(Reply::Format {
+            format: Format::Text,
+        }));
+        socket.deliver(&reply, outbox).unwrap();
+        socket.deliver(&numbered(3, 0), outbox).unwrap();
+    }
+
+    /// Once the writer has handed the turn back, delivers 4 by a flush, then
+    /// ends the session and lets the socket go.
+    async fn deliver_4_by_a_flush_then_end(
+        socket: Arc<Socket>,
+        outbox: outbox::Sender,
+        end: oneshot::Sender<EndReason>,
+    ) {
+        writer_gives_the_turn_back(&socket).await;
+        socket.deliver(&numbered(4, 0), &outbox).unwrap();
+        socket.flush(&mut BytesMut::new());
+        end.send(EndReason::Quit).unwrap();
+        drop(outbox);
+        // The flusher (not running) still lists it.
+        socket.flusher.dirty.lock().unwrap().clear();
+    }
+
     #[tokio::test]
     async fn pending_events_go_before_what_is_queued_after_them() {
         let (socket, outbox, end, writer, client) = wired(None).await;
@@ -1003,20 +1029,9 @@ mod tests {
         socket.deliver(&numbered(1, 0), &outbox).unwrap();
         socket.deliver(&numbered(2, 0), &outbox).unwrap();
         assert_eq!(socket.turn().pending.len(), 2);
-        let reply = Event::new(EventBody::Reply(Reply::Format {
-            format: Format::Text,
-        }));
-        socket.deliver(&reply, &outbox).unwrap();
-        socket.deliver(&numbered(3, 0), &outbox).unwrap();
+        deliver_a_format_reply_then_3(&socket, &outbox);
         // Once the writer hands the turn back, 4 waits for a flush again.
-        writer_gives_the_turn_back(&socket).await;
-        socket.deliver(&numbered(4, 0), &outbox).unwrap();
-        socket.flush(&mut BytesMut::new());
-        end.send(EndReason::Quit).unwrap();
-        drop(outbox);
-        // The flusher (not running) still lists it.
-        socket.flusher.dirty.lock().unwrap().clear();
-        drop(socket);
+        deliver_4_by_a_flush_then_end(socket, outbox, end).await;
         writer.await.unwrap();
         let text = read_all(client).await;
         assert_eq!(numbers(&text), [0, 1, 2, 3, 4], "{text}");
@@ -1093,23 +1108,13 @@ mod tests {
         // writer is running again.
         socket.deliver(&numbered(1, 0), &outbox).unwrap();
         socket.deliver(&numbered(2, 0), &outbox).unwrap();
-        let reply = Event::new(EventBody::Reply(Reply::Format {
-            format: Format::Text,
-        }));
-        socket.deliver(&reply, &outbox).unwrap();
-        socket.deliver(&numbered(3, 0), &outbox).unwrap();
+        deliver_a_format_reply_then_3(&socket, &outbox);
         assert!(socket.turn().queued);
         let driver = tokio::spawn(async move { writer.stopped().await });
         // Started again, it writes all of it, hands the turn back, and
-        // parks; 4 then goes by a flush.
-        writer_gives_the_turn_back(&socket).await;
-        socket.deliver(&numbered(4, 0), &outbox).unwrap();
-        socket.flush(&mut BytesMut::new());
-        // An end seen while parked still closes the connection.
-        end.send(EndReason::Quit).unwrap();
-        drop(outbox);
-        socket.flusher.dirty.lock().unwrap().clear();
-        drop(socket);
+        // parks; 4 then goes by a flush. An end seen while parked still
+        // closes the connection.
+        deliver_4_by_a_flush_then_end(socket, outbox, end).await;
         assert!(matches!(
             driver.await.unwrap(),
             Stop::Ended(EndReason::Quit)

@@ -110,25 +110,30 @@ impl WriterTask {
         // the soonest, unless a flush is waiting or the batch is full.
         let mut last_commit: Option<Instant> = None;
         while let Some(job) = self.jobs.recv().await {
+            let due = last_commit.map(|at| at + COMMIT_EVERY);
             let mut next = Some(job);
             while let Some(job) = next.take() {
                 match job {
                     Job::Save(m) => batch.push(m),
                     Job::Flush(done) => flushes.push(done),
                 }
-                if batch.len() < MAX_BATCH {
-                    next = self.jobs.try_recv().ok();
+                if batch.len() >= MAX_BATCH {
+                    break;
                 }
-            }
-            if let Some(due) = last_commit.map(|at| at + COMMIT_EVERY) {
-                while flushes.is_empty() && batch.len() < MAX_BATCH && Instant::now() < due {
-                    match tokio::time::timeout_at(due, self.jobs.recv()).await {
-                        Ok(Some(Job::Save(m))) => batch.push(m),
-                        Ok(Some(Job::Flush(done))) => flushes.push(done),
-                        // Closed, or due: commit what there is.
-                        Ok(None) | Err(_) => break,
-                    }
-                }
+                next = match self.jobs.try_recv() {
+                    Ok(job) => Some(job),
+                    // Nothing more queued: under load, gather until due
+                    // (closed, or due: commit what there is).
+                    Err(_) => match due {
+                        Some(due) if flushes.is_empty() && Instant::now() < due => {
+                            tokio::time::timeout_at(due, self.jobs.recv())
+                                .await
+                                .ok()
+                                .flatten()
+                        }
+                        _ => None,
+                    },
+                };
             }
             if !batch.is_empty() {
                 last_commit = Some(Instant::now());

@@ -24,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::resend::{Memory, Resume, Wire};
 use super::sessions::{Attached, HttpSession};
+use super::stream::BATCH;
 use crate::core::{EndReason, ErrorCode, Event, EventBody, Hub, RoomName, RoomWatch};
 
 /// The first frame: how long EventSource waits before reconnecting (ms).
@@ -34,8 +35,6 @@ const PING: &[u8] = b": ping\n\n";
 const REPLAY_PAGE: u32 = 500;
 /// How long a slow consumer's connection may take to receive its error.
 const PARTING: Duration = Duration::from_secs(2);
-/// Queued events taken into one frame, up to about this many bytes.
-const BATCH: usize = 16 * 1024;
 
 /// What every stream needs besides its events.
 #[derive(Clone)]

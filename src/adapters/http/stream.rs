@@ -32,7 +32,7 @@ const MAX_HEAD: usize = 16 * 1024;
 /// Most headers a stream request may have.
 const MAX_HEADERS: usize = 64;
 /// Frames that are ready at once go out in one write, up to this many bytes.
-const BATCH: usize = 16 * 1024;
+pub(super) const BATCH: usize = 16 * 1024;
 
 /// Whether a connection's first bytes are an SSE request this module serves:
 /// a complete `GET /events...` or `GET /messages/...` request line on HTTP/1.1.
