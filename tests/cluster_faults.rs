@@ -521,3 +521,89 @@ async fn an_outage_everyone_sees_gives_nothing_away() {
     drop(daemons);
     pg.drop_now().await;
 }
+
+/// Two instances on `db`: `ahead_or_behind` runs with its wall clock moved
+/// by `offset`, `plain` with the machine's; `u0` is on the first and `u1` on
+/// the second, both in every room. `None` if libfaketime is missing.
+async fn skewed_pair(db: &str, offset: &str) -> Option<([Daemon; 2], [Peer; 2])> {
+    let env = common::skewed_clock(offset)?;
+    let args = [
+        "--db",
+        db,
+        "--bus",
+        "poll",
+        "--poll-interval",
+        "20",
+        "--instance",
+        "skewed",
+    ];
+    let skewed = Daemon::start_env(&args, &env).await;
+    let plain = start(db, "plain").await;
+    let mut peers = [
+        Peer::join(skewed.tcp, "u0").await,
+        Peer::join(plain.tcp, "u1").await,
+    ];
+    let both = ["u0".to_owned(), "u1".to_owned()];
+    for peer in &mut peers {
+        for room in ROOMS {
+            converge(peer, room, &both).await;
+        }
+    }
+    Some(([skewed, plain], peers))
+}
+
+/// An instance whose clock runs a minute ahead must not take the other
+/// instance for dead: leases are judged by watching renewals with each
+/// instance's own monotonic clock, not by comparing wall clocks (which gave
+/// `u1`'s nick away a lease after the start, and made it leave every room).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clock_running_ahead_gives_no_live_user_away() {
+    let Some(pg) = PgDatabase::create().await else {
+        return;
+    };
+    let Some((daemons, mut peers)) = skewed_pair(&pg.url, "+60s").await else {
+        return;
+    };
+    // The fault's shape, not a synchronisation: the skewed instance runs
+    // for a lease and two heartbeats, long enough to have reaped.
+    tokio::time::sleep(LEASE + Duration::from_secs(4)).await;
+    let _marker = Peer::join_rooms(daemons[1].tcp, "marker", &["general"]).await;
+    for peer in &mut peers {
+        let first = peer
+            .expect("the marker's join", |v| {
+                v["type"] == "leave" || (v["type"] == "join" && v["nick"] == "marker")
+            })
+            .await;
+        assert_eq!(first["type"], "join", "a live user left: {first}");
+    }
+    let everyone = ["marker", "u0", "u1"].map(String::from).to_vec();
+    for peer in &mut peers {
+        assert_eq!(peer.who("general").await, everyone);
+    }
+    drop(daemons);
+    pg.drop_now().await;
+}
+
+/// An instance whose clock runs a minute behind must still reap a killed
+/// one within a lease: comparing wall clocks kept the dead instance's users
+/// for a lease plus the minute.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clock_running_behind_still_reaps_the_dead() {
+    let dir = temp_dir();
+    let db = common::sqlite_url(&dir);
+    let Some(([_skewed, mut plain], mut peers)) = skewed_pair(&db, "-60s").await else {
+        return;
+    };
+    let started = Instant::now();
+    plain.kill9().await;
+    let gone = ROOMS.map(|room| (room.to_owned(), "u1".to_owned())).into();
+    let seen = peers[0]
+        .presence("leave", &gone, started + DEPARTURE + Duration::from_secs(2))
+        .await;
+    assert_eq!(seen.len(), gone.len(), "each leave once: {seen:?}");
+    eprintln!(
+        "departures announced {:?} after the kill",
+        started.elapsed()
+    );
+    assert_eq!(peers[0].who("general").await, ["u0"]);
+}

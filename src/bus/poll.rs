@@ -31,6 +31,7 @@ use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
 mod lease;
+mod silence;
 
 use super::gate::{self, Gate};
 use crate::core::ports::{
@@ -184,10 +185,6 @@ impl InboxRow {
 
 fn now_ms() -> i64 {
     Timestamp::now().0
-}
-
-fn alive_since() -> i64 {
-    now_ms() - LEASE.as_millis() as i64
 }
 
 impl PollBus {

@@ -47,6 +47,11 @@ impl Daemon {
     /// A `--tcp` or `--http` in `args` replaces the free port (a restart on
     /// the same address).
     pub async fn start(args: &[&str]) -> Daemon {
+        Daemon::start_env(args, &[]).await
+    }
+
+    /// [`Daemon::start`], with `env` added to the daemon's environment.
+    pub async fn start_env(args: &[&str], env: &[(&str, String)]) -> Daemon {
         let mut argv = Vec::new();
         for flag in ["--tcp", "--http"] {
             if !args.contains(&flag) {
@@ -54,14 +59,19 @@ impl Daemon {
             }
         }
         argv.extend_from_slice(args);
-        Daemon::start_argv(&argv).await
+        Daemon::start_argv_env(&argv, env).await
     }
 
     /// Starts a daemon with exactly the command line `argv` (after the program
     /// name), which must pick free ports itself.
     pub async fn start_argv(argv: &[&str]) -> Daemon {
+        Daemon::start_argv_env(argv, &[]).await
+    }
+
+    async fn start_argv_env(argv: &[&str], env: &[(&str, String)]) -> Daemon {
         let mut child = Command::new(env!("CARGO_BIN_EXE_baby-discord"))
             .args(argv)
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .env(
                 "RUST_LOG",
                 std::env::var("BABY_TEST_LOG").unwrap_or_else(|_| "info".into()),
@@ -310,6 +320,41 @@ pub fn missing_service(what: &str, why: impl std::fmt::Display) -> Option<PgData
     }
     eprintln!("SKIPPED: {what} unavailable ({why}); set BABY_TEST_PG to run this test");
     None
+}
+
+/// The environment that runs a daemon with its wall clock moved by `offset`
+/// (libfaketime's syntax: `+60s`, `-60s`), its monotonic clock left alone:
+/// one machine's clock running ahead of or behind the others'. Skips (prints
+/// why and returns `None`) or fails, as `BABY_REQUIRE_SERVICES` says, when
+/// libfaketime is not installed (`apt-get install faketime`; or point
+/// `BABY_TEST_FAKETIME` at `libfaketime.so.1`).
+pub fn skewed_clock(offset: &str) -> Option<Vec<(&'static str, String)>> {
+    let found = std::env::var("BABY_TEST_FAKETIME").ok().or_else(|| {
+        let arch_dirs = std::fs::read_dir("/usr/lib")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|entry| entry.path());
+        ["/usr/lib".into(), "/usr/local/lib".into()]
+            .into_iter()
+            .chain(arch_dirs)
+            .map(|dir: std::path::PathBuf| dir.join("faketime/libfaketime.so.1"))
+            .find(|lib| lib.exists())
+            .map(|lib| lib.display().to_string())
+    });
+    let Some(lib) = found else {
+        let why = "no libfaketime.so.1 under /usr/lib or /usr/local/lib";
+        if services_required() {
+            panic!("libfaketime is required (BABY_REQUIRE_SERVICES=1) but unavailable: {why}");
+        }
+        eprintln!("SKIPPED: libfaketime unavailable ({why}); apt-get install faketime");
+        return None;
+    };
+    Some(vec![
+        ("LD_PRELOAD", lib),
+        ("FAKETIME", offset.to_owned()),
+        ("FAKETIME_DONT_FAKE_MONOTONIC", "1".to_owned()),
+    ])
 }
 
 /// A fresh PostgreSQL database for one test, dropped by [`PgDatabase::drop_now`].

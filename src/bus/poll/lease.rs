@@ -26,23 +26,23 @@
 //! join neither brings back a membership whose end was announced nor shows
 //! a nick that another session holds by now.
 //!
-//! An instance reaps only once it has itself renewed steadily for a whole
-//! lease. After an outage of the database that every instance saw, all
-//! leases look expired at once; the first instance back must not reap the
-//! others, which are just as alive and about to renew.
+//! Who has been silent for a lease is judged without comparing clocks: each
+//! instance watches the others' rows change, with its own monotonic clock
+//! (see [`super::silence`]), and reaps a row only if it still holds the value
+//! that stood still. After an outage of the database that every instance
+//! saw, the first instance back does not reap the others, which are just as
+//! alive and about to renew: it forgets what it saw before the outage.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
 
 use tokio::time::Instant;
 
 use sqlx::{Any, Transaction};
 
-use super::{
-    Db, Existing, InboxRow, LEASE, Member, alive_since, broadcast, db, now_ms, record_member,
-};
+use super::silence::{Silent, Watch};
+use super::{Db, Existing, InboxRow, LEASE, Member, broadcast, db, now_ms, record_member};
 use crate::core::ports::{BusError, Claim, Deliver, Envelope};
 use crate::core::{Nick, RoomName, SessionId};
 
@@ -52,9 +52,10 @@ const ROWS_PER_STATEMENT: usize = 500;
 /// Memberships per announcement row in the inbox, so a reaped instance with
 /// many users becomes a few rows of bounded size.
 const MEMBERS_PER_ROW: usize = 500;
-/// A gap between two renewals longer than this means this instance was away
-/// (stalled, or cut off) long enough that others may have been too.
-const AWAY: Duration = Duration::from_secs(LEASE.as_secs() / 2);
+/// Sets `seen_at` to the writer's wall-clock time, or one more than it was
+/// if that is not later: the others watch the value change (see
+/// [`super::silence`]), so a clock stepped back must not freeze it.
+const RENEWED: &str = "CASE WHEN $2 > instances.seen_at THEN $2 ELSE instances.seen_at + 1 END";
 
 /// This instance's lease, kept by its poller.
 pub(super) struct Lease {
@@ -62,17 +63,15 @@ pub(super) struct Lease {
     /// Set when the lease was found reaped; cleared once every claim has been
     /// re-asserted, so a re-assertion cut short by an error is tried again.
     reassert: bool,
-    /// When this instance last renewed its row.
-    renewed_at: Instant,
-    /// Since when it has renewed without a gap of [`AWAY`]: it reaps others
-    /// only after a whole lease of this.
-    steady_since: Instant,
+    /// What this instance has seen of the others' renewals.
+    watch: Watch,
 }
 
 /// Whose claims a reap removes.
 enum Reap<'a> {
-    /// Every instance silent for longer than the lease.
-    Expired,
+    /// The instances found silent for longer than the lease, each only if
+    /// its row still holds the value that stood still.
+    Silent(&'a [Silent]),
     /// One instance by name: this one, at start (a previous life's leftovers)
     /// or at a graceful stop.
     Named(&'a str),
@@ -83,21 +82,11 @@ impl Lease {
     /// same name left (its users leave, as if it had been reaped by another).
     pub(super) async fn register(database: &Db, instance: &str) -> Result<Lease, BusError> {
         reap(database, Reap::Named(instance)).await?;
-        sqlx::query(
-            "INSERT INTO instances (instance, seen_at) VALUES ($1, $2)
-             ON CONFLICT (instance) DO UPDATE SET seen_at = excluded.seen_at",
-        )
-        .bind(instance)
-        .bind(now_ms())
-        .execute(database.run())
-        .await
-        .map_err(db)?;
-        let now = Instant::now();
+        insert(database, instance).await?;
         Ok(Lease {
             instance: instance.to_owned(),
             reassert: false,
-            renewed_at: now,
-            steady_since: now,
+            watch: Watch::new(LEASE),
         })
     }
 
@@ -107,44 +96,45 @@ impl Lease {
         database: &Db,
         sink: Option<&Arc<dyn Deliver>>,
     ) -> Result<(), BusError> {
-        let started = Instant::now();
-        if started.duration_since(self.renewed_at) > AWAY {
-            self.steady_since = started;
-        }
-        let renewed = sqlx::query("UPDATE instances SET seen_at = $2 WHERE instance = $1")
-            .bind(self.instance.as_str())
-            .bind(now_ms())
-            .execute(database.run())
-            .await
-            .map_err(db)?
-            .rows_affected();
+        let renewed = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "UPDATE instances SET seen_at = {RENEWED} WHERE instance = $1"
+        )))
+        .bind(self.instance.as_str())
+        .bind(now_ms())
+        .execute(database.run())
+        .await
+        .map_err(db)?
+        .rows_affected();
         if renewed == 0 {
-            sqlx::query(
-                "INSERT INTO instances (instance, seen_at) VALUES ($1, $2)
-                 ON CONFLICT (instance) DO UPDATE SET seen_at = excluded.seen_at",
-            )
-            .bind(self.instance.as_str())
-            .bind(now_ms())
-            .execute(database.run())
-            .await
-            .map_err(db)?;
+            insert(database, &self.instance).await?;
             tracing::warn!(
                 instance = %self.instance,
                 "this instance's lease ran out and was reaped: re-asserting its users' nicks and rooms"
             );
             self.reassert = true;
         }
-        self.renewed_at = started;
         if self.reassert {
             if let Some(sink) = sink {
                 reassert(database, &self.instance, sink.as_ref()).await?;
             }
             self.reassert = false;
         }
-        if started.duration_since(self.steady_since) >= LEASE {
-            reap(database, Reap::Expired).await?;
+        self.reap_silent(database).await
+    }
+
+    /// Looks at every instance's row, and reaps those whose value has stood
+    /// still for longer than the lease.
+    async fn reap_silent(&mut self, database: &Db) -> Result<(), BusError> {
+        let asked = Instant::now();
+        let rows: Vec<(String, i64)> = sqlx::query_as("SELECT instance, seen_at FROM instances")
+            .fetch_all(database.run())
+            .await
+            .map_err(db)?;
+        let silent = self.watch.look(&self.instance, rows, asked, Instant::now());
+        if silent.is_empty() {
+            return Ok(());
         }
-        Ok(())
+        reap(database, Reap::Silent(&silent)).await
     }
 
     /// Gives every claim up at a graceful stop: the others announce nothing,
@@ -152,6 +142,21 @@ impl Lease {
     pub(super) async fn release(database: &Db, instance: &str) -> Result<(), BusError> {
         reap(database, Reap::Named(instance)).await
     }
+}
+
+/// Registers `instance`'s row, or renews it if another heartbeat of this
+/// instance (one cut short) already did.
+async fn insert(database: &Db, instance: &str) -> Result<(), BusError> {
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "INSERT INTO instances (instance, seen_at) VALUES ($1, $2)
+         ON CONFLICT (instance) DO UPDATE SET seen_at = {RENEWED}"
+    )))
+    .bind(instance)
+    .bind(now_ms())
+    .execute(database.run())
+    .await
+    .map_err(db)?;
+    Ok(())
 }
 
 /// Claims `nicks` for their sessions of `instance` in as few statements as
@@ -359,30 +364,24 @@ async fn record_presence(
 /// `instances` rows: whoever deletes a row announces its users, the other
 /// sees nothing to delete.
 async fn reap(database: &Db, which: Reap<'_>) -> Result<(), BusError> {
-    let dead_since = alive_since();
-    if let Reap::Expired = which {
-        // Look first: nearly always nobody is dead, and a read takes no write
-        // lock (SQLite has one for the whole file).
-        let expired: Option<(String,)> =
-            sqlx::query_as("SELECT instance FROM instances WHERE seen_at < $1 LIMIT 1")
-                .bind(dead_since)
-                .fetch_optional(database.run())
-                .await
-                .map_err(db)?;
-        if expired.is_none() {
-            return Ok(());
-        }
-    }
     let mut tx = database.pool.begin().await.map_err(db)?;
     let dead: Vec<String> = match which {
-        Reap::Expired => {
-            let rows: Vec<(String,)> =
-                sqlx::query_as("DELETE FROM instances WHERE seen_at < $1 RETURNING instance")
-                    .bind(dead_since)
-                    .fetch_all(counted(database, &mut tx))
-                    .await
-                    .map_err(db)?;
-            rows.into_iter().map(|(i,)| i).collect()
+        Reap::Silent(silent) => {
+            let mut dead = Vec::new();
+            for Silent { instance, seen_at } in silent {
+                // Renewed since the look: alive after all.
+                let row: Option<(String,)> = sqlx::query_as(
+                    "DELETE FROM instances WHERE instance = $1 AND seen_at = $2
+                     RETURNING instance",
+                )
+                .bind(instance.as_str())
+                .bind(*seen_at)
+                .fetch_optional(counted(database, &mut tx))
+                .await
+                .map_err(db)?;
+                dead.extend(row.map(|(i,)| i));
+            }
+            dead
         }
         Reap::Named(name) => {
             // Its leftovers count even if its row is already gone.
