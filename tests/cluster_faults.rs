@@ -607,3 +607,106 @@ async fn a_clock_running_behind_still_reaps_the_dead() {
     );
     assert_eq!(peers[0].who("general").await, ["u0"]);
 }
+
+/// What waits in `instance`'s inbox, oldest first: each row's `kind`.
+async fn inbox_kinds(db: &mut sqlx::PgConnection, instance: &str) -> Vec<String> {
+    let rows: Vec<(String,)> =
+        sqlx::query_as("SELECT payload FROM inbox WHERE instance = $1 ORDER BY id")
+            .bind(instance)
+            .fetch_all(db)
+            .await
+            .expect("the inbox reads");
+    rows.iter()
+        .map(|(payload,)| {
+            let row: Value = serde_json::from_str(payload).expect("a JSON row");
+            text(&row["kind"])
+        })
+        .collect()
+}
+
+/// A join that reaches PostgreSQL while another instance is reaping its
+/// instance (the reap has deleted the instance's row and posted its users'
+/// departures, and not committed yet) must not be announced after the
+/// departure, nor leave a membership the reap missed. Before the join took
+/// its instance's row first, it read the row the reap had not yet deleted
+/// for others to see, and posted its `join` after the `leave`: the others
+/// saw the user come back under a nick that is free to take.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_racing_the_reap_of_its_instance_is_not_announced_after_the_leave() {
+    use baby_discord::bus::{Directory, PollBus};
+    use baby_discord::core::{Nick, RoomName, SessionId};
+    use baby_discord::store::{self, Durability};
+    use sqlx::Connection;
+
+    let Some(pg) = PgDatabase::create().await else {
+        return;
+    };
+    let store = store::open(&pg.url, Durability::Sync).await.unwrap();
+    let open = |name: &'static str| {
+        PollBus::open(
+            &pg.url,
+            name,
+            store.clone(),
+            Duration::from_secs(1),
+            Durability::Sync,
+        )
+    };
+    let (a, _b) = (open("a").await.unwrap(), open("b").await.unwrap());
+    let (u7, side) = (Nick::parse("u7").unwrap(), RoomName::parse("side").unwrap());
+    assert!(a.claim_nick(&u7, SessionId(1)).await.unwrap());
+
+    // `b` reaps `a` (the statements of the poll bus's reap, in its order)
+    // and is about to commit.
+    let mut reaper = sqlx::PgConnection::connect(&pg.url).await.unwrap();
+    let mut observer = sqlx::PgConnection::connect(&pg.url).await.unwrap();
+    let gone = r#"{"kind":"gone","members":[]}"#;
+    let mut reap = reaper.begin().await.unwrap();
+    for sql in [
+        "DELETE FROM instances WHERE instance = 'a'",
+        "DELETE FROM presence WHERE instance = 'a'",
+        "DELETE FROM nicks WHERE instance = 'a'",
+        "DELETE FROM inbox WHERE instance = 'a'",
+    ] {
+        sqlx::query(sql).execute(&mut *reap).await.unwrap();
+    }
+    sqlx::query("INSERT INTO inbox (instance, payload) SELECT instance, $1 FROM instances")
+        .bind(gone)
+        .execute(&mut *reap)
+        .await
+        .unwrap();
+
+    // `a`'s join, held up until now, arrives.
+    let join = tokio::spawn(async move { a.joined(&side, &u7, 0).await });
+    // It either finishes, or waits for the reap's lock: polling a state,
+    // not synchronising with an event.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity
+             WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(&mut observer)
+        .await
+        .unwrap();
+        if join.is_finished() || waiting > 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the join neither ended nor waited"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    reap.commit().await.unwrap();
+    join.await.unwrap().unwrap();
+
+    let kinds = inbox_kinds(&mut observer, "b").await;
+    assert_eq!(kinds, ["gone"], "b's inbox, oldest first");
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM presence WHERE instance = 'a'")
+        .fetch_one(&mut observer)
+        .await
+        .unwrap();
+    assert_eq!(left, 0, "a membership the reap did not remove");
+    drop((reaper, observer));
+    pg.drop_now().await;
+}

@@ -24,8 +24,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
-use sqlx::AnyPool;
 use sqlx::any::AnyPoolOptions;
+use sqlx::{Any, AnyConnection, AnyPool, Transaction};
 use tokio::sync::Mutex;
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
@@ -291,8 +291,8 @@ enum Existing {
 /// `instance` holds the nick: a join that reaches the database after the
 /// instance's lease was reaped and the nick taken records nothing (see
 /// [`lease`]). Returns whether a row was written.
-async fn record_member(
-    database: &Db,
+async fn record_member<'e>(
+    on: impl sqlx::Executor<'e, Database = Any>,
     instance: &str,
     room: &RoomName,
     nick: &Nick,
@@ -314,7 +314,7 @@ async fn record_member(
         .bind(nick.key().as_str().to_owned())
         .bind(nick.as_str().to_owned())
         .bind(instance.to_owned())
-        .execute(database.run())
+        .execute(on)
         .await
         .map_err(db)?
         .rows_affected();
@@ -329,8 +329,8 @@ async fn record_member(
 /// reap the membership and announce its end, and the announcement arriving
 /// after that must not bring it back under a nick that may be someone
 /// else's by now.
-async fn announce(
-    database: &Db,
+async fn announce<'e>(
+    on: impl sqlx::Executor<'e, Database = Any>,
     instance: &str,
     row: &InboxRow,
     nick_key: &NickKey,
@@ -355,8 +355,41 @@ async fn announce(
     if let Some(room) = room {
         q = q.bind(room.as_str().to_owned());
     }
-    q.execute(database.run()).await.map_err(db)?;
+    q.execute(on).await.map_err(db)?;
     Ok(())
+}
+
+/// Begins a transaction that holds `instance`'s row of `instances` until it
+/// ends; `None` if the row is gone (the instance was reaped, and its next
+/// heartbeat finds out and re-asserts its claims).
+///
+/// A reap deletes that row before anything else. So a membership or rename
+/// written in this transaction either commits first, and a reap under way
+/// waits for it, then removes it and posts its end after its announcement;
+/// or it finds the reap committed, and writes nothing. Without the lock, on
+/// PostgreSQL a join could read the row a reap had deleted but not yet
+/// committed, and post its `join` after the reap's `leave`: the others saw
+/// the user back under a nick that was free to take.
+async fn while_registered(
+    database: &Db,
+    instance: &str,
+) -> Result<Option<Transaction<'static, Any>>, BusError> {
+    let mut tx = database.pool.begin().await.map_err(db)?;
+    // The row is written as it is: a lock, not a renewal (the others watch
+    // its value change, see `silence`).
+    let held = sqlx::query("UPDATE instances SET seen_at = seen_at WHERE instance = $1")
+        .bind(instance)
+        .execute(counted(database, &mut tx))
+        .await
+        .map_err(db)?
+        .rows_affected();
+    Ok((held > 0).then_some(tx))
+}
+
+/// The transaction, for one more counted statement.
+fn counted<'t>(database: &Db, tx: &'t mut Transaction<'static, Any>) -> &'t mut AnyConnection {
+    database.statements.fetch_add(1, Ordering::Relaxed);
+    &mut *tx
 }
 
 /// The shared database, counting the statements this instance sends it: the
@@ -743,6 +776,11 @@ impl Directory for PollBus {
 
     async fn renamed(&self, old: &Nick, new: &Nick, owner: SessionId) -> Result<(), BusError> {
         let (old_key, new_key) = (old.key(), new.key());
+        // Reaped: the memberships are gone, and the re-assertion claims the
+        // new nick's rooms.
+        let Some(mut tx) = while_registered(&self.db, &self.instance).await? else {
+            return Ok(());
+        };
         let rooms: Vec<(String,)> = sqlx::query_as(
             "UPDATE presence SET nick_key = $1, nick = $2 WHERE nick_key = $3 AND instance = $4
              RETURNING room",
@@ -751,16 +789,18 @@ impl Directory for PollBus {
         .bind(new.as_str())
         .bind(old_key.as_str())
         .bind(self.instance.as_str())
-        .fetch_all(self.db.run())
+        .fetch_all(counted(&self.db, &mut tx))
         .await
         .map_err(db)?;
         // A change of case keeps the key, whose claim is now the new nick's.
         if old_key != new_key {
-            self.exec(
-                "DELETE FROM nicks WHERE nick_key = $1 AND instance = $2 AND owner = $3",
-                &[old_key.as_str(), &self.instance, &owner.to_string()],
-            )
-            .await?;
+            sqlx::query("DELETE FROM nicks WHERE nick_key = $1 AND instance = $2 AND owner = $3")
+                .bind(old_key.as_str())
+                .bind(self.instance.as_str())
+                .bind(owner.to_string())
+                .execute(counted(&self.db, &mut tx))
+                .await
+                .map_err(db)?;
         }
         if !rooms.is_empty() {
             let row = InboxRow::Renamed {
@@ -768,9 +808,10 @@ impl Directory for PollBus {
                 new: new.to_string(),
                 rooms: rooms.into_iter().map(|(r,)| r).collect(),
             };
-            announce(&self.db, &self.instance, &row, &new_key, None).await?;
+            let on = counted(&self.db, &mut tx);
+            announce(on, &self.instance, &row, &new_key, None).await?;
         }
-        Ok(())
+        tx.commit().await.map_err(db)
     }
 
     async fn joined(&self, room: &RoomName, nick: &Nick, delivered: u64) -> Result<(), BusError> {
@@ -780,14 +821,22 @@ impl Directory for PollBus {
         // on the network) may reach the database after the lease was reaped
         // and the nick given to someone else: it must not record a
         // membership for a nick this instance no longer holds.
-        if !record_member(&self.db, &self.instance, room, nick, Existing::Replace).await? {
+        // Nor while a reap of this instance is under way (see
+        // `while_registered`).
+        let Some(mut tx) = while_registered(&self.db, &self.instance).await? else {
+            return Ok(());
+        };
+        let on = counted(&self.db, &mut tx);
+        if !record_member(on, &self.instance, room, nick, Existing::Replace).await? {
             return Ok(());
         }
         let row = InboxRow::Joined {
             room: room.to_string(),
             nick: nick.to_string(),
         };
-        announce(&self.db, &self.instance, &row, &nick.key(), Some(room)).await
+        let on = counted(&self.db, &mut tx);
+        announce(on, &self.instance, &row, &nick.key(), Some(room)).await?;
+        tx.commit().await.map_err(db)
     }
 
     async fn left(&self, room: &RoomName, nick: &Nick) -> Result<(), BusError> {
@@ -986,7 +1035,7 @@ mod tests {
             room: side.to_string(),
             nick: u7.to_string(),
         };
-        announce(&a.db, "a", &late, &u7.key(), Some(&side))
+        announce(a.db.run(), "a", &late, &u7.key(), Some(&side))
             .await
             .unwrap();
         assert_eq!(take_inbox(&b).await, Vec::<String>::new());

@@ -35,14 +35,11 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use tokio::time::Instant;
 
-use sqlx::{Any, Transaction};
-
 use super::silence::{Silent, Watch};
-use super::{Db, Existing, InboxRow, LEASE, Member, broadcast, db, now_ms, record_member};
+use super::{Db, Existing, InboxRow, LEASE, Member, broadcast, counted, db, now_ms, record_member};
 use crate::core::ports::{BusError, Claim, Deliver, Envelope};
 use crate::core::{Nick, RoomName, SessionId};
 
@@ -264,7 +261,9 @@ async fn joined_meanwhile(
             if before.rooms.iter().any(|(r, _)| r == room) {
                 continue;
             }
-            if record_member(database, instance, room, &claim.nick, Existing::Keep).await? {
+            let recorded =
+                record_member(database.run(), instance, room, &claim.nick, Existing::Keep);
+            if recorded.await? {
                 joined.push(Member {
                     room: room.to_string(),
                     nick: claim.nick.to_string(),
@@ -439,15 +438,6 @@ async fn reap(database: &Db, which: Reap<'_>) -> Result<(), BusError> {
         tracing::info!(instances = ?dead, memberships = members.len(), "reaped: their users left");
     }
     Ok(())
-}
-
-/// The transaction, for one more counted statement.
-fn counted<'t>(
-    database: &Db,
-    tx: &'t mut Transaction<'static, Any>,
-) -> &'t mut sqlx::AnyConnection {
-    database.statements.fetch_add(1, Ordering::Relaxed);
-    &mut *tx
 }
 
 /// `n` comma-separated groups of placeholders, the `i`th made by `group(i)`.

@@ -60,7 +60,8 @@ impl Watch {
     /// Records a look at every row of `instances` (`rows`: name and value),
     /// asked at `asked` and answered at `answered`, and returns the instances
     /// other than `own` whose value has not changed for longer than the
-    /// lease.
+    /// lease, in name order: reapers then lock rows in one order, and two
+    /// reaping at once cannot deadlock.
     pub(super) fn look(
         &mut self,
         own: &str,
@@ -98,6 +99,7 @@ impl Watch {
         }
         // Rows that are gone (reaped, or stopped gracefully) are forgotten
         // with `previous`, so the map holds only what the table holds.
+        silent.sort_unstable_by(|a, b| a.instance.cmp(&b.instance));
         silent
     }
 }
