@@ -1106,6 +1106,38 @@ mod tests {
         assert!(told.contains(r#"{"room":"side","nick":"u8"}"#), "{told}");
     }
 
+    #[tokio::test]
+    async fn a_rename_made_while_the_claims_are_re_asserted_keeps_the_rooms() {
+        let (_dir, a, b) = two_instances().await;
+        let mut lease = a.lease.lock().unwrap().take().unwrap();
+        let (u8, u9) = (Nick::parse("u8").unwrap(), Nick::parse("u9").unwrap());
+        let general = RoomName::parse("general").unwrap();
+        assert!(a.claim_nick(&u8, SessionId(1)).await.unwrap());
+        a.joined(&general, &u8, 0).await.unwrap();
+        lease::Lease::release(&a.db, "a").await.unwrap();
+
+        // u8 becomes u9 after the hub's first snapshot, and the rename
+        // reaches the database while the lease is still reaped: u9 is
+        // claimed, but there is no membership to move yet.
+        assert!(a.claim_nick(&u9, SessionId(1)).await.unwrap());
+        a.renamed(&u8, &u9, SessionId(1)).await.unwrap();
+        let claim = |nick: &Nick| crate::core::ports::Claim {
+            session: SessionId(1),
+            nick: nick.clone(),
+            rooms: vec![(general.clone(), 0)],
+        };
+        let hub: Arc<dyn Deliver> = Arc::new(Snapshots(StdMutex::new(vec![
+            vec![claim(&u8)],
+            vec![claim(&u9)],
+        ])));
+        take_inbox(&b).await;
+        lease.renew(&a.db, Some(&hub)).await.unwrap();
+
+        assert_eq!(b.members(&general).await.unwrap(), vec![u9.clone()]);
+        let told = take_inbox(&b).await.concat();
+        assert!(told.contains(r#"{"room":"general","nick":"u9"}"#), "{told}");
+    }
+
     #[test]
     fn a_reaped_instance_s_departures_arrive_one_per_membership() {
         let member = |room: &str, nick: &str| Member {

@@ -240,9 +240,12 @@ async fn reassert(database: &Db, instance: &str, sink: &dyn Deliver) -> Result<(
 }
 
 /// Records and announces the rooms that sessions whose nick was kept joined
-/// after the snapshot `kept` comes from, as `now` (a later one) shows. A
-/// membership already recorded (the join reached the database after the
-/// nick was claimed again, and announced itself) is left as it is.
+/// after the snapshot `kept` comes from, as `now` (a later one) shows, and
+/// every room of one that was renamed meanwhile: its rename reached the
+/// database before its memberships were claimed again, so it moved none,
+/// and [`tidy`] has just withdrawn them under the old nick. A membership
+/// already recorded (the join or rename reached the database after the
+/// claims, and announced itself) is left as it is.
 async fn joined_meanwhile(
     database: &Db,
     instance: &str,
@@ -251,14 +254,12 @@ async fn joined_meanwhile(
 ) -> Result<(), BusError> {
     let mut joined = Vec::new();
     for claim in now {
-        let Some(before) = kept
-            .iter()
-            .find(|k| k.session == claim.session && k.nick == claim.nick)
-        else {
+        let Some(before) = kept.iter().find(|k| k.session == claim.session) else {
             continue;
         };
+        let renamed = before.nick != claim.nick;
         for (room, _) in &claim.rooms {
-            if before.rooms.iter().any(|(r, _)| r == room) {
+            if !renamed && before.rooms.iter().any(|(r, _)| r == room) {
                 continue;
             }
             let recorded =
