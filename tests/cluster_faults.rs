@@ -23,8 +23,9 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 /// Both rooms every user is in.
 const ROOMS: [&str; 2] = ["general", "side"];
 /// From a crash (or the start of a stall) until the others announce its
-/// users' departures: the lease, the heartbeat that finds it expired, one poll.
-const DEPARTURE: Duration = Duration::from_secs(LEASE.as_secs() + 3);
+/// users' departures: the lease, up to two heartbeats (the look that first
+/// finds its last renewal, and the one that finds it a lease old), one poll.
+const DEPARTURE: Duration = Duration::from_secs(LEASE.as_secs() + 5);
 
 /// A TCP user in JSON mode whose reads may wait longer than the harness's
 /// per-line limit: a departure takes a whole lease to be announced.
@@ -522,11 +523,10 @@ async fn an_outage_everyone_sees_gives_nothing_away() {
     pg.drop_now().await;
 }
 
-/// Two instances on `db`: `ahead_or_behind` runs with its wall clock moved
-/// by `offset`, `plain` with the machine's; `u0` is on the first and `u1` on
-/// the second, both in every room. `None` if libfaketime is missing.
-async fn skewed_pair(db: &str, offset: &str) -> Option<([Daemon; 2], [Peer; 2])> {
-    let env = common::skewed_clock(offset)?;
+/// Two instances on `db`: `skewed` runs with `env` (a clock of its own, see
+/// `common::skewed_clock`), `plain` with the machine's clock; `u0` is on
+/// the first and `u1` on the second, both in every room.
+async fn skewed_pair(db: &str, env: &[(&str, String)]) -> ([Daemon; 2], [Peer; 2]) {
     let args = [
         "--db",
         db,
@@ -537,7 +537,7 @@ async fn skewed_pair(db: &str, offset: &str) -> Option<([Daemon; 2], [Peer; 2])>
         "--instance",
         "skewed",
     ];
-    let skewed = Daemon::start_env(&args, &env).await;
+    let skewed = Daemon::start_env(&args, env).await;
     let plain = start(db, "plain").await;
     let mut peers = [
         Peer::join(skewed.tcp, "u0").await,
@@ -549,7 +549,29 @@ async fn skewed_pair(db: &str, offset: &str) -> Option<([Daemon; 2], [Peer; 2])>
             converge(peer, room, &both).await;
         }
     }
-    Some(([skewed, plain], peers))
+    ([skewed, plain], peers)
+}
+
+/// Waits out `lease_and_more` (the fault's shape, not a synchronisation),
+/// then checks that nobody left meanwhile: a marker joins, and each peer
+/// must see that join before any `leave`. Returns the marker, who leaves
+/// when dropped.
+async fn nobody_leaves(daemon: &Daemon, peers: &mut [Peer], lease_and_more: Duration) -> Peer {
+    tokio::time::sleep(lease_and_more).await;
+    let marker = Peer::join_rooms(daemon.tcp, "marker", &["general"]).await;
+    for peer in peers.iter_mut() {
+        let first = peer
+            .expect("the marker's join", |v| {
+                v["type"] == "leave" || (v["type"] == "join" && v["nick"] == "marker")
+            })
+            .await;
+        assert_eq!(first["type"], "join", "a live user left: {first}");
+    }
+    let everyone = ["marker", "u0", "u1"].map(String::from).to_vec();
+    for peer in peers.iter_mut() {
+        assert_eq!(peer.who("general").await, everyone);
+    }
+    marker
 }
 
 /// An instance whose clock runs a minute ahead must not take the other
@@ -561,25 +583,12 @@ async fn a_clock_running_ahead_gives_no_live_user_away() {
     let Some(pg) = PgDatabase::create().await else {
         return;
     };
-    let Some((daemons, mut peers)) = skewed_pair(&pg.url, "+60s").await else {
+    let Some(env) = common::skewed_clock("+60s") else {
         return;
     };
-    // The fault's shape, not a synchronisation: the skewed instance runs
-    // for a lease and two heartbeats, long enough to have reaped.
-    tokio::time::sleep(LEASE + Duration::from_secs(4)).await;
-    let _marker = Peer::join_rooms(daemons[1].tcp, "marker", &["general"]).await;
-    for peer in &mut peers {
-        let first = peer
-            .expect("the marker's join", |v| {
-                v["type"] == "leave" || (v["type"] == "join" && v["nick"] == "marker")
-            })
-            .await;
-        assert_eq!(first["type"], "join", "a live user left: {first}");
-    }
-    let everyone = ["marker", "u0", "u1"].map(String::from).to_vec();
-    for peer in &mut peers {
-        assert_eq!(peer.who("general").await, everyone);
-    }
+    let (daemons, mut peers) = skewed_pair(&pg.url, &env).await;
+    // Long enough for the skewed instance to have reaped.
+    let _marker = nobody_leaves(&daemons[1], &mut peers, LEASE + Duration::from_secs(4)).await;
     drop(daemons);
     pg.drop_now().await;
 }
@@ -591,9 +600,10 @@ async fn a_clock_running_ahead_gives_no_live_user_away() {
 async fn a_clock_running_behind_still_reaps_the_dead() {
     let dir = temp_dir();
     let db = common::sqlite_url(&dir);
-    let Some(([_skewed, mut plain], mut peers)) = skewed_pair(&db, "-60s").await else {
+    let Some(env) = common::skewed_clock("-60s") else {
         return;
     };
+    let ([_skewed, mut plain], mut peers) = skewed_pair(&db, &env).await;
     let started = Instant::now();
     plain.kill9().await;
     let gone = ROOMS.map(|room| (room.to_owned(), "u1".to_owned())).into();
@@ -606,6 +616,40 @@ async fn a_clock_running_behind_still_reaps_the_dead() {
         started.elapsed()
     );
     assert_eq!(peers[0].who("general").await, ["u0"]);
+}
+
+/// An instance's wall clock is stepped an hour ahead, then two hours back
+/// (someone fixing a bad step) while it runs. Its renewals must still count
+/// (a renewal writes one more than the last value when its clock says less),
+/// so nobody takes its users for gone; killed afterwards, it is still
+/// reaped within the lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clock_stepped_back_mid_run_keeps_its_users_until_it_dies() {
+    let Some(pg) = PgDatabase::create().await else {
+        return;
+    };
+    let dir = temp_dir();
+    let offset = dir.path().join("faketime.rc");
+    std::fs::write(&offset, "+0s\n").unwrap();
+    let Some(env) = common::stepped_clock(&offset) else {
+        return;
+    };
+    let ([mut stepped, plain], mut peers) = skewed_pair(&pg.url, &env).await;
+    // The steps are the fault: an hour ahead for a heartbeat or so, then back.
+    std::fs::write(&offset, "+3600s\n").unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    std::fs::write(&offset, "-3600s\n").unwrap();
+    let _marker = nobody_leaves(&plain, &mut peers, LEASE + Duration::from_secs(4)).await;
+
+    let started = Instant::now();
+    stepped.kill9().await;
+    let gone = ROOMS.map(|room| (room.to_owned(), "u0".to_owned())).into();
+    let seen = peers[1]
+        .presence("leave", &gone, started + DEPARTURE + Duration::from_secs(2))
+        .await;
+    assert_eq!(seen.len(), gone.len(), "each leave once: {seen:?}");
+    drop((stepped, plain));
+    pg.drop_now().await;
 }
 
 /// What waits in `instance`'s inbox, oldest first: each row's `kind`.

@@ -329,6 +329,27 @@ pub fn missing_service(what: &str, why: impl std::fmt::Display) -> Option<PgData
 /// libfaketime is not installed (`apt-get install faketime`; or point
 /// `BABY_TEST_FAKETIME` at `libfaketime.so.1`).
 pub fn skewed_clock(offset: &str) -> Option<Vec<(&'static str, String)>> {
+    Some(vec![
+        ("LD_PRELOAD", faketime()?),
+        ("FAKETIME", offset.to_owned()),
+        ("FAKETIME_DONT_FAKE_MONOTONIC", "1".to_owned()),
+    ])
+}
+
+/// Like [`skewed_clock`], with the offset read from `file` whenever the
+/// daemon reads the clock: rewriting the file steps its clock while it runs.
+pub fn stepped_clock(file: &std::path::Path) -> Option<Vec<(&'static str, String)>> {
+    Some(vec![
+        ("LD_PRELOAD", faketime()?),
+        ("FAKETIME_TIMESTAMP_FILE", file.display().to_string()),
+        ("FAKETIME_NO_CACHE", "1".to_owned()),
+        ("FAKETIME_DONT_FAKE_MONOTONIC", "1".to_owned()),
+    ])
+}
+
+/// Where libfaketime is, or `None` after skipping (or failing) as
+/// [`skewed_clock`] says.
+fn faketime() -> Option<String> {
     let found = std::env::var("BABY_TEST_FAKETIME").ok().or_else(|| {
         let arch_dirs = std::fs::read_dir("/usr/lib")
             .into_iter()
@@ -342,19 +363,14 @@ pub fn skewed_clock(offset: &str) -> Option<Vec<(&'static str, String)>> {
             .find(|lib| lib.exists())
             .map(|lib| lib.display().to_string())
     });
-    let Some(lib) = found else {
+    if found.is_none() {
         let why = "no libfaketime.so.1 under /usr/lib or /usr/local/lib";
         if services_required() {
             panic!("libfaketime is required (BABY_REQUIRE_SERVICES=1) but unavailable: {why}");
         }
         eprintln!("SKIPPED: libfaketime unavailable ({why}); apt-get install faketime");
-        return None;
-    };
-    Some(vec![
-        ("LD_PRELOAD", lib),
-        ("FAKETIME", offset.to_owned()),
-        ("FAKETIME_DONT_FAKE_MONOTONIC", "1".to_owned()),
-    ])
+    }
+    found
 }
 
 /// A fresh PostgreSQL database for one test, dropped by [`PgDatabase::drop_now`].
