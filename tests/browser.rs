@@ -62,15 +62,18 @@ impl Driver {
         let http = Http::new(addr);
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
         loop {
-            if tokio::net::TcpStream::connect(addr).await.is_ok() {
-                let status = http.get("/status").await;
-                if status.status == 200 && status.json()["value"]["ready"] == true {
+            // A chromedriver still starting may accept and close unanswered.
+            let status = http.try_get("/status").await;
+            match &status {
+                Ok(status) if status.status == 200 && status.json()["value"]["ready"] == true => {
                     break;
                 }
+                _ => {}
             }
             assert!(
                 tokio::time::Instant::now() < deadline,
-                "chromedriver did not start"
+                "chromedriver did not start: {:?}",
+                status.map(|s| s.text())
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }

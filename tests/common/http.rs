@@ -113,7 +113,27 @@ impl Http {
         headers: &[(&str, &str)],
         body: Option<Bytes>,
     ) -> Open {
-        let stream = TcpStream::connect(self.addr).await.expect("connects");
+        self.try_open(method, path, headers, body)
+            .await
+            .unwrap_or_else(|err| panic!("{path}: {err}"))
+    }
+
+    /// `GET path`, or why there was no answer: for probing a server that may
+    /// not be ready (it may accept a connection and close it unanswered).
+    pub async fn try_get(&self, path: &str) -> Result<Reply, String> {
+        self.try_request(Method::GET, path, &[], None).await
+    }
+
+    async fn try_open(
+        &self,
+        method: Method,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Option<Bytes>,
+    ) -> Result<Open, String> {
+        let stream = TcpStream::connect(self.addr)
+            .await
+            .map_err(|err| format!("connect: {err}"))?;
         let io = TokioIo::new(stream);
         let mut req = Request::builder().method(method).uri(path);
         if self.version == Version::H1 {
@@ -131,7 +151,7 @@ impl Http {
             Version::H1 => {
                 let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
                     .await
-                    .expect("HTTP/1.1 handshake");
+                    .map_err(|err| format!("HTTP/1.1 handshake: {err}"))?;
                 let connection = tokio::spawn(async move {
                     let _ = conn.await;
                 });
@@ -141,22 +161,22 @@ impl Http {
                 let (mut sender, conn) =
                     hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
                         .await
-                        .expect("HTTP/2 handshake");
+                        .map_err(|err| format!("HTTP/2 handshake: {err}"))?;
                 let connection = tokio::spawn(async move {
                     let _ = conn.await;
                 });
                 (sender.send_request(req).await, connection)
             }
         };
-        let response = response.expect("a response");
+        let response = response.map_err(|err| format!("no response: {err}"))?;
         let (parts, body) = response.into_parts();
-        Open {
+        Ok(Open {
             status: parts.status.as_u16(),
             headers: parts.headers,
             version: parts.version,
             body,
             connection,
-        }
+        })
     }
 
     /// Sends a request and reads the whole response (within [`WAIT`]).
@@ -167,23 +187,35 @@ impl Http {
         headers: &[(&str, &str)],
         body: Option<Bytes>,
     ) -> Reply {
+        self.try_request(method, path, headers, body)
+            .await
+            .unwrap_or_else(|err| panic!("{path}: {err}"))
+    }
+
+    async fn try_request(
+        &self,
+        method: Method,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Option<Bytes>,
+    ) -> Result<Reply, String> {
         let fut = async {
-            let mut open = self.open(method, path, headers, body).await;
+            let mut open = self.try_open(method, path, headers, body).await?;
             let body = (&mut open.body)
                 .collect()
                 .await
-                .expect("the whole body")
+                .map_err(|err| format!("the whole body: {err}"))?
                 .to_bytes();
-            Reply {
+            Ok(Reply {
                 status: open.status,
                 headers: std::mem::take(&mut open.headers),
                 body,
                 version: open.version,
-            }
+            })
         };
         tokio::time::timeout(WAIT, fut)
             .await
-            .expect("a response within the wait")
+            .map_err(|_| "no response within the wait".to_owned())?
     }
 
     /// `GET path`.
