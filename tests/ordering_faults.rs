@@ -33,6 +33,11 @@ fn pg_upstream() -> SocketAddr {
 
 /// A poll-bus daemon on `db`, fast polling.
 async fn poll_daemon(db: &str, name: &str, extra: &[&str]) -> Daemon {
+    poll_daemon_env(db, name, extra, &[]).await
+}
+
+/// [`poll_daemon`], with `env` added to its environment.
+async fn poll_daemon_env(db: &str, name: &str, extra: &[&str], env: &[(&str, String)]) -> Daemon {
     let mut args = vec![
         "--db",
         db,
@@ -44,7 +49,7 @@ async fn poll_daemon(db: &str, name: &str, extra: &[&str]) -> Daemon {
         name,
     ];
     args.extend_from_slice(extra);
-    Daemon::start(&args).await
+    Daemon::start_env(&args, env).await
 }
 
 /// Waits until `/healthz` says 200.
@@ -395,6 +400,52 @@ async fn an_idempotency_key_sends_once_across_instances() {
         keyed_sends_across_instances(&db.url).await;
         db.drop_now().await;
     }
+}
+
+/// A retry through an instance whose clock runs 15 minutes ahead (more
+/// than the 10-minute window) still finds the key a moment old: a key's age
+/// is read on the database's clock. On the instances' own clocks, that
+/// instance took the key for expired, and the retry was sent a second time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idempotency_key_sends_once_across_instances_whose_clocks_disagree() {
+    let Some(db) = PgDatabase::create().await else {
+        return;
+    };
+    let Some(ahead) = common::skewed_clock("+900s") else {
+        return;
+    };
+    let one = poll_daemon(&db.url, "k1", &[]).await;
+    let two = poll_daemon_env(&db.url, "k2", &[], &ahead).await;
+    let (h1, h2) = (Http::new(one.http), Http::new(two.http));
+    let key = "6c1d2e3f-4a5b-4c6d-8e7f-9a0b1c2d3e4f";
+    let token = http_member(&h1, "erin", "clocks").await;
+    let first = post_message(&h1, &token, "clocks", "once", Some(key)).await;
+    assert_eq!(first.status, 200, "{}", first.text());
+    let dave = http_member(&h2, "dave", "clocks").await;
+    let gone = h1.post("/disconnect", Some(&token), &json!({})).await;
+    assert_eq!(gone.status, 204);
+    let deadline = Instant::now() + WAIT;
+    let token = loop {
+        let reply = h2.post("/connect", None, &json!({ "nick": "erin" })).await;
+        if reply.status == 201 {
+            break reply.json()["session"].as_str().unwrap().to_owned();
+        }
+        assert!(Instant::now() < deadline, "erin's nick was never freed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let joined = h2.command(&token, "/join clocks").await;
+    assert_eq!(joined.status, 200, "{}", joined.text());
+    let retry = post_message(&h2, &token, "clocks", "once", Some(key)).await;
+    assert_eq!(retry.status, 200, "{}", retry.text());
+    assert_eq!(retry.json(), first.json(), "a repeat on the other instance");
+    // And the other way round: a key first used on the instance ahead.
+    let other = "7d2e3f4a-5b6c-4d7e-8f9a-0b1c2d3e4f5a";
+    let first = post_message(&h2, &dave, "clocks", "mine", Some(other)).await;
+    assert_eq!(first.status, 200, "{}", first.text());
+    let again = post_message(&h2, &dave, "clocks", "mine", Some(other)).await;
+    assert_eq!(again.json(), first.json(), "a repeat on the instance ahead");
+    drop((one, two));
+    db.drop_now().await;
 }
 
 async fn keyed_sends_across_instances(db: &str) {

@@ -40,7 +40,7 @@ use crate::core::ports::{
 use crate::core::{
     DirectMessage, Draft, Message, Nick, NickKey, RoomCount, RoomName, SessionId, Timestamp,
 };
-use crate::store::keys::{self as idempotency, Pruner as KeyPruner};
+use crate::store::keys::{Clock, KeyTable};
 
 /// How long an instance may stay silent before the others reap its claims
 /// (its users leave every room, its nicks are free).
@@ -69,7 +69,7 @@ pub struct PollBus {
     /// publishes are then refused at once instead of waiting.
     gate: Arc<Gate>,
     /// Deletes expired idempotency keys now and then.
-    pruner: KeyPruner,
+    keys: KeyTable,
     stop: CancellationToken,
     poller: StdMutex<Option<tokio::task::JoinHandle<()>>>,
     /// This instance's lease, until the poller takes it over.
@@ -239,7 +239,7 @@ impl PollBus {
             interval,
             state: Arc::new(Mutex::new(Cursors::default())),
             gate: Arc::default(),
-            pruner: KeyPruner::default(),
+            keys: KeyTable::new(Clock::of_url(url)),
             stop: CancellationToken::new(),
             poller: StdMutex::new(None),
             lease: StdMutex::new(None),
@@ -533,7 +533,7 @@ impl PollBus {
         if key.is_some() {
             // Before the transaction: once COMMIT is sent, nothing may fail
             // or time the send out.
-            self.pruner.maybe_prune(self.db.run()).await;
+            self.keys.prune_now_and_then(self.db.run()).await;
         }
         // BEGIN and COMMIT are not counted.
         self.db.statements.fetch_add(1, Ordering::Relaxed);
@@ -551,10 +551,17 @@ impl PollBus {
         let message = Arc::new(draft.sequence(seq.max(1) as u64));
         if let Some(key) = &key {
             self.db.statements.fetch_add(1, Ordering::Relaxed);
-            if !idempotency::claim(&mut *tx, &message.nick, key, &message).await? {
+            if !self
+                .keys
+                .claim(&mut *tx, &message.nick, key, &message)
+                .await?
+            {
                 // Rolling back also un-bumps the room's seq: nothing was used.
                 tx.rollback().await.map_err(db)?;
-                let first = idempotency::original(self.db.run(), &message.nick, key).await?;
+                let first = self
+                    .keys
+                    .original(self.db.run(), &message.nick, key)
+                    .await?;
                 return first.map(Sequenced::Repeat).ok_or_else(|| {
                     BusError::Store(StoreError::Corrupt(format!(
                         "idempotency key {:?} names no message",

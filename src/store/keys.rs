@@ -5,11 +5,18 @@
 //! are there or neither is. Claiming the key is an `INSERT` that a live row
 //! with the same `(nick, key)` turns into a no-op; the caller then rolls back
 //! (its seq is never used) and answers with the first message. Rows older
-//! than [`WINDOW`] no longer count: a claim overwrites them, and [`Pruner`]
-//! deletes them now and then so the table holds about one window of keys.
+//! than [`WINDOW`] no longer count: a claim overwrites them, and
+//! [`KeyTable`] deletes them now and then so the table holds about one
+//! window of keys.
+//!
+//! A key's age is read on the database's clock, never an instance's: two
+//! instances whose clocks disagree would otherwise disagree on which keys
+//! are live, and one running ahead by more than the window would take every
+//! key for expired and send each retry again.
 //!
 //! The statements are written once with `$N` parameters, which SQLite,
-//! PostgreSQL and sqlx's `Any` driver (the poll bus) all accept.
+//! PostgreSQL and sqlx's `Any` driver (the poll bus) all accept; only the
+//! clock's expression differs.
 
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
@@ -31,83 +38,123 @@ fn window_ms() -> i64 {
     WINDOW.as_millis() as i64
 }
 
-/// Records that `nick` used `key` for `room:seq`, unless a live row already
-/// says it did. Returns false when the key is taken: the caller must roll its
-/// transaction back and answer with [`original`].
-pub(crate) async fn claim<'c, DB, E>(
-    executor: E,
-    nick: &Nick,
-    key: &IdempotencyKey,
-    message: &Message,
-) -> Result<bool, StoreError>
-where
-    DB: Database,
-    E: Executor<'c, Database = DB>,
-    for<'a> DB::Arguments: IntoArguments<DB>,
-    for<'a> &'a str: Encode<'a, DB> + Type<DB>,
-    for<'a> i64: Encode<'a, DB> + Type<DB>,
-    (i64,): for<'r> FromRow<'r, DB::Row>,
-{
-    let now = Timestamp::now().0;
-    let nick_key = nick.key();
-    let claimed: Option<(i64,)> = sqlx::query_as(
-        "INSERT INTO message_keys (nick_key, idem_key, room, seq, created_at)
-         VALUES ($1, $2, $3, $4, $5)
-         ON CONFLICT (nick_key, idem_key) DO UPDATE
-         SET room = excluded.room, seq = excluded.seq, created_at = excluded.created_at
-         WHERE message_keys.created_at < $6
-         RETURNING created_at",
-    )
-    .bind(nick_key.as_str())
-    .bind(key.as_str())
-    .bind(message.room.as_str())
-    .bind(sql_seq(message.seq))
-    .bind(now)
-    .bind(now - window_ms())
-    .fetch_optional(executor)
-    .await?;
-    Ok(claimed.is_some())
+/// Which database's clock keys are dated by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Clock {
+    Sqlite,
+    Postgres,
 }
 
-/// The message `nick` first sent with `key`, if that was within the window.
-pub(crate) async fn original<'c, DB, E>(
-    executor: E,
-    nick: &Nick,
-    key: &IdempotencyKey,
-) -> Result<Option<Message>, StoreError>
-where
-    DB: Database,
-    E: Executor<'c, Database = DB>,
-    for<'a> DB::Arguments: IntoArguments<DB>,
-    for<'a> &'a str: Encode<'a, DB> + Type<DB>,
-    for<'a> i64: Encode<'a, DB> + Type<DB>,
-    for<'r> StoredRow: FromRow<'r, DB::Row>,
-    for<'r> String: Decode<'r, DB>,
-{
-    let row: Option<StoredRow> = sqlx::query_as(
-        "SELECT m.room, m.seq, m.id, m.nick, m.text, m.kind, m.ts
-         FROM message_keys k JOIN messages m ON m.room = k.room AND m.seq = k.seq
-         WHERE k.nick_key = $1 AND k.idem_key = $2 AND k.created_at >= $3",
-    )
-    .bind(nick.key().as_str())
-    .bind(key.as_str())
-    .bind(Timestamp::now().0 - window_ms())
-    .fetch_optional(executor)
-    .await?;
-    row.map(Message::try_from).transpose()
+impl Clock {
+    /// The clock of the database a `--db` URL names.
+    pub fn of_url(url: &str) -> Clock {
+        if url.starts_with("sqlite:") {
+            Clock::Sqlite
+        } else {
+            Clock::Postgres
+        }
+    }
+
+    /// The database's time now, in milliseconds since the Unix epoch, as SQL.
+    fn now_ms(self) -> &'static str {
+        match self {
+            Clock::Sqlite => "CAST((julianday('now') - 2440587.5) * 86400000.0 AS INTEGER)",
+            Clock::Postgres => "CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000 AS BIGINT)",
+        }
+    }
 }
 
-/// Deletes expired keys at most once per [`PRUNE_EVERY`] per process, so the
-/// table stays about one window's worth of sends whatever the uptime.
-#[derive(Debug, Default)]
-pub(crate) struct Pruner {
-    last_ms: AtomicI64,
+/// One database's table of idempotency keys.
+#[derive(Debug)]
+pub(crate) struct KeyTable {
+    clock: Clock,
+    /// When this process last deleted expired keys, on its own clock (it
+    /// only paces the deletes).
+    pruned_ms: AtomicI64,
 }
 
-impl Pruner {
-    /// Deletes expired keys if this process has not done so lately. A failed
-    /// prune is only logged: the next keyed send tries again.
-    pub(crate) async fn maybe_prune<'c, DB, E>(&self, executor: E)
+impl KeyTable {
+    pub(crate) fn new(clock: Clock) -> KeyTable {
+        KeyTable {
+            clock,
+            pruned_ms: AtomicI64::new(0),
+        }
+    }
+
+    /// Records that `nick` used `key` for `room:seq`, unless a live row
+    /// already says it did. Returns false when the key is taken: the caller
+    /// must roll its transaction back and answer with [`KeyTable::original`].
+    pub(crate) async fn claim<'c, DB, E>(
+        &self,
+        executor: E,
+        nick: &Nick,
+        key: &IdempotencyKey,
+        message: &Message,
+    ) -> Result<bool, StoreError>
+    where
+        DB: Database,
+        E: Executor<'c, Database = DB>,
+        for<'a> DB::Arguments: IntoArguments<DB>,
+        for<'a> &'a str: Encode<'a, DB> + Type<DB>,
+        for<'a> i64: Encode<'a, DB> + Type<DB>,
+        (i64,): for<'r> FromRow<'r, DB::Row>,
+    {
+        let now = self.clock.now_ms();
+        let sql = format!(
+            "INSERT INTO message_keys (nick_key, idem_key, room, seq, created_at)
+             VALUES ($1, $2, $3, $4, {now})
+             ON CONFLICT (nick_key, idem_key) DO UPDATE
+             SET room = excluded.room, seq = excluded.seq, created_at = excluded.created_at
+             WHERE message_keys.created_at < {now} - $5
+             RETURNING created_at"
+        );
+        // Only the clock's fixed expression is formatted in; values are bound.
+        let claimed: Option<(i64,)> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+            .bind(nick.key().as_str())
+            .bind(key.as_str())
+            .bind(message.room.as_str())
+            .bind(sql_seq(message.seq))
+            .bind(window_ms())
+            .fetch_optional(executor)
+            .await?;
+        Ok(claimed.is_some())
+    }
+
+    /// The message `nick` first sent with `key`, if that was within the window.
+    pub(crate) async fn original<'c, DB, E>(
+        &self,
+        executor: E,
+        nick: &Nick,
+        key: &IdempotencyKey,
+    ) -> Result<Option<Message>, StoreError>
+    where
+        DB: Database,
+        E: Executor<'c, Database = DB>,
+        for<'a> DB::Arguments: IntoArguments<DB>,
+        for<'a> &'a str: Encode<'a, DB> + Type<DB>,
+        for<'a> i64: Encode<'a, DB> + Type<DB>,
+        for<'r> StoredRow: FromRow<'r, DB::Row>,
+        for<'r> String: Decode<'r, DB>,
+    {
+        let sql = format!(
+            "SELECT m.room, m.seq, m.id, m.nick, m.text, m.kind, m.ts
+             FROM message_keys k JOIN messages m ON m.room = k.room AND m.seq = k.seq
+             WHERE k.nick_key = $1 AND k.idem_key = $2 AND k.created_at >= {} - $3",
+            self.clock.now_ms()
+        );
+        let row: Option<StoredRow> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+            .bind(nick.key().as_str())
+            .bind(key.as_str())
+            .bind(window_ms())
+            .fetch_optional(executor)
+            .await?;
+        row.map(Message::try_from).transpose()
+    }
+
+    /// Deletes expired keys at most once per [`PRUNE_EVERY`] per process, so
+    /// the table stays about one window's worth of sends whatever the uptime.
+    /// A failed prune is only logged: the next keyed send tries again.
+    pub(crate) async fn prune_now_and_then<'c, DB, E>(&self, executor: E)
     where
         DB: Database,
         E: Executor<'c, Database = DB>,
@@ -115,18 +162,22 @@ impl Pruner {
         for<'a> i64: Encode<'a, DB> + Type<DB>,
     {
         let now = Timestamp::now().0;
-        let last = self.last_ms.load(Ordering::Relaxed);
+        let last = self.pruned_ms.load(Ordering::Relaxed);
         let due = now - last >= PRUNE_EVERY.as_millis() as i64;
         if !due
             || self
-                .last_ms
+                .pruned_ms
                 .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
                 .is_err()
         {
             return;
         }
-        let result = sqlx::query("DELETE FROM message_keys WHERE created_at < $1")
-            .bind(now - window_ms())
+        let sql = format!(
+            "DELETE FROM message_keys WHERE created_at < {} - $1",
+            self.clock.now_ms()
+        );
+        let result = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(window_ms())
             .execute(executor)
             .await;
         if let Err(err) = result {

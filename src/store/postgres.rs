@@ -10,7 +10,7 @@ use async_trait::async_trait;
 use sqlx::Connection;
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
 
-use super::keys::Pruner;
+use super::keys::{Clock, KeyTable};
 use super::rows::{StoredRow, insert_once, messages, sql_seq};
 use super::seqs;
 use crate::core::ports::{Store, StoreError};
@@ -33,7 +33,7 @@ const INSERT_UNNEST: &str = "INSERT INTO messages (room, seq, id, nick, text, ki
 pub struct PostgresStore {
     pool: PgPool,
     /// Deletes expired idempotency keys now and then.
-    pruner: Arc<Pruner>,
+    keys: Arc<KeyTable>,
 }
 
 impl PostgresStore {
@@ -47,7 +47,7 @@ impl PostgresStore {
         sqlx::migrate!("migrations/postgres").run(&pool).await?;
         Ok(PostgresStore {
             pool,
-            pruner: Arc::default(),
+            keys: Arc::new(KeyTable::new(Clock::Postgres)),
         })
     }
 
@@ -133,7 +133,7 @@ impl Store for PostgresStore {
         message: &Arc<Message>,
         key: &IdempotencyKey,
     ) -> Result<Option<Message>, StoreError> {
-        insert_once(&self.pool, &self.pruner, message, key).await
+        insert_once(&self.pool, &self.keys, message, key).await
     }
 
     async fn seq_floor(&self, room: &RoomName) -> Result<u64, StoreError> {

@@ -108,7 +108,7 @@ where
 /// the message it was first used with.
 pub(crate) async fn insert_once<DB>(
     pool: &Pool<DB>,
-    pruner: &keys::Pruner,
+    keys: &keys::KeyTable,
     message: &Arc<Message>,
     key: &IdempotencyKey,
 ) -> Result<Option<Message>, StoreError>
@@ -126,11 +126,11 @@ where
 {
     // Before the transaction, not after its commit: a caller that times the
     // whole call out must never see a committed message reported as failed.
-    pruner.maybe_prune(pool).await;
+    keys.prune_now_and_then(pool).await;
     let mut tx = pool.begin().await?;
-    if !keys::claim(&mut *tx, &message.nick, key, message).await? {
+    if !keys.claim(&mut *tx, &message.nick, key, message).await? {
         tx.rollback().await?;
-        let first = keys::original(pool, &message.nick, key).await?;
+        let first = keys.original(pool, &message.nick, key).await?;
         return first.map(Some).ok_or_else(|| {
             StoreError::Corrupt(format!(
                 "idempotency key {:?} names no message",

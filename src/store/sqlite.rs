@@ -12,7 +12,7 @@ use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
 
-use super::keys::Pruner;
+use super::keys::{Clock, KeyTable};
 use super::rows::{StoredRow, insert_batch, insert_once, messages, sql_seq};
 use super::seqs;
 use crate::core::ports::{Durability, Store, StoreError};
@@ -27,7 +27,7 @@ const ROWS_PER_INSERT: usize = 1_000;
 pub struct SqliteStore {
     pool: SqlitePool,
     /// Deletes expired idempotency keys now and then.
-    pruner: Arc<Pruner>,
+    keys: Arc<KeyTable>,
 }
 
 /// Attempts at migrating a database other instances may be migrating too.
@@ -72,7 +72,7 @@ impl SqliteStore {
         }
         Ok(SqliteStore {
             pool,
-            pruner: Arc::default(),
+            keys: Arc::new(KeyTable::new(Clock::Sqlite)),
         })
     }
 
@@ -105,7 +105,7 @@ impl Store for SqliteStore {
         message: &Arc<Message>,
         key: &IdempotencyKey,
     ) -> Result<Option<Message>, StoreError> {
-        insert_once(&self.pool, &self.pruner, message, key).await
+        insert_once(&self.pool, &self.keys, message, key).await
     }
 
     async fn seq_floor(&self, room: &RoomName) -> Result<u64, StoreError> {
