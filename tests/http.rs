@@ -745,6 +745,53 @@ async fn sigterm_ends_open_streams_and_exits_zero() {
     assert_eq!(last.json()["code"], "unavailable");
 }
 
+/// Reads `stream` until what it sent contains `needle` (within 10 s).
+async fn read_until(stream: &mut tokio::net::TcpStream, got: &mut Vec<u8>, needle: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !String::from_utf8_lossy(got).contains(needle) {
+        let mut buf = [0u8; 4096];
+        let n = tokio::time::timeout_at(deadline, stream.read(&mut buf))
+            .await
+            .unwrap_or_else(|_| panic!("no {needle:?} in: {}", String::from_utf8_lossy(got)))
+            .unwrap();
+        assert!(
+            n > 0,
+            "closed before {needle:?}: {}",
+            String::from_utf8_lossy(got)
+        );
+        got.extend_from_slice(&buf[..n]);
+    }
+}
+
+/// Session streams are served two ways: HTTP/1.1 by the adapter's own
+/// stream writer, anything else (here HTTP/1.0) by hyper. On SIGTERM both
+/// say the server is shutting down and end on their own, well before the
+/// drain's deadline: the stream learns of it from its session's end.
+#[tokio::test]
+async fn sigterm_ends_session_streams_served_by_hyper_and_by_hand() {
+    let (d, _dir, http) = daemon(&[]).await;
+    let mut streams = Vec::new();
+    for (nick, version) in [("alice", "HTTP/1.0"), ("bob", "HTTP/1.1")] {
+        let (token, _) = http.connect(Some(nick)).await;
+        let mut raw = tokio::net::TcpStream::connect(http.addr).await.unwrap();
+        let request = format!("GET /events?session={token} {version}\r\nhost: x\r\n\r\n");
+        raw.write_all(request.as_bytes()).await.unwrap();
+        let mut got = Vec::new();
+        read_until(&mut raw, &mut got, "welcome").await;
+        streams.push((raw, got));
+    }
+    let started = tokio::time::Instant::now();
+    assert_eq!(d.terminate().await, Some(0));
+    let took = started.elapsed();
+    for (mut raw, mut got) in streams {
+        read_until(&mut raw, &mut got, "the server is shutting down").await;
+    }
+    assert!(
+        took < Duration::from_secs(4),
+        "the daemon took {took:?} to stop"
+    );
+}
+
 #[tokio::test]
 async fn a_stream_that_stops_reading_is_cut_off() {
     let (d, _dir, http) = daemon(&["--queue", "8", "--rate", "0"]).await;

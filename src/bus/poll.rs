@@ -321,6 +321,28 @@ async fn record_member<'e>(
     Ok(written > 0)
 }
 
+/// Moves `instance`'s memberships of the nick keyed `old_key` to `new` (its
+/// key, and how it is written); returns their rooms.
+async fn move_memberships<'e>(
+    on: impl sqlx::Executor<'e, Database = Any>,
+    instance: &str,
+    old_key: &NickKey,
+    new: &Nick,
+) -> Result<Vec<String>, BusError> {
+    let rooms: Vec<(String,)> = sqlx::query_as(
+        "UPDATE presence SET nick_key = $1, nick = $2 WHERE nick_key = $3 AND instance = $4
+         RETURNING room",
+    )
+    .bind(new.key().as_str().to_owned())
+    .bind(new.as_str())
+    .bind(old_key.as_str())
+    .bind(instance)
+    .fetch_all(on)
+    .await
+    .map_err(db)?;
+    Ok(rooms.into_iter().map(|(room,)| room).collect())
+}
+
 /// Posts `row`, news that `nick_key` of `instance` joined `room` (or, with
 /// no room, was renamed to it), like [`broadcast`], but only while that is
 /// still true: the membership is recorded for `instance`, whose lease is
@@ -788,17 +810,8 @@ impl Directory for PollBus {
         let Some(mut tx) = while_registered(&self.db, &self.instance).await? else {
             return Ok(());
         };
-        let rooms: Vec<(String,)> = sqlx::query_as(
-            "UPDATE presence SET nick_key = $1, nick = $2 WHERE nick_key = $3 AND instance = $4
-             RETURNING room",
-        )
-        .bind(new_key.as_str())
-        .bind(new.as_str())
-        .bind(old_key.as_str())
-        .bind(self.instance.as_str())
-        .fetch_all(counted(&self.db, &mut tx))
-        .await
-        .map_err(db)?;
+        let on = counted(&self.db, &mut tx);
+        let rooms = move_memberships(on, &self.instance, &old_key, new).await?;
         // A change of case keeps the key, whose claim is now the new nick's.
         if old_key != new_key {
             sqlx::query("DELETE FROM nicks WHERE nick_key = $1 AND instance = $2 AND owner = $3")
@@ -813,7 +826,7 @@ impl Directory for PollBus {
             let row = InboxRow::Renamed {
                 old: old.to_string(),
                 new: new.to_string(),
-                rooms: rooms.into_iter().map(|(r,)| r).collect(),
+                rooms,
             };
             let on = counted(&self.db, &mut tx);
             announce(on, &self.instance, &row, &new_key, None).await?;
@@ -1128,21 +1141,103 @@ mod tests {
         // claimed, but there is no membership to move yet.
         assert!(a.claim_nick(&u9, SessionId(1)).await.unwrap());
         a.renamed(&u8, &u9, SessionId(1)).await.unwrap();
-        let claim = |nick: &Nick| crate::core::ports::Claim {
-            session: SessionId(1),
-            nick: nick.clone(),
-            rooms: vec![(general.clone(), 0)],
-        };
-        let hub: Arc<dyn Deliver> = Arc::new(Snapshots(StdMutex::new(vec![
-            vec![claim(&u8)],
-            vec![claim(&u9)],
-        ])));
         take_inbox(&b).await;
+        let hub = renamed_between(&u8, &u9, &general);
         lease.renew(&a.db, Some(&hub)).await.unwrap();
 
         assert_eq!(b.members(&general).await.unwrap(), vec![u9.clone()]);
         let told = take_inbox(&b).await.concat();
         assert!(told.contains(r#"{"room":"general","nick":"u9"}"#), "{told}");
+    }
+
+    /// The hub's two snapshots for session 1: in `general` as `first`, then
+    /// as `then`.
+    fn renamed_between(first: &Nick, then: &Nick, room: &RoomName) -> Arc<dyn Deliver> {
+        let claim = |nick: &Nick| crate::core::ports::Claim {
+            session: SessionId(1),
+            nick: nick.clone(),
+            rooms: vec![(room.clone(), 0)],
+        };
+        Arc::new(Snapshots(StdMutex::new(vec![
+            vec![claim(first)],
+            vec![claim(then)],
+        ])))
+    }
+
+    #[tokio::test]
+    async fn a_change_of_case_made_while_the_claims_are_re_asserted_keeps_nick_and_rooms() {
+        let (_dir, a, b) = two_instances().await;
+        let mut lease = a.lease.lock().unwrap().take().unwrap();
+        let (lower, upper) = (Nick::parse("u8").unwrap(), Nick::parse("U8").unwrap());
+        let general = RoomName::parse("general").unwrap();
+        assert!(a.claim_nick(&lower, SessionId(1)).await.unwrap());
+        a.joined(&general, &lower, 0).await.unwrap();
+        lease::Lease::release(&a.db, "a").await.unwrap();
+        assert!(a.claim_nick(&upper, SessionId(1)).await.unwrap());
+        a.renamed(&lower, &upper, SessionId(1)).await.unwrap();
+        take_inbox(&b).await;
+        let hub = renamed_between(&lower, &upper, &general);
+        lease.renew(&a.db, Some(&hub)).await.unwrap();
+
+        let told = take_inbox(&b).await.concat();
+        assert_eq!(b.members(&general).await.unwrap(), vec![upper], "{told}");
+        let taken = b.claim_nick(&lower, SessionId(2)).await.unwrap();
+        assert!(!taken, "b took u8 from a's live U8");
+        assert!(
+            told.contains(r#""new":"U8""#),
+            "the rename announced: {told}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_rename_away_from_a_nick_lost_meanwhile_keeps_the_rooms() {
+        let (_dir, a, b) = two_instances().await;
+        let mut lease = a.lease.lock().unwrap().take().unwrap();
+        let (u8, u9) = (Nick::parse("u8").unwrap(), Nick::parse("u9").unwrap());
+        let general = RoomName::parse("general").unwrap();
+        assert!(a.claim_nick(&u8, SessionId(1)).await.unwrap());
+        a.joined(&general, &u8, 0).await.unwrap();
+        lease::Lease::release(&a.db, "a").await.unwrap();
+        // While `a` is reaped, `b` takes u8 and `a`'s user becomes u9.
+        assert!(
+            b.claim_nick(&Nick::parse("U8").unwrap(), SessionId(2))
+                .await
+                .unwrap()
+        );
+        assert!(a.claim_nick(&u9, SessionId(1)).await.unwrap());
+        a.renamed(&u8, &u9, SessionId(1)).await.unwrap();
+        take_inbox(&b).await;
+        let hub = renamed_between(&u8, &u9, &general);
+        lease.renew(&a.db, Some(&hub)).await.unwrap();
+
+        let told = take_inbox(&b).await.concat();
+        assert_eq!(b.members(&general).await.unwrap(), vec![u9], "{told}");
+    }
+
+    #[tokio::test]
+    async fn a_session_that_arrived_while_the_lease_was_reaped_is_recorded() {
+        let (_dir, a, b) = two_instances().await;
+        let mut lease = a.lease.lock().unwrap().take().unwrap();
+        let (u5, general) = (
+            Nick::parse("u5").unwrap(),
+            RoomName::parse("general").unwrap(),
+        );
+        lease::Lease::release(&a.db, "a").await.unwrap();
+        // It connects and joins while `a` is reaped: the join records nothing.
+        assert!(a.claim_nick(&u5, SessionId(5)).await.unwrap());
+        a.joined(&general, &u5, 0).await.unwrap();
+        let claim = crate::core::ports::Claim {
+            session: SessionId(5),
+            nick: u5.clone(),
+            rooms: vec![(general.clone(), 0)],
+        };
+        let hub: Arc<dyn Deliver> = Arc::new(Snapshots(StdMutex::new(vec![vec![], vec![claim]])));
+        take_inbox(&b).await;
+        lease.renew(&a.db, Some(&hub)).await.unwrap();
+
+        assert_eq!(b.members(&general).await.unwrap(), vec![u5]);
+        let told = take_inbox(&b).await.concat();
+        assert!(told.contains(r#"{"room":"general","nick":"u5"}"#), "{told}");
     }
 
     #[test]

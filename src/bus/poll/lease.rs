@@ -39,7 +39,10 @@ use std::sync::Arc;
 use tokio::time::Instant;
 
 use super::silence::{Silent, Watch};
-use super::{Db, Existing, InboxRow, LEASE, Member, broadcast, counted, db, now_ms, record_member};
+use super::{
+    Db, Existing, InboxRow, LEASE, Member, broadcast, counted, db, move_memberships, now_ms,
+    record_member,
+};
 use crate::core::ports::{BusError, Claim, Deliver, Envelope};
 use crate::core::{Nick, RoomName, SessionId};
 
@@ -233,20 +236,26 @@ async fn reassert(database: &Db, instance: &str, sink: &dyn Deliver) -> Result<(
     // for it from the older snapshot must not outlive it.
     let now = sink.claims();
     tidy(database, instance, &claims, &now).await?;
-    // Except a join made before its nick was claimed again: the directory
-    // records a membership only under a nick this instance holds, so that
-    // join recorded nothing. The hub has it now; record it here.
-    joined_meanwhile(database, instance, &kept, &now).await
+    // Except what reached the database while the lease was still reaped: a
+    // join or rename then recorded nothing (see `while_registered`). The hub
+    // has it now; record it here.
+    recorded_meanwhile(database, instance, &kept, &now).await
 }
 
-/// Records and announces the rooms that sessions whose nick was kept joined
-/// after the snapshot `kept` comes from, as `now` (a later one) shows, and
-/// every room of one that was renamed meanwhile: its rename reached the
-/// database before its memberships were claimed again, so it moved none,
-/// and [`tidy`] has just withdrawn them under the old nick. A membership
-/// already recorded (the join or rename reached the database after the
-/// claims, and announced itself) is left as it is.
-async fn joined_meanwhile(
+/// Brings the directory up to `now`, a snapshot of the hub taken after the
+/// claims in `kept` were asserted again. What reached the database while
+/// the lease was still reaped recorded nothing, so:
+///
+/// - a session that joined rooms since has them recorded and announced;
+/// - one renamed since (its rename moved no membership) has all its rooms
+///   recorded under its new nick, if this instance holds it: also when its
+///   old nick was lost meanwhile, or when it connected only then;
+/// - one that only changed the case of its nick has its memberships written
+///   the new way, announced as the rename it was.
+///
+/// A membership already recorded (the join or rename reached the database
+/// after the claims, and announced itself) is left as it is.
+async fn recorded_meanwhile(
     database: &Db,
     instance: &str,
     kept: &[&Claim],
@@ -254,12 +263,23 @@ async fn joined_meanwhile(
 ) -> Result<(), BusError> {
     let mut joined = Vec::new();
     for claim in now {
-        let Some(before) = kept.iter().find(|k| k.session == claim.session) else {
-            continue;
-        };
-        let renamed = before.nick != claim.nick;
+        let asserted = kept
+            .iter()
+            .find(|k| k.session == claim.session && k.nick.key() == claim.nick.key());
+        if let Some(before) = asserted.filter(|k| k.nick != claim.nick) {
+            let on = database.run();
+            let rooms = move_memberships(on, instance, &claim.nick.key(), &claim.nick).await?;
+            if !rooms.is_empty() {
+                let row = InboxRow::Renamed {
+                    old: before.nick.to_string(),
+                    new: claim.nick.to_string(),
+                    rooms,
+                };
+                broadcast(database, instance, &row).await?;
+            }
+        }
         for (room, _) in &claim.rooms {
-            if !renamed && before.rooms.iter().any(|(r, _)| r == room) {
+            if asserted.is_some_and(|k| k.rooms.iter().any(|(r, _)| r == room)) {
                 continue;
             }
             let recorded =
@@ -291,7 +311,10 @@ async fn tidy(
 ) -> Result<(), BusError> {
     let now: HashMap<SessionId, &Claim> = after.iter().map(|c| (c.session, c)).collect();
     for old in before {
-        let current = now.get(&old.session).filter(|c| c.nick == old.nick);
+        // By key: a change of case keeps the claim and the memberships.
+        let current = now
+            .get(&old.session)
+            .filter(|c| c.nick.key() == old.nick.key());
         let gone = old
             .rooms
             .iter()
