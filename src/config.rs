@@ -90,7 +90,7 @@ pub struct Config {
     #[arg(long, env = "BABY_BUS", default_value = "local", value_parser = parse_bus, help = BUS_HELP)]
     pub bus: BusSpec,
 
-    /// This instance's name (default: a short random id).
+    /// This instance's name (default: a random id of 8 hex digits).
     #[arg(long, env = "BABY_INSTANCE")]
     pub instance: Option<String>,
 
@@ -198,11 +198,13 @@ impl Config {
         }
     }
 
-    /// The instance name, or a fresh random one.
+    /// The instance name, or a fresh random one: 32 bits, so that two
+    /// instances of one cluster practically never draw the same (the second
+    /// would refuse to start; see `BusError::NameTaken`).
     pub fn instance_name(&self) -> String {
         self.instance
             .clone()
-            .unwrap_or_else(|| format!("{:04x}", rand::random::<u16>()))
+            .unwrap_or_else(|| format!("{:08x}", rand::random::<u32>()))
     }
 
     /// How long an HTTP request head may take to arrive.

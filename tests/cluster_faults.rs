@@ -652,6 +652,50 @@ async fn a_clock_stepped_back_mid_run_keeps_its_users_until_it_dies() {
     pg.drop_now().await;
 }
 
+/// A second instance started under a running instance's name refuses to
+/// start (it sees the name's lease being renewed) instead of reaping the
+/// running one's users as a previous life. A restart under the name of an
+/// instance that was killed a moment ago still starts, and its users leave.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_under_a_running_instance_s_name_refuses_to_start() {
+    let dir = temp_dir();
+    let db = common::sqlite_url(&dir);
+    let mut twin = start(&db, "twin").await;
+    let other = start(&db, "other").await;
+    let mut u0 = Peer::join(twin.tcp, "u0").await;
+    let mut u1 = Peer::join(other.tcp, "u1").await;
+    converge(&mut u1, "general", &["u0".to_owned(), "u1".to_owned()]).await;
+
+    let args = [
+        "--db",
+        &db,
+        "--bus",
+        "poll",
+        "--poll-interval",
+        "20",
+        "--instance",
+        "twin",
+    ];
+    let log = Daemon::refused(&args).await;
+    assert!(log.contains("in use by a running instance"), "{log}");
+    let _marker = Peer::join_rooms(other.tcp, "marker", &["general"]).await;
+    for peer in [&mut u0, &mut u1] {
+        let first = peer
+            .expect("the marker's join", |v| {
+                v["type"] == "leave" || (v["type"] == "join" && v["nick"] == "marker")
+            })
+            .await;
+        assert_eq!(first["type"], "join", "a live user left: {first}");
+    }
+
+    twin.kill9().await;
+    let _again = start(&db, "twin").await;
+    let gone = ROOMS.map(|room| (room.to_owned(), "u0".to_owned())).into();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let seen = u1.presence("leave", &gone, deadline).await;
+    assert_eq!(seen.len(), gone.len(), "each leave once: {seen:?}");
+}
+
 /// What waits in `instance`'s inbox, oldest first: each row's `kind`.
 async fn inbox_kinds(db: &mut sqlx::PgConnection, instance: &str) -> Vec<String> {
     let rows: Vec<(String,)> =

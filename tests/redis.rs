@@ -564,6 +564,49 @@ async fn a_stalled_instance_leaves_then_comes_back_with_its_users() {
     common::forget_redis_cluster(&redis, &cluster);
 }
 
+/// As on the poll bus: a second instance under a running instance's name
+/// refuses to start (the name's live-instance key changes with each of the
+/// running one's heartbeats) and gives nobody away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_under_a_running_instance_s_name_refuses_to_start_on_redis() {
+    let Some(redis) = common::shared_redis().await else {
+        return;
+    };
+    let dir = temp_dir();
+    let db = common::sqlite_url(&dir);
+    let cluster = cluster_name("twin");
+    let daemons = start_cluster(&redis, &db, &cluster, &[]).await;
+    let mut alice = Client::in_room(daemons[0].tcp, "alice", "general").await;
+    let _carol = Client::in_room(daemons[2].tcp, "carol", "general").await;
+    alice
+        .expect(|v| v["type"] == "join" && v["nick"] == "carol")
+        .await;
+
+    let args = [
+        "--db",
+        &db,
+        "--bus",
+        &redis,
+        "--cluster",
+        &cluster,
+        "--instance",
+        "i3",
+    ];
+    let log = Daemon::refused(&args).await;
+    assert!(log.contains("in use by a running instance"), "{log}");
+    let _dave = Client::in_room(daemons[1].tcp, "dave", "general").await;
+    let next = alice
+        .expect(|v| v["type"] == "leave" || v["type"] == "join")
+        .await;
+    assert_eq!(
+        (next["type"].as_str(), next["nick"].as_str()),
+        (Some("join"), Some("dave")),
+        "carol was given away: {next}"
+    );
+    drop(daemons);
+    common::forget_redis_cluster(&redis, &cluster);
+}
+
 /// Waits until every seq of `general` in `seqs` is in PostgreSQL.
 async fn wait_stored(url: &str, seqs: &[u64], within: Duration) {
     use sqlx::Connection;

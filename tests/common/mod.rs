@@ -111,6 +111,29 @@ impl Daemon {
         }
     }
 
+    /// Starts a daemon with `args` as [`Daemon::start`] would, expecting it
+    /// to refuse: it must exit unsuccessfully within 20 s without serving.
+    /// Returns what it logged.
+    pub async fn refused(args: &[&str]) -> String {
+        let mut argv = vec!["--tcp", "127.0.0.1:0", "--http", "127.0.0.1:0"];
+        argv.extend_from_slice(args);
+        let out = Command::new(env!("CARGO_BIN_EXE_baby-discord"))
+            .args(&argv)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .output();
+        let out = tokio::time::timeout(Duration::from_secs(20), out)
+            .await
+            .expect("the daemon gives up within 20 s")
+            .expect("the daemon binary runs");
+        let log = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(!out.status.success(), "the daemon started: {log}");
+        assert!(parse_listening(&log).is_none(), "the daemon served: {log}");
+        log
+    }
+
     /// Sends SIGTERM and returns the exit code.
     pub async fn terminate(mut self) -> Option<i32> {
         let pid = self.child.id().expect("the daemon is running");

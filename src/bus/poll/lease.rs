@@ -40,8 +40,8 @@ use tokio::time::Instant;
 
 use super::silence::{Silent, Watch};
 use super::{
-    Db, Existing, InboxRow, LEASE, Member, broadcast, counted, db, move_memberships, now_ms,
-    record_member,
+    Db, Existing, HEARTBEAT, InboxRow, LEASE, Member, broadcast, counted, db, move_memberships,
+    now_ms, record_member,
 };
 use crate::core::ports::{BusError, Claim, Deliver, Envelope};
 use crate::core::{Nick, RoomName, SessionId};
@@ -81,6 +81,7 @@ impl Lease {
     /// Registers `instance`, first reaping what a previous life under the
     /// same name left (its users leave, as if it had been reaped by another).
     pub(super) async fn register(database: &Db, instance: &str) -> Result<Lease, BusError> {
+        refuse_if_running(database, instance).await?;
         reap(database, Reap::Named(instance)).await?;
         insert(database, instance).await?;
         Ok(Lease {
@@ -141,6 +142,32 @@ impl Lease {
     /// this instance does (its users leave at once, not after the lease).
     pub(super) async fn release(database: &Db, instance: &str) -> Result<(), BusError> {
         reap(database, Reap::Named(instance)).await
+    }
+}
+
+/// A row under this instance's name is a previous life that crashed, or a
+/// running instance that was given the same name. Reaping the latter would
+/// give its users away, so the row is watched for a heartbeat and a half
+/// first: one that changes is being renewed, and this instance refuses to
+/// start. (A running namesake that is stalled at that moment is taken for a
+/// previous life: two mistakes at once.)
+async fn refuse_if_running(database: &Db, instance: &str) -> Result<(), BusError> {
+    let look = || {
+        sqlx::query_scalar::<_, i64>("SELECT seen_at FROM instances WHERE instance = $1")
+            .bind(instance)
+            .fetch_optional(database.run())
+    };
+    let Some(before) = look().await.map_err(db)? else {
+        return Ok(());
+    };
+    tracing::info!(
+        instance,
+        "this instance's name has a lease: watching it to tell a previous life from a running namesake"
+    );
+    tokio::time::sleep(HEARTBEAT + HEARTBEAT / 2).await;
+    match look().await.map_err(db)? {
+        Some(now) if now != before => Err(BusError::NameTaken(instance.to_owned())),
+        _ => Ok(()),
     }
 }
 

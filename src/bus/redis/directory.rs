@@ -20,6 +20,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Mutex as StdMutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -57,6 +58,8 @@ pub struct Registry {
     rooms: Lua,
     heartbeat: Lua,
     reap: Lua,
+    /// Heartbeats so far, written into the live-instance key.
+    beats: AtomicU64,
 }
 
 #[derive(Debug, Clone)]
@@ -82,6 +85,7 @@ impl Registry {
             rooms: Lua::new(script::ROOMS),
             heartbeat: Lua::new(script::HEARTBEAT),
             reap: Lua::new(script::REAP),
+            beats: AtomicU64::new(0),
         }
     }
 
@@ -112,6 +116,11 @@ impl Registry {
         self.keys.dir(&format!("held:{instance}"))
     }
 
+    /// The key whose lease says this instance is alive.
+    fn alive_key(&self) -> String {
+        self.keys.dir(&format!("alive:{}", self.instance))
+    }
+
     fn alive_prefix(&self) -> String {
         self.keys.dir("alive:")
     }
@@ -132,13 +141,13 @@ impl Registry {
         &self,
         cmd: &Client,
     ) -> Result<(Vec<(RoomName, Nick)>, Vec<(SessionId, Nick)>), BusError> {
-        let alive = self.keys.dir(&format!("alive:{}", self.instance));
+        let beat = self.beats.fetch_add(1, Ordering::Relaxed) + 1;
         let fresh: i64 = self
             .heartbeat
             .call(
                 cmd,
-                vec![alive, self.keys.dir("instances")],
-                vec![self.instance.clone(), Self::lease_ms()],
+                vec![self.alive_key(), self.keys.dir("instances")],
+                vec![self.instance.clone(), Self::lease_ms(), beat.to_string()],
             )
             .await
             .map_err(unreachable)?;
@@ -219,7 +228,24 @@ impl Registry {
 
     /// Before this instance serves: what a previous life under its name left
     /// (it was killed less than a lease ago) leaves now, announced.
+    ///
+    /// A live-instance key under this name may also be a running instance
+    /// given the same name by mistake; forgetting it would give its users
+    /// away. So the key is watched for a heartbeat and a half first: if its
+    /// beat changes, this instance refuses to start.
     pub async fn forget_previous_life(&self, cmd: &Client) -> Result<(), BusError> {
+        let look = || cmd.get::<Option<String>, _>(self.alive_key());
+        if let Some(before) = look().await.map_err(unreachable)? {
+            tracing::info!(
+                instance = %self.instance,
+                "this instance's name has a lease: watching it to tell a previous life from a running namesake"
+            );
+            tokio::time::sleep(HEARTBEAT + HEARTBEAT / 2).await;
+            let now = look().await.map_err(unreachable)?;
+            if now.is_some_and(|now| now != before) {
+                return Err(BusError::NameTaken(self.instance.clone()));
+            }
+        }
         for (room, nick) in self.reap(cmd, &self.instance).await? {
             self.announce_in_room(
                 cmd,
@@ -244,7 +270,7 @@ impl Registry {
     ) -> Result<bool, BusError> {
         let mut keys = self.membership_keys(room);
         keys.push(self.nick_key(nick));
-        keys.push(self.keys.dir(&format!("alive:{}", self.instance)));
+        keys.push(self.alive_key());
         let recorded: i64 = self
             .join
             .call(
@@ -287,10 +313,7 @@ impl Registry {
             .srem(self.keys.dir("instances"), self.instance.as_str())
             .await;
         let _: Result<i64, _> = cmd
-            .del(vec![
-                self.keys.dir(&format!("alive:{}", self.instance)),
-                self.held_key(&self.instance),
-            ])
+            .del(vec![self.alive_key(), self.held_key(&self.instance)])
             .await;
     }
 

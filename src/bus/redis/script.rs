@@ -195,9 +195,11 @@ return out
 
 /// Says this instance is alive. Returns 1 if it was not registered: it is
 /// new, or another instance reaped it while it was stalled or cut off.
-/// KEYS: live-instance key, instances set. ARGV: instance, lease in ms.
+/// The live-instance key holds the beat's number, so that an instance
+/// starting under the same name can see it change.
+/// KEYS: live-instance key, instances set. ARGV: instance, lease in ms, beat.
 pub const HEARTBEAT: &str = r#"
-redis.call('SET', KEYS[1], '1', 'PX', ARGV[2])
+redis.call('SET', KEYS[1], ARGV[3], 'PX', ARGV[2])
 return redis.call('SADD', KEYS[2], ARGV[1])
 "#;
 

@@ -77,6 +77,11 @@ pub enum BusError {
     /// Redis refused, failed or did not answer; says why.
     #[error("redis: {0}")]
     Redis(String),
+    /// Another instance that is running goes by this instance's name.
+    #[error(
+        "instance name {0:?} is in use by a running instance (its lease is being renewed); start this one with another --instance"
+    )]
+    NameTaken(String),
     /// The ordering authority is not answering: messages are refused (at
     /// once, not after a wait) until it does.
     #[error(
@@ -98,7 +103,7 @@ impl BusError {
         match self {
             BusError::Unreachable | BusError::Down { .. } | BusError::Redis(_) => true,
             BusError::Store(StoreError::NotAnswering(_)) => true,
-            BusError::Store(_) | BusError::Closed => false,
+            BusError::Store(_) | BusError::Closed | BusError::NameTaken(_) => false,
         }
     }
 }
