@@ -696,6 +696,36 @@ async fn an_instance_under_a_running_instance_s_name_refuses_to_start() {
     assert_eq!(seen.len(), gone.len(), "each leave once: {seen:?}");
 }
 
+/// A DM sent to a user whose instance has just stalled is queued for that
+/// instance; the others reap it a lease later. When it wakes, the user still
+/// gets the DM: the reap keeps a reaped instance's DMs for a while (it may
+/// be stalled, not dead), where it used to delete them, and the sender,
+/// who had been shown the DM as sent, never learnt it was lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dm_queued_for_a_stalled_instance_arrives_when_it_wakes() {
+    let Some(pg) = PgDatabase::create().await else {
+        return;
+    };
+    let awake = start(&pg.url, "awake").await;
+    let stalled = start(&pg.url, "stalled").await;
+    let mut ann = Peer::join_rooms(awake.tcp, "ann", &["general"]).await;
+    let mut bo = Peer::join_rooms(stalled.tcp, "bo", &["general"]).await;
+    converge(&mut ann, "general", &["ann".to_owned(), "bo".to_owned()]).await;
+
+    stalled.freeze();
+    ann.send("/msg bo are you there?").await;
+    ann.expect("the DM's echo", |v| v["type"] == "dm").await;
+    // The others reap the stalled instance: bo leaves.
+    ann.expect("bo's leave", |v| v["type"] == "leave" && v["nick"] == "bo")
+        .await;
+    stalled.thaw();
+    let dm = bo.expect("the DM", |v| v["type"] == "dm").await;
+    assert_eq!(dm["text"], "are you there?");
+    assert_eq!(dm["from"], "ann");
+    drop((awake, stalled));
+    pg.drop_now().await;
+}
+
 /// What waits in `instance`'s inbox, oldest first: each row's `kind`.
 async fn inbox_kinds(db: &mut sqlx::PgConnection, instance: &str) -> Vec<String> {
     let rows: Vec<(String,)> =

@@ -607,6 +607,38 @@ async fn an_instance_under_a_running_instance_s_name_refuses_to_start_on_redis()
     common::forget_redis_cluster(&redis, &cluster);
 }
 
+/// As on the poll bus: a DM sent to a user whose instance has just stalled
+/// reaches them when the instance wakes, after the others reaped it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dm_for_a_stalled_instance_arrives_when_it_wakes_on_redis() {
+    let Some(redis) = common::shared_redis().await else {
+        return;
+    };
+    let dir = temp_dir();
+    let db = common::sqlite_url(&dir);
+    let cluster = cluster_name("dm-stall");
+    let daemons = start_cluster(&redis, &db, &cluster, &[]).await;
+    let mut alice = Client::in_room(daemons[0].tcp, "alice", "general").await;
+    let mut carol = Client::in_room(daemons[2].tcp, "carol", "general").await;
+    alice
+        .expect(|v| v["type"] == "join" && v["nick"] == "carol")
+        .await;
+
+    daemons[2].freeze();
+    alice.send("/msg carol are you there?").await;
+    alice.expect(|v| v["type"] == "dm").await;
+    let gone = expect_within(&mut alice, Duration::from_secs(16), |v| {
+        v["type"] == "leave"
+    })
+    .await;
+    assert_eq!(gone["nick"], "carol");
+    daemons[2].thaw();
+    let dm = expect_within(&mut carol, Duration::from_secs(8), |v| v["type"] == "dm").await;
+    assert_eq!(dm["text"], "are you there?");
+    drop(daemons);
+    common::forget_redis_cluster(&redis, &cluster);
+}
+
 /// Waits until every seq of `general` in `seqs` is in PostgreSQL.
 async fn wait_stored(url: &str, seqs: &[u64], within: Duration) {
     use sqlx::Connection;

@@ -45,6 +45,9 @@ use crate::store::keys::{Clock, KeyTable};
 /// How long an instance may stay silent before the others reap its claims
 /// (its users leave every room, its nicks are free).
 pub const LEASE: Duration = Duration::from_secs(10);
+/// How long a direct message waits in the inbox of an instance that was
+/// reaped: long enough for a stalled instance to wake and read it.
+const DM_KEPT: Duration = Duration::from_secs(600);
 /// How often an instance says it is alive.
 const HEARTBEAT: Duration = Duration::from_secs(2);
 /// Rooms asked about per statement: well under both engines' parameter
@@ -234,6 +237,7 @@ impl PollBus {
             db: Db {
                 pool,
                 statements: Arc::default(),
+                clock: Clock::of_url(url),
             },
             store,
             interval,
@@ -420,6 +424,8 @@ fn counted<'t>(database: &Db, tx: &'t mut Transaction<'static, Any>) -> &'t mut 
 struct Db {
     pool: AnyPool,
     statements: Arc<AtomicU64>,
+    /// The database's clock, for the times rows are kept until.
+    clock: Clock,
 }
 
 impl Db {
@@ -935,11 +941,19 @@ impl Directory for PollBus {
             text: dm.text.clone(),
             ts: dm.ts.0,
         };
-        self.exec(
-            "INSERT INTO inbox (instance, payload) VALUES ($1, $2)",
-            &[&instance, &row.to_json()],
-        )
-        .await?;
+        // Kept through a reap of that instance for a while: it may be stalled,
+        // and read its inbox when it wakes.
+        let sql = format!(
+            "INSERT INTO inbox (instance, payload, kept_until) VALUES ($1, $2, {} + $3)",
+            self.db.clock.now_ms()
+        );
+        sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(instance.as_str())
+            .bind(row.to_json())
+            .bind(DM_KEPT.as_millis() as i64)
+            .execute(self.db.run())
+            .await
+            .map_err(db)?;
         Ok(Some(to))
     }
 }

@@ -56,7 +56,7 @@ impl Clock {
     }
 
     /// The database's time now, in milliseconds since the Unix epoch, as SQL.
-    fn now_ms(self) -> &'static str {
+    pub(crate) fn now_ms(self) -> &'static str {
         match self {
             Clock::Sqlite => "CAST((julianday('now') - 2440587.5) * 86400000.0 AS INTEGER)",
             Clock::Postgres => "CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000 AS BIGINT)",

@@ -414,6 +414,14 @@ async fn record_presence(
 /// `instances` rows: whoever deletes a row announces its users, the other
 /// sees nothing to delete.
 async fn reap(database: &Db, which: Reap<'_>) -> Result<(), BusError> {
+    // A silent instance may be stalled, not dead: the direct messages waiting
+    // for it are kept until their time is up, and it reads them when it
+    // wakes. A previous life's users are gone, and so are its messages.
+    let now = database.clock.now_ms();
+    let inbox_kept = match which {
+        Reap::Silent(_) => format!(" AND (kept_until IS NULL OR kept_until < {now})"),
+        Reap::Named(_) => String::new(),
+    };
     let mut tx = database.pool.begin().await.map_err(db)?;
     let dead: Vec<String> = match which {
         Reap::Silent(silent) => {
@@ -461,15 +469,23 @@ async fn reap(database: &Db, which: Reap<'_>) -> Result<(), BusError> {
     .fetch_all(counted(database, &mut tx))
     .await
     .map_err(db)?;
-    for table in ["nicks", "inbox"] {
+    for (table, kept) in [("nicks", ""), ("inbox", inbox_kept.as_str())] {
         let mut q = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "DELETE FROM {table} WHERE instance IN ({list})"
+            "DELETE FROM {table} WHERE instance IN ({list}){kept}"
         )));
         for name in &dead {
             q = q.bind(name.as_str());
         }
         q.execute(counted(database, &mut tx)).await.map_err(db)?;
     }
+    // What was kept for instances that never came back, once its time is up.
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "DELETE FROM inbox WHERE kept_until < {now}
+         AND instance NOT IN (SELECT instance FROM instances)"
+    )))
+    .execute(counted(database, &mut tx))
+    .await
+    .map_err(db)?;
     let members: Vec<Member> = gone
         .into_iter()
         .map(|(room, nick)| Member { room, nick })
