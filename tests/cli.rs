@@ -177,19 +177,3 @@ async fn sync_durability_on_the_redis_bus_is_refused_with_the_reason() {
     assert_ne!(code, Some(0), "{err}");
     assert!(err.contains("--durability sync does not apply"), "{err}");
 }
-
-/// The poll bus renews its lease from the poller, and the others judge a
-/// lease by watching renewals no more than half a lease apart: a poll
-/// interval longer than the heartbeat would leave dead instances unreaped
-/// (and, past the lease, reap live ones). It is refused, saying the limit.
-#[tokio::test]
-async fn a_poll_interval_longer_than_the_heartbeat_is_refused() {
-    let (code, _, err) = run(
-        BIN,
-        &["--bus", "poll", "--poll-interval", "6000"],
-        Duration::from_secs(25),
-    )
-    .await;
-    assert_ne!(code, Some(0), "{err}");
-    assert!(err.contains("1..=2000"), "{err}");
-}

@@ -726,6 +726,93 @@ async fn a_dm_queued_for_a_stalled_instance_arrives_when_it_wakes() {
     pg.drop_now().await;
 }
 
+/// An instance that cannot read one room (a corrupt row in a room only it
+/// watches) is still alive, and must keep its lease: its heartbeat runs on
+/// its own, not after a successful poll. When it ran after the poll, the
+/// others reaped the instance a lease later and gave its users away. Nor
+/// does that room hold up the rest of its polls: before, it also stopped
+/// every other room's messages and its inbox.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_whose_polls_fail_keeps_its_users() {
+    use sqlx::Connection;
+
+    let dir = temp_dir();
+    let db = common::sqlite_url(&dir);
+    let failing = start(&db, "failing").await;
+    let other = start(&db, "other").await;
+    let mut u0 = Peer::join_rooms(failing.tcp, "u0", &["general", "side"]).await;
+    let mut u1 = Peer::join_rooms(other.tcp, "u1", &["general"]).await;
+    converge(&mut u1, "general", &["u0".to_owned(), "u1".to_owned()]).await;
+
+    // A row no instance can read, in the room only `failing` watches.
+    let mut conn = sqlx::SqliteConnection::connect(&db).await.unwrap();
+    sqlx::query(
+        "INSERT INTO messages (room, seq, id, nick, text, kind, ts)
+         VALUES ('side', 1, 'not-a-uuid', 'not a nick', 'x', 'text', 0)",
+    )
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO room_seqs (room, last_seq) VALUES ('side', 1)
+                 ON CONFLICT (room) DO UPDATE SET last_seq = 1",
+    )
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    drop(conn);
+
+    // The fault's shape: a lease and two heartbeats of failing polls.
+    tokio::time::sleep(LEASE + Duration::from_secs(4)).await;
+    // Nobody left; and the room that cannot be read holds up no other news.
+    let _marker = Peer::join_rooms(other.tcp, "marker", &["general"]).await;
+    for peer in [&mut u1, &mut u0] {
+        let first = peer
+            .expect("the marker's join", |v| {
+                v["type"] == "leave" || (v["type"] == "join" && v["nick"] == "marker")
+            })
+            .await;
+        assert_eq!(first["type"], "join", "a live user left: {first}");
+    }
+    drop((failing, other));
+}
+
+/// With a poll interval longer than half a lease, a dead instance is still
+/// reaped: the heartbeat that watches the others runs every 2 s whatever
+/// the poll interval. (When it ran from the poller, looks more than half a
+/// lease apart were each taken for a gap in looking, and nobody was ever
+/// reaped.) The departure reaches the others at their next poll.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_poll_interval_still_reaps_the_dead() {
+    let dir = temp_dir();
+    let db = common::sqlite_url(&dir);
+    let slow = |name: &'static str| {
+        let args = [
+            "--db",
+            db.as_str(),
+            "--bus",
+            "poll",
+            "--poll-interval",
+            "6000",
+            "--instance",
+            name,
+        ];
+        async move { Daemon::start(&args).await }
+    };
+    let mut dying = slow("dying").await;
+    let survivor = slow("survivor").await;
+    let _u0 = Peer::join_rooms(dying.tcp, "u0", &["general"]).await;
+    let mut u1 = Peer::join_rooms(survivor.tcp, "u1", &["general"]).await;
+    u1.expect("u0's join", |v| v["type"] == "join" && v["nick"] == "u0")
+        .await;
+    let started = Instant::now();
+    dying.kill9().await;
+    let gone = [("general".to_owned(), "u0".to_owned())].into();
+    let deadline = started + DEPARTURE + Duration::from_secs(8);
+    let seen = u1.presence("leave", &gone, deadline).await;
+    assert_eq!(seen.len(), 1, "{seen:?}");
+}
+
 /// What waits in `instance`'s inbox, oldest first: each row's `kind`.
 async fn inbox_kinds(db: &mut sqlx::PgConnection, instance: &str) -> Vec<String> {
     let rows: Vec<(String,)> =

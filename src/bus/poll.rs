@@ -27,7 +27,7 @@ use serde::{Deserialize, Serialize};
 use sqlx::any::AnyPoolOptions;
 use sqlx::{Any, AnyConnection, AnyPool, Transaction};
 use tokio::sync::Mutex;
-use tokio::time::{Instant, MissedTickBehavior};
+use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 
 mod lease;
@@ -74,8 +74,9 @@ pub struct PollBus {
     /// Deletes expired idempotency keys now and then.
     keys: KeyTable,
     stop: CancellationToken,
-    poller: StdMutex<Option<tokio::task::JoinHandle<()>>>,
-    /// This instance's lease, until the poller takes it over.
+    /// The poller and the heartbeat, once started.
+    tasks: StdMutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// This instance's lease, until the heartbeat task takes it over.
     lease: StdMutex<Option<lease::Lease>>,
 }
 
@@ -245,7 +246,7 @@ impl PollBus {
             gate: Arc::default(),
             keys: KeyTable::new(Clock::of_url(url)),
             stop: CancellationToken::new(),
-            poller: StdMutex::new(None),
+            tasks: StdMutex::default(),
             lease: StdMutex::new(None),
         };
         let lease = lease::Lease::register(&bus.db, instance).await?;
@@ -440,6 +441,36 @@ fn db(err: sqlx::Error) -> BusError {
     BusError::Store(err.into())
 }
 
+/// Renews this instance's lease every [`HEARTBEAT`] (and re-asserts its
+/// claims, and reaps the silent), on its own: were it to wait for the poll,
+/// a poll that keeps failing (a room it cannot read, a catch-up too long for
+/// the deadline) would hold renewals back until the others reaped this
+/// instance, alive, and gave its users away.
+async fn heartbeat(
+    mut lease: lease::Lease,
+    database: Db,
+    state: Arc<Mutex<Cursors>>,
+    stop: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(HEARTBEAT);
+    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    // Registering renewed the lease just now.
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let sink = state.lock().await.sink.clone();
+        let beat = lease.renew(&database, sink.as_ref());
+        match tokio::time::timeout(POLL_DEADLINE, beat).await {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => tracing::warn!(cause = %err, "poll bus: heartbeat failed"),
+            Err(_) => tracing::warn!("poll bus: heartbeat timed out"),
+        }
+    }
+}
+
 /// Delivers rows of `room` after the cursor up to `upto` (inclusive), in order.
 async fn catch_up(
     statements: &AtomicU64,
@@ -503,7 +534,15 @@ async fn poll_once(
         };
         let last = last.max(0) as u64;
         if cursors.delivered.get(&room).is_some_and(|&d| d < last) {
-            catch_up(&database.statements, store, &mut cursors, &room, last).await?;
+            match catch_up(&database.statements, store, &mut cursors, &room, last).await {
+                Err(err) if !err.is_unreachable() => {
+                    // One room's unreadable rows must not hold up the others'
+                    // messages, nor this instance's inbox: it is tried again
+                    // at the next poll.
+                    tracing::warn!(cause = %err, %room, "poll bus: cannot read this room's new messages");
+                }
+                result => result?,
+            }
         }
     }
     let sink = cursors.sink.clone();
@@ -671,30 +710,27 @@ impl Bus for PollBus {
             self.stop.clone(),
         );
         let (instance, interval) = (self.instance.clone(), self.interval);
-        let mut lease = self
+        let lease = self
             .lease
             .lock()
             .expect("not poisoned")
             .take()
             .expect("start is called once, after open");
-        let task = tokio::spawn(async move {
+        let heartbeat = tokio::spawn(heartbeat(
+            lease,
+            database.clone(),
+            state.clone(),
+            stop.clone(),
+        ));
+        let poller = tokio::spawn(async move {
             let mut tick = tokio::time::interval(interval);
             tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
-            let mut last_beat = Instant::now();
             loop {
                 tokio::select! {
                     _ = stop.cancelled() => return,
                     _ = tick.tick() => {}
                 }
-                let cycle = async {
-                    let mut result = poll_once(&database, store.as_ref(), &state, &instance).await;
-                    if result.is_ok() && last_beat.elapsed() >= HEARTBEAT {
-                        let sink = state.lock().await.sink.clone();
-                        result = lease.renew(&database, sink.as_ref()).await;
-                        last_beat = Instant::now();
-                    }
-                    result
-                };
+                let cycle = poll_once(&database, store.as_ref(), &state, &instance);
                 // A database that stops answering (rather than refusing)
                 // would otherwise hold the poller, and the cursors, forever.
                 let result = tokio::time::timeout(POLL_DEADLINE, cycle)
@@ -708,7 +744,10 @@ impl Bus for PollBus {
                 }
             }
         });
-        *self.poller.lock().expect("not poisoned") = Some(task);
+        self.tasks
+            .lock()
+            .expect("not poisoned")
+            .extend([poller, heartbeat]);
     }
 
     async fn publish(&self, draft: Draft) -> Result<Arc<Message>, BusError> {
@@ -752,8 +791,8 @@ impl Bus for PollBus {
 
     async fn close(&self) {
         self.stop.cancel();
-        let task = self.poller.lock().expect("not poisoned").take();
-        if let Some(task) = task {
+        let tasks = std::mem::take(&mut *self.tasks.lock().expect("not poisoned"));
+        for task in tasks {
             let _ = task.await;
         }
         // Free this instance's nicks now rather than after the lease; its

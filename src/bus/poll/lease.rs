@@ -57,7 +57,7 @@ const MEMBERS_PER_ROW: usize = 500;
 /// [`super::silence`]), so a clock stepped back must not freeze it.
 const RENEWED: &str = "CASE WHEN $2 > instances.seen_at THEN $2 ELSE instances.seen_at + 1 END";
 
-/// This instance's lease, kept by its poller.
+/// This instance's lease, kept by its heartbeat task.
 pub(super) struct Lease {
     instance: String,
     /// Set when the lease was found reaped; cleared once every claim has been
