@@ -12,7 +12,9 @@
 //! A key's age is read on the database's clock, never an instance's: two
 //! instances whose clocks disagree would otherwise disagree on which keys
 //! are live, and one running ahead by more than the window would take every
-//! key for expired and send each retry again.
+//! key for expired and send each retry again. (SQLite runs inside each
+//! instance, so its clock is the host's; instances that share an SQLite file
+//! share a host, and so that clock.)
 //!
 //! The statements are written once with `$N` parameters, which SQLite,
 //! PostgreSQL and sqlx's `Any` driver (the poll bus) all accept; only the

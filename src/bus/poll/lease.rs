@@ -46,6 +46,9 @@ use super::{
 use crate::core::ports::{BusError, Claim, Deliver, Envelope};
 use crate::core::{Nick, RoomName, SessionId};
 
+/// How long a starting instance watches a lease under its own name before
+/// taking it for a previous life's.
+const NAMESAKE_WATCH: std::time::Duration = HEARTBEAT.saturating_mul(2);
 /// Claims (or memberships) per statement: three parameters each, well under
 /// both engines' limits (SQLite 32,766, PostgreSQL 65,535).
 const ROWS_PER_STATEMENT: usize = 500;
@@ -147,10 +150,11 @@ impl Lease {
 
 /// A row under this instance's name is a previous life that crashed, or a
 /// running instance that was given the same name. Reaping the latter would
-/// give its users away, so the row is watched for a heartbeat and a half
-/// first: one that changes is being renewed, and this instance refuses to
-/// start. (A running namesake that is stalled at that moment is taken for a
-/// previous life: two mistakes at once.)
+/// give its users away, so the row is watched for two heartbeats first (a
+/// renewal that is itself slow still lands in the window): one that changes
+/// is being renewed, and this instance refuses to start. (A running
+/// namesake that is stalled at that moment is taken for a previous life:
+/// two mistakes at once.)
 async fn refuse_if_running(database: &Db, instance: &str) -> Result<(), BusError> {
     let look = || {
         sqlx::query_scalar::<_, i64>("SELECT seen_at FROM instances WHERE instance = $1")
@@ -164,7 +168,7 @@ async fn refuse_if_running(database: &Db, instance: &str) -> Result<(), BusError
         instance,
         "this instance's name has a lease: watching it to tell a previous life from a running namesake"
     );
-    tokio::time::sleep(HEARTBEAT + HEARTBEAT / 2).await;
+    tokio::time::sleep(NAMESAKE_WATCH).await;
     match look().await.map_err(db)? {
         Some(now) if now != before => Err(BusError::NameTaken(instance.to_owned())),
         _ => Ok(()),

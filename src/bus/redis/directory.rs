@@ -231,8 +231,8 @@ impl Registry {
     ///
     /// A live-instance key under this name may also be a running instance
     /// given the same name by mistake; forgetting it would give its users
-    /// away. So the key is watched for a heartbeat and a half first: if its
-    /// beat changes, this instance refuses to start.
+    /// away. So the key is watched for two heartbeats first: if its beat
+    /// changes, this instance refuses to start.
     pub async fn forget_previous_life(&self, cmd: &Client) -> Result<(), BusError> {
         let look = || cmd.get::<Option<String>, _>(self.alive_key());
         if let Some(before) = look().await.map_err(unreachable)? {
@@ -240,7 +240,7 @@ impl Registry {
                 instance = %self.instance,
                 "this instance's name has a lease: watching it to tell a previous life from a running namesake"
             );
-            tokio::time::sleep(HEARTBEAT + HEARTBEAT / 2).await;
+            tokio::time::sleep(HEARTBEAT * 2).await;
             let now = look().await.map_err(unreachable)?;
             if now.is_some_and(|now| now != before) {
                 return Err(BusError::NameTaken(self.instance.clone()));
