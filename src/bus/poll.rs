@@ -239,6 +239,7 @@ impl PollBus {
                 pool,
                 statements: Arc::default(),
                 clock: Clock::of_url(url),
+                directory: Arc::default(),
             },
             store,
             interval,
@@ -427,6 +428,13 @@ struct Db {
     statements: Arc<AtomicU64>,
     /// The database's clock, for the times rows are kept until.
     clock: Clock,
+    /// Held by each membership write of this instance (a join, a leave, a
+    /// rename) and by a re-assertion of its claims for its whole length. A
+    /// re-assertion brings the directory up to snapshots of the hub; a write
+    /// that landed between a snapshot and the statements acting on it was
+    /// undone by them (a leave re-recorded, a join withdrawn). Now it waits,
+    /// and lands on top.
+    directory: Arc<Mutex<()>>,
 }
 
 impl Db {
@@ -849,6 +857,7 @@ impl Directory for PollBus {
     }
 
     async fn renamed(&self, old: &Nick, new: &Nick, owner: SessionId) -> Result<(), BusError> {
+        let _directory = self.db.directory.lock().await;
         let (old_key, new_key) = (old.key(), new.key());
         // Reaped: the memberships are gone, and the re-assertion claims the
         // new nick's rooms.
@@ -888,6 +897,7 @@ impl Directory for PollBus {
         // membership for a nick this instance no longer holds.
         // Nor while a reap of this instance is under way (see
         // `while_registered`).
+        let _directory = self.db.directory.lock().await;
         let Some(mut tx) = while_registered(&self.db, &self.instance).await? else {
             return Ok(());
         };
@@ -905,6 +915,7 @@ impl Directory for PollBus {
     }
 
     async fn left(&self, room: &RoomName, nick: &Nick) -> Result<(), BusError> {
+        let _directory = self.db.directory.lock().await;
         let removed = self
             .exec(
                 "DELETE FROM presence WHERE room = $1 AND nick_key = $2 AND instance = $3",
@@ -1291,6 +1302,81 @@ mod tests {
         assert_eq!(b.members(&general).await.unwrap(), vec![u5]);
         let told = take_inbox(&b).await.concat();
         assert!(told.contains(r#"{"room":"general","nick":"u5"}"#), "{told}");
+    }
+
+    /// A hub whose session leaves #side just after the re-assertion's second
+    /// snapshot (which still has it there): the leave is started then, and
+    /// given half a second to land before the re-assertion goes on. A leave
+    /// that has not landed by then waits in `leave`.
+    struct LeavesAfterTheSnapshot {
+        bus: Arc<PollBus>,
+        snapshots: StdMutex<Vec<Vec<crate::core::ports::Claim>>>,
+        leave: StdMutex<Option<tokio::task::JoinHandle<()>>>,
+    }
+
+    impl Deliver for LeavesAfterTheSnapshot {
+        fn deliver(&self, _: Envelope) {}
+
+        fn claims(&self) -> Vec<crate::core::ports::Claim> {
+            let mut left = self.snapshots.lock().unwrap();
+            let snapshot = left.remove(0);
+            if left.is_empty() {
+                let bus = self.bus.clone();
+                let mut task = tokio::spawn(async move {
+                    let (side, u8) = (RoomName::parse("side").unwrap(), Nick::parse("u8").unwrap());
+                    bus.left(&side, &u8).await.unwrap();
+                });
+                // Without the directory lock, the leave lands now; with it,
+                // it waits for the re-assertion, and this wait times out.
+                let landed = tokio::task::block_in_place(|| {
+                    let wait = tokio::time::timeout(Duration::from_millis(500), &mut task);
+                    tokio::runtime::Handle::current().block_on(wait).is_ok()
+                });
+                if !landed {
+                    *self.leave.lock().unwrap() = Some(task);
+                }
+            }
+            snapshot
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_leave_during_the_re_assertion_is_not_undone_by_it() {
+        let (_dir, a, b) = two_instances().await;
+        let mut lease = a.lease.lock().unwrap().take().unwrap();
+        let a = Arc::new(a);
+        let (u8, general, side) = (
+            Nick::parse("u8").unwrap(),
+            RoomName::parse("general").unwrap(),
+            RoomName::parse("side").unwrap(),
+        );
+        assert!(a.claim_nick(&u8, SessionId(1)).await.unwrap());
+        a.joined(&general, &u8, 0).await.unwrap();
+        lease::Lease::release(&a.db, "a").await.unwrap();
+        // u8 joined #side while `a` was reaped (recorded nothing), and
+        // leaves it again just after the hub's second snapshot.
+        let claim = |rooms: &[&RoomName]| crate::core::ports::Claim {
+            session: SessionId(1),
+            nick: u8.clone(),
+            rooms: rooms.iter().map(|&r| (r.clone(), 0)).collect(),
+        };
+        let hub = Arc::new(LeavesAfterTheSnapshot {
+            bus: a.clone(),
+            snapshots: StdMutex::new(vec![
+                vec![claim(&[&general])],
+                vec![claim(&[&general, &side])],
+            ]),
+            leave: StdMutex::default(),
+        });
+        let sink: Arc<dyn Deliver> = hub.clone();
+        lease.renew(&a.db, Some(&sink)).await.unwrap();
+        let waiting = hub.leave.lock().unwrap().take();
+        if let Some(leave) = waiting {
+            leave.await.unwrap();
+        }
+
+        assert_eq!(b.members(&side).await.unwrap(), Vec::<Nick>::new());
+        assert_eq!(b.members(&general).await.unwrap(), vec![u8]);
     }
 
     #[test]

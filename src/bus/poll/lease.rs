@@ -229,6 +229,9 @@ pub(super) async fn claim_nicks(
 /// Memberships of nicks still held are recorded and announced (`join`); a
 /// nick another session took meanwhile goes back to the hub as lost.
 async fn reassert(database: &Db, instance: &str, sink: &dyn Deliver) -> Result<(), BusError> {
+    // No membership write of this instance lands between a snapshot and the
+    // statements that act on it (see `Db::directory`).
+    let _directory = database.directory.lock().await;
     let claims = sink.claims();
     let nicks: Vec<(&Nick, SessionId)> = claims.iter().map(|c| (&c.nick, c.session)).collect();
     let held = claim_nicks(database, instance, &nicks).await?;
