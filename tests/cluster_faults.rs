@@ -813,6 +813,43 @@ async fn a_long_poll_interval_still_reaps_the_dead() {
     assert_eq!(seen.len(), 1, "{seen:?}");
 }
 
+/// Two instances started under one name at the same moment: one serves and
+/// the other refuses. The name is taken in the transaction that clears a
+/// previous life's leftovers, only if its row still holds what was watched;
+/// before, both watched, both found nothing running, and both served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_starting_under_one_name_at_once_do_not_both_serve() {
+    let dir = temp_dir();
+    let db = common::sqlite_url(&dir);
+    // Two rounds: no row under the name yet, then a killed life's row.
+    let mut killed = None;
+    for round in ["no previous life", "a killed previous life"] {
+        let args = [
+            "--db",
+            &db,
+            "--bus",
+            "poll",
+            "--poll-interval",
+            "20",
+            "--instance",
+            "dup",
+        ];
+        let (one, two) = tokio::join!(Daemon::try_start(&args), Daemon::try_start(&args));
+        let (serving, refused): (Vec<_>, Vec<_>) = [one, two].into_iter().partition(Result::is_ok);
+        let refused: Vec<String> = refused.into_iter().filter_map(Result::err).collect();
+        assert_eq!(serving.len(), 1, "{round}: exactly one serves: {refused:?}");
+        let log = &refused[0];
+        assert!(
+            log.contains("in use by a running instance"),
+            "{round}: {log}"
+        );
+        let mut daemon = serving.into_iter().next().unwrap().unwrap();
+        daemon.kill9().await;
+        killed = Some(daemon);
+    }
+    drop(killed);
+}
+
 /// What waits in `instance`'s inbox, oldest first: each row's `kind`.
 async fn inbox_kinds(db: &mut sqlx::PgConnection, instance: &str) -> Vec<String> {
     let rows: Vec<(String,)> =

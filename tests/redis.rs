@@ -639,6 +639,39 @@ async fn a_dm_for_a_stalled_instance_arrives_when_it_wakes_on_redis() {
     common::forget_redis_cluster(&redis, &cluster);
 }
 
+/// As on the poll bus: of two instances started under one name at the same
+/// moment, after a killed life under that name, one serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_starting_under_one_name_at_once_do_not_both_serve_on_redis() {
+    let Some(redis) = common::shared_redis().await else {
+        return;
+    };
+    let dir = temp_dir();
+    let db = common::sqlite_url(&dir);
+    let cluster = cluster_name("dup");
+    let args = [
+        "--db",
+        &db,
+        "--bus",
+        &redis,
+        "--cluster",
+        &cluster,
+        "--instance",
+        "dup",
+    ];
+    let mut first = Daemon::start(&args).await;
+    first.kill9().await;
+    let (one, two) = tokio::join!(Daemon::try_start(&args), Daemon::try_start(&args));
+    let (serving, refused): (Vec<_>, Vec<_>) = [one, two].into_iter().partition(Result::is_ok);
+    let refused: Vec<String> = refused.into_iter().filter_map(Result::err).collect();
+    let logs: Vec<String> = serving.iter().flatten().map(Daemon::logs).collect();
+    assert_eq!(serving.len(), 1, "exactly one serves: {logs:#?}");
+    let log = &refused[0];
+    assert!(log.contains("in use by a running instance"), "{log}");
+    drop((first, serving));
+    common::forget_redis_cluster(&redis, &cluster);
+}
+
 /// Waits until every seq of `general` in `seqs` is in PostgreSQL.
 async fn wait_stored(url: &str, seqs: &[u64], within: Duration) {
     use sqlx::Connection;

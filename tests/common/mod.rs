@@ -69,6 +69,20 @@ impl Daemon {
     }
 
     async fn start_argv_env(argv: &[&str], env: &[(&str, String)]) -> Daemon {
+        Daemon::try_start_argv_env(argv, env)
+            .await
+            .unwrap_or_else(|log| panic!("daemon did not start: {log}"))
+    }
+
+    /// [`Daemon::start`], or what the daemon logged if it exited (or did not
+    /// serve within 30 s) instead.
+    pub async fn try_start(args: &[&str]) -> Result<Daemon, String> {
+        let mut argv = vec!["--tcp", "127.0.0.1:0", "--http", "127.0.0.1:0"];
+        argv.extend_from_slice(args);
+        Daemon::try_start_argv_env(&argv, &[]).await
+    }
+
+    async fn try_start_argv_env(argv: &[&str], env: &[(&str, String)]) -> Result<Daemon, String> {
         let mut child = Command::new(env!("CARGO_BIN_EXE_baby-discord"))
             .args(argv)
             .envs(env.iter().map(|(k, v)| (k, v)))
@@ -101,14 +115,14 @@ impl Daemon {
         });
         let (tcp, http) = match tokio::time::timeout(Duration::from_secs(30), addrs_rx).await {
             Ok(Ok(addrs)) => addrs,
-            _ => panic!("daemon did not start: {:?}", log.lock().unwrap()),
+            _ => return Err(log.lock().unwrap().join("\n")),
         };
-        Daemon {
+        Ok(Daemon {
             child,
             tcp,
             http,
             log,
-        }
+        })
     }
 
     /// Starts a daemon with `args` as [`Daemon::start`] would, expecting it

@@ -75,18 +75,28 @@ enum Reap<'a> {
     /// The instances found silent for longer than the lease, each only if
     /// its row still holds the value that stood still.
     Silent(&'a [Silent]),
-    /// One instance by name: this one, at start (a previous life's leftovers)
-    /// or at a graceful stop.
+    /// One instance by name: this one, at a graceful stop.
     Named(&'a str),
+    /// This one, at start: what a previous life under its name left, whose
+    /// row (if any) held `seen` throughout the watch. The row is then taken
+    /// for this life in the same transaction, so of two instances starting
+    /// under one name at once only one gets it.
+    PreviousLife { name: &'a str, seen: Option<i64> },
 }
 
 impl Lease {
     /// Registers `instance`, first reaping what a previous life under the
     /// same name left (its users leave, as if it had been reaped by another).
     pub(super) async fn register(database: &Db, instance: &str) -> Result<Lease, BusError> {
-        refuse_if_running(database, instance).await?;
-        reap(database, Reap::Named(instance)).await?;
-        insert(database, instance).await?;
+        let seen = refuse_if_running(database, instance).await?;
+        reap(
+            database,
+            Reap::PreviousLife {
+                name: instance,
+                seen,
+            },
+        )
+        .await?;
         Ok(Lease {
             instance: instance.to_owned(),
             reassert: false,
@@ -155,14 +165,17 @@ impl Lease {
 /// is being renewed, and this instance refuses to start. (A running
 /// namesake that is stalled at that moment is taken for a previous life:
 /// two mistakes at once.)
-async fn refuse_if_running(database: &Db, instance: &str) -> Result<(), BusError> {
+///
+/// Returns the value the row held throughout (or `None` if there is none):
+/// registering takes the row only if it still holds it.
+async fn refuse_if_running(database: &Db, instance: &str) -> Result<Option<i64>, BusError> {
     let look = || {
         sqlx::query_scalar::<_, i64>("SELECT seen_at FROM instances WHERE instance = $1")
             .bind(instance)
             .fetch_optional(database.run())
     };
     let Some(before) = look().await.map_err(db)? else {
-        return Ok(());
+        return Ok(None);
     };
     tracing::info!(
         instance,
@@ -171,7 +184,7 @@ async fn refuse_if_running(database: &Db, instance: &str) -> Result<(), BusError
     tokio::time::sleep(NAMESAKE_WATCH).await;
     match look().await.map_err(db)? {
         Some(now) if now != before => Err(BusError::NameTaken(instance.to_owned())),
-        _ => Ok(()),
+        now => Ok(now),
     }
 }
 
@@ -427,7 +440,7 @@ async fn reap(database: &Db, which: Reap<'_>) -> Result<(), BusError> {
     let now = database.clock.now_ms();
     let inbox_kept = match which {
         Reap::Silent(_) => format!(" AND (kept_until IS NULL OR kept_until < {now})"),
-        Reap::Named(_) => String::new(),
+        Reap::Named(_) | Reap::PreviousLife { .. } => String::new(),
     };
     let mut tx = database.pool.begin().await.map_err(db)?;
     let dead: Vec<String> = match which {
@@ -455,6 +468,24 @@ async fn reap(database: &Db, which: Reap<'_>) -> Result<(), BusError> {
                 .execute(counted(database, &mut tx))
                 .await
                 .map_err(db)?;
+            vec![name.to_owned()]
+        }
+        Reap::PreviousLife { name, seen } => {
+            if let Some(seen) = seen {
+                let taken =
+                    sqlx::query("DELETE FROM instances WHERE instance = $1 AND seen_at = $2")
+                        .bind(name)
+                        .bind(seen)
+                        .execute(counted(database, &mut tx))
+                        .await
+                        .map_err(db)?
+                        .rows_affected();
+                if taken == 0 {
+                    // Renewed since the watch, or taken by a namesake that
+                    // started at the same moment.
+                    return Err(BusError::NameTaken(name.to_owned()));
+                }
+            }
             vec![name.to_owned()]
         }
     };
@@ -506,6 +537,23 @@ async fn reap(database: &Db, which: Reap<'_>) -> Result<(), BusError> {
             .execute(counted(database, &mut tx))
             .await
             .map_err(db)?;
+    }
+    if let Reap::PreviousLife { name, .. } = which {
+        // A namesake that started at the same moment and got here first
+        // has the row: this one gives way.
+        let registered = sqlx::query(
+            "INSERT INTO instances (instance, seen_at) VALUES ($1, $2)
+             ON CONFLICT (instance) DO NOTHING",
+        )
+        .bind(name)
+        .bind(now_ms())
+        .execute(counted(database, &mut tx))
+        .await
+        .map_err(db)?
+        .rows_affected();
+        if registered == 0 {
+            return Err(BusError::NameTaken(name.to_owned()));
+        }
     }
     tx.commit().await.map_err(db)?;
     if !members.is_empty() {

@@ -58,6 +58,10 @@ pub struct Registry {
     rooms: Lua,
     heartbeat: Lua,
     reap: Lua,
+    take_name: Lua,
+    /// This life of the instance: a random token, so that no value it writes
+    /// into its live-instance key is one a previous life wrote.
+    life: u64,
     /// Heartbeats so far, written into the live-instance key.
     beats: AtomicU64,
 }
@@ -85,6 +89,8 @@ impl Registry {
             rooms: Lua::new(script::ROOMS),
             heartbeat: Lua::new(script::HEARTBEAT),
             reap: Lua::new(script::REAP),
+            take_name: Lua::new(script::TAKE_NAME),
+            life: rand::random(),
             beats: AtomicU64::new(0),
         }
     }
@@ -114,6 +120,13 @@ impl Registry {
     /// The index of the memberships `instance`'s users hold.
     fn held_key(&self, instance: &str) -> String {
         self.keys.dir(&format!("held:{instance}"))
+    }
+
+    /// What heartbeat number `beat` of this life writes into the live-instance
+    /// key: unique to the life, so a namesake's beats never match a value
+    /// watched from a previous life.
+    fn beat_value(&self, beat: u64) -> String {
+        format!("{:016x}:{beat}", self.life)
     }
 
     /// The key whose lease says this instance is alive.
@@ -147,7 +160,11 @@ impl Registry {
             .call(
                 cmd,
                 vec![self.alive_key(), self.keys.dir("instances")],
-                vec![self.instance.clone(), Self::lease_ms(), beat.to_string()],
+                vec![
+                    self.instance.clone(),
+                    Self::lease_ms(),
+                    self.beat_value(beat),
+                ],
             )
             .await
             .map_err(unreachable)?;
@@ -235,16 +252,36 @@ impl Registry {
     /// changes, this instance refuses to start.
     pub async fn forget_previous_life(&self, cmd: &Client) -> Result<(), BusError> {
         let look = || cmd.get::<Option<String>, _>(self.alive_key());
-        if let Some(before) = look().await.map_err(unreachable)? {
+        let mut watched = look().await.map_err(unreachable)?;
+        if let Some(before) = watched.take() {
             tracing::info!(
                 instance = %self.instance,
                 "this instance's name has a lease: watching it to tell a previous life from a running namesake"
             );
             tokio::time::sleep(HEARTBEAT * 2).await;
-            let now = look().await.map_err(unreachable)?;
-            if now.is_some_and(|now| now != before) {
+            watched = look().await.map_err(unreachable)?;
+            if watched.as_ref().is_some_and(|now| *now != before) {
                 return Err(BusError::NameTaken(self.instance.clone()));
             }
+        }
+        // Taken only if it still holds what was watched: of two instances
+        // starting under one name at once, one gets it.
+
+        let taken: i64 = self
+            .take_name
+            .call(
+                cmd,
+                vec![self.alive_key()],
+                vec![
+                    watched.unwrap_or_default(),
+                    self.beat_value(0),
+                    Self::lease_ms(),
+                ],
+            )
+            .await
+            .map_err(unreachable)?;
+        if taken == 0 {
+            return Err(BusError::NameTaken(self.instance.clone()));
         }
         for (room, nick) in self.reap(cmd, &self.instance).await? {
             self.announce_in_room(

@@ -193,10 +193,25 @@ end
 return out
 "#;
 
+/// Takes this instance's name for a new life: sets the live-instance key to
+/// this start's token, but only if it still holds what the starting
+/// instance watched stand still (nothing, or a crashed life's last beat).
+/// Returns 0 if a running namesake (or one starting at the same moment)
+/// has it. KEYS: live-instance key. ARGV: the value watched ('' for none),
+/// this life's first value, lease in ms.
+pub const TAKE_NAME: &str = r#"
+local cur = redis.call('GET', KEYS[1])
+if (cur == false and ARGV[1] == '') or cur == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+  return 1
+end
+return 0
+"#;
+
 /// Says this instance is alive. Returns 1 if it was not registered: it is
 /// new, or another instance reaped it while it was stalled or cut off.
-/// The live-instance key holds the beat's number, so that an instance
-/// starting under the same name can see it change.
+/// The live-instance key holds the life's token and the beat's number, so
+/// that an instance starting under the same name can see it change.
 /// KEYS: live-instance key, instances set. ARGV: instance, lease in ms, beat.
 pub const HEARTBEAT: &str = r#"
 redis.call('SET', KEYS[1], ARGV[3], 'PX', ARGV[2])
