@@ -850,6 +850,90 @@ async fn two_instances_starting_under_one_name_at_once_do_not_both_serve() {
     drop(killed);
 }
 
+/// One unreadable row in a room both instances watch: its seq is skipped
+/// (a hole, as for any seq never stored), and the messages after it still
+/// reach the room. Before, the room stopped there for good, and every later
+/// message was stored and reached nobody, its sender included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_after_an_unreadable_row_still_arrives() {
+    use sqlx::Connection;
+
+    let dir = temp_dir();
+    let db = common::sqlite_url(&dir);
+    let a = start(&db, "a").await;
+    let b = start(&db, "b").await;
+    let mut u0 = Peer::join_rooms(a.tcp, "u0", &["side"]).await;
+    let mut u1 = Peer::join_rooms(b.tcp, "u1", &["side"]).await;
+    converge(&mut u1, "side", &["u0".to_owned(), "u1".to_owned()]).await;
+
+    let mut conn = sqlx::SqliteConnection::connect(&db).await.unwrap();
+    sqlx::query(
+        "INSERT INTO messages (room, seq, id, nick, text, kind, ts)
+         VALUES ('side', 1, 'not-a-uuid', 'not a nick', 'x', 'text', 0)",
+    )
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO room_seqs (room, last_seq) VALUES ('side', 1)
+         ON CONFLICT (room) DO UPDATE SET last_seq = 1",
+    )
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    drop(conn);
+
+    u1.send("after the bad row").await;
+    for peer in [&mut u1, &mut u0] {
+        let seen = peer
+            .expect("the message after the bad row", |v| {
+                v["type"] == "message" || v["type"] == "error"
+            })
+            .await;
+        assert_eq!(
+            (seen["text"].as_str(), seen["seq"].as_u64()),
+            (Some("after the bad row"), Some(2)),
+            "{seen}"
+        );
+    }
+    drop((a, b));
+}
+
+/// A DM kept for a stalled instance whose user's nick was taken while it
+/// was away: on waking the user is renamed to a guest nick, and must still
+/// get the DM sent to them as `bo` (and the new `bo` must not). The kept
+/// DMs are delivered before the re-assertion renames anyone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kept_dm_reaches_a_user_renamed_on_waking() {
+    let Some(pg) = PgDatabase::create().await else {
+        return;
+    };
+    let awake = start(&pg.url, "awake").await;
+    let stalled = start(&pg.url, "stalled").await;
+    let mut ann = Peer::join_rooms(awake.tcp, "ann", &["general"]).await;
+    let mut bo = Peer::join_rooms(stalled.tcp, "bo", &["general"]).await;
+    converge(&mut ann, "general", &["ann".to_owned(), "bo".to_owned()]).await;
+
+    stalled.freeze();
+    ann.send("/msg bo are you there?").await;
+    ann.expect("the DM's echo", |v| v["type"] == "dm").await;
+    ann.expect("bo's leave", |v| v["type"] == "leave" && v["nick"] == "bo")
+        .await;
+    let mut new_bo = Peer::join_rooms(awake.tcp, "bo", &["general"]).await;
+    stalled.thaw();
+    let dm = bo.expect("the DM", |v| v["type"] == "dm").await;
+    assert_eq!(dm["text"], "are you there?");
+    bo.expect("the rename to a guest nick", |v| v["type"] == "nick")
+        .await;
+    // The new bo is not told anything meant for the old one: the next
+    // thing it sees after a DM of its own is that DM.
+    ann.send("/msg bo hello, new bo").await;
+    let first = new_bo.expect("a DM", |v| v["type"] == "dm").await;
+    assert_eq!(first["text"], "hello, new bo");
+    drop((awake, stalled));
+    pg.drop_now().await;
+}
+
 /// What waits in `instance`'s inbox, oldest first: each row's `kind`.
 async fn inbox_kinds(db: &mut sqlx::PgConnection, instance: &str) -> Vec<String> {
     let rows: Vec<(String,)> =

@@ -496,7 +496,27 @@ async fn catch_up(
             return Ok(());
         }
         statements.fetch_add(1, Ordering::Relaxed);
-        let rows = store.since(room, after, CATCH_UP).await?;
+        let rows = match store.since(room, after, CATCH_UP).await {
+            Ok(rows) => rows,
+            // A row that cannot be read (damaged, or written by a newer
+            // version) would hold the room here for good, and every message
+            // after it would reach nobody. Read one row to tell whether it
+            // is the next: if so, skip its seq (clients see a hole, as for
+            // any seq that was never stored) and go on.
+            Err(StoreError::Corrupt(why)) => {
+                statements.fetch_add(1, Ordering::Relaxed);
+                match store.since(room, after, 1).await {
+                    Ok(rows) => rows,
+                    Err(StoreError::Corrupt(_)) => {
+                        tracing::error!(%room, seq = after + 1, cause = %why, "poll bus: a stored message cannot be read; skipping its seq");
+                        cursors.delivered.insert(room.clone(), after + 1);
+                        continue;
+                    }
+                    Err(err) => return Err(err.into()),
+                }
+            }
+            Err(err) => return Err(err.into()),
+        };
         if rows.is_empty() {
             return Ok(());
         }
@@ -555,6 +575,14 @@ async fn poll_once(
     }
     let sink = cursors.sink.clone();
     drop(cursors);
+    match sink {
+        Some(sink) => take_inbox(database, instance, sink.as_ref()).await,
+        None => Ok(()),
+    }
+}
+
+/// Delivers what waits in this instance's inbox, oldest first.
+async fn take_inbox(database: &Db, instance: &str, sink: &dyn Deliver) -> Result<(), BusError> {
     // Look first: in WAL mode a read never blocks the other instances'
     // writes, and the inbox is empty on most polls.
     let waiting: Option<(i64,)> =
@@ -581,10 +609,8 @@ async fn poll_once(
             tracing::warn!("unreadable inbox row skipped");
             continue;
         };
-        if let Some(sink) = &sink {
-            for envelope in row.into_envelopes() {
-                sink.deliver(envelope);
-            }
+        for envelope in row.into_envelopes() {
+            sink.deliver(envelope);
         }
     }
     Ok(())

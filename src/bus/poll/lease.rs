@@ -41,7 +41,7 @@ use tokio::time::Instant;
 use super::silence::{Silent, Watch};
 use super::{
     Db, Existing, HEARTBEAT, InboxRow, LEASE, Member, broadcast, counted, db, move_memberships,
-    now_ms, record_member,
+    now_ms, record_member, take_inbox,
 };
 use crate::core::ports::{BusError, Claim, Deliver, Envelope};
 use crate::core::{Nick, RoomName, SessionId};
@@ -245,6 +245,9 @@ async fn reassert(database: &Db, instance: &str, sink: &dyn Deliver) -> Result<(
     // No membership write of this instance lands between a snapshot and the
     // statements that act on it (see `Db::directory`).
     let _directory = database.directory.lock().await;
+    // DMs kept for this instance while it was reaped are addressed by nick:
+    // deliver them before a lost nick renames its user to a guest.
+    take_inbox(database, instance, sink).await?;
     let claims = sink.claims();
     let nicks: Vec<(&Nick, SessionId)> = claims.iter().map(|c| (&c.nick, c.session)).collect();
     let held = claim_nicks(database, instance, &nicks).await?;
@@ -482,8 +485,18 @@ async fn reap(database: &Db, which: Reap<'_>) -> Result<(), BusError> {
                         .rows_affected();
                 if taken == 0 {
                     // Renewed since the watch, or taken by a namesake that
-                    // started at the same moment.
-                    return Err(BusError::NameTaken(name.to_owned()));
+                    // started at the same moment; or reaped by a survivor
+                    // meanwhile, which leaves no row (and the leftovers are
+                    // gone with it: this life goes on).
+                    let row: Option<(i64,)> =
+                        sqlx::query_as("SELECT seen_at FROM instances WHERE instance = $1")
+                            .bind(name)
+                            .fetch_optional(counted(database, &mut tx))
+                            .await
+                            .map_err(db)?;
+                    if row.is_some() {
+                        return Err(BusError::NameTaken(name.to_owned()));
+                    }
                 }
             }
             vec![name.to_owned()]

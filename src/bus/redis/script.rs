@@ -194,14 +194,15 @@ return out
 "#;
 
 /// Takes this instance's name for a new life: sets the live-instance key to
-/// this start's token, but only if it still holds what the starting
-/// instance watched stand still (nothing, or a crashed life's last beat).
+/// this life's first value, but only if it still holds what the starting
+/// instance watched stand still (a crashed life's last beat), or nothing (a
+/// lease that ran out meanwhile is a dead life's too).
 /// Returns 0 if a running namesake (or one starting at the same moment)
 /// has it. KEYS: live-instance key. ARGV: the value watched ('' for none),
 /// this life's first value, lease in ms.
 pub const TAKE_NAME: &str = r#"
 local cur = redis.call('GET', KEYS[1])
-if (cur == false and ARGV[1] == '') or cur == ARGV[1] then
+if cur == false or cur == ARGV[1] then
   redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
   return 1
 end
