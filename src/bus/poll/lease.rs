@@ -8,10 +8,15 @@
 //!    while this one was away: it registers again and re-asserts every local
 //!    claim (the hub reports them through [`Deliver::claims`]);
 //! 2. reaps every instance silent for longer than [`LEASE`]: the instance
-//!    row, its nicks, its memberships and its inbox go in one transaction,
-//!    which also posts one `leave` per membership to every instance left.
-//!    Two instances reaping at once cannot both see a row they delete, so
-//!    each departure is announced exactly once.
+//!    row, its nicks, its memberships and its inbox (but for direct messages,
+//!    kept a while: it may be stalled, not dead) go in one transaction, which
+//!    also posts one `leave` per membership to every instance left. Two
+//!    instances reaping at once cannot both see a row they delete, so each
+//!    departure is announced exactly once.
+//!
+//! A starting instance takes over what a previous life under its name left,
+//! but never from a running namesake: it watches the name's row first, and
+//! takes it only if it still holds what was watched.
 //!
 //! A claim is only ever taken from a *reaped* instance (a row whose instance
 //! has no row in `instances`), never from one that is merely late: an
