@@ -143,18 +143,22 @@ fn sorted(mut nicks: Vec<String>) -> Vec<String> {
     nicks
 }
 
-async fn start(db: &str, name: &str) -> Daemon {
-    let args = [
+/// Instance `name`'s command line: the poll bus on `db`, every `interval` ms.
+fn poll_args<'a>(db: &'a str, name: &'a str, interval: &'a str) -> [&'a str; 8] {
+    [
         "--db",
         db,
         "--bus",
         "poll",
         "--poll-interval",
-        "20",
+        interval,
         "--instance",
         name,
-    ];
-    Daemon::start(&args).await
+    ]
+}
+
+async fn start(db: &str, name: &str) -> Daemon {
+    Daemon::start(&poll_args(db, name, "20")).await
 }
 
 /// Three instances, each on its own `--db` URL (the same database, perhaps
@@ -527,17 +531,7 @@ async fn an_outage_everyone_sees_gives_nothing_away() {
 /// `common::skewed_clock`), `plain` with the machine's clock; `u0` is on
 /// the first and `u1` on the second, both in every room.
 async fn skewed_pair(db: &str, env: &[(&str, String)]) -> ([Daemon; 2], [Peer; 2]) {
-    let args = [
-        "--db",
-        db,
-        "--bus",
-        "poll",
-        "--poll-interval",
-        "20",
-        "--instance",
-        "skewed",
-    ];
-    let skewed = Daemon::start_env(&args, env).await;
+    let skewed = Daemon::start_env(&poll_args(db, "skewed", "20"), env).await;
     let plain = start(db, "plain").await;
     let mut peers = [
         Peer::join(skewed.tcp, "u0").await,
@@ -552,12 +546,10 @@ async fn skewed_pair(db: &str, env: &[(&str, String)]) -> ([Daemon; 2], [Peer; 2
     ([skewed, plain], peers)
 }
 
-/// Waits out `lease_and_more` (the fault's shape, not a synchronisation),
-/// then checks that nobody left meanwhile: a marker joins, and each peer
-/// must see that join before any `leave`. Returns the marker, who leaves
-/// when dropped.
-async fn nobody_leaves(daemon: &Daemon, peers: &mut [Peer], lease_and_more: Duration) -> Peer {
-    tokio::time::sleep(lease_and_more).await;
+/// A marker joins #general on `daemon`, and each of `peers` must see that
+/// join before any `leave`: nobody left before it. Returns the marker, who
+/// leaves when dropped.
+async fn marker_comes_first(daemon: &Daemon, peers: &mut [&mut Peer]) -> Peer {
     let marker = Peer::join_rooms(daemon.tcp, "marker", &["general"]).await;
     for peer in peers.iter_mut() {
         let first = peer
@@ -567,6 +559,15 @@ async fn nobody_leaves(daemon: &Daemon, peers: &mut [Peer], lease_and_more: Dura
             .await;
         assert_eq!(first["type"], "join", "a live user left: {first}");
     }
+    marker
+}
+
+/// Waits out `lease_and_more` (the fault's shape, not a synchronisation),
+/// then checks that nobody left meanwhile ([`marker_comes_first`]) and
+/// that every peer's instance lists everyone in #general. Returns the marker.
+async fn nobody_leaves(daemon: &Daemon, peers: &mut [Peer], lease_and_more: Duration) -> Peer {
+    tokio::time::sleep(lease_and_more).await;
+    let marker = marker_comes_first(daemon, &mut peers.iter_mut().collect::<Vec<_>>()).await;
     let everyone = ["marker", "u0", "u1"].map(String::from).to_vec();
     for peer in peers.iter_mut() {
         assert_eq!(peer.who("general").await, everyone);
@@ -666,27 +667,9 @@ async fn an_instance_under_a_running_instance_s_name_refuses_to_start() {
     let mut u1 = Peer::join(other.tcp, "u1").await;
     converge(&mut u1, "general", &["u0".to_owned(), "u1".to_owned()]).await;
 
-    let args = [
-        "--db",
-        &db,
-        "--bus",
-        "poll",
-        "--poll-interval",
-        "20",
-        "--instance",
-        "twin",
-    ];
-    let log = Daemon::refused(&args).await;
+    let log = Daemon::refused(&poll_args(&db, "twin", "20")).await;
     assert!(log.contains("in use by a running instance"), "{log}");
-    let _marker = Peer::join_rooms(other.tcp, "marker", &["general"]).await;
-    for peer in [&mut u0, &mut u1] {
-        let first = peer
-            .expect("the marker's join", |v| {
-                v["type"] == "leave" || (v["type"] == "join" && v["nick"] == "marker")
-            })
-            .await;
-        assert_eq!(first["type"], "join", "a live user left: {first}");
-    }
+    let _marker = marker_comes_first(&other, &mut [&mut u0, &mut u1]).await;
 
     twin.kill9().await;
     let _again = start(&db, "twin").await;
@@ -726,6 +709,31 @@ async fn a_dm_queued_for_a_stalled_instance_arrives_when_it_wakes() {
     pg.drop_now().await;
 }
 
+/// Stores seq 1 of `room` in the SQLite database `db` as a row no instance
+/// can read (no message id, no valid nick), and announces it as the room's
+/// newest seq.
+async fn unreadable_first_message(db: &str, room: &str) {
+    use sqlx::Connection;
+
+    let mut conn = sqlx::SqliteConnection::connect(db).await.unwrap();
+    sqlx::query(
+        "INSERT INTO messages (room, seq, id, nick, text, kind, ts)
+         VALUES ($1, 1, 'not-a-uuid', 'not a nick', 'x', 'text', 0)",
+    )
+    .bind(room)
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO room_seqs (room, last_seq) VALUES ($1, 1)
+         ON CONFLICT (room) DO UPDATE SET last_seq = 1",
+    )
+    .bind(room)
+    .execute(&mut conn)
+    .await
+    .unwrap();
+}
+
 /// An instance that cannot read one room (a corrupt row in a room only it
 /// watches) is still alive, and must keep its lease: its heartbeat runs on
 /// its own, not after a successful poll. When it ran after the poll, the
@@ -734,8 +742,6 @@ async fn a_dm_queued_for_a_stalled_instance_arrives_when_it_wakes() {
 /// every other room's messages and its inbox.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_instance_whose_polls_fail_keeps_its_users() {
-    use sqlx::Connection;
-
     let dir = temp_dir();
     let db = common::sqlite_url(&dir);
     let failing = start(&db, "failing").await;
@@ -745,35 +751,12 @@ async fn an_instance_whose_polls_fail_keeps_its_users() {
     converge(&mut u1, "general", &["u0".to_owned(), "u1".to_owned()]).await;
 
     // A row no instance can read, in the room only `failing` watches.
-    let mut conn = sqlx::SqliteConnection::connect(&db).await.unwrap();
-    sqlx::query(
-        "INSERT INTO messages (room, seq, id, nick, text, kind, ts)
-         VALUES ('side', 1, 'not-a-uuid', 'not a nick', 'x', 'text', 0)",
-    )
-    .execute(&mut conn)
-    .await
-    .unwrap();
-    sqlx::query(
-        "INSERT INTO room_seqs (room, last_seq) VALUES ('side', 1)
-                 ON CONFLICT (room) DO UPDATE SET last_seq = 1",
-    )
-    .execute(&mut conn)
-    .await
-    .unwrap();
-    drop(conn);
+    unreadable_first_message(&db, "side").await;
 
     // The fault's shape: a lease and two heartbeats of failing polls.
     tokio::time::sleep(LEASE + Duration::from_secs(4)).await;
     // Nobody left; and the room that cannot be read holds up no other news.
-    let _marker = Peer::join_rooms(other.tcp, "marker", &["general"]).await;
-    for peer in [&mut u1, &mut u0] {
-        let first = peer
-            .expect("the marker's join", |v| {
-                v["type"] == "leave" || (v["type"] == "join" && v["nick"] == "marker")
-            })
-            .await;
-        assert_eq!(first["type"], "join", "a live user left: {first}");
-    }
+    let _marker = marker_comes_first(&other, &mut [&mut u1, &mut u0]).await;
     drop((failing, other));
 }
 
@@ -786,21 +769,8 @@ async fn an_instance_whose_polls_fail_keeps_its_users() {
 async fn a_long_poll_interval_still_reaps_the_dead() {
     let dir = temp_dir();
     let db = common::sqlite_url(&dir);
-    let slow = |name: &'static str| {
-        let args = [
-            "--db",
-            db.as_str(),
-            "--bus",
-            "poll",
-            "--poll-interval",
-            "6000",
-            "--instance",
-            name,
-        ];
-        async move { Daemon::start(&args).await }
-    };
-    let mut dying = slow("dying").await;
-    let survivor = slow("survivor").await;
+    let mut dying = Daemon::start(&poll_args(&db, "dying", "6000")).await;
+    let survivor = Daemon::start(&poll_args(&db, "survivor", "6000")).await;
     let _u0 = Peer::join_rooms(dying.tcp, "u0", &["general"]).await;
     let mut u1 = Peer::join_rooms(survivor.tcp, "u1", &["general"]).await;
     u1.expect("u0's join", |v| v["type"] == "join" && v["nick"] == "u0")
@@ -824,16 +794,7 @@ async fn two_instances_starting_under_one_name_at_once_do_not_both_serve() {
     // Two rounds: no row under the name yet, then a killed life's row.
     let mut killed = None;
     for round in ["no previous life", "a killed previous life"] {
-        let args = [
-            "--db",
-            &db,
-            "--bus",
-            "poll",
-            "--poll-interval",
-            "20",
-            "--instance",
-            "dup",
-        ];
+        let args = poll_args(&db, "dup", "20");
         let (one, two) = tokio::join!(Daemon::try_start(&args), Daemon::try_start(&args));
         let (serving, refused): (Vec<_>, Vec<_>) = [one, two].into_iter().partition(Result::is_ok);
         let refused: Vec<String> = refused.into_iter().filter_map(Result::err).collect();
@@ -856,8 +817,6 @@ async fn two_instances_starting_under_one_name_at_once_do_not_both_serve() {
 /// message was stored and reached nobody, its sender included.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_after_an_unreadable_row_still_arrives() {
-    use sqlx::Connection;
-
     let dir = temp_dir();
     let db = common::sqlite_url(&dir);
     let a = start(&db, "a").await;
@@ -866,22 +825,7 @@ async fn a_message_after_an_unreadable_row_still_arrives() {
     let mut u1 = Peer::join_rooms(b.tcp, "u1", &["side"]).await;
     converge(&mut u1, "side", &["u0".to_owned(), "u1".to_owned()]).await;
 
-    let mut conn = sqlx::SqliteConnection::connect(&db).await.unwrap();
-    sqlx::query(
-        "INSERT INTO messages (room, seq, id, nick, text, kind, ts)
-         VALUES ('side', 1, 'not-a-uuid', 'not a nick', 'x', 'text', 0)",
-    )
-    .execute(&mut conn)
-    .await
-    .unwrap();
-    sqlx::query(
-        "INSERT INTO room_seqs (room, last_seq) VALUES ('side', 1)
-         ON CONFLICT (room) DO UPDATE SET last_seq = 1",
-    )
-    .execute(&mut conn)
-    .await
-    .unwrap();
-    drop(conn);
+    unreadable_first_message(&db, "side").await;
 
     u1.send("after the bad row").await;
     for peer in [&mut u1, &mut u0] {

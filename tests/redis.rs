@@ -54,6 +54,43 @@ async fn redis_and_postgres() -> Option<(String, PgDatabase)> {
     Some((redis, PgDatabase::create().await?))
 }
 
+/// Three instances of a fresh cluster on the shared Redis and one SQLite
+/// file, alice on the first and carol on the third, both in #general, alice
+/// having seen carol join.
+struct AliceAndCarol {
+    redis: String,
+    db: String,
+    cluster: String,
+    daemons: Vec<Daemon>,
+    alice: Client,
+    carol: Client,
+    _dir: tempfile::TempDir,
+}
+
+/// [`AliceAndCarol`] for cluster `test`, or `None` (the test skips, or
+/// fails under `BABY_REQUIRE_SERVICES`) when Redis is missing.
+async fn alice_and_carol(test: &str) -> Option<AliceAndCarol> {
+    let redis = common::shared_redis().await?;
+    let dir = temp_dir();
+    let db = common::sqlite_url(&dir);
+    let cluster = cluster_name(test);
+    let daemons = start_cluster(&redis, &db, &cluster, &[]).await;
+    let mut alice = Client::in_room(daemons[0].tcp, "alice", "general").await;
+    let carol = Client::in_room(daemons[2].tcp, "carol", "general").await;
+    alice
+        .expect(|v| v["type"] == "join" && v["nick"] == "carol")
+        .await;
+    Some(AliceAndCarol {
+        redis,
+        db,
+        cluster,
+        daemons,
+        alice,
+        carol,
+        _dir: dir,
+    })
+}
+
 /// Reads `n` room messages, returning seq -> (id, text).
 async fn messages(client: &mut Client, n: usize) -> BTreeMap<u64, (String, String)> {
     let mut seen = BTreeMap::new();
@@ -523,18 +560,18 @@ async fn expect_within(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_instance_leaves_then_comes_back_with_its_users() {
-    let Some(redis) = common::shared_redis().await else {
+    let Some(AliceAndCarol {
+        redis,
+        db: _,
+        mut carol,
+        cluster,
+        daemons,
+        mut alice,
+        _dir,
+    }) = alice_and_carol("stall").await
+    else {
         return;
     };
-    let dir = temp_dir();
-    let db = common::sqlite_url(&dir);
-    let cluster = cluster_name("stall");
-    let daemons = start_cluster(&redis, &db, &cluster, &[]).await;
-    let mut alice = Client::in_room(daemons[0].tcp, "alice", "general").await;
-    let mut carol = Client::in_room(daemons[2].tcp, "carol", "general").await;
-    alice
-        .expect(|v| v["type"] == "join" && v["nick"] == "carol")
-        .await;
 
     // Stalled past its lease: the others see carol leave, once.
     daemons[2].freeze();
@@ -569,18 +606,18 @@ async fn a_stalled_instance_leaves_then_comes_back_with_its_users() {
 /// running one's heartbeats) and gives nobody away.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_instance_under_a_running_instance_s_name_refuses_to_start_on_redis() {
-    let Some(redis) = common::shared_redis().await else {
+    let Some(AliceAndCarol {
+        redis,
+        db,
+        carol: _carol,
+        cluster,
+        daemons,
+        mut alice,
+        _dir,
+    }) = alice_and_carol("twin").await
+    else {
         return;
     };
-    let dir = temp_dir();
-    let db = common::sqlite_url(&dir);
-    let cluster = cluster_name("twin");
-    let daemons = start_cluster(&redis, &db, &cluster, &[]).await;
-    let mut alice = Client::in_room(daemons[0].tcp, "alice", "general").await;
-    let _carol = Client::in_room(daemons[2].tcp, "carol", "general").await;
-    alice
-        .expect(|v| v["type"] == "join" && v["nick"] == "carol")
-        .await;
 
     let args = [
         "--db",
@@ -611,18 +648,18 @@ async fn an_instance_under_a_running_instance_s_name_refuses_to_start_on_redis()
 /// reaches them when the instance wakes, after the others reaped it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dm_for_a_stalled_instance_arrives_when_it_wakes_on_redis() {
-    let Some(redis) = common::shared_redis().await else {
+    let Some(AliceAndCarol {
+        redis,
+        db: _,
+        mut carol,
+        cluster,
+        daemons,
+        mut alice,
+        _dir,
+    }) = alice_and_carol("dm-stall").await
+    else {
         return;
     };
-    let dir = temp_dir();
-    let db = common::sqlite_url(&dir);
-    let cluster = cluster_name("dm-stall");
-    let daemons = start_cluster(&redis, &db, &cluster, &[]).await;
-    let mut alice = Client::in_room(daemons[0].tcp, "alice", "general").await;
-    let mut carol = Client::in_room(daemons[2].tcp, "carol", "general").await;
-    alice
-        .expect(|v| v["type"] == "join" && v["nick"] == "carol")
-        .await;
 
     daemons[2].freeze();
     alice.send("/msg carol are you there?").await;

@@ -1112,6 +1112,22 @@ mod tests {
         rows.into_iter().map(|(payload,)| payload).collect()
     }
 
+    /// Session 1 of `a` is `nick` in #general; then `a`'s lease is reaped
+    /// (as a stall past it would have it).
+    async fn in_general_then_reaped(a: &PollBus, nick: &Nick) {
+        let general = RoomName::parse("general").unwrap();
+        assert!(a.claim_nick(nick, SessionId(1)).await.unwrap());
+        a.joined(&general, nick, 0).await.unwrap();
+        lease::Lease::release(&a.db, "a").await.unwrap();
+    }
+
+    /// Session 1 of `a` becomes `new` while `a`'s lease is reaped: `new` is
+    /// claimed, but there is no membership to move yet.
+    async fn renamed_while_reaped(a: &PollBus, old: &Nick, new: &Nick) {
+        assert!(a.claim_nick(new, SessionId(1)).await.unwrap());
+        a.renamed(old, new, SessionId(1)).await.unwrap();
+    }
+
     /// `a` stalls past its lease: `b` reaps it (its users leave), a session
     /// of `b` takes `U7` (the key of `a`'s `u7`), and `a` registers again as
     /// its next heartbeat would.
@@ -1191,9 +1207,7 @@ mod tests {
             RoomName::parse("general").unwrap(),
             RoomName::parse("side").unwrap(),
         );
-        assert!(a.claim_nick(&u8, SessionId(1)).await.unwrap());
-        a.joined(&general, &u8, 0).await.unwrap();
-        lease::Lease::release(&a.db, "a").await.unwrap();
+        in_general_then_reaped(&a, &u8).await;
 
         // u8 joins #side after the hub's first snapshot, and the join
         // reaches the database before the nick is claimed again: it finds
@@ -1222,15 +1236,12 @@ mod tests {
         let mut lease = a.lease.lock().unwrap().take().unwrap();
         let (u8, u9) = (Nick::parse("u8").unwrap(), Nick::parse("u9").unwrap());
         let general = RoomName::parse("general").unwrap();
-        assert!(a.claim_nick(&u8, SessionId(1)).await.unwrap());
-        a.joined(&general, &u8, 0).await.unwrap();
-        lease::Lease::release(&a.db, "a").await.unwrap();
+        in_general_then_reaped(&a, &u8).await;
 
         // u8 becomes u9 after the hub's first snapshot, and the rename
         // reaches the database while the lease is still reaped: u9 is
         // claimed, but there is no membership to move yet.
-        assert!(a.claim_nick(&u9, SessionId(1)).await.unwrap());
-        a.renamed(&u8, &u9, SessionId(1)).await.unwrap();
+        renamed_while_reaped(&a, &u8, &u9).await;
         take_inbox(&b).await;
         let hub = renamed_between(&u8, &u9, &general);
         lease.renew(&a.db, Some(&hub)).await.unwrap();
@@ -1260,11 +1271,8 @@ mod tests {
         let mut lease = a.lease.lock().unwrap().take().unwrap();
         let (lower, upper) = (Nick::parse("u8").unwrap(), Nick::parse("U8").unwrap());
         let general = RoomName::parse("general").unwrap();
-        assert!(a.claim_nick(&lower, SessionId(1)).await.unwrap());
-        a.joined(&general, &lower, 0).await.unwrap();
-        lease::Lease::release(&a.db, "a").await.unwrap();
-        assert!(a.claim_nick(&upper, SessionId(1)).await.unwrap());
-        a.renamed(&lower, &upper, SessionId(1)).await.unwrap();
+        in_general_then_reaped(&a, &lower).await;
+        renamed_while_reaped(&a, &lower, &upper).await;
         take_inbox(&b).await;
         let hub = renamed_between(&lower, &upper, &general);
         lease.renew(&a.db, Some(&hub)).await.unwrap();
@@ -1285,17 +1293,14 @@ mod tests {
         let mut lease = a.lease.lock().unwrap().take().unwrap();
         let (u8, u9) = (Nick::parse("u8").unwrap(), Nick::parse("u9").unwrap());
         let general = RoomName::parse("general").unwrap();
-        assert!(a.claim_nick(&u8, SessionId(1)).await.unwrap());
-        a.joined(&general, &u8, 0).await.unwrap();
-        lease::Lease::release(&a.db, "a").await.unwrap();
+        in_general_then_reaped(&a, &u8).await;
         // While `a` is reaped, `b` takes u8 and `a`'s user becomes u9.
         assert!(
             b.claim_nick(&Nick::parse("U8").unwrap(), SessionId(2))
                 .await
                 .unwrap()
         );
-        assert!(a.claim_nick(&u9, SessionId(1)).await.unwrap());
-        a.renamed(&u8, &u9, SessionId(1)).await.unwrap();
+        renamed_while_reaped(&a, &u8, &u9).await;
         take_inbox(&b).await;
         let hub = renamed_between(&u8, &u9, &general);
         lease.renew(&a.db, Some(&hub)).await.unwrap();
@@ -1376,9 +1381,7 @@ mod tests {
             RoomName::parse("general").unwrap(),
             RoomName::parse("side").unwrap(),
         );
-        assert!(a.claim_nick(&u8, SessionId(1)).await.unwrap());
-        a.joined(&general, &u8, 0).await.unwrap();
-        lease::Lease::release(&a.db, "a").await.unwrap();
+        in_general_then_reaped(&a, &u8).await;
         // u8 joined #side while `a` was reaped (recorded nothing), and
         // leaves it again just after the hub's second snapshot.
         let claim = |rooms: &[&RoomName]| crate::core::ports::Claim {
