@@ -453,11 +453,12 @@ fn db(err: sqlx::Error) -> BusError {
 /// claims, and reaps the silent), on its own: were it to wait for the poll,
 /// a poll that keeps failing (a room it cannot read, a catch-up too long for
 /// the deadline) would hold renewals back until the others reaped this
-/// instance, alive, and gave its users away.
+/// instance, alive, and gave its users away. For the same reason it holds
+/// its own handle on the hub rather than waiting for the poller's cursors.
 async fn heartbeat(
     mut lease: lease::Lease,
     database: Db,
-    state: Arc<Mutex<Cursors>>,
+    sink: Arc<dyn Deliver>,
     stop: CancellationToken,
 ) {
     let mut tick = tokio::time::interval(HEARTBEAT);
@@ -469,8 +470,7 @@ async fn heartbeat(
             _ = stop.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let sink = state.lock().await.sink.clone();
-        let beat = lease.renew(&database, sink.as_ref());
+        let beat = lease.renew(&database, Some(&sink));
         match tokio::time::timeout(POLL_DEADLINE, beat).await {
             Ok(Ok(())) => {}
             Ok(Err(err)) => tracing::warn!(cause = %err, "poll bus: heartbeat failed"),
@@ -735,7 +735,7 @@ impl Bus for PollBus {
         self.state
             .try_lock()
             .expect("start is called before anything else")
-            .sink = Some(sink);
+            .sink = Some(sink.clone());
         let (database, store, state, gate, stop) = (
             self.db.clone(),
             self.store.clone(),
@@ -750,12 +750,7 @@ impl Bus for PollBus {
             .expect("not poisoned")
             .take()
             .expect("start is called once, after open");
-        let heartbeat = tokio::spawn(heartbeat(
-            lease,
-            database.clone(),
-            state.clone(),
-            stop.clone(),
-        ));
+        let heartbeat = tokio::spawn(heartbeat(lease, database.clone(), sink, stop.clone()));
         let poller = tokio::spawn(async move {
             let mut tick = tokio::time::interval(interval);
             tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
