@@ -57,7 +57,10 @@ pub struct Receiver {
     run: u32,
     /// Senders whose end marker this receiver waits for.
     senders: usize,
-    seen: HashMap<u32, Seen>,
+    /// Indexed by sender id: the ids are the run's own, 0 to senders - 1.
+    seen: Vec<Seen>,
+    /// Distinct messages seen, from all senders.
+    unique: u64,
     ended: HashMap<u32, u64>,
     /// Send-to-receive latencies in nanoseconds, of first arrivals.
     pub latencies: Vec<u64>,
@@ -79,7 +82,8 @@ impl Receiver {
         Receiver {
             run,
             senders,
-            seen: HashMap::new(),
+            seen: Vec::new(),
+            unique: 0,
             ended: HashMap::new(),
             latencies: Vec::new(),
             remote_latencies: Vec::new(),
@@ -91,11 +95,18 @@ impl Receiver {
     }
 
     /// Accounts for one received line (JSON, text or SSE `data:`) at `now_ns`.
-    /// `remote` says whether a sender is on another instance than this receiver.
-    pub fn on_line(&mut self, line: &[u8], now_ns: u64, remote: impl Fn(u32) -> bool) {
+    /// `remote` says whether a sender is on another instance than this
+    /// receiver. True when the line was a message not seen before.
+    pub fn on_line(&mut self, line: &[u8], now_ns: u64, remote: impl Fn(u32) -> bool) -> bool {
         match payload::find(line, self.run) {
             Some(Stamp::Message { sender, n, sent_ns }) => {
-                if self.seen.entry(sender).or_default().mark(n) {
+                let sender_at = sender as usize;
+                if self.seen.len() <= sender_at {
+                    self.seen.resize_with(sender_at + 1, Seen::default);
+                }
+                let fresh = self.seen[sender_at].mark(n);
+                if fresh {
+                    self.unique += 1;
                     let latency = now_ns.saturating_sub(sent_ns);
                     if remote(sender) {
                         self.remote_latencies.push(latency);
@@ -106,11 +117,16 @@ impl Receiver {
                 } else {
                     self.duplicates += 1;
                 }
+                fresh
             }
             Some(Stamp::End { sender, total }) => {
                 self.ended.insert(sender, total);
+                false
             }
-            None => self.on_other(line),
+            None => {
+                self.on_other(line);
+                false
+            }
         }
     }
 
@@ -136,12 +152,12 @@ impl Receiver {
 
     /// Distinct messages received.
     pub fn unique(&self) -> u64 {
-        self.seen.values().map(|s| s.unique).sum()
+        self.unique
     }
 
     /// Messages of `sender` that never arrived, out of `sent`.
     pub fn lost_from(&self, sender: u32, sent: u64) -> u64 {
-        let got = self.seen.get(&sender).map_or(0, |s| s.unique);
+        let got = self.seen.get(sender as usize).map_or(0, |s| s.unique);
         sent.saturating_sub(got)
     }
 }

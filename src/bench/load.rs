@@ -418,37 +418,40 @@ async fn receive(
     let unheard = spec.sender.filter(|_| !spec.transport.echoes());
     let heard_senders = ctx.room_senders[spec.room] - usize::from(unheard.is_some());
     let mut account = Receiver::new(ctx.run_id, heard_senders);
-    let mut buf = Vec::with_capacity(512);
+    let mut carry = Vec::with_capacity(512);
     let mut warm = false;
     // The reads that completed at least one measured message: joins, the
     // warm-up line and end markers are not deliveries.
     let mut delivering_reads = 0;
-    let mut last_read = None;
     let remote = |s: u32| ctx.sender_target.get(s as usize) != Some(&spec.target);
-    loop {
-        tokio::select! {
+    let stopped = ctx.stop.cancelled();
+    tokio::pin!(stopped);
+    while !account.done() {
+        // Every line of one read arrived at the same moment.
+        let mut now = None;
+        let mut delivered = false;
+        let read = lines.next_read(&mut carry, |line| {
+            if !warm && payload::is_warm(line, ctx.run_id) {
+                warm = true;
+                ctx.barrier.pass();
+                return;
+            }
+            if account.done() {
+                return; // what follows the last end marker is not counted
+            }
+            let now = *now.get_or_insert_with(|| ctx.clock.now_ns());
+            delivered |= account.on_line(line, now, remote);
+        });
+        let more = tokio::select! {
             biased;
-            _ = ctx.stop.cancelled() => break,
-            line = lines.next(&mut buf) => match line {
-                Ok(true) => {
-                    if !warm && payload::is_warm(&buf, ctx.run_id) {
-                        warm = true;
-                        ctx.barrier.pass();
-                        continue;
-                    }
-                    let before = account.unique();
-                    account.on_line(&buf, ctx.clock.now_ns(), remote);
-                    let read = lines.reads();
-                    if account.unique() > before && read.is_some() && read != last_read {
-                        delivering_reads += 1;
-                        last_read = read;
-                    }
-                    if account.done() {
-                        break;
-                    }
-                }
-                _ => break,
-            },
+            _ = &mut stopped => break,
+            more = read => more,
+        };
+        if !matches!(more, Ok(true)) {
+            break;
+        }
+        if delivered {
+            delivering_reads += 1;
         }
     }
     account.reads = lines.reads().map(|_| delivering_reads);
