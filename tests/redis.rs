@@ -676,6 +676,56 @@ async fn a_dm_for_a_stalled_instance_arrives_when_it_wakes_on_redis() {
     common::forget_redis_cluster(&redis, &cluster);
 }
 
+/// A DM sent while its recipient's instance is cut off from Redis (its
+/// subscriber reconnecting) reaches the recipient once the link is back,
+/// once, and before a DM sent after it. Pub/sub alone dropped it, after its
+/// sender had been shown it as sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dm_sent_while_the_recipient_s_redis_link_is_cut_arrives_when_it_returns() {
+    let Some(redis) = common::shared_redis().await else {
+        return;
+    };
+    let upstream: SocketAddr = redis.trim_start_matches("redis://").parse().unwrap();
+    let link = common::proxy::Proxy::start(upstream).await;
+    let dir = temp_dir();
+    let db = common::sqlite_url(&dir);
+    let cluster = cluster_name("dm-cut");
+    let through_link = link.url_for(&redis);
+    let mut daemons = Vec::new();
+    for (name, bus) in [("i1", &redis), ("i2", &through_link)] {
+        let args = [
+            "--db",
+            &db,
+            "--bus",
+            bus,
+            "--cluster",
+            &cluster,
+            "--instance",
+            name,
+        ];
+        daemons.push(Daemon::start(&args).await);
+    }
+    let mut alice = Client::in_room(daemons[0].tcp, "alice", "general").await;
+    let mut carol = Client::in_room(daemons[1].tcp, "carol", "general").await;
+    alice
+        .expect(|v| v["type"] == "join" && v["nick"] == "carol")
+        .await;
+
+    link.cut();
+    alice.send("/msg carol sent while you were cut off").await;
+    alice
+        .expect(|v| v["type"] == "dm" && v["to"] == "carol")
+        .await;
+    link.resume();
+    let dm = expect_within(&mut carol, Duration::from_secs(10), |v| v["type"] == "dm").await;
+    assert_eq!(dm["text"], "sent while you were cut off");
+    alice.send("/msg carol and after").await;
+    let next = expect_within(&mut carol, Duration::from_secs(10), |v| v["type"] == "dm").await;
+    assert_eq!(next["text"], "and after", "the first DM came twice");
+    drop(daemons);
+    common::forget_redis_cluster(&redis, &cluster);
+}
+
 /// As on the poll bus: of two instances started under one name at the same
 /// moment, after a killed life under that name, one serves.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

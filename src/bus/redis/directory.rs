@@ -30,7 +30,7 @@ use super::RedisBus;
 use super::keys::Keys;
 use super::rooms::unreachable;
 use super::script::{self, Lua};
-use super::wire::{DmWire, PresenceWire};
+use super::wire::PresenceWire;
 use crate::core::ports::{BusError, Directory, Presence};
 use crate::core::{DirectMessage, Nick, NickKey, RoomCount, RoomName, SessionId};
 
@@ -582,27 +582,22 @@ impl Directory for RedisBus {
         let Ok(to) = Nick::parse(nick) else {
             return Ok(None);
         };
-        let _: i64 = self
-            .inner
-            .cmd
-            .spublish(
-                dir.keys.instance_channel(instance),
-                DmWire::payload(dm, &to),
-            )
-            .await
-            .map_err(unreachable)?;
+        self.inner
+            .post
+            .send(&self.inner.cmd, instance, dm, &to)
+            .await?;
         Ok(Some(to))
     }
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
     /// A client of the Redis tests use (`BABY_TEST_REDIS`, default
     /// 127.0.0.1:6379), or `None` with the reason printed; with
     /// `BABY_REQUIRE_SERVICES=1` a missing Redis fails the test instead.
-    async fn redis() -> Option<Client> {
+    pub(in crate::bus::redis) async fn redis() -> Option<Client> {
         let addr = std::env::var("BABY_TEST_REDIS").unwrap_or_else(|_| "127.0.0.1:6379".into());
         let connected = async {
             let config = Config::from_url(&format!("redis://{addr}")).map_err(|e| e.to_string())?;

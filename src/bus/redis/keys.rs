@@ -13,7 +13,9 @@
 //! {C:pN}:room:ROOM     channel  the room's messages and joins/leaves (SPUBLISH)
 //! {C:pN}:persist       stream   every message of the partition's rooms, until stored
 //! {C:dir}:...          keys     the directory (nicks, members, live instances)
-//! {C:i:NAME}           channel  one instance's direct messages
+//! {C:i:NAME}           channel  one instance's direct messages, as they are sent
+//! {C:i:NAME}:dms       stream   the same, numbered (id = N-0), capped, expiring
+//! {C:i:NAME}:dm-seq    string   the inbox's last number (INCR)
 //! {C:all}              channel  what every instance hears (renames)
 //! ```
 
@@ -108,6 +110,16 @@ impl Keys {
     /// An instance's own channel.
     pub fn instance_channel(&self, instance: &str) -> String {
         format!("{{{}:i:{instance}}}", self.cluster)
+    }
+
+    /// An instance's inbox: its direct messages, numbered, in the channel's slot.
+    pub fn inbox(&self, instance: &str) -> String {
+        format!("{}:dms", self.instance_channel(instance))
+    }
+
+    /// The counter that numbers an instance's direct messages.
+    pub fn inbox_seq(&self, instance: &str) -> String {
+        format!("{}:dm-seq", self.instance_channel(instance))
     }
 
     /// The channel every instance hears.

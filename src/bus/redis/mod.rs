@@ -23,6 +23,7 @@
 mod directory;
 pub mod drain;
 mod history;
+mod inbox;
 mod keys;
 mod persist;
 mod rooms;
@@ -48,6 +49,7 @@ use crate::core::ports::{
 use crate::core::{Draft, Message, RoomName};
 use directory::{HEARTBEAT, Registry};
 use history::StreamFirst;
+use inbox::{Inbox, Post};
 use keys::Keys;
 use persist::{FlushRequest, Persister, Pokes};
 use rooms::{Rooms, unreachable};
@@ -79,6 +81,10 @@ struct Inner {
     sub: SubscriberClient,
     rooms: Rooms,
     registry: Registry,
+    /// This instance's DMs, numbered so that none is lost with pub/sub.
+    inbox: Inbox,
+    /// Sends DMs to other instances' inboxes.
+    post: Post,
     publish: Lua,
     /// False while the last heartbeat or reconnect says Redis is away.
     healthy: AtomicBool,
@@ -135,12 +141,22 @@ impl RedisBus {
             .await
             .map_err(unreachable)?;
 
+        // Registered before serving, so this instance's first claims count.
+        let registry = Registry::new(keys.clone(), instance);
+        registry.forget_previous_life(&cmd).await?;
+        registry.beat(&cmd).await?;
+        // Opened once no nick leads here any more: what the inbox holds now
+        // was for the sessions of a previous life.
+        let inbox = Inbox::open(&cmd, &keys, instance).await?;
+
         let (flushes, flush_rx) = mpsc::channel(64);
         let stats = Arc::new(WriterStats::default());
         let inner = Arc::new(Inner {
             instance: instance.to_owned(),
             rooms: Rooms::new(keys.clone(), cmd.clone(), sub.clone(), store.clone()),
-            registry: Registry::new(keys.clone(), instance),
+            registry,
+            inbox,
+            post: Post::new(keys.clone()),
             keys: keys.clone(),
             cmd: cmd.clone(),
             sub,
@@ -153,9 +169,6 @@ impl RedisBus {
             stats: stats.clone(),
             sink: StdMutex::new(None),
         });
-        // Registered before serving, so this instance's first claims count.
-        inner.registry.forget_previous_life(&cmd).await?;
-        inner.registry.beat(&cmd).await?;
         let persister = Persister {
             cmd,
             keys,
@@ -255,6 +268,9 @@ impl Inner {
                         "redis bus: the reader fell behind; catching up from the streams"
                     );
                     self.rooms.catch_up_all().await;
+                    if let Some(sink) = self.sink() {
+                        self.inbox.catch_up(&self.cmd, sink.as_ref()).await;
+                    }
                 }
                 Err(RecvError::Closed) => return,
             }
@@ -271,6 +287,13 @@ impl Inner {
                 match Body::decode(room, seq, &body) {
                     Some(message) => self.rooms.offer(Arc::new(message)).await,
                     None => tracing::warn!(channel, "unreadable message skipped"),
+                }
+            }
+            Incoming::Dm { n, dm } => {
+                // Without a sink nothing is delivered yet; the next
+                // heartbeat reads the inbox.
+                if let Some(sink) = self.sink() {
+                    self.inbox.offer(&self.cmd, n, dm, sink.as_ref()).await;
                 }
             }
             Incoming::Envelope(envelope) => {
@@ -302,6 +325,9 @@ impl Inner {
                 }
             }
             self.rooms.catch_up_all().await;
+            if let Some(sink) = self.sink() {
+                self.inbox.catch_up(&self.cmd, sink.as_ref()).await;
+            }
         }
     }
 
@@ -348,6 +374,11 @@ impl Inner {
                     tracing::error!(cause = %err, "redis bus: Redis unreachable");
                 }
                 Err(_) => {}
+            }
+            if let (true, Some(sink)) = (ok, self.sink()) {
+                if let Err(err) = self.inbox.beat(&self.cmd, sink.as_ref()).await {
+                    tracing::warn!(cause = %err, "redis bus: could not look at the DM inbox");
+                }
             }
             if ok && !self.healthy.load(Ordering::Relaxed) {
                 tracing::info!("redis bus: Redis reachable again");

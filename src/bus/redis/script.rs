@@ -78,6 +78,33 @@ end
 return seq .. ' '
 "#;
 
+/// Queues one direct message for an instance: the next number of its inbox,
+/// the message appended to the inbox stream under id `N-0`, and published on
+/// the instance's channel as `dN JSON`. Both keys expire unless the instance
+/// renews them ([`INBOX_BEAT`]), so a dead instance's inbox does not stay.
+///
+/// KEYS: inbox counter, inbox stream, instance channel.
+/// ARGV: the message (JSON), the inbox's cap, the keys' lifetime in ms.
+/// Returns the number.
+pub const DM: &str = r#"
+local n = redis.call('INCR', KEYS[1])
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], n .. '-0', 'd', ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+redis.call('PEXPIRE', KEYS[2], ARGV[3])
+redis.call('SPUBLISH', KEYS[3], 'd' .. n .. ' ' .. ARGV[1])
+return n
+"#;
+
+/// An instance's look at its own inbox, once a heartbeat: renews both keys
+/// and answers the counter (0 when no DM was ever numbered).
+///
+/// KEYS: inbox counter, inbox stream. ARGV: the keys' lifetime in ms.
+pub const INBOX_BEAT: &str = r#"
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
+redis.call('PEXPIRE', KEYS[2], ARGV[1])
+return tonumber(redis.call('GET', KEYS[1]) or '0')
+"#;
+
 /// Takes a nick for a session, or renews the session's hold on it.
 ///
 /// KEYS: nick key. ARGV: value (`instance\towner\tnick`), holder prefix

@@ -7,10 +7,9 @@
 //! ```text
 //! m<seq> <body>            a room message           (room channel)
 //! p<presence json>         a join, leave or rename  (room or cluster channel)
-//! d<dm json>               a direct message         (instance channel)
+//! d<n> <dm json>           a direct message, number n of the instance's inbox
+//!                                                   (instance channel)
 //! ```
-
-use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -161,8 +160,9 @@ pub struct DmWire {
 }
 
 impl DmWire {
-    /// The channel payload of `dm`, addressed to `to` as registered.
-    pub fn payload(dm: &DirectMessage, to: &Nick) -> String {
+    /// `dm` as its recipient's inbox keeps it, addressed to `to` as registered.
+    /// (On the channel it follows `dN `, N its number in the inbox.)
+    pub fn encode(dm: &DirectMessage, to: &Nick) -> String {
         let wire = DmWire {
             id: dm.id,
             from: dm.from.to_string(),
@@ -170,10 +170,19 @@ impl DmWire {
             text: dm.text.clone(),
             ts: dm.ts.0,
         };
-        format!(
-            "d{}",
-            serde_json::to_string(&wire).expect("plain struct serialises")
-        )
+        serde_json::to_string(&wire).expect("plain struct serialises")
+    }
+
+    /// The direct message in `json`, if it is one.
+    pub fn decode(json: &str) -> Option<DirectMessage> {
+        let w = serde_json::from_str::<DmWire>(json).ok()?;
+        Some(DirectMessage {
+            id: w.id,
+            from: Nick::parse(&w.from).ok()?,
+            to: Nick::parse(&w.to).ok()?,
+            text: w.text,
+            ts: Timestamp(w.ts),
+        })
     }
 }
 
@@ -182,6 +191,8 @@ impl DmWire {
 pub enum Incoming {
     /// A room message at `seq` (the room comes from the channel).
     Message { seq: u64, body: String },
+    /// Direct message number `n` of this instance's inbox.
+    Dm { n: u64, dm: DirectMessage },
     /// Something for the sink as it is.
     Envelope(Envelope),
     /// Presence this instance sent itself, or a payload it cannot read.
@@ -211,20 +222,13 @@ pub fn parse(payload: &str, me: &str) -> Incoming {
             }),
             _ => Incoming::Ignore,
         },
-        'd' => {
-            let dm = serde_json::from_str::<DmWire>(rest).ok().and_then(|w| {
-                Some(DirectMessage {
-                    id: w.id,
-                    from: Nick::parse(&w.from).ok()?,
-                    to: Nick::parse(&w.to).ok()?,
-                    text: w.text,
-                    ts: Timestamp(w.ts),
-                })
-            });
-            dm.map_or(Incoming::Ignore, |dm| {
-                Incoming::Envelope(Envelope::Dm(Arc::new(dm)))
-            })
-        }
+        'd' => match rest.split_once(' ') {
+            Some((n, json)) => match (n.parse(), DmWire::decode(json)) {
+                (Ok(n), Some(dm)) => Incoming::Dm { n, dm },
+                _ => Incoming::Ignore,
+            },
+            None => Incoming::Ignore,
+        },
         _ => Incoming::Ignore,
     }
 }
@@ -266,5 +270,24 @@ mod tests {
         };
         assert_eq!(got, change);
         assert_eq!(seq_of_id("12-0"), Some(12));
+    }
+
+    #[test]
+    fn a_dm_keeps_its_inbox_number_on_the_channel() {
+        let dm = DirectMessage {
+            id: uuid::Uuid::now_v7(),
+            from: Nick::parse("alice").unwrap(),
+            to: Nick::parse("Carol").unwrap(),
+            text: "psst".into(),
+            ts: Timestamp(42),
+        };
+        let to = Nick::parse("carol").unwrap();
+        let payload = format!("d17 {}", DmWire::encode(&dm, &to));
+        let Incoming::Dm { n, dm: got } = parse(&payload, "i2") else {
+            panic!("a dm");
+        };
+        assert_eq!(n, 17);
+        assert_eq!((got.id, got.to, got.text), (dm.id, to, dm.text));
+        assert!(matches!(parse("dx {}", "i2"), Incoming::Ignore));
     }
 }

@@ -1,0 +1,285 @@
+//! Direct messages between instances, which nothing else keeps.
+//!
+//! A DM goes to the instance that holds its recipient's nick. Pub/sub alone
+//! delivers at most once: a DM published while that instance's subscriber
+//! is reconnecting, or dropped because its reader fell behind, would be gone
+//! while its sender had been shown it as sent. So the script that publishes
+//! a DM ([`script::DM`]) also appends it to the recipient instance's inbox, a
+//! capped stream, under the next number of the inbox's counter (id `N-0`).
+//!
+//! The instance delivers its inbox in number order, whichever way a DM
+//! comes: a number it has delivered is skipped, and one past the next makes
+//! it read the inbox from where it is. It also reads the inbox after every
+//! reconnect, and compares the counter with what it has delivered at every
+//! heartbeat, so even a lost *last* DM arrives within a heartbeat. That same
+//! look renews the inbox's expiry: a dead instance's inbox goes ten minutes
+//! after its last heartbeat, while a stalled one finds its DMs when it wakes.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use fred::prelude::*;
+use tokio::sync::Mutex;
+
+use super::history::Entry;
+use super::keys::Keys;
+use super::rooms::unreachable;
+use super::script::{self, Lua};
+use super::wire::{DmWire, seq_of_id};
+use crate::core::ports::{BusError, Deliver, Envelope};
+use crate::core::{DirectMessage, Nick};
+
+/// How long an inbox outlives its instance's last heartbeat (as DMs are kept
+/// for a stalled instance on the poll bus).
+const KEPT: Duration = Duration::from_secs(600);
+/// DMs an inbox holds (approximately): past this, the oldest unread go.
+const CAP: u64 = 10_000;
+/// Entries read per round trip when catching up.
+const PAGE: u64 = 256;
+
+/// Sends DMs to any instance's inbox.
+pub struct Post {
+    keys: Keys,
+    script: Lua,
+}
+
+impl Post {
+    pub fn new(keys: Keys) -> Post {
+        Post {
+            keys,
+            script: Lua::new(script::DM),
+        }
+    }
+
+    /// Queues `dm` for `to` on `instance`, which holds that nick.
+    pub async fn send(
+        &self,
+        cmd: &Client,
+        instance: &str,
+        dm: &DirectMessage,
+        to: &Nick,
+    ) -> Result<(), BusError> {
+        let _: u64 = self
+            .script
+            .call(
+                cmd,
+                vec![
+                    self.keys.inbox_seq(instance),
+                    self.keys.inbox(instance),
+                    self.keys.instance_channel(instance),
+                ],
+                vec![
+                    DmWire::encode(dm, to),
+                    CAP.to_string(),
+                    KEPT.as_millis().to_string(),
+                ],
+            )
+            .await
+            .map_err(unreachable)?;
+        Ok(())
+    }
+}
+
+/// This instance's own inbox.
+pub struct Inbox {
+    counter: String,
+    stream: String,
+    beat: Lua,
+    /// The last number delivered. Held while delivering, so that the channel
+    /// and a catch-up never hand one DM over twice or out of order.
+    delivered: Mutex<u64>,
+}
+
+impl Inbox {
+    /// `instance`'s inbox, starting after what it holds: those DMs were for
+    /// the sessions of a previous life under this name, which are gone.
+    pub async fn open(cmd: &Client, keys: &Keys, instance: &str) -> Result<Inbox, BusError> {
+        let counter = keys.inbox_seq(instance);
+        let last: Option<u64> = cmd.get(&counter).await.map_err(unreachable)?;
+        Ok(Inbox {
+            counter,
+            stream: keys.inbox(instance),
+            beat: Lua::new(script::INBOX_BEAT),
+            delivered: Mutex::new(last.unwrap_or(0)),
+        })
+    }
+
+    /// DM number `n`, as the channel brought it.
+    pub async fn offer(&self, cmd: &Client, n: u64, dm: DirectMessage, sink: &dyn Deliver) {
+        let mut delivered = self.delivered.lock().await;
+        if n <= *delivered {
+            return; // a catch-up got it first
+        }
+        if n > *delivered + 1 {
+            // The channel lost some: read them, this one included.
+            self.read(cmd, &mut delivered, sink).await;
+            return;
+        }
+        *delivered = n;
+        sink.deliver(Envelope::Dm(Arc::new(dm)));
+    }
+
+    /// Delivers whatever the inbox holds past what was delivered (after a
+    /// reconnect, or a reader that fell behind).
+    pub async fn catch_up(&self, cmd: &Client, sink: &dyn Deliver) {
+        let mut delivered = self.delivered.lock().await;
+        self.read(cmd, &mut delivered, sink).await;
+    }
+
+    /// Renews the inbox's expiry and, if a DM was numbered that was not
+    /// delivered (its publication lost), reads it.
+    pub async fn beat(&self, cmd: &Client, sink: &dyn Deliver) -> Result<(), BusError> {
+        let last: u64 = self
+            .beat
+            .call(
+                cmd,
+                vec![self.counter.clone(), self.stream.clone()],
+                vec![KEPT.as_millis().to_string()],
+            )
+            .await
+            .map_err(unreachable)?;
+        let mut delivered = self.delivered.lock().await;
+        if last > *delivered {
+            self.read(cmd, &mut delivered, sink).await;
+        }
+        Ok(())
+    }
+
+    /// Reads and delivers the inbox after `delivered`, page by page.
+    async fn read(&self, cmd: &Client, delivered: &mut u64, sink: &dyn Deliver) {
+        loop {
+            let entries: Vec<Entry> = match cmd
+                .xrange(&self.stream, format!("({delivered}"), "+", Some(PAGE))
+                .await
+            {
+                Ok(entries) => entries,
+                Err(err) => {
+                    // Read again at the next reconnect or heartbeat.
+                    tracing::warn!(cause = %err, "redis bus: could not read the DM inbox");
+                    return;
+                }
+            };
+            let count = entries.len() as u64;
+            for (id, fields) in entries {
+                let Some(n) = seq_of_id(&id) else { continue };
+                if n > *delivered + 1 {
+                    tracing::warn!(
+                        lost = n - *delivered - 1,
+                        "redis bus: DMs trimmed from the inbox before they were read"
+                    );
+                }
+                *delivered = n;
+                match fields.get("d").and_then(|json| DmWire::decode(json)) {
+                    Some(dm) => sink.deliver(Envelope::Dm(Arc::new(dm))),
+                    None => tracing::warn!(n, "redis bus: unreadable DM skipped"),
+                }
+            }
+            if count < PAGE {
+                return;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex as StdMutex;
+
+    use super::*;
+    use crate::bus::redis::directory::tests::redis;
+    use crate::core::Timestamp;
+    use crate::core::ports::Claim;
+
+    /// Keeps the texts of the DMs it is handed.
+    #[derive(Default)]
+    struct Texts(StdMutex<Vec<String>>);
+
+    impl Deliver for Texts {
+        fn deliver(&self, envelope: Envelope) {
+            if let Envelope::Dm(dm) = envelope {
+                self.0.lock().unwrap().push(dm.text.clone());
+            }
+        }
+
+        fn claims(&self) -> Vec<Claim> {
+            Vec::new()
+        }
+    }
+
+    impl Texts {
+        fn take(&self) -> Vec<String> {
+            std::mem::take(&mut *self.0.lock().unwrap())
+        }
+    }
+
+    fn dm(text: &str) -> DirectMessage {
+        DirectMessage {
+            id: uuid::Uuid::now_v7(),
+            from: Nick::parse("alice").unwrap(),
+            to: Nick::parse("carol").unwrap(),
+            text: text.into(),
+            ts: Timestamp(0),
+        }
+    }
+
+    /// A cluster name of its own, and its keys.
+    fn keys(test: &str) -> Keys {
+        let suffix: u32 = rand::random();
+        Keys::new(&format!("t-inbox-{test}-{suffix:08x}")).unwrap()
+    }
+
+    async fn forget(cmd: &Client, keys: &Keys) {
+        let _: u64 = cmd
+            .del(vec![keys.inbox("i2"), keys.inbox_seq("i2")])
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn the_channel_and_the_inbox_deliver_each_dm_once_in_order() {
+        let Some(cmd) = redis().await else { return };
+        let keys = keys("order");
+        let post = Post::new(keys.clone());
+        let inbox = Inbox::open(&cmd, &keys, "i2").await.unwrap();
+        let sink = Texts::default();
+        let carol = Nick::parse("carol").unwrap();
+        for text in ["one", "two", "three"] {
+            post.send(&cmd, "i2", &dm(text), &carol).await.unwrap();
+        }
+        // The channel lost "one" and "two": "three" reads them first.
+        inbox.offer(&cmd, 3, dm("three"), &sink).await;
+        assert_eq!(sink.take(), ["one", "two", "three"]);
+        // "two" comes late on the channel, and a catch-up runs: nothing twice.
+        inbox.offer(&cmd, 2, dm("two"), &sink).await;
+        inbox.catch_up(&cmd, &sink).await;
+        assert_eq!(sink.take(), Vec::<String>::new());
+        // The last DM's publication is lost: the heartbeat's look reads it.
+        post.send(&cmd, "i2", &dm("four"), &carol).await.unwrap();
+        inbox.beat(&cmd, &sink).await.unwrap();
+        assert_eq!(sink.take(), ["four"]);
+        forget(&cmd, &keys).await;
+    }
+
+    #[tokio::test]
+    async fn a_new_life_starts_after_what_the_inbox_holds_and_renews_it() {
+        let Some(cmd) = redis().await else { return };
+        let keys = keys("life");
+        let post = Post::new(keys.clone());
+        let carol = Nick::parse("carol").unwrap();
+        post.send(&cmd, "i2", &dm("for the last life"), &carol)
+            .await
+            .unwrap();
+        let inbox = Inbox::open(&cmd, &keys, "i2").await.unwrap();
+        let sink = Texts::default();
+        inbox.beat(&cmd, &sink).await.unwrap();
+        assert_eq!(sink.take(), Vec::<String>::new());
+        post.send(&cmd, "i2", &dm("for this one"), &carol)
+            .await
+            .unwrap();
+        inbox.catch_up(&cmd, &sink).await;
+        assert_eq!(sink.take(), ["for this one"]);
+        let ttl: i64 = cmd.pttl(keys.inbox("i2")).await.unwrap();
+        assert!(ttl > 0 && ttl <= KEPT.as_millis() as i64, "ttl {ttl}");
+        forget(&cmd, &keys).await;
+    }
+}
