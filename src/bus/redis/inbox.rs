@@ -14,6 +14,12 @@
 //! heartbeat, so even a lost *last* DM arrives within a heartbeat. That same
 //! look renews the inbox's expiry: a dead instance's inbox goes ten minutes
 //! after its last heartbeat, while a stalled one finds its DMs when it wakes.
+//!
+//! An inbox Redis lost (a restart without its data) or let expire (an
+//! instance cut off for ten minutes) is made again by the next DM, numbered
+//! from 1, which the instance would take for numbers it had delivered. So
+//! each making of the inbox has a generation, a random token the channel
+//! carries with every number: a new one starts the instance's count again.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,7 +31,7 @@ use super::history::Entry;
 use super::keys::Keys;
 use super::rooms::unreachable;
 use super::script::{self, Lua};
-use super::wire::{DmWire, seq_of_id};
+use super::wire::{DmWire, InboxAt, seq_of_id};
 use crate::core::ports::{BusError, Deliver, Envelope};
 use crate::core::{DirectMessage, Nick};
 
@@ -72,6 +78,7 @@ impl Post {
                     DmWire::encode(dm, to),
                     CAP.to_string(),
                     KEPT.as_millis().to_string(),
+                    format!("{:016x}", rand::random::<u64>()),
                 ],
             )
             .await
@@ -85,9 +92,40 @@ pub struct Inbox {
     counter: String,
     stream: String,
     beat: Lua,
-    /// The last number delivered. Held while delivering, so that the channel
-    /// and a catch-up never hand one DM over twice or out of order.
-    delivered: Mutex<u64>,
+    /// Where delivery stands. Held while delivering, so that the channel and
+    /// a catch-up never hand one DM over twice or out of order.
+    cursor: Mutex<Cursor>,
+}
+
+/// The last DM delivered: its inbox's generation (none before the first
+/// DM) and its number.
+#[derive(Debug, Default)]
+struct Cursor {
+    generation: Option<String>,
+    delivered: u64,
+}
+
+impl Cursor {
+    /// Whether DM `at` comes after this cursor: a number past the last one
+    /// delivered, or any number of another generation (where the count
+    /// starts again).
+    fn is_before(&self, at: &InboxAt) -> bool {
+        self.generation.as_deref() != Some(at.generation.as_str()) || at.n > self.delivered
+    }
+
+    /// Moves to generation `generation`, if that is another: nothing of it is
+    /// delivered yet.
+    fn enter(&mut self, generation: &str) {
+        if self.generation.as_deref() != Some(generation) {
+            if self.generation.is_some() {
+                tracing::warn!(
+                    "redis bus: the DM inbox was made anew (Redis lost it, or it expired)"
+                );
+            }
+            self.generation = Some(generation.to_owned());
+            self.delivered = 0;
+        }
+    }
 }
 
 impl Inbox {
@@ -95,41 +133,50 @@ impl Inbox {
     /// the sessions of a previous life under this name, which are gone.
     pub async fn open(cmd: &Client, keys: &Keys, instance: &str) -> Result<Inbox, BusError> {
         let counter = keys.inbox_seq(instance);
-        let last: Option<u64> = cmd.get(&counter).await.map_err(unreachable)?;
+        let (generation, n): (Option<String>, Option<u64>) = cmd
+            .hmget(&counter, vec!["gen", "n"])
+            .await
+            .map_err(unreachable)?;
         Ok(Inbox {
             counter,
             stream: keys.inbox(instance),
             beat: Lua::new(script::INBOX_BEAT),
-            delivered: Mutex::new(last.unwrap_or(0)),
+            cursor: Mutex::new(Cursor {
+                generation,
+                delivered: n.unwrap_or(0),
+            }),
         })
     }
 
-    /// DM number `n`, as the channel brought it.
-    pub async fn offer(&self, cmd: &Client, n: u64, dm: DirectMessage, sink: &dyn Deliver) {
-        let mut delivered = self.delivered.lock().await;
-        if n <= *delivered {
+    /// A DM at `at`, as the channel brought it.
+    pub async fn offer(&self, cmd: &Client, at: InboxAt, dm: DirectMessage, sink: &dyn Deliver) {
+        let mut cursor = self.cursor.lock().await;
+        if !cursor.is_before(&at) {
             return; // a catch-up got it first
         }
-        if n > *delivered + 1 {
+        cursor.enter(&at.generation);
+        if at.n > cursor.delivered + 1 {
             // The channel lost some: read them, this one included.
-            self.read(cmd, &mut delivered, sink).await;
+            self.read(cmd, &mut cursor, sink).await;
             return;
         }
-        *delivered = n;
+        cursor.delivered = at.n;
         sink.deliver(Envelope::Dm(Arc::new(dm)));
     }
 
     /// Delivers whatever the inbox holds past what was delivered (after a
     /// reconnect, or a reader that fell behind).
     pub async fn catch_up(&self, cmd: &Client, sink: &dyn Deliver) {
-        let mut delivered = self.delivered.lock().await;
-        self.read(cmd, &mut delivered, sink).await;
+        if let Err(err) = self.beat(cmd, sink).await {
+            // Read again at the next reconnect or heartbeat.
+            tracing::warn!(cause = %err, "redis bus: could not read the DM inbox");
+        }
     }
 
     /// Renews the inbox's expiry and, if a DM was numbered that was not
     /// delivered (its publication lost), reads it.
     pub async fn beat(&self, cmd: &Client, sink: &dyn Deliver) -> Result<(), BusError> {
-        let last: u64 = self
+        let (generation, n): (Option<String>, Option<u64>) = self
             .beat
             .call(
                 cmd,
@@ -138,18 +185,24 @@ impl Inbox {
             )
             .await
             .map_err(unreachable)?;
-        let mut delivered = self.delivered.lock().await;
-        if last > *delivered {
-            self.read(cmd, &mut delivered, sink).await;
+        let (Some(generation), Some(n)) = (generation, n) else {
+            return Ok(()); // no DM since the inbox was last made
+        };
+        let at = InboxAt { generation, n };
+        let mut cursor = self.cursor.lock().await;
+        if cursor.is_before(&at) {
+            cursor.enter(&at.generation);
+            self.read(cmd, &mut cursor, sink).await;
         }
         Ok(())
     }
 
-    /// Reads and delivers the inbox after `delivered`, page by page.
-    async fn read(&self, cmd: &Client, delivered: &mut u64, sink: &dyn Deliver) {
+    /// Reads and delivers the inbox after the cursor, page by page.
+    async fn read(&self, cmd: &Client, cursor: &mut Cursor, sink: &dyn Deliver) {
         loop {
+            let after = cursor.delivered;
             let entries: Vec<Entry> = match cmd
-                .xrange(&self.stream, format!("({delivered}"), "+", Some(PAGE))
+                .xrange(&self.stream, format!("({after}"), "+", Some(PAGE))
                 .await
             {
                 Ok(entries) => entries,
@@ -162,13 +215,13 @@ impl Inbox {
             let count = entries.len() as u64;
             for (id, fields) in entries {
                 let Some(n) = seq_of_id(&id) else { continue };
-                if n > *delivered + 1 {
+                if n > cursor.delivered + 1 {
                     tracing::warn!(
-                        lost = n - *delivered - 1,
+                        lost = n - cursor.delivered - 1,
                         "redis bus: DMs trimmed from the inbox before they were read"
                     );
                 }
-                *delivered = n;
+                cursor.delivered = n;
                 match fields.get("d").and_then(|json| DmWire::decode(json)) {
                     Some(dm) => sink.deliver(Envelope::Dm(Arc::new(dm))),
                     None => tracing::warn!(n, "redis bus: unreadable DM skipped"),
@@ -235,6 +288,18 @@ mod tests {
             .unwrap();
     }
 
+    /// The generation of `i2`'s inbox.
+    async fn generation_of(cmd: &Client, keys: &Keys) -> String {
+        cmd.hget(keys.inbox_seq("i2"), "gen").await.unwrap()
+    }
+
+    fn at(generation: &str, n: u64) -> InboxAt {
+        InboxAt {
+            generation: generation.to_owned(),
+            n,
+        }
+    }
+
     #[tokio::test]
     async fn the_channel_and_the_inbox_deliver_each_dm_once_in_order() {
         let Some(cmd) = redis().await else { return };
@@ -246,17 +311,56 @@ mod tests {
         for text in ["one", "two", "three"] {
             post.send(&cmd, "i2", &dm(text), &carol).await.unwrap();
         }
+        let generation = generation_of(&cmd, &keys).await;
         // The channel lost "one" and "two": "three" reads them first.
-        inbox.offer(&cmd, 3, dm("three"), &sink).await;
+        inbox
+            .offer(&cmd, at(&generation, 3), dm("three"), &sink)
+            .await;
         assert_eq!(sink.take(), ["one", "two", "three"]);
         // "two" comes late on the channel, and a catch-up runs: nothing twice.
-        inbox.offer(&cmd, 2, dm("two"), &sink).await;
+        inbox
+            .offer(&cmd, at(&generation, 2), dm("two"), &sink)
+            .await;
         inbox.catch_up(&cmd, &sink).await;
         assert_eq!(sink.take(), Vec::<String>::new());
         // The last DM's publication is lost: the heartbeat's look reads it.
         post.send(&cmd, "i2", &dm("four"), &carol).await.unwrap();
         inbox.beat(&cmd, &sink).await.unwrap();
         assert_eq!(sink.take(), ["four"]);
+        forget(&cmd, &keys).await;
+    }
+
+    #[tokio::test]
+    async fn an_inbox_redis_lost_numbers_again_and_is_delivered_again() {
+        let Some(cmd) = redis().await else { return };
+        let keys = keys("lost");
+        let post = Post::new(keys.clone());
+        let inbox = Inbox::open(&cmd, &keys, "i2").await.unwrap();
+        let sink = Texts::default();
+        let carol = Nick::parse("carol").unwrap();
+        for text in ["one", "two"] {
+            post.send(&cmd, "i2", &dm(text), &carol).await.unwrap();
+        }
+        let old = generation_of(&cmd, &keys).await;
+        inbox.offer(&cmd, at(&old, 2), dm("two"), &sink).await;
+        assert_eq!(sink.take(), ["one", "two"]);
+        // Redis restarts without its data: the next DMs are 1 and 2 again.
+        forget(&cmd, &keys).await;
+        for text in ["three", "four"] {
+            post.send(&cmd, "i2", &dm(text), &carol).await.unwrap();
+        }
+        let new = generation_of(&cmd, &keys).await;
+        assert_ne!(new, old);
+        inbox.offer(&cmd, at(&new, 1), dm("three"), &sink).await;
+        assert_eq!(sink.take(), ["three"]);
+        // "four" went unpublished: the heartbeat's look finds it.
+        inbox.beat(&cmd, &sink).await.unwrap();
+        assert_eq!(sink.take(), ["four"]);
+        // Lost again, and nothing on the channel at all.
+        forget(&cmd, &keys).await;
+        post.send(&cmd, "i2", &dm("five"), &carol).await.unwrap();
+        inbox.beat(&cmd, &sink).await.unwrap();
+        assert_eq!(sink.take(), ["five"]);
         forget(&cmd, &keys).await;
     }
 

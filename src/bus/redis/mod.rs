@@ -289,11 +289,11 @@ impl Inner {
                     None => tracing::warn!(channel, "unreadable message skipped"),
                 }
             }
-            Incoming::Dm { n, dm } => {
+            Incoming::Dm { at, dm } => {
                 // Without a sink nothing is delivered yet; the next
                 // heartbeat reads the inbox.
                 if let Some(sink) = self.sink() {
-                    self.inbox.offer(&self.cmd, n, dm, sink.as_ref()).await;
+                    self.inbox.offer(&self.cmd, at, dm, sink.as_ref()).await;
                 }
             }
             Incoming::Envelope(envelope) => {

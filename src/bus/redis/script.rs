@@ -80,29 +80,40 @@ return seq .. ' '
 
 /// Queues one direct message for an instance: the next number of its inbox,
 /// the message appended to the inbox stream under id `N-0`, and published on
-/// the instance's channel as `dN JSON`. Both keys expire unless the instance
-/// renews them ([`INBOX_BEAT`]), so a dead instance's inbox does not stay.
+/// the instance's channel as `dN GEN JSON`. Both keys expire unless the
+/// instance renews them ([`INBOX_BEAT`]), so a dead instance's inbox does
+/// not stay.
 ///
-/// KEYS: inbox counter, inbox stream, instance channel.
-/// ARGV: the message (JSON), the inbox's cap, the keys' lifetime in ms.
-/// Returns the number.
+/// `GEN` names this life of the inbox: it is set when the counter is made,
+/// from the caller's random token, so a recipient can tell numbers of an
+/// inbox that Redis lost (or let expire) and made again from the old one's.
+///
+/// KEYS: inbox counter (a hash: `gen`, `n`), inbox stream, instance channel.
+/// ARGV: the message (JSON), the inbox's cap, the keys' lifetime in ms, a
+/// fresh generation token. Returns the number.
 pub const DM: &str = r#"
-local n = redis.call('INCR', KEYS[1])
+local gen = redis.call('HGET', KEYS[1], 'gen')
+if not gen then
+  gen = ARGV[4]
+  redis.call('HSET', KEYS[1], 'gen', gen)
+end
+local n = redis.call('HINCRBY', KEYS[1], 'n', 1)
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], n .. '-0', 'd', ARGV[1])
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 redis.call('PEXPIRE', KEYS[2], ARGV[3])
-redis.call('SPUBLISH', KEYS[3], 'd' .. n .. ' ' .. ARGV[1])
+redis.call('SPUBLISH', KEYS[3], 'd' .. n .. ' ' .. gen .. ' ' .. ARGV[1])
 return n
 "#;
 
 /// An instance's look at its own inbox, once a heartbeat: renews both keys
-/// and answers the counter (0 when no DM was ever numbered).
+/// and answers the counter's generation and number (`false`s when no DM was
+/// numbered since the inbox was last made).
 ///
 /// KEYS: inbox counter, inbox stream. ARGV: the keys' lifetime in ms.
 pub const INBOX_BEAT: &str = r#"
 redis.call('PEXPIRE', KEYS[1], ARGV[1])
 redis.call('PEXPIRE', KEYS[2], ARGV[1])
-return tonumber(redis.call('GET', KEYS[1]) or '0')
+return redis.call('HMGET', KEYS[1], 'gen', 'n')
 "#;
 
 /// Takes a nick for a session, or renews the session's hold on it.

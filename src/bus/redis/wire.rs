@@ -7,8 +7,8 @@
 //! ```text
 //! m<seq> <body>            a room message           (room channel)
 //! p<presence json>         a join, leave or rename  (room or cluster channel)
-//! d<n> <dm json>           a direct message, number n of the instance's inbox
-//!                                                   (instance channel)
+//! d<n> <gen> <dm json>     a direct message, number n of generation gen of
+//!                          the instance's inbox       (instance channel)
 //! ```
 
 use serde::{Deserialize, Serialize};
@@ -186,13 +186,22 @@ impl DmWire {
     }
 }
 
+/// A place in an instance's inbox: number `n` of generation `generation` (each
+/// time Redis makes the inbox anew, after losing it or letting it expire,
+/// numbering starts again under a new generation).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InboxAt {
+    pub generation: String,
+    pub n: u64,
+}
+
 /// One payload read from a channel.
 #[derive(Debug)]
 pub enum Incoming {
     /// A room message at `seq` (the room comes from the channel).
     Message { seq: u64, body: String },
-    /// Direct message number `n` of this instance's inbox.
-    Dm { n: u64, dm: DirectMessage },
+    /// A direct message, and where it is in this instance's inbox.
+    Dm { at: InboxAt, dm: DirectMessage },
     /// Something for the sink as it is.
     Envelope(Envelope),
     /// Presence this instance sent itself, or a payload it cannot read.
@@ -222,13 +231,24 @@ pub fn parse(payload: &str, me: &str) -> Incoming {
             }),
             _ => Incoming::Ignore,
         },
-        'd' => match rest.split_once(' ') {
-            Some((n, json)) => match (n.parse(), DmWire::decode(json)) {
-                (Ok(n), Some(dm)) => Incoming::Dm { n, dm },
+        'd' => {
+            let mut parts = rest.splitn(3, ' ');
+            match (parts.next(), parts.next(), parts.next()) {
+                (Some(n), Some(generation), Some(json)) => {
+                    match (n.parse(), DmWire::decode(json)) {
+                        (Ok(n), Some(dm)) => Incoming::Dm {
+                            at: InboxAt {
+                                generation: generation.to_owned(),
+                                n,
+                            },
+                            dm,
+                        },
+                        _ => Incoming::Ignore,
+                    }
+                }
                 _ => Incoming::Ignore,
-            },
-            None => Incoming::Ignore,
-        },
+            }
+        }
         _ => Incoming::Ignore,
     }
 }
@@ -282,12 +302,17 @@ mod tests {
             ts: Timestamp(42),
         };
         let to = Nick::parse("carol").unwrap();
-        let payload = format!("d17 {}", DmWire::encode(&dm, &to));
-        let Incoming::Dm { n, dm: got } = parse(&payload, "i2") else {
+        let payload = format!("d17 ab12 {}", DmWire::encode(&dm, &to));
+        let Incoming::Dm { at, dm: got } = parse(&payload, "i2") else {
             panic!("a dm");
         };
-        assert_eq!(n, 17);
+        let want = InboxAt {
+            generation: "ab12".into(),
+            n: 17,
+        };
+        assert_eq!(at, want);
         assert_eq!((got.id, got.to, got.text), (dm.id, to, dm.text));
-        assert!(matches!(parse("dx {}", "i2"), Incoming::Ignore));
+        assert!(matches!(parse("dx g {}", "i2"), Incoming::Ignore));
+        assert!(matches!(parse("d1 {}", "i2"), Incoming::Ignore));
     }
 }
