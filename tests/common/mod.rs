@@ -465,16 +465,41 @@ impl PgDatabase {
     }
 
     /// Drops the database (call at the end of the test).
-    pub async fn drop_now(self) {
-        use sqlx::Connection;
-        if let Ok(mut conn) = sqlx::PgConnection::connect(&self.admin).await {
-            let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
-                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-                self.name
-            )))
-            .execute(&mut conn)
-            .await;
+    pub async fn drop_now(mut self) {
+        drop_database(&self.admin, &self.name).await;
+        self.name.clear();
+    }
+}
+
+/// A test that fails before [`PgDatabase::drop_now`] still drops its
+/// database, on a thread of its own (this may run inside the test's runtime,
+/// which cannot be blocked on).
+impl Drop for PgDatabase {
+    fn drop(&mut self) {
+        if self.name.is_empty() {
+            return;
         }
+        let (admin, name) = (self.admin.clone(), std::mem::take(&mut self.name));
+        let dropped = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a runtime");
+            runtime.block_on(drop_database(&admin, &name));
+        });
+        let _ = dropped.join();
+    }
+}
+
+async fn drop_database(admin: &str, name: &str) {
+    use sqlx::Connection;
+    let connect = sqlx::PgConnection::connect(admin);
+    if let Ok(Ok(mut conn)) = tokio::time::timeout(Duration::from_secs(5), connect).await {
+        let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+        )))
+        .execute(&mut conn)
+        .await;
     }
 }
 
