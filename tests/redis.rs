@@ -276,10 +276,6 @@ struct PrivateRedis {
 }
 
 impl PrivateRedis {
-    fn start() -> Option<PrivateRedis> {
-        Self::start_with(&[])
-    }
-
     /// A private server with `extra` settings (e.g. a cluster node's).
     fn start_with(extra: &[&str]) -> Option<PrivateRedis> {
         let port = TcpListener::bind("127.0.0.1:0")
@@ -353,44 +349,49 @@ async fn healthz(addr: SocketAddr) -> (u16, Value) {
     (reply.status, reply.json())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_redis_restart_refuses_then_resumes_without_a_hole() {
-    if common::shared_redis().await.is_none() {
-        return; // no Redis here means no redis-server either
-    }
-    let Some(mut redis) = PrivateRedis::start() else {
+/// A private `redis-server` started with `extra` settings, and instances
+/// i1 and i2 of one cluster on it; `None` (skipped, or failed under
+/// `BABY_REQUIRE_SERVICES`) without redis-server.
+async fn two_instances_on_a_private_redis(
+    extra: &[&str],
+) -> Option<(PrivateRedis, Daemon, Daemon, tempfile::TempDir)> {
+    // No Redis here means no redis-server either.
+    common::shared_redis().await?;
+    let Some(redis) = PrivateRedis::start_with(extra) else {
         if services_required() {
             panic!("redis-server could not be started");
         }
         eprintln!("SKIPPED: redis-server could not be started");
-        return;
+        return None;
     };
     redis.ready().await;
     let dir = temp_dir();
     let db = common::sqlite_url(&dir);
     let url = redis.url();
-    let a = Daemon::start(&[
-        "--db",
-        &db,
-        "--bus",
-        &url,
-        "--cluster",
-        "restart",
-        "--instance",
-        "i1",
-    ])
-    .await;
-    let b = Daemon::start(&[
-        "--db",
-        &db,
-        "--bus",
-        &url,
-        "--cluster",
-        "restart",
-        "--instance",
-        "i2",
-    ])
-    .await;
+    let mut daemons = Vec::new();
+    for name in ["i1", "i2"] {
+        let args = [
+            "--db",
+            &db,
+            "--bus",
+            &url,
+            "--cluster",
+            "private",
+            "--instance",
+            name,
+        ];
+        daemons.push(Daemon::start(&args).await);
+    }
+    let b = daemons.pop()?;
+    let a = daemons.pop()?;
+    Some((redis, a, b, dir))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_restart_refuses_then_resumes_without_a_hole() {
+    let Some((mut redis, a, b, _dir)) = two_instances_on_a_private_redis(&[]).await else {
+        return;
+    };
     let mut alice = Client::in_room(a.tcp, "alice", "general").await;
     let mut bob = Client::in_room(b.tcp, "bob", "general").await;
     alice
@@ -444,6 +445,57 @@ async fn a_redis_restart_refuses_then_resumes_without_a_hole() {
         (m["seq"].as_u64(), m["text"].as_str()),
         (Some(6), Some("after"))
     );
+    drop((a, b));
+}
+
+/// Sends `/msg carol TEXT` from `alice` until it is shown as sent (a Redis
+/// coming back refuses for a moment, and a user would retry).
+async fn dm_carol(alice: &mut Client, text: &str) {
+    let asked = Instant::now();
+    loop {
+        alice.send(&format!("/msg carol {text}")).await;
+        let v = alice
+            .expect(|v| v["type"] == "error" || (v["type"] == "dm" && v["text"] == text))
+            .await;
+        if v["type"] == "dm" {
+            return;
+        }
+        assert!(asked.elapsed() < Duration::from_secs(10), "never sent: {v}");
+        tokio::time::sleep(Duration::from_millis(100)).await; // retrying, as a user would
+    }
+}
+
+/// A Redis restarted without its data numbers an instance's DMs from 1
+/// again. None sent afterwards may be taken for one already delivered: each
+/// making of an inbox is a generation of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dms_sent_after_redis_lost_its_data_all_arrive() {
+    let Some((mut redis, a, b, _dir)) =
+        two_instances_on_a_private_redis(&["--appendonly", "no"]).await
+    else {
+        return;
+    };
+    let mut alice = Client::in_room(a.tcp, "alice", "general").await;
+    let mut carol = Client::in_room(b.tcp, "carol", "general").await;
+    alice
+        .expect(|v| v["type"] == "join" && v["nick"] == "carol")
+        .await;
+    for i in 1..=3 {
+        dm_carol(&mut alice, &format!("before {i}")).await;
+        let dm = carol.expect(|v| v["type"] == "dm").await;
+        assert_eq!(dm["text"], format!("before {i}"));
+    }
+
+    redis.kill();
+    redis.spawn().expect("redis-server restarts");
+    redis.ready().await;
+    for i in 1..=5 {
+        dm_carol(&mut alice, &format!("after {i}")).await;
+    }
+    for i in 1..=5 {
+        let dm = expect_within(&mut carol, Duration::from_secs(10), |v| v["type"] == "dm").await;
+        assert_eq!(dm["text"], format!("after {i}"), "lost, or out of order");
+    }
     drop((a, b));
 }
 
@@ -712,6 +764,10 @@ async fn a_dm_sent_while_the_recipient_s_redis_link_is_cut_arrives_when_it_retur
         .await;
 
     link.cut();
+    // Refused on i2: its connections to Redis are down, the subscriber's
+    // with them, before the DM is sent.
+    carol.send("anyone there?").await;
+    carol.expect_error("unavailable").await;
     alice.send("/msg carol sent while you were cut off").await;
     alice
         .expect(|v| v["type"] == "dm" && v["to"] == "carol")

@@ -342,6 +342,13 @@ impl Inner {
             }
             let beat = self.registry.beat(&self.cmd).await;
             let ok = beat.is_ok();
+            // The inbox first: a DM sent before a reap to a nick that was
+            // taken meanwhile reaches its user before the rename below.
+            if let (true, Some(sink)) = (ok, self.sink()) {
+                if let Err(err) = self.inbox.beat(&self.cmd, sink.as_ref()).await {
+                    tracing::warn!(cause = %err, "redis bus: could not look at the DM inbox");
+                }
+            }
             match beat {
                 Ok((reaped, lost)) => {
                     // Taken by another session while this instance was away:
@@ -374,11 +381,6 @@ impl Inner {
                     tracing::error!(cause = %err, "redis bus: Redis unreachable");
                 }
                 Err(_) => {}
-            }
-            if let (true, Some(sink)) = (ok, self.sink()) {
-                if let Err(err) = self.inbox.beat(&self.cmd, sink.as_ref()).await {
-                    tracing::warn!(cause = %err, "redis bus: could not look at the DM inbox");
-                }
             }
             if ok && !self.healthy.load(Ordering::Relaxed) {
                 tracing::info!("redis bus: Redis reachable again");

@@ -87,6 +87,8 @@ return seq .. ' '
 /// `GEN` names this life of the inbox: it is set when the counter is made,
 /// from the caller's random token, so a recipient can tell numbers of an
 /// inbox that Redis lost (or let expire) and made again from the old one's.
+/// A new generation starts with an empty stream: entries left of an older
+/// one (a counter evicted alone) are not its numbers.
 ///
 /// KEYS: inbox counter (a hash: `gen`, `n`), inbox stream, instance channel.
 /// ARGV: the message (JSON), the inbox's cap, the keys' lifetime in ms, a
@@ -96,6 +98,7 @@ local gen = redis.call('HGET', KEYS[1], 'gen')
 if not gen then
   gen = ARGV[4]
   redis.call('HSET', KEYS[1], 'gen', gen)
+  redis.call('DEL', KEYS[2])
 end
 local n = redis.call('HINCRBY', KEYS[1], 'n', 1)
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], n .. '-0', 'd', ARGV[1])
