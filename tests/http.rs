@@ -937,3 +937,31 @@ async fn a_disconnected_session_is_gone_when_the_answer_comes() {
         );
     }
 }
+
+/// Reads `sse` until `n` pings have come, answering each event with the
+/// next message from `http`'s `token` (so events and pings interleave).
+async fn pings_between_events(sse: &mut Sse, http: &Http, token: &str, n: usize) {
+    let mut pings = 0;
+    let mut sent = 0;
+    while pings < n {
+        let frame = sse.frame().await.expect("the stream stays open");
+        if frame.comments.iter().any(|c| c == "ping") {
+            pings += 1;
+            sent += 1;
+            let reply = http.command(token, &format!("between pings {sent}")).await;
+            assert_eq!(reply.status, 200, "{}", reply.text());
+        }
+    }
+}
+
+/// The ping timer is set again after each ping, and an event between two
+/// pings changes nothing: with `--sse-ping 1` a session stream and a room
+/// stream each get ping after ping.
+#[tokio::test]
+async fn pings_keep_coming_between_events_on_both_kinds_of_stream() {
+    let (_d, _dir, http) = daemon(&["--sse-ping", "1"]).await;
+    let (token, mut session) = joined(&http, "pinged", "general").await;
+    let mut room = http.sse("/messages/general", None).await;
+    pings_between_events(&mut session, &http, &token, 3).await;
+    pings_between_events(&mut room, &http, &token, 3).await;
+}

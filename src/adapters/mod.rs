@@ -5,5 +5,6 @@
 mod coalesce;
 pub mod http;
 pub mod lines;
+mod on_wake;
 pub mod peers;
 pub mod tcp;

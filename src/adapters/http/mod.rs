@@ -37,6 +37,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use super::peers::Peers;
+use crate::adapters::on_wake::OnWake;
 use crate::core::Hub;
 use metrics::{Metrics, Sources};
 use routes::Routes;
@@ -108,6 +109,13 @@ async fn sniff(stream: &tokio::net::TcpStream) -> Protocol {
     }
 }
 
+/// Which of [`Ends`] came first.
+enum End {
+    Cut,
+    Silent,
+    Shutdown,
+}
+
 /// What ends a connection besides its client.
 struct Ends<'a, F> {
     cut: &'a CancellationToken,
@@ -127,17 +135,28 @@ impl<F: std::future::Future<Output = ()>> Ends<'_, F> {
         mut conn: std::pin::Pin<&mut C>,
         shut_down: impl FnOnce(std::pin::Pin<&mut C>),
     ) {
+        // Polled only when one of them fires, not on every wake-up of the
+        // connection (an event stream's are several per event; see `OnWake`).
+        let end = OnWake::new(async {
+            tokio::select! {
+                _ = self.cut.cancelled() => End::Cut,
+                () = self.silent.as_mut() => End::Silent,
+                _ = self.shutdown.cancelled() => End::Shutdown,
+            }
+        });
         tokio::select! {
             _ = conn.as_mut() => {}
-            _ = self.cut.cancelled() => {}
-            () = self.silent.as_mut() => {
-                tracing::debug!(peer = %self.peer, "closed an HTTP connection that sent no request in time");
-            }
-            _ = self.shutdown.cancelled() => {
-                shut_down(conn.as_mut());
-                // Boxed: only shutdown needs this timer.
-                let _ = Box::pin(tokio::time::timeout(DRAIN, conn)).await;
-            }
+            end = end => match end {
+                End::Cut => {}
+                End::Silent => {
+                    tracing::debug!(peer = %self.peer, "closed an HTTP connection that sent no request in time");
+                }
+                End::Shutdown => {
+                    shut_down(conn.as_mut());
+                    // Boxed: only shutdown needs this timer.
+                    let _ = Box::pin(tokio::time::timeout(DRAIN, conn)).await;
+                }
+            },
         }
     }
 }

@@ -111,7 +111,10 @@ const TRACKED_ROOMS: usize = 256;
 pub struct Memory {
     sent: VecDeque<Sent>,
     bytes: usize,
-    rooms: HashMap<RoomName, Span>,
+    /// Looked up twice per frame: hashed with foldhash, not SipHash, whose
+    /// two lookups were a twentieth of an SSE delivery's instructions (the
+    /// table is per session and bounded, so it needs no stronger hash).
+    rooms: HashMap<RoomName, Span, foldhash::fast::RandomState>,
     counter: u64,
     /// Room count past which [`Memory::crowded`] asks for pruning.
     prune_at: usize,
@@ -122,7 +125,7 @@ impl Default for Memory {
         Memory {
             sent: VecDeque::new(),
             bytes: 0,
-            rooms: HashMap::new(),
+            rooms: HashMap::default(),
             counter: 0,
             prune_at: TRACKED_ROOMS,
         }

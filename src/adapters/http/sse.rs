@@ -12,8 +12,10 @@
 //! cursor above the room's seq means "nothing missed", never a muted stream.
 
 use std::convert::Infallible;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -25,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 use super::resend::{Memory, Resume, Wire};
 use super::sessions::{Attached, HttpSession};
 use super::stream::BATCH;
+use crate::adapters::on_wake::OnWake;
 use crate::core::{EndReason, ErrorCode, Event, EventBody, Hub, RoomName, RoomWatch};
 
 /// The first frame: how long EventSource waits before reconnecting (ms).
@@ -186,6 +189,51 @@ async fn stopped(
     }
 }
 
+pin_project_lite::pin_project! {
+    /// What a stream waits for besides its events: its end, and the next
+    /// ping. Ready with `Some` of the end's output, or with `None` when a ping
+    /// is due (the timer is then set for the next one).
+    struct Pinging<E> {
+        #[pin]
+        end: E,
+        #[pin]
+        ping: tokio::time::Sleep,
+        every: Duration,
+    }
+}
+
+impl<E: Future> Future for Pinging<E> {
+    type Output = Option<E::Output>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        if let Poll::Ready(end) = this.end.poll(cx) {
+            return Poll::Ready(Some(end));
+        }
+        if this.ping.as_mut().poll(cx).is_pending() {
+            return Poll::Pending;
+        }
+        this.ping
+            .as_mut()
+            .reset(tokio::time::Instant::now() + *this.every);
+        // tokio keeps a reset timer's last waker, which is this future's;
+        // polled once more all the same, so the next ping does not rest on it.
+        let _ = this.ping.as_mut().poll(cx);
+        Poll::Ready(None)
+    }
+}
+
+/// A stream's end and its pings (one every `every`) in one wait, polled
+/// only when one of them fires, not on every wake-up of the stream (see
+/// [`OnWake`]).
+fn idle<E>(end: E, every: Duration) -> OnWake<Pinging<E>> {
+    OnWake::new(Pinging {
+        end,
+        ping: tokio::time::sleep(every),
+        every,
+    })
+}
+
 /// Appends what the stream writes for `event`, if anything: its id line,
 /// then its frame.
 fn push(batch: &mut BytesMut, memory: &mut Memory, event: &Event) {
@@ -221,17 +269,19 @@ pub fn session_stream(
                 yield data(wire.frame);
             }
         }
-        let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + ctx.ping, ctx.ping);
         // Made once, not on every event: the wait registers with its signal,
         // and doing that per event was a tenth of a delivery.
         let ended = attached.ended.clone();
         let mut generation = attached.generation.clone();
-        let stopped = stopped(&ended, &mut generation, &attached.session);
-        futures::pin_mut!(stopped);
+        let idle = idle(stopped(&ended, &mut generation, &attached.session), ctx.ping);
+        futures::pin_mut!(idle);
         let reason = loop {
             tokio::select! {
                 biased;
-                reason = &mut stopped => break reason,
+                next = &mut idle => match next {
+                    Some(reason) => break reason,
+                    None => yield data(PING),
+                },
                 event = attached.feed.events.recv() => match event {
                     Some(event) => {
                         // Whatever else is queued goes in the same frame: one
@@ -267,7 +317,6 @@ pub fn session_stream(
                         };
                     }
                 },
-                _ = ping.tick() => yield data(PING),
             }
         };
         match reason {
@@ -342,14 +391,18 @@ pub fn room_stream(
                 }
             }
         }
-        let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + ctx.ping, ctx.ping);
+        let idle = idle(ctx.shutdown.cancelled(), ctx.ping);
+        futures::pin_mut!(idle);
         loop {
             tokio::select! {
                 biased;
-                _ = ctx.shutdown.cancelled() => {
-                    yield data(error(ErrorCode::Unavailable, "the server is shutting down"));
-                    break;
-                }
+                next = &mut idle => match next {
+                    Some(()) => {
+                        yield data(error(ErrorCode::Unavailable, "the server is shutting down"));
+                        break;
+                    }
+                    None => yield data(PING),
+                },
                 event = events.recv() => match event {
                     Some(event) => {
                         if let EventBody::Message(m) = event.body() {
@@ -373,7 +426,6 @@ pub fn room_stream(
                         break;
                     }
                 },
-                _ = ping.tick() => yield data(PING),
             }
         }
     }

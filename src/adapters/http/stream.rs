@@ -26,6 +26,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::routes::{self, Body, Routes};
+use crate::adapters::on_wake::OnWake;
 
 /// Largest request head read here; hyper answers 431 past its own limit too.
 const MAX_HEAD: usize = 16 * 1024;
@@ -179,15 +180,18 @@ fn write_response(
         socket.write_all(&out).await?;
         out = Vec::new();
         let (mut read, mut write) = socket.split();
-        let mut ignored = [0u8; 64];
+        // Polled only when the socket has something to read, not on every
+        // frame (see `OnWake`): bytes the client sends are dropped.
+        let closed = OnWake::new(async move {
+            let mut ignored = [0u8; 64];
+            while let Ok(1..) = read.read(&mut ignored).await {}
+        });
+        futures::pin_mut!(closed);
         loop {
             let frame = tokio::select! {
                 biased;
                 frame = body.frame() => frame,
-                n = read.read(&mut ignored) => match n {
-                    Ok(0) | Err(_) => return Ok(()),
-                    Ok(_) => continue,
-                },
+                () = &mut closed => return Ok(()),
             };
             let Some(Ok(frame)) = frame else {
                 write.write_all(b"0\r\n\r\n").await?;
