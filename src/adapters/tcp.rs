@@ -101,8 +101,12 @@ impl TcpAdapter {
                     // Connections take turns on the flushers.
                     accepted_count = accepted_count.wrapping_add(1);
                     let flusher = flushers[accepted_count % flushers.len()].clone();
-                    // Every line logged during the connection's life names it.
-                    let span = tracing::info_span!(
+                    // With RUST_LOG=debug every line logged during the
+                    // connection's life names it. Not at the default level:
+                    // an enabled span keeps its fields for the connection's
+                    // life, 0.46 KiB of an idle connection's 2.85. The
+                    // connection's own lines say who it is instead.
+                    let span = tracing::debug_span!(
                         "tcp",
                         %peer,
                         session = tracing::field::Empty
@@ -173,7 +177,7 @@ impl TcpAdapter {
             };
             let id = session.id;
             tracing::Span::current().record("session", tracing::field::display(id));
-            tracing::info!(nick = %session.nick, "connected");
+            tracing::info!(%peer, session = %id, nick = %session.nick, "connected");
             let (read, write) = stream.into_split();
             let SessionHandle {
                 events,
@@ -247,7 +251,7 @@ impl TcpAdapter {
                 hub.disconnect(id, EndReason::Quit);
             }
             writer.finish().await;
-            tracing::info!(reason, "disconnected");
+            tracing::info!(%peer, session = %id, reason, "disconnected");
         }
     }
 }

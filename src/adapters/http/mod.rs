@@ -335,7 +335,9 @@ impl HttpAdapter {
                     drop(permit);
                     drop(address_permit);
                 }
-                .instrument(tracing::info_span!("http", %peer)),
+                // Debug level, as the TCP adapter's: an enabled span is kept
+                // for the connection's life (an event stream's is hours).
+                .instrument(tracing::debug_span!("http", %peer)),
             );
         }
     }

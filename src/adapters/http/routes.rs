@@ -468,7 +468,7 @@ impl Routes {
                 "too many sessions; try again later",
             ));
         }
-        tracing::info!(session = %id, %nick, "http session opened");
+        tracing::info!(%peer, session = %id, %nick, "http session opened");
         let body = Connected {
             session: &token,
             nick: &nick,

@@ -149,9 +149,10 @@ impl Sessions {
             }
             table.insert(token.clone(), session.clone());
         }
-        // The session outlives the request that opened it: its own span, so
-        // its end is logged under its id.
-        let span = tracing::info_span!("http_session", session = %id);
+        // The session outlives the request that opened it: its own span, at
+        // debug level (an enabled span is kept for the session's life), so
+        // its end says its id itself.
+        let span = tracing::debug_span!("http_session", session = %id);
         tracker.spawn(
             supervise(self.clone(), hub.clone(), token, session.clone(), ended).instrument(span),
         );
@@ -263,7 +264,7 @@ async fn supervise(
             }
         }
     };
-    tracing::info!(%reason, "http session ended");
+    tracing::info!(session = %session.id, %reason, "http session ended");
     sessions.remove(&token);
     session.ended.send_replace(Some(reason));
     // Wake a stream stuck waiting for events so it sees the end.
