@@ -240,10 +240,10 @@ async fn read_sse(
                 if let Some(id) = line.strip_prefix("id:") {
                     *last_id = Some(id.trim_start().to_owned());
                 }
-                if let Some(data) = line.strip_prefix("data:") {
-                    if let Ok(event) = serde_json::from_str::<Value>(data.trim_start()) {
-                        take(&event);
-                    }
+                if let Some(data) = line.strip_prefix("data:")
+                    && let Ok(event) = serde_json::from_str::<Value>(data.trim_start())
+                {
+                    take(&event);
                 }
             }
         }
@@ -414,13 +414,12 @@ fn follow_rename(nicks: &Nicks, client: &str, event: &Value, asked: Option<&str>
         nicks.insert(client.to_owned(), new.to_owned());
         return;
     }
-    if let Some(mine) = nicks.get_mut(client) {
-        if event["old"]
+    if let Some(mine) = nicks.get_mut(client)
+        && event["old"]
             .as_str()
             .is_some_and(|o| o.eq_ignore_ascii_case(mine))
-        {
-            *mine = event["new"].as_str().unwrap_or_default().to_owned();
-        }
+    {
+        *mine = event["new"].as_str().unwrap_or_default().to_owned();
     }
 }
 
@@ -792,12 +791,12 @@ async fn soak(bus: &str) {
                 ));
             }
             for (seq, id) in &view.seqs {
-                if let Some(stored_id) = stored.get(room).and_then(|m| m.get(seq)) {
-                    if stored_id != id {
-                        failures.push(format!(
-                            "{reader} #{room}:{seq} is {id}, storage has {stored_id}"
-                        ));
-                    }
+                if let Some(stored_id) = stored.get(room).and_then(|m| m.get(seq))
+                    && stored_id != id
+                {
+                    failures.push(format!(
+                        "{reader} #{room}:{seq} is {id}, storage has {stored_id}"
+                    ));
                 }
             }
         }

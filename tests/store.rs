@@ -15,7 +15,7 @@ fn message(room: &str, seq: u64) -> Arc<Message> {
         id: uuid::Uuid::now_v7(),
         nick: Nick::parse("alice").unwrap(),
         text: format!("{room} #{seq} ✓"),
-        kind: if seq % 2 == 0 {
+        kind: if seq.is_multiple_of(2) {
             MessageKind::Action
         } else {
             MessageKind::Text

@@ -590,10 +590,10 @@ async fn direct_writes_never_overtake_a_queued_backlog() {
             }
             // Now and then ask for an answer that always goes through the
             // writer, while messages keep coming.
-            if seq % 37 == 0 {
+            if seq.is_multiple_of(37) {
                 reader_tx.write_all(b"/format json\n").await.unwrap();
             }
-            if seq % PAUSE == 0 {
+            if seq.is_multiple_of(PAUSE) {
                 tokio::time::timeout(WAIT, echoed_rx.wait_for(|&n| n >= (seq + PAUSE).min(TOTAL)))
                     .await
                     .expect("the talkers go on")

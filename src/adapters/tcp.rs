@@ -493,10 +493,10 @@ impl Direct for Socket {
         // Pending events are bounded like the outbox: a flusher that does not
         // get to run (a saturated server) must not let them grow past it.
         if !turn.queued && is_plain(event) && turn.pending.len() < outbox.max_capacity() {
-            if turn.pending.is_empty() {
-                if let Some(me) = self.me.upgrade() {
-                    self.flusher.mark(me);
-                }
+            if turn.pending.is_empty()
+                && let Some(me) = self.me.upgrade()
+            {
+                self.flusher.mark(me);
             }
             turn.pending.push(event.clone());
             return Ok(());

@@ -327,10 +327,10 @@ impl Hub {
             if self.lock().nicks.contains_key(&nick.key()) {
                 return Err(taken(&nick));
             }
-            if let Some(directory) = directory {
-                if !directory.claim_nick(&nick, id).await.map_err(bus_down)? {
-                    return Err(taken(&nick));
-                }
+            if let Some(directory) = directory
+                && !directory.claim_nick(&nick, id).await.map_err(bus_down)?
+            {
+                return Err(taken(&nick));
             }
             return Ok(nick);
         }
@@ -358,10 +358,10 @@ impl Hub {
 
     /// Gives back a cluster claim `id` made but will not use.
     async fn release_claim(&self, id: SessionId, nick: &Nick) {
-        if let Some(directory) = self.shared.bus.directory() {
-            if let Err(err) = directory.release_nick(nick, id).await {
-                tracing::warn!(cause = %err, %nick, "could not give back an unused nick claim");
-            }
+        if let Some(directory) = self.shared.bus.directory()
+            && let Err(err) = directory.release_nick(nick, id).await
+        {
+            tracing::warn!(cause = %err, %nick, "could not give back an unused nick claim");
         }
     }
 
@@ -533,12 +533,11 @@ impl Hub {
             }
         }
         let answer = self.apply_rename(id, new.clone(), None);
-        if let Some(directory) = directory {
-            if answer.renames() {
-                if let Err(err) = directory.renamed(&old, &new, id).await {
-                    tracing::warn!(cause = %err, "could not move presence to the new nick");
-                }
-            }
+        if let Some(directory) = directory
+            && answer.renames()
+            && let Err(err) = directory.renamed(&old, &new, id).await
+        {
+            tracing::warn!(cause = %err, "could not move presence to the new nick");
         }
         answer
     }
@@ -629,10 +628,9 @@ impl Hub {
         };
         if let (Some((room, nick, delivered)), Some(directory)) =
             (joined, self.shared.bus.directory())
+            && let Err(err) = directory.joined(&room, &nick, delivered).await
         {
-            if let Err(err) = directory.joined(&room, &nick, delivered).await {
-                tracing::warn!(cause = %err, %room, "could not record the join cluster-wide");
-            }
+            tracing::warn!(cause = %err, %room, "could not record the join cluster-wide");
         }
         answer
     }
@@ -735,10 +733,10 @@ impl Hub {
         let answer = self.apply_leave(id, room);
         if let Some(directory) = self.shared.bus.directory() {
             for (event, _) in &answer.0 {
-                if let EventBody::Leave { room, nick } = event.body() {
-                    if let Err(err) = directory.left(room, nick).await {
-                        tracing::warn!(cause = %err, %room, "could not record the leave cluster-wide");
-                    }
+                if let EventBody::Leave { room, nick } = event.body()
+                    && let Err(err) = directory.left(room, nick).await
+                {
+                    tracing::warn!(cause = %err, %room, "could not record the leave cluster-wide");
                 }
             }
         }
@@ -1142,10 +1140,10 @@ impl Hub {
             let bus = self.shared.bus.clone();
             let nick = session.nick.clone();
             tokio::spawn(async move {
-                if let Some(directory) = bus.directory() {
-                    if let Err(err) = directory.release_nick(&nick, id).await {
-                        tracing::warn!(cause = %err, %nick, "could not free the nick cluster-wide; its lease will");
-                    }
+                if let Some(directory) = bus.directory()
+                    && let Err(err) = directory.release_nick(&nick, id).await
+                {
+                    tracing::warn!(cause = %err, %nick, "could not free the nick cluster-wide; its lease will");
                 }
             });
         }

@@ -105,10 +105,10 @@ impl Daemon {
             let mut addrs_tx = Some(addrs_tx);
             let mut lines = BufReader::new(stderr).lines();
             while let Ok(Some(line)) = lines.next_line().await {
-                if let Some(addrs) = parse_listening(&line) {
-                    if let Some(tx) = addrs_tx.take() {
-                        let _ = tx.send(addrs);
-                    }
+                if let Some(addrs) = parse_listening(&line)
+                    && let Some(tx) = addrs_tx.take()
+                {
+                    let _ = tx.send(addrs);
                 }
                 sink.lock().unwrap().push(line);
             }

@@ -137,10 +137,10 @@ impl Memory {
     /// write; `None` for a room message the session was already sent.
     pub fn record(&mut self, event: &Event) -> Option<Wire> {
         let place = place_of(event);
-        if let (EventBody::Message(_), Some(p)) = (event.body(), &place) {
-            if self.rooms.get(&p.room).is_some_and(|s| p.to <= s.last) {
-                return None;
-            }
+        if let (EventBody::Message(_), Some(p)) = (event.body(), &place)
+            && self.rooms.get(&p.room).is_some_and(|s| p.to <= s.last)
+        {
+            return None;
         }
         let number = match event.body() {
             EventBody::Message(_) => None,
@@ -196,13 +196,13 @@ impl Memory {
             return Resume::Remembered(self.after(at, None));
         }
         let named = super::sse::parse_room_id(last);
-        if let Some((room, _)) = &named {
-            if !self.rooms.contains_key(room) {
-                // This session was never sent a message of that room: the id
-                // is not its to name (a wiped database, a made-up cursor), and
-                // claims nothing about the rest. Nothing missed.
-                return Resume::Remembered(Vec::new());
-            }
+        if let Some((room, _)) = &named
+            && !self.rooms.contains_key(room)
+        {
+            // This session was never sent a message of that room: the id
+            // is not its to name (a wiped database, a made-up cursor), and
+            // claims nothing about the rest. Nothing missed.
+            return Resume::Remembered(Vec::new());
         }
         if let Some((room, seq)) = &named {
             // The newest remembered frame of that room the client says it has:

@@ -486,10 +486,10 @@ impl Routes {
             Err(refusal) => return Err(Failure::refused(refusal)),
         };
         // A refused command is answered as an error, with its status.
-        if let [event] = events.as_slice() {
-            if let EventBody::Error { code, .. } = event.body() {
-                return Err(Failure(status_of(*code), event.clone()));
-            }
+        if let [event] = events.as_slice()
+            && let EventBody::Error { code, .. } = event.body()
+        {
+            return Err(Failure(status_of(*code), event.clone()));
         }
         Ok(raw_json_response(StatusCode::OK, "events", events.iter()))
     }

@@ -272,10 +272,10 @@ async fn supervise(
     // A reader that stopped reading never lets its stream see the end: hyper
     // stops polling a body whose socket is full. Cut its connection once it
     // has had a moment to take the last frame, as TCP does.
-    if reason == EndReason::SlowConsumer {
-        if let Some(connection) = session.lock_connection().take() {
-            super::sse::cut_soon(&connection);
-        }
+    if reason == EndReason::SlowConsumer
+        && let Some(connection) = session.lock_connection().take()
+    {
+        super::sse::cut_soon(&connection);
     }
 }
 

@@ -344,10 +344,10 @@ impl Inner {
             let ok = beat.is_ok();
             // The inbox first: a DM sent before a reap to a nick that was
             // taken meanwhile reaches its user before the rename below.
-            if let (true, Some(sink)) = (ok, self.sink()) {
-                if let Err(err) = self.inbox.beat(&self.cmd, sink.as_ref()).await {
-                    tracing::warn!(cause = %err, "redis bus: could not look at the DM inbox");
-                }
+            if let (true, Some(sink)) = (ok, self.sink())
+                && let Err(err) = self.inbox.beat(&self.cmd, sink.as_ref()).await
+            {
+                tracing::warn!(cause = %err, "redis bus: could not look at the DM inbox");
             }
             match beat {
                 Ok((reaped, lost)) => {

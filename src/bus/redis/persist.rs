@@ -155,10 +155,10 @@ impl Persister {
                 .cmd
                 .xgroup_create(self.keys.persist(p), GROUP, "0", true)
                 .await;
-            if let Err(err) = created {
-                if !err.details().contains("BUSYGROUP") {
-                    tracing::debug!(cause = %err, "could not create a persister group yet");
-                }
+            if let Err(err) = created
+                && !err.details().contains("BUSYGROUP")
+            {
+                tracing::debug!(cause = %err, "could not create a persister group yet");
             }
         }
     }

@@ -135,13 +135,12 @@ impl Rooms {
         if message.seq <= delivered {
             return; // heard twice: published here and echoed, or re-read
         }
-        if message.seq > delivered + 1 {
-            if let Err(err) = self
+        if message.seq > delivered + 1
+            && let Err(err) = self
                 .catch_up(&mut state, &room, Some(message.seq - 1))
                 .await
-            {
-                tracing::warn!(cause = %err, %room, "could not fill a hole; delivering across it");
-            }
+        {
+            tracing::warn!(cause = %err, %room, "could not fill a hole; delivering across it");
         }
         deliver(&mut state, message);
     }
