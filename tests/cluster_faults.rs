@@ -484,6 +484,41 @@ async fn a_killed_instance_users_leave_on_sqlite() {
     a_killed_instance_users_leave(&common::sqlite_url(&dir)).await;
 }
 
+/// How long a departure may take over the slow link below: the lease, a
+/// look at the others and a reap of a dozen round trips, and the poll that
+/// delivers it, each a few round trips of half a second.
+const SLOW_DEPARTURE: Duration = Duration::from_secs(40);
+
+/// Every instance's link to PostgreSQL slowed to round trips of about
+/// 500 ms (each chunk held 250 ms each way). A reap is a transaction of a
+/// dozen round trips: inside the heartbeat it did not fit the heartbeat's
+/// 5 s deadline, was cut off every time, and a killed instance's users
+/// never left (their nicks stayed taken, DMs to them were lost). It runs
+/// beside the heartbeat now.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_instance_users_leave_over_a_slow_database() {
+    let Some(pg) = PgDatabase::create().await else {
+        return;
+    };
+    let link = Proxy::start(pg.address()).await;
+    let slow = link.url_for(&pg.url);
+    let (mut daemons, mut peers) = cluster([&slow, &slow, &slow]).await;
+    link.set_delay(Duration::from_millis(250));
+    let started = Instant::now();
+    daemons[2].kill9().await;
+    let gone = everywhere(&["u6", "u7", "u8"]);
+    let seen = peers[0]
+        .presence("leave", &gone, started + SLOW_DEPARTURE)
+        .await;
+    assert_eq!(seen.len(), gone.len(), "each leave once: {seen:?}");
+    eprintln!(
+        "departures announced {:?} after the kill, over the slow link",
+        started.elapsed()
+    );
+    drop(daemons);
+    pg.drop_now().await;
+}
+
 /// Every instance loses PostgreSQL for longer than the lease; the first gets
 /// it back a few seconds before the others. Nobody was away much longer than
 /// anyone else, so nobody leaves and every nick and room is kept: the first

@@ -58,6 +58,9 @@ const CATCH_UP: u32 = 1_000;
 /// Longest one poll (and heartbeat) may take before the database counts as
 /// unreachable. Generous: a poll may catch up on thousands of rows.
 const POLL_DEADLINE: Duration = Duration::from_secs(5);
+/// The most a reap of silent instances may take: longer than a heartbeat's
+/// deadline, since it runs beside the heartbeats, not in them.
+const REAP_DEADLINE: Duration = Duration::from_secs(30);
 
 /// The poll bus of one instance.
 pub struct PollBus {
@@ -450,7 +453,8 @@ fn db(err: sqlx::Error) -> BusError {
 }
 
 /// Renews this instance's lease every [`HEARTBEAT`] (and re-asserts its
-/// claims, and reaps the silent), on its own: were it to wait for the poll,
+/// claims, and starts a reap of the silent beside it), on its own: were it
+/// to wait for the poll,
 /// a poll that keeps failing (a room it cannot read, a catch-up too long for
 /// the deadline) would hold renewals back until the others reaped this
 /// instance, alive, and gave its users away. For the same reason it holds
@@ -465,9 +469,16 @@ async fn heartbeat(
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     // Registering renewed the lease just now.
     tick.tick().await;
+    // The reap of the silent, when one is under way.
+    let mut reaping: Option<tokio::task::JoinHandle<()>> = None;
     loop {
         tokio::select! {
-            _ = stop.cancelled() => return,
+            _ = stop.cancelled() => {
+                if let Some(reaping) = reaping {
+                    reaping.abort();
+                }
+                return;
+            }
             _ = tick.tick() => {}
         }
         let beat = lease.renew(&database, Some(&sink));
@@ -476,6 +487,35 @@ async fn heartbeat(
             Ok(Err(err)) => tracing::warn!(cause = %err, "poll bus: heartbeat failed"),
             Err(_) => tracing::warn!("poll bus: heartbeat timed out"),
         }
+        if reaping.as_ref().is_some_and(|r| !r.is_finished()) {
+            continue; // the others are looked at again once it is done
+        }
+        let silent = match tokio::time::timeout(POLL_DEADLINE, lease.silent(&database)).await {
+            Ok(Ok(silent)) if !silent.is_empty() => silent,
+            Ok(Ok(_)) => continue,
+            Ok(Err(err)) => {
+                tracing::warn!(cause = %err, "poll bus: could not look at the other instances");
+                continue;
+            }
+            Err(_) => {
+                tracing::warn!("poll bus: looking at the other instances timed out");
+                continue;
+            }
+        };
+        // Beside the heartbeat, not in it: a reap is a transaction of a
+        // dozen round trips, which on a slow database did not fit the
+        // heartbeat's deadline, was cut off every time, and left a dead
+        // instance's users in the room for good. Renewals must not wait for
+        // it either, or this instance's own lease would run out.
+        let database = database.clone();
+        reaping = Some(tokio::spawn(async move {
+            let reap = lease::reap_silent(&database, &silent);
+            match tokio::time::timeout(REAP_DEADLINE, reap).await {
+                Ok(Ok(())) => {}
+                Ok(Err(err)) => tracing::warn!(cause = %err, "poll bus: reaping failed"),
+                Err(_) => tracing::warn!("poll bus: reaping timed out"),
+            }
+        }));
     }
 }
 
@@ -1218,7 +1258,7 @@ mod tests {
             vec![claim(&[&general, &side])],
         ])));
         take_inbox(&b).await;
-        lease.renew(&a.db, Some(&hub)).await.unwrap();
+        lease.renew_and_reap(&a.db, Some(&hub)).await.unwrap();
 
         assert_eq!(b.members(&side).await.unwrap(), vec![u8.clone()]);
         let told = take_inbox(&b).await.concat();
@@ -1239,7 +1279,7 @@ mod tests {
         renamed_while_reaped(&a, &u8, &u9).await;
         take_inbox(&b).await;
         let hub = renamed_between(&u8, &u9, &general);
-        lease.renew(&a.db, Some(&hub)).await.unwrap();
+        lease.renew_and_reap(&a.db, Some(&hub)).await.unwrap();
 
         assert_eq!(b.members(&general).await.unwrap(), vec![u9.clone()]);
         let told = take_inbox(&b).await.concat();
@@ -1270,7 +1310,7 @@ mod tests {
         renamed_while_reaped(&a, &lower, &upper).await;
         take_inbox(&b).await;
         let hub = renamed_between(&lower, &upper, &general);
-        lease.renew(&a.db, Some(&hub)).await.unwrap();
+        lease.renew_and_reap(&a.db, Some(&hub)).await.unwrap();
 
         let told = take_inbox(&b).await.concat();
         assert_eq!(b.members(&general).await.unwrap(), vec![upper], "{told}");
@@ -1298,7 +1338,7 @@ mod tests {
         renamed_while_reaped(&a, &u8, &u9).await;
         take_inbox(&b).await;
         let hub = renamed_between(&u8, &u9, &general);
-        lease.renew(&a.db, Some(&hub)).await.unwrap();
+        lease.renew_and_reap(&a.db, Some(&hub)).await.unwrap();
 
         let told = take_inbox(&b).await.concat();
         assert_eq!(b.members(&general).await.unwrap(), vec![u9], "{told}");
@@ -1323,7 +1363,7 @@ mod tests {
         };
         let hub: Arc<dyn Deliver> = Arc::new(Snapshots(StdMutex::new(vec![vec![], vec![claim]])));
         take_inbox(&b).await;
-        lease.renew(&a.db, Some(&hub)).await.unwrap();
+        lease.renew_and_reap(&a.db, Some(&hub)).await.unwrap();
 
         assert_eq!(b.members(&general).await.unwrap(), vec![u5]);
         let told = take_inbox(&b).await.concat();
@@ -1393,7 +1433,7 @@ mod tests {
             leave: StdMutex::default(),
         });
         let sink: Arc<dyn Deliver> = hub.clone();
-        lease.renew(&a.db, Some(&sink)).await.unwrap();
+        lease.renew_and_reap(&a.db, Some(&sink)).await.unwrap();
         let waiting = hub.leave.lock().unwrap().take();
         if let Some(leave) = waiting {
             leave.await.unwrap();

@@ -138,22 +138,33 @@ impl Lease {
             }
             self.reassert = false;
         }
-        self.reap_silent(database).await
+        Ok(())
     }
 
-    /// Looks at every instance's row, and reaps those whose value has stood
-    /// still for longer than the lease.
-    async fn reap_silent(&mut self, database: &Db) -> Result<(), BusError> {
+    /// Looks at every instance's row, and answers those whose value has
+    /// stood still for longer than the lease: each to be reaped by
+    /// [`reap_silent`] only if its row still holds that value.
+    pub(super) async fn silent(&mut self, database: &Db) -> Result<Vec<Silent>, BusError> {
         let asked = Instant::now();
         let rows: Vec<(String, i64)> = sqlx::query_as("SELECT instance, seen_at FROM instances")
             .fetch_all(database.run())
             .await
             .map_err(db)?;
-        let silent = self.watch.look(&self.instance, rows, asked, Instant::now());
-        if silent.is_empty() {
-            return Ok(());
-        }
-        reap(database, Reap::Silent(&silent)).await
+        Ok(self.watch.look(&self.instance, rows, asked, Instant::now()))
+    }
+
+    /// Renews, then reaps what has been silent for longer than the lease:
+    /// [`Lease::renew`], [`Lease::silent`] and [`reap_silent`] in one call,
+    /// for tests that step a lease by hand.
+    #[cfg(test)]
+    pub(super) async fn renew_and_reap(
+        &mut self,
+        database: &Db,
+        sink: Option<&Arc<dyn Deliver>>,
+    ) -> Result<(), BusError> {
+        self.renew(database, sink).await?;
+        let silent = self.silent(database).await?;
+        reap_silent(database, &silent).await
     }
 
     /// Gives every claim up at a graceful stop: the others announce nothing,
@@ -161,6 +172,15 @@ impl Lease {
     pub(super) async fn release(database: &Db, instance: &str) -> Result<(), BusError> {
         reap(database, Reap::Named(instance)).await
     }
+}
+
+/// Reaps the instances in `silent`, each only if its row still holds the
+/// value that stood still (one renewed since the look is alive after all).
+pub(super) async fn reap_silent(database: &Db, silent: &[Silent]) -> Result<(), BusError> {
+    if silent.is_empty() {
+        return Ok(());
+    }
+    reap(database, Reap::Silent(silent)).await
 }
 
 /// A row under this instance's name is a previous life that crashed, or a
