@@ -474,31 +474,35 @@ async fn heartbeat(
     loop {
         tokio::select! {
             _ = stop.cancelled() => {
+                // Ended before the bus releases this instance's own rows.
                 if let Some(reaping) = reaping {
                     reaping.abort();
+                    let _ = reaping.await;
                 }
                 return;
             }
             _ = tick.tick() => {}
         }
-        let beat = lease.renew(&database, Some(&sink));
-        match tokio::time::timeout(POLL_DEADLINE, beat).await {
-            Ok(Ok(())) => {}
-            Ok(Err(err)) => tracing::warn!(cause = %err, "poll bus: heartbeat failed"),
-            Err(_) => tracing::warn!("poll bus: heartbeat timed out"),
-        }
-        if reaping.as_ref().is_some_and(|r| !r.is_finished()) {
-            continue; // the others are looked at again once it is done
-        }
-        let silent = match tokio::time::timeout(POLL_DEADLINE, lease.silent(&database)).await {
+        let busy = reaping.as_ref().is_some_and(|r| !r.is_finished());
+        // The renewal and the look at the others share one deadline, so that
+        // renewals stay at most a heartbeat plus that deadline apart; no
+        // look after a renewal that failed.
+        let beat = async {
+            lease.renew(&database, Some(&sink)).await?;
+            if busy {
+                return Ok(Vec::new()); // looked at again once the reap is done
+            }
+            lease.silent(&database).await
+        };
+        let silent = match tokio::time::timeout(POLL_DEADLINE, beat).await {
             Ok(Ok(silent)) if !silent.is_empty() => silent,
             Ok(Ok(_)) => continue,
             Ok(Err(err)) => {
-                tracing::warn!(cause = %err, "poll bus: could not look at the other instances");
+                tracing::warn!(cause = %err, "poll bus: heartbeat failed");
                 continue;
             }
             Err(_) => {
-                tracing::warn!("poll bus: looking at the other instances timed out");
+                tracing::warn!("poll bus: heartbeat timed out");
                 continue;
             }
         };
