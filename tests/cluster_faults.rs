@@ -714,6 +714,37 @@ async fn an_instance_under_a_running_instance_s_name_refuses_to_start() {
     assert_eq!(seen.len(), gone.len(), "each leave once: {seen:?}");
 }
 
+/// `ann` on instance `awake` and `bo` on instance `stalled`, both in
+/// #general; `stalled` frozen, ann's DM "are you there?" to bo shown as
+/// sent, and bo's leave seen once the others reaped `stalled`.
+struct DmToAStalledUser {
+    awake: Daemon,
+    stalled: Daemon,
+    ann: Peer,
+    bo: Peer,
+}
+
+async fn dm_to_a_stalled_user(db: &str) -> DmToAStalledUser {
+    let awake = start(db, "awake").await;
+    let stalled = start(db, "stalled").await;
+    let mut ann = Peer::join_rooms(awake.tcp, "ann", &["general"]).await;
+    let bo = Peer::join_rooms(stalled.tcp, "bo", &["general"]).await;
+    converge(&mut ann, "general", &["ann".to_owned(), "bo".to_owned()]).await;
+
+    stalled.freeze();
+    ann.send("/msg bo are you there?").await;
+    ann.expect("the DM's echo", |v| v["type"] == "dm").await;
+    // The others reap the stalled instance: bo leaves.
+    ann.expect("bo's leave", |v| v["type"] == "leave" && v["nick"] == "bo")
+        .await;
+    DmToAStalledUser {
+        awake,
+        stalled,
+        ann,
+        bo,
+    }
+}
+
 /// A DM sent to a user whose instance has just stalled is queued for that
 /// instance; the others reap it a lease later. When it wakes, the user still
 /// gets the DM: the reap keeps a reaped instance's DMs for a while (it may
@@ -724,18 +755,12 @@ async fn a_dm_queued_for_a_stalled_instance_arrives_when_it_wakes() {
     let Some(pg) = PgDatabase::create().await else {
         return;
     };
-    let awake = start(&pg.url, "awake").await;
-    let stalled = start(&pg.url, "stalled").await;
-    let mut ann = Peer::join_rooms(awake.tcp, "ann", &["general"]).await;
-    let mut bo = Peer::join_rooms(stalled.tcp, "bo", &["general"]).await;
-    converge(&mut ann, "general", &["ann".to_owned(), "bo".to_owned()]).await;
-
-    stalled.freeze();
-    ann.send("/msg bo are you there?").await;
-    ann.expect("the DM's echo", |v| v["type"] == "dm").await;
-    // The others reap the stalled instance: bo leaves.
-    ann.expect("bo's leave", |v| v["type"] == "leave" && v["nick"] == "bo")
-        .await;
+    let DmToAStalledUser {
+        awake,
+        stalled,
+        ann: _ann,
+        mut bo,
+    } = dm_to_a_stalled_user(&pg.url).await;
     stalled.thaw();
     let dm = bo.expect("the DM", |v| v["type"] == "dm").await;
     assert_eq!(dm["text"], "are you there?");
@@ -887,17 +912,12 @@ async fn a_kept_dm_reaches_a_user_renamed_on_waking() {
     let Some(pg) = PgDatabase::create().await else {
         return;
     };
-    let awake = start(&pg.url, "awake").await;
-    let stalled = start(&pg.url, "stalled").await;
-    let mut ann = Peer::join_rooms(awake.tcp, "ann", &["general"]).await;
-    let mut bo = Peer::join_rooms(stalled.tcp, "bo", &["general"]).await;
-    converge(&mut ann, "general", &["ann".to_owned(), "bo".to_owned()]).await;
-
-    stalled.freeze();
-    ann.send("/msg bo are you there?").await;
-    ann.expect("the DM's echo", |v| v["type"] == "dm").await;
-    ann.expect("bo's leave", |v| v["type"] == "leave" && v["nick"] == "bo")
-        .await;
+    let DmToAStalledUser {
+        awake,
+        stalled,
+        mut ann,
+        mut bo,
+    } = dm_to_a_stalled_user(&pg.url).await;
     let mut new_bo = Peer::join_rooms(awake.tcp, "bo", &["general"]).await;
     stalled.thaw();
     let dm = bo.expect("the DM", |v| v["type"] == "dm").await;

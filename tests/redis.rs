@@ -28,19 +28,24 @@ fn rand_suffix() -> u32 {
         .subsec_nanos()
 }
 
+/// The command line of instance `name` of `cluster` on bus `bus` and `db`.
+fn instance_args<'a>(db: &'a str, bus: &'a str, cluster: &'a str, name: &'a str) -> [&'a str; 8] {
+    [
+        "--db",
+        db,
+        "--bus",
+        bus,
+        "--cluster",
+        cluster,
+        "--instance",
+        name,
+    ]
+}
+
 async fn start_cluster(bus: &str, db: &str, cluster: &str, extra: &[&str]) -> Vec<Daemon> {
     let mut daemons = Vec::new();
     for name in ["i1", "i2", "i3"] {
-        let mut args = vec![
-            "--db",
-            db,
-            "--bus",
-            bus,
-            "--cluster",
-            cluster,
-            "--instance",
-            name,
-        ];
+        let mut args = instance_args(db, bus, cluster, name).to_vec();
         args.extend_from_slice(extra);
         daemons.push(Daemon::start(&args).await);
     }
@@ -370,17 +375,7 @@ async fn two_instances_on_a_private_redis(
     let url = redis.url();
     let mut daemons = Vec::new();
     for name in ["i1", "i2"] {
-        let args = [
-            "--db",
-            &db,
-            "--bus",
-            &url,
-            "--cluster",
-            "private",
-            "--instance",
-            name,
-        ];
-        daemons.push(Daemon::start(&args).await);
+        daemons.push(Daemon::start(&instance_args(&db, &url, "private", name)).await);
     }
     let b = daemons.pop()?;
     let a = daemons.pop()?;
@@ -671,17 +666,7 @@ async fn an_instance_under_a_running_instance_s_name_refuses_to_start_on_redis()
         return;
     };
 
-    let args = [
-        "--db",
-        &db,
-        "--bus",
-        &redis,
-        "--cluster",
-        &cluster,
-        "--instance",
-        "i3",
-    ];
-    let log = Daemon::refused(&args).await;
+    let log = Daemon::refused(&instance_args(&db, &redis, &cluster, "i3")).await;
     assert!(log.contains("in use by a running instance"), "{log}");
     let _dave = Client::in_room(daemons[1].tcp, "dave", "general").await;
     let next = alice
@@ -745,17 +730,7 @@ async fn a_dm_sent_while_the_recipient_s_redis_link_is_cut_arrives_when_it_retur
     let through_link = link.url_for(&redis);
     let mut daemons = Vec::new();
     for (name, bus) in [("i1", &redis), ("i2", &through_link)] {
-        let args = [
-            "--db",
-            &db,
-            "--bus",
-            bus,
-            "--cluster",
-            &cluster,
-            "--instance",
-            name,
-        ];
-        daemons.push(Daemon::start(&args).await);
+        daemons.push(Daemon::start(&instance_args(&db, bus, &cluster, name)).await);
     }
     let mut alice = Client::in_room(daemons[0].tcp, "alice", "general").await;
     let mut carol = Client::in_room(daemons[1].tcp, "carol", "general").await;
@@ -792,16 +767,7 @@ async fn two_instances_starting_under_one_name_at_once_do_not_both_serve_on_redi
     let dir = temp_dir();
     let db = common::sqlite_url(&dir);
     let cluster = cluster_name("dup");
-    let args = [
-        "--db",
-        &db,
-        "--bus",
-        &redis,
-        "--cluster",
-        &cluster,
-        "--instance",
-        "dup",
-    ];
+    let args = instance_args(&db, &redis, &cluster, "dup");
     let mut first = Daemon::start(&args).await;
     first.kill9().await;
     let (one, two) = tokio::join!(Daemon::try_start(&args), Daemon::try_start(&args));
@@ -989,19 +955,9 @@ async fn two_instances_chat_across_the_shards_of_a_redis_cluster() {
     let cluster = cluster_name("shards");
     let mut daemons = Vec::new();
     for name in ["i1", "i2"] {
-        let args = [
-            "--db",
-            &db,
-            "--bus",
-            &url,
-            "--cluster",
-            &cluster,
-            "--instance",
-            name,
-            // Eight joins each: past the 2/s join limit, not under test here.
-            "--command-rate",
-            "0",
-        ];
+        let mut args = instance_args(&db, &url, &cluster, name).to_vec();
+        // Eight joins each: past the 2/s join limit, not under test here.
+        args.extend_from_slice(&["--command-rate", "0"]);
         daemons.push(Daemon::start(&args).await);
     }
     // Eight rooms over 16 partitions over 3 shards: more than one shard.

@@ -151,7 +151,7 @@ mod tests {
             .unwrap();
         runtime.block_on(async {
             for round in 0..300 {
-                let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<u32>();
+                let (tx, mut rx) = tokio::sync::mpsc::channel::<u32>(64);
                 let receiving = tokio::spawn(OnWake::new(async move {
                     for i in 0..2_000u32 {
                         rx.recv().await.expect("a message");
@@ -162,7 +162,7 @@ mod tests {
                 }));
                 let sending = std::thread::spawn(move || {
                     for i in 0..2_000 {
-                        tx.send(i).unwrap();
+                        tx.blocking_send(i).unwrap();
                     }
                 });
                 tokio::time::timeout(std::time::Duration::from_secs(5), receiving)

@@ -288,6 +288,14 @@ mod tests {
             .unwrap();
     }
 
+    /// Sends each of `texts` to carol on `i2`, in order.
+    async fn post_all(cmd: &Client, post: &Post, texts: &[&str]) {
+        let carol = Nick::parse("carol").unwrap();
+        for text in texts {
+            post.send(cmd, "i2", &dm(text), &carol).await.unwrap();
+        }
+    }
+
     /// The generation of `i2`'s inbox.
     async fn generation_of(cmd: &Client, keys: &Keys) -> String {
         cmd.hget(keys.inbox_seq("i2"), "gen").await.unwrap()
@@ -307,10 +315,7 @@ mod tests {
         let post = Post::new(keys.clone());
         let inbox = Inbox::open(&cmd, &keys, "i2").await.unwrap();
         let sink = Texts::default();
-        let carol = Nick::parse("carol").unwrap();
-        for text in ["one", "two", "three"] {
-            post.send(&cmd, "i2", &dm(text), &carol).await.unwrap();
-        }
+        post_all(&cmd, &post, &["one", "two", "three"]).await;
         let generation = generation_of(&cmd, &keys).await;
         // The channel lost "one" and "two": "three" reads them first.
         inbox
@@ -324,7 +329,7 @@ mod tests {
         inbox.catch_up(&cmd, &sink).await;
         assert_eq!(sink.take(), Vec::<String>::new());
         // The last DM's publication is lost: the heartbeat's look reads it.
-        post.send(&cmd, "i2", &dm("four"), &carol).await.unwrap();
+        post_all(&cmd, &post, &["four"]).await;
         inbox.beat(&cmd, &sink).await.unwrap();
         assert_eq!(sink.take(), ["four"]);
         forget(&cmd, &keys).await;
@@ -337,18 +342,13 @@ mod tests {
         let post = Post::new(keys.clone());
         let inbox = Inbox::open(&cmd, &keys, "i2").await.unwrap();
         let sink = Texts::default();
-        let carol = Nick::parse("carol").unwrap();
-        for text in ["one", "two"] {
-            post.send(&cmd, "i2", &dm(text), &carol).await.unwrap();
-        }
+        post_all(&cmd, &post, &["one", "two"]).await;
         let old = generation_of(&cmd, &keys).await;
         inbox.offer(&cmd, at(&old, 2), dm("two"), &sink).await;
         assert_eq!(sink.take(), ["one", "two"]);
         // Redis restarts without its data: the next DMs are 1 and 2 again.
         forget(&cmd, &keys).await;
-        for text in ["three", "four"] {
-            post.send(&cmd, "i2", &dm(text), &carol).await.unwrap();
-        }
+        post_all(&cmd, &post, &["three", "four"]).await;
         let new = generation_of(&cmd, &keys).await;
         assert_ne!(new, old);
         inbox.offer(&cmd, at(&new, 1), dm("three"), &sink).await;
@@ -358,7 +358,7 @@ mod tests {
         assert_eq!(sink.take(), ["four"]);
         // Lost again, and nothing on the channel at all.
         forget(&cmd, &keys).await;
-        post.send(&cmd, "i2", &dm("five"), &carol).await.unwrap();
+        post_all(&cmd, &post, &["five"]).await;
         inbox.beat(&cmd, &sink).await.unwrap();
         assert_eq!(sink.take(), ["five"]);
         forget(&cmd, &keys).await;
@@ -369,17 +369,12 @@ mod tests {
         let Some(cmd) = redis().await else { return };
         let keys = keys("life");
         let post = Post::new(keys.clone());
-        let carol = Nick::parse("carol").unwrap();
-        post.send(&cmd, "i2", &dm("for the last life"), &carol)
-            .await
-            .unwrap();
+        post_all(&cmd, &post, &["for the last life"]).await;
         let inbox = Inbox::open(&cmd, &keys, "i2").await.unwrap();
         let sink = Texts::default();
         inbox.beat(&cmd, &sink).await.unwrap();
         assert_eq!(sink.take(), Vec::<String>::new());
-        post.send(&cmd, "i2", &dm("for this one"), &carol)
-            .await
-            .unwrap();
+        post_all(&cmd, &post, &["for this one"]).await;
         inbox.catch_up(&cmd, &sink).await;
         assert_eq!(sink.take(), ["for this one"]);
         let ttl: i64 = cmd.pttl(keys.inbox("i2")).await.unwrap();
