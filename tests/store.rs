@@ -103,3 +103,32 @@ async fn unknown_database_urls_are_refused_clearly() {
         "{err}"
     );
 }
+
+/// Instances started together on one new file race to create it, switch it
+/// to WAL and migrate it. Where waiting could deadlock, SQLite answers
+/// "database is locked" at once instead of waiting out `busy_timeout`, so
+/// every opener must survive losing those races, not only the migration.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn stores_opened_at_once_on_one_new_sqlite_file_all_open() {
+    const ROUNDS: usize = 30;
+    const OPENERS: usize = 6;
+    let dir = common::temp_dir();
+    for round in 0..ROUNDS {
+        let url = format!(
+            "sqlite://{}",
+            dir.path().join(format!("race-{round}.db")).display()
+        );
+        let openers: Vec<_> = (0..OPENERS)
+            .map(|_| {
+                let url = url.clone();
+                tokio::spawn(async move { store::open(&url, Durability::Async).await })
+            })
+            .collect();
+        for opener in openers {
+            let store = opener.await.unwrap().unwrap_or_else(|err| {
+                panic!("round {round}: one of {OPENERS} openers failed: {err}")
+            });
+            store.close().await;
+        }
+    }
+}

@@ -30,8 +30,44 @@ pub struct SqliteStore {
     keys: Arc<KeyTable>,
 }
 
-/// Attempts at migrating a database other instances may be migrating too.
-const MIGRATE_ATTEMPTS: u64 = 20;
+/// Attempts at a step other instances may be taking on the same file at once.
+const RACE_ATTEMPTS: u64 = 20;
+
+/// Runs `step` until it succeeds, fails in a way `retry` does not accept, or
+/// has been tried `RACE_ATTEMPTS` times (about 8 s in all).
+async fn racing<T, E, F, Fut>(what: &str, retry: impl Fn(&E) -> bool, mut step: F) -> Result<T, E>
+where
+    E: std::fmt::Display,
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, E>>,
+{
+    let mut attempt = 1;
+    loop {
+        match step().await {
+            Ok(value) => return Ok(value),
+            Err(err) if attempt < RACE_ATTEMPTS && retry(&err) => {
+                tracing::debug!(cause = %err, attempt, "{what} raced another instance; trying again");
+                tokio::time::sleep(Duration::from_millis((50 * attempt).min(500))).await;
+                attempt += 1;
+            }
+            Err(err) => return Err(err),
+        }
+    }
+}
+
+/// SQLITE_BUSY or SQLITE_LOCKED, in any of their extended forms: another
+/// connection holds the lock this one needs. Other errors (a bad path, no
+/// permission) are not worth waiting for.
+fn is_lock_race(err: &sqlx::Error) -> bool {
+    const SQLITE_BUSY: i64 = 5;
+    const SQLITE_LOCKED: i64 = 6;
+    let Some(db) = err.as_database_error() else {
+        return false;
+    };
+    db.code()
+        .and_then(|code| code.parse::<i64>().ok())
+        .is_some_and(|code| matches!(code & 0xff, SQLITE_BUSY | SQLITE_LOCKED))
+}
 
 impl SqliteStore {
     /// Opens (creating if missing) and migrates the database.
@@ -48,28 +84,26 @@ impl SqliteStore {
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(synchronous)
             .busy_timeout(Duration::from_secs(5));
-        let pool = SqlitePoolOptions::new()
-            .max_connections(4)
-            .connect_with(options)
-            .await?;
-        // Instances started together on one new file race to migrate it, and
-        // SQLite has no advisory lock as PostgreSQL has. Each migration runs
-        // in a transaction with its bookkeeping row, so the loser's attempt
-        // rolls back whole (SQLite reports a write that would wait on another
-        // transaction's snapshot as "locked" at once, without waiting); trying
+        // Instances started together on one new file race to create it, switch
+        // it to WAL and migrate it, and SQLite has no advisory lock as
+        // PostgreSQL has. Where waiting could deadlock (two connections both
+        // wanting to upgrade their lock), SQLite reports "locked" at once
+        // instead of calling the busy handler, so `busy_timeout` does not cover
+        // these races. Each step either takes effect whole or not at all (each
+        // migration runs in a transaction with its bookkeeping row), so trying
         // again finds the winner's work done.
-        let mut attempt = 1;
-        loop {
-            match sqlx::migrate!("migrations/sqlite").run(&pool).await {
-                Ok(()) => break,
-                Err(err) if attempt < MIGRATE_ATTEMPTS => {
-                    tracing::debug!(cause = %err, attempt, "migration raced another instance; trying again");
-                    tokio::time::sleep(Duration::from_millis((50 * attempt).min(500))).await;
-                    attempt += 1;
-                }
-                Err(err) => return Err(err.into()),
-            }
-        }
+        let pool = racing("opening the database", is_lock_race, || {
+            SqlitePoolOptions::new()
+                .max_connections(4)
+                .connect_with(options.clone())
+        })
+        .await?;
+        racing(
+            "migrating",
+            |_| true,
+            || sqlx::migrate!("migrations/sqlite").run(&pool),
+        )
+        .await?;
         Ok(SqliteStore {
             pool,
             keys: Arc::new(KeyTable::new(Clock::Sqlite)),
