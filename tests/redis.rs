@@ -341,6 +341,16 @@ impl PrivateRedis {
     fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
     }
+
+    /// Sends `signal` (`STOP`, `CONT`) to the server.
+    fn signal(&self, signal: &str) {
+        let pid = self.child.as_ref().expect("redis-server runs").id();
+        let status = Command::new("kill")
+            .args([format!("-{signal}"), pid.to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(status.success(), "kill -{signal} {pid} failed");
+    }
 }
 
 impl Drop for PrivateRedis {
@@ -440,6 +450,187 @@ async fn a_redis_restart_refuses_then_resumes_without_a_hole() {
         (m["seq"].as_u64(), m["text"].as_str()),
         (Some(6), Some("after"))
     );
+    drop((a, b));
+}
+
+/// The lease, and how long after an outage every instance has renewed.
+const LEASE: Duration = Duration::from_secs(10);
+
+/// From the moment the shared state is back: `thief` (on the other instance)
+/// asks for alice's nick again and again for longer than a lease, as a user
+/// who saw her go quiet would. It must never get it: at first the cluster
+/// says it is recovering, then that the nick is taken. Nobody may see alice
+/// leave either: her instance never went away.
+async fn try_to_take_alice(thief: &mut Client, alice: &mut Client) {
+    let back = Instant::now();
+    let mut answers = Vec::new();
+    while back.elapsed() < LEASE + Duration::from_secs(3) {
+        thief.send("/nick alice").await;
+        let answer = loop {
+            let v = thief.event().await;
+            assert!(
+                !(v["type"] == "leave" && v["nick"] == "alice"),
+                "alice was announced as gone although her instance is up: {v}"
+            );
+            match v["type"].as_str() {
+                Some("nick") => panic!(
+                    "alice's nick was given away {:?} after the outage: {v}",
+                    back.elapsed()
+                ),
+                Some("error") => break v["code"].as_str().unwrap_or_default().to_owned(),
+                _ => {}
+            }
+        };
+        answers.push(answer);
+        tokio::time::sleep(Duration::from_millis(250)).await; // retrying, as a user would
+    }
+    assert_eq!(
+        answers.last().map(String::as_str),
+        Some("nick-taken"),
+        "once recovered, the cluster says the nick is taken: {answers:?}"
+    );
+    // alice still is alice, and can still talk.
+    alice.send("still here").await;
+    let v = alice
+        .expect(|v| v["type"] == "nick" || (v["type"] == "message" && v["text"] == "still here"))
+        .await;
+    assert_eq!(v["nick"], "alice", "{v}");
+}
+
+/// Redis restarted without its data: every lease is gone, and so is every
+/// instance's registration. The instance that asks first must not be handed
+/// a connected user's nick, nor reap the others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_that_lost_its_data_gives_no_live_user_s_nick_away() {
+    let Some((mut redis, a, b, _dir)) =
+        two_instances_on_a_private_redis(&["--appendonly", "no"]).await
+    else {
+        return;
+    };
+    let mut alice = Client::in_room(a.tcp, "alice", "general").await;
+    let mut thief = Client::in_room(b.tcp, "thief", "general").await;
+    alice
+        .expect(|v| v["type"] == "join" && v["nick"] == "thief")
+        .await;
+
+    redis.kill();
+    redis.spawn().expect("redis-server restarts");
+    redis.ready().await;
+    try_to_take_alice(&mut thief, &mut alice).await;
+    drop((a, b));
+}
+
+/// Redis frozen for longer than the lease: on its clock every lease ran out
+/// meanwhile, though no instance stopped renewing by any fault of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_frozen_longer_than_the_lease_gives_no_live_user_s_nick_away() {
+    let Some((redis, a, b, _dir)) = two_instances_on_a_private_redis(&[]).await else {
+        return;
+    };
+    let mut alice = Client::in_room(a.tcp, "alice", "general").await;
+    let mut thief = Client::in_room(b.tcp, "thief", "general").await;
+    alice
+        .expect(|v| v["type"] == "join" && v["nick"] == "thief")
+        .await;
+
+    redis.signal("STOP");
+    // The thief's first attempt waits in Redis's socket through the freeze.
+    thief.send("/nick alice").await;
+    tokio::time::sleep(LEASE + Duration::from_secs(3)).await; // the fault itself: a freeze this long
+    redis.signal("CONT");
+    try_to_take_alice(&mut thief, &mut alice).await;
+    drop((a, b));
+}
+
+/// The highest seq the SQLite file at `url` has stored in `room`.
+async fn stored_max_seq(url: &str, room: &str) -> i64 {
+    use sqlx::Connection;
+    let mut conn = sqlx::SqliteConnection::connect(url).await.unwrap();
+    let max: Option<i64> = sqlx::query_scalar("SELECT MAX(seq) FROM messages WHERE room = ?")
+        .bind(room)
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    max.unwrap_or(0)
+}
+
+/// Redis restarts without its data while one instance's link is cut: that
+/// instance's cursor is behind what the others delivered and the persisters
+/// stored. Its next message must be numbered above the store's, not above its
+/// own cursor: a seq is never given to two messages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_counter_lost_with_redis_s_data_starts_above_what_was_stored() {
+    // No Redis here means no redis-server either.
+    if common::shared_redis().await.is_none() {
+        return;
+    }
+    let Some(mut redis) = PrivateRedis::start_with(&["--appendonly", "no"]) else {
+        assert!(!services_required(), "redis-server could not be started");
+        eprintln!("SKIPPED: redis-server could not be started");
+        return;
+    };
+    redis.ready().await;
+    let upstream: SocketAddr = redis.url().trim_start_matches("redis://").parse().unwrap();
+    let link = common::proxy::Proxy::start(upstream).await;
+    let dir = temp_dir();
+    let db = common::sqlite_url(&dir);
+    let url = redis.url();
+    let through_link = link.url_for(&url);
+    let a = Daemon::start(&instance_args(&db, &url, "seed", "i1")).await;
+    let b = Daemon::start(&instance_args(&db, &through_link, "seed", "i2")).await;
+    let mut alice = Client::in_room(a.tcp, "alice", "general").await;
+    let mut bob = Client::in_room(b.tcp, "bob", "general").await;
+    alice
+        .expect(|v| v["type"] == "join" && v["nick"] == "bob")
+        .await;
+    for i in 1..=2 {
+        alice.send(&format!("m{i}")).await;
+    }
+    messages(&mut bob, 2).await;
+
+    link.cut();
+    bob.send("anyone there?").await;
+    bob.expect_error("unavailable").await;
+    for i in 3..=5 {
+        alice.send(&format!("m{i}")).await;
+    }
+    let seen = messages(&mut alice, 5).await;
+    assert_eq!(seen.keys().max(), Some(&5), "{seen:?}");
+    let stored = Instant::now();
+    while stored_max_seq(&db, "general").await < 5 {
+        assert!(
+            stored.elapsed() < Duration::from_secs(10),
+            "m3..m5 never stored"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    redis.kill();
+    redis.spawn().expect("redis-server restarts");
+    redis.ready().await;
+    link.resume();
+    let back = Instant::now();
+    let mine = loop {
+        bob.send("from bob").await;
+        let v = bob
+            .expect(|v| v["type"] == "error" || (v["type"] == "message" && v["text"] == "from bob"))
+            .await;
+        if v["type"] == "message" {
+            break v;
+        }
+        assert!(back.elapsed() < Duration::from_secs(15), "never sent: {v}");
+        tokio::time::sleep(Duration::from_millis(200)).await; // retrying, as a user would
+    };
+    assert!(
+        mine["seq"].as_u64() > Some(5),
+        "seq {} was given to a stored message already: {mine}",
+        mine["seq"]
+    );
+    let heard = expect_within(&mut alice, Duration::from_secs(10), |v| {
+        v["type"] == "message" && v["text"] == "from bob"
+    })
+    .await;
+    assert_eq!(heard["seq"], mine["seq"]);
     drop((a, b));
 }
 

@@ -1171,6 +1171,15 @@ fn no_such_nick(nick: &Nick) -> Refusal {
 }
 
 fn bus_down(err: BusError) -> Refusal {
+    if let BusError::Recovering { lease_secs } = err {
+        return Refusal::new(
+            ErrorCode::Unavailable,
+            format!(
+                "the cluster is recovering from an outage and hands out no nick for up to {lease_secs} s, \
+                 so that nobody takes a connected user's; try again shortly"
+            ),
+        );
+    }
     tracing::warn!(cause = %err, "cluster directory unavailable");
     Refusal::new(
         ErrorCode::Unavailable,

@@ -39,6 +39,13 @@ use crate::core::{DirectMessage, Nick, NickKey, RoomCount, RoomName, SessionId};
 pub const LEASE: Duration = Duration::from_secs(10);
 /// How often an instance renews its leases.
 pub const HEARTBEAT: Duration = Duration::from_secs(2);
+/// How long no instance may have beaten, by Redis's clock, before the
+/// directory counts it an outage everyone saw (see `script::calm!`). A live
+/// instance renews at most a heartbeat before such a gap begins, so its lease
+/// outlives any shorter one: `OUTAGE_GAP + HEARTBEAT` must stay well inside
+/// `LEASE`.
+pub const OUTAGE_GAP: Duration = Duration::from_secs(5);
+const _: () = assert!(OUTAGE_GAP.as_secs() + 2 * HEARTBEAT.as_secs() < LEASE.as_secs());
 /// Claims renewed per script call.
 const RENEW_BATCH: usize = 500;
 
@@ -146,6 +153,15 @@ impl Registry {
         LEASE.as_millis().to_string()
     }
 
+    fn gap_ms() -> String {
+        OUTAGE_GAP.as_millis().to_string()
+    }
+
+    /// The keys of the outage rule: the last heartbeat's time, and the grace.
+    fn outage_keys(&self) -> [String; 2] {
+        [self.keys.dir("tick"), self.keys.dir("grace")]
+    }
+
     /// One heartbeat: renew this instance's lease and its nicks', assert its
     /// claims again if it was reaped, and reap instances that died. Returns
     /// the memberships this call reaped (to announce), and this instance's
@@ -159,11 +175,17 @@ impl Registry {
             .heartbeat
             .call(
                 cmd,
-                vec![self.alive_key(), self.keys.dir("instances")],
+                [
+                    [self.alive_key(), self.keys.dir("instances")],
+                    self.outage_keys(),
+                ]
+                .concat(),
                 vec![
                     self.instance.clone(),
                     Self::lease_ms(),
                     self.beat_value(beat),
+                    Self::gap_ms(),
+                    script::TICK_TTL_MS.to_owned(),
                 ],
             )
             .await
@@ -222,12 +244,18 @@ impl Registry {
             .reap
             .call(
                 cmd,
-                vec![self.keys.dir("instances"), self.keys.dir("rooms")],
+                [
+                    [self.keys.dir("instances"), self.keys.dir("rooms")],
+                    self.outage_keys(),
+                ]
+                .concat(),
                 vec![
                     self.alive_prefix(),
                     self.keys.dir("room:"),
                     forget.to_owned(),
                     self.keys.dir("held:"),
+                    Self::lease_ms(),
+                    Self::gap_ms(),
                 ],
             )
             .await
@@ -271,11 +299,19 @@ impl Registry {
             .take_name
             .call(
                 cmd,
-                vec![self.alive_key()],
+                [
+                    vec![self.alive_key()],
+                    self.outage_keys().to_vec(),
+                    vec![self.keys.dir("instances")],
+                ]
+                .concat(),
                 vec![
                     watched.unwrap_or_default(),
                     self.beat_value(0),
                     Self::lease_ms(),
+                    Self::gap_ms(),
+                    self.instance.clone(),
+                    script::TICK_TTL_MS.to_owned(),
                 ],
             )
             .await
@@ -295,6 +331,32 @@ impl Registry {
             .await?;
         }
         Ok(())
+    }
+
+    /// Takes `nick` for `owner` (or renews its hold): false if another
+    /// session holds it, `Recovering` if it is free but the directory is in
+    /// an outage's grace.
+    async fn claim(&self, cmd: &Client, nick: &Nick, owner: SessionId) -> Result<bool, BusError> {
+        let held: i64 = self
+            .claim
+            .call(
+                cmd,
+                [vec![self.nick_key(nick)], self.outage_keys().to_vec()].concat(),
+                vec![
+                    format!("{}{nick}", self.holder(owner)),
+                    self.holder(owner),
+                    Self::lease_ms(),
+                    Self::gap_ms(),
+                ],
+            )
+            .await
+            .map_err(unreachable)?;
+        match held {
+            -1 => Err(BusError::Recovering {
+                lease_secs: LEASE.as_secs(),
+            }),
+            held => Ok(held == 1),
+        }
     }
 
     /// Records `nick`'s membership of `room`, if this instance is alive and
@@ -406,20 +468,8 @@ impl Registry {
 impl Directory for RedisBus {
     async fn claim_nick(&self, nick: &Nick, owner: SessionId) -> Result<bool, BusError> {
         let dir = &self.inner.registry;
-        let held: i64 = dir
-            .claim
-            .call(
-                &self.inner.cmd,
-                vec![dir.nick_key(nick)],
-                vec![
-                    format!("{}{nick}", dir.holder(owner)),
-                    dir.holder(owner),
-                    Registry::lease_ms(),
-                ],
-            )
-            .await
-            .map_err(unreachable)?;
-        if held == 1 {
+        let held = dir.claim(&self.inner.cmd, nick, owner).await?;
+        if held {
             let mut map = dir.held();
             let entry = map.entry(nick.key()).or_insert_with(|| Held {
                 nick: nick.clone(),
@@ -429,7 +479,7 @@ impl Directory for RedisBus {
             entry.nick = nick.clone();
             entry.owner = owner;
         }
-        Ok(held == 1)
+        Ok(held)
     }
 
     async fn release_nick(&self, nick: &Nick, owner: SessionId) -> Result<(), BusError> {
@@ -624,17 +674,7 @@ pub(super) mod tests {
 
     /// Claims `nick` for session 1 of `dir`'s instance.
     async fn claim(cmd: &Client, dir: &Registry, nick: &Nick) -> bool {
-        let holder = dir.holder(SessionId(1));
-        let held: i64 = dir
-            .claim
-            .call(
-                cmd,
-                vec![dir.nick_key(nick)],
-                vec![format!("{holder}{nick}"), holder, "60000".into()],
-            )
-            .await
-            .unwrap();
-        held == 1
+        dir.claim(cmd, nick, SessionId(1)).await.unwrap()
     }
 
     /// An instance that stalled with a `/join` on its way: by the time the
@@ -648,8 +688,11 @@ pub(super) mod tests {
         };
         let keys = Keys::new(&format!("test-late-join-{:08x}", rand::random::<u32>())).unwrap();
         let (a, c) = (Registry::new(keys.clone(), "a"), Registry::new(keys, "c"));
-        a.beat(&cmd).await.unwrap();
-        c.beat(&cmd).await.unwrap();
+        // Started as the daemon starts them: a new cluster, so no outage grace.
+        for dir in [&a, &c] {
+            dir.forget_previous_life(&cmd).await.unwrap();
+            dir.beat(&cmd).await.unwrap();
+        }
         let side = RoomName::parse("side").unwrap();
         let taker = Nick::parse("U7").unwrap();
         let late = Nick::parse("u7").unwrap();
@@ -671,8 +714,18 @@ pub(super) mod tests {
             .iter()
             .map(|nick| a.nick_key(nick))
             .collect();
-        leftovers
-            .extend(["rooms", "instances", "alive:a", "held:a", "held:c"].map(|k| a.keys.dir(k)));
+        leftovers.extend(
+            [
+                "rooms",
+                "instances",
+                "alive:a",
+                "held:a",
+                "held:c",
+                "tick",
+                "grace",
+            ]
+            .map(|k| a.keys.dir(k)),
+        );
         leftovers.push(a.room_key(&side));
         let _: Result<i64, _> = cmd.del(leftovers).await;
 

@@ -62,7 +62,8 @@ const PUBLISH_TIMEOUT: Duration = Duration::from_millis(900);
 /// instance or a resuming client can catch up from Redis alone.
 const LOG_CAP: u64 = 10_000;
 /// Entries a partition's persistence stream may hold while the store is
-/// down: past this, the oldest unstored messages are dropped (and counted).
+/// down: past this, Redis trims the oldest unstored messages, and they are
+/// lost without being counted (a known gap: the trim reports nothing).
 const PERSIST_CAP: u64 = 1_000_000;
 /// Pub/sub messages the subscriber buffers before its reader counts as lagging.
 const SUBSCRIBER_BUFFER: usize = 65_536;
@@ -80,6 +81,8 @@ struct Inner {
     cmd: Client,
     sub: SubscriberClient,
     rooms: Rooms,
+    /// Where a room's numbering starts again if Redis lost its counter.
+    store: Arc<dyn Store>,
     registry: Registry,
     /// This instance's DMs, numbered so that none is lost with pub/sub.
     inbox: Inbox,
@@ -154,6 +157,7 @@ impl RedisBus {
         let inner = Arc::new(Inner {
             instance: instance.to_owned(),
             rooms: Rooms::new(keys.clone(), cmd.clone(), sub.clone(), store.clone()),
+            store: store.clone(),
             registry,
             inbox,
             post: Post::new(keys.clone()),
@@ -187,6 +191,18 @@ impl RedisBus {
 }
 
 impl Inner {
+    /// Runs the publish script once.
+    async fn call_publish(&self, keys: Vec<String>, args: Vec<String>) -> Result<String, BusError> {
+        // The client times commands out at PUBLISH_TIMEOUT and never sends
+        // one twice; this timeout only backs that up.
+        let call = self.publish.call(&self.cmd, keys, args);
+        match tokio::time::timeout(PUBLISH_TIMEOUT, call).await {
+            Ok(Ok(receipt)) => Ok(receipt),
+            Ok(Err(err)) => Err(unreachable(err)),
+            Err(_) => Err(BusError::Redis("Redis did not answer within 900 ms".into())),
+        }
+    }
+
     /// A send with an `Idempotency-Key` that this nick first used in another
     /// room: that send's message (nothing is sent again), or `None` when the
     /// key is new, was used in this room (the publish script answers that
@@ -420,12 +436,14 @@ impl Bus for RedisBus {
             inner.keys.persist(partition),
             inner.keys.room_channel(&room),
         ];
+        let cursor = inner.rooms.delivered(&room).await;
         let mut args = vec![
             room.to_string(),
             Body::encode(&draft),
-            inner.rooms.delivered(&room).await.to_string(),
+            cursor.to_string(),
             LOG_CAP.to_string(),
             PERSIST_CAP.to_string(),
+            "0".to_owned(),
         ];
         if let Some(key) = &draft.key {
             if let Some(first) = inner.first_send_elsewhere(&draft, key.as_str()).await? {
@@ -439,14 +457,28 @@ impl Bus for RedisBus {
             args.push(draft.id.to_string());
             args.push(IDEMPOTENCY_WINDOW.as_secs().to_string());
         }
-        // The client times commands out at PUBLISH_TIMEOUT and never sends
-        // one twice; this timeout only backs that up.
-        let call = inner.publish.call(&inner.cmd, keys, args);
-        let receipt: String = match tokio::time::timeout(PUBLISH_TIMEOUT, call).await {
-            Ok(Ok(receipt)) => receipt,
-            Ok(Err(err)) => return Err(unreachable(err)),
-            Err(_) => return Err(BusError::Redis("Redis did not answer within 900 ms".into())),
-        };
+        let mut receipt = inner.call_publish(keys.clone(), args.clone()).await?;
+        if receipt == UNSEEDED {
+            // A new room, or a counter Redis lost: start above the store too.
+            // Redis, not the database, is the authority here, so a store that
+            // does not answer at once does not stop the room: it is numbered
+            // from this instance's cursor, as before there was a store to ask.
+            let stored = tokio::time::timeout(SEED_WAIT, inner.store.last_seq(&room)).await;
+            let floor = match stored {
+                Ok(Ok(stored)) => cursor.max(stored),
+                Ok(Err(err)) => {
+                    tracing::warn!(%room, cause = %err, "numbering a room Redis holds no counter for from this instance's cursor alone");
+                    cursor
+                }
+                Err(_) => {
+                    tracing::warn!(%room, "numbering a room Redis holds no counter for from this instance's cursor alone: the store did not answer within {SEED_WAIT:?}");
+                    cursor
+                }
+            };
+            args[FLOOR_ARG] = floor.to_string();
+            args[SEEDED_ARG] = "1".to_owned();
+            receipt = inner.call_publish(keys, args).await?;
+        }
         let (seq, first_id) = parse_receipt(&receipt)?;
         if let Some(id) = first_id {
             // A retry: the first send's receipt, and nothing is sent again.
@@ -549,6 +581,15 @@ impl Bus for RedisBus {
 
 /// Reads the publish script's answer: `"SEQ "` for a new message, `"SEQ ID"`
 /// for a retry under an `Idempotency-Key` already used (the first send's).
+/// How long a publish waits for the store's last seq of a room whose counter
+/// Redis lacks; well inside the second in which a send is answered.
+const SEED_WAIT: Duration = Duration::from_millis(300);
+/// The publish script's answer for a room whose counter is missing.
+const UNSEEDED: &str = "unseeded";
+/// The publish script's floor argument, and whether it includes the store.
+const FLOOR_ARG: usize = 2;
+const SEEDED_ARG: usize = 5;
+
 fn parse_receipt(receipt: &str) -> Result<(u64, Option<uuid::Uuid>), BusError> {
     let bad = || {
         BusError::Redis(format!(

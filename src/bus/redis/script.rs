@@ -42,6 +42,41 @@ impl Lua {
     }
 }
 
+/// The directory's outage rule, shared by every script that could give a
+/// nick or a membership away (`calm` in the scripts below).
+///
+/// Leases are keys that expire on Redis's clock, and that clock runs on while
+/// Redis is frozen, restarting, or cut off from every instance: when it comes
+/// back, live instances' leases have run out through no fault of theirs (or
+/// are gone with Redis's data). Every heartbeat of every instance stamps the
+/// tick key with Redis's time. A tick older than the gap (no instance could
+/// beat) or missing (Redis lost its data) means an outage everyone saw: the
+/// grace key is then set for one lease, and while it exists no free nick is
+/// claimed and no instance is reaped, so that every instance has renewed or
+/// asserted its users again before anything is judged.
+///
+/// `calm(tick, grace, gap_ms, lease_ms)` returns whether the grace holds, and
+/// Redis's time in ms.
+macro_rules! calm {
+    () => {
+        r#"
+local function calm(tick_key, grace_key, gap_ms, lease_ms)
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local tick = redis.call('GET', tick_key)
+  if not tick or now - tonumber(tick) > tonumber(gap_ms) then
+    redis.call('SET', grace_key, '1', 'PX', lease_ms, 'NX')
+  end
+  return redis.call('EXISTS', grace_key) == 1, now
+end
+"#
+    };
+}
+
+/// How long the tick key outlives the last heartbeat: a cluster none of
+/// whose instances has run for a day starts again as a new one.
+pub const TICK_TTL_MS: &str = "86400000";
+
 /// Orders one room message: the room's next seq, the message appended to the
 /// room's capped stream under id `SEQ-0` and to its partition's persistence
 /// stream, and published to the room's channel. Returns the seq.
@@ -49,19 +84,28 @@ impl Lua {
 /// KEYS: seq counter, room stream, partition stream, room channel, and for a
 /// send with an `Idempotency-Key` the key's receipt.
 /// ARGV: room, body (JSON), floor, room stream cap, partition stream cap,
-/// and for a keyed send the message id and the key's lifetime in seconds.
+/// whether the floor includes the store's last seq (`1`) or not (`0`), and
+/// for a keyed send the message id and the key's lifetime in seconds.
 ///
-/// `floor` is the highest seq the caller has seen in the room: a counter lost
-/// with a Redis that kept no data must not hand out a seq twice.
+/// `floor` is the highest seq the caller knows of in the room. A counter
+/// missing is a new room, or one lost with a Redis that kept no data; the
+/// caller's own cursor may then lag what other instances delivered and the
+/// persisters stored (its link was cut meanwhile), so the script answers
+/// `unseeded` until the caller's floor includes the store's last seq: no seq
+/// that reached the store is handed out twice.
 ///
-/// Returns `"SEQ "` for a new message, or `"SEQ ID"`, the first send's seq
-/// and id, when the key was already used: then nothing is published.
+/// Returns `"SEQ "` for a new message, `"SEQ ID"`, the first send's seq and
+/// id, when the key was already used (then nothing is published), or
+/// `unseeded`.
 pub const PUBLISH: &str = r#"
 if KEYS[5] then
   local prior = redis.call('GET', KEYS[5])
   if prior then
     return prior
   end
+end
+if ARGV[6] == '0' and redis.call('EXISTS', KEYS[1]) == 0 then
+  return 'unseeded'
 end
 local seq = redis.call('INCR', KEYS[1])
 local floor = tonumber(ARGV[3])
@@ -73,7 +117,7 @@ redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], seq .. '-0', 'm', ARGV[2])
 redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[5], '*', 'r', ARGV[1], 's', seq, 'm', ARGV[2])
 redis.call('SPUBLISH', KEYS[4], 'm' .. seq .. ' ' .. ARGV[2])
 if KEYS[5] then
-  redis.call('SET', KEYS[5], seq .. ' ' .. ARGV[6], 'EX', ARGV[7])
+  redis.call('SET', KEYS[5], seq .. ' ' .. ARGV[7], 'EX', ARGV[8])
 end
 return seq .. ' '
 "#;
@@ -119,18 +163,26 @@ redis.call('PEXPIRE', KEYS[2], ARGV[1])
 return redis.call('HMGET', KEYS[1], 'gen', 'n')
 "#;
 
-/// Takes a nick for a session, or renews the session's hold on it.
+/// Takes a nick for a session, or renews the session's hold on it; a free
+/// nick is not taken during an outage's grace (see [`calm!`]).
 ///
-/// KEYS: nick key. ARGV: value (`instance\towner\tnick`), holder prefix
-/// (`instance\towner\t`), lease in ms. Returns 1 if held, 0 if another holds it.
-pub const CLAIM: &str = r#"
+/// KEYS: nick key, tick, grace. ARGV: value (`instance\towner\tnick`), holder
+/// prefix (`instance\towner\t`), lease in ms, outage gap in ms. Returns 1 if
+/// held, 0 if another holds it, -1 if the directory is recovering.
+pub const CLAIM: &str = concat!(
+    calm!(),
+    r#"
 local cur = redis.call('GET', KEYS[1])
 if cur and string.sub(cur, 1, #ARGV[2]) ~= ARGV[2] then
   return 0
 end
+if not cur and calm(KEYS[2], KEYS[3], ARGV[4], ARGV[3]) then
+  return -1
+end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3])
 return 1
-"#;
+"#
+);
 
 /// Renews (or takes again, if they expired) many claims at once.
 ///
@@ -238,27 +290,54 @@ return out
 /// this life's first value, but only if it still holds what the starting
 /// instance watched stand still (a crashed life's last beat), or nothing (a
 /// lease that ran out meanwhile is a dead life's too).
+/// It also stamps the tick (see [`calm!`]).
 /// Returns 0 if a running namesake (or one starting at the same moment)
-/// has it. KEYS: live-instance key. ARGV: the value watched ('' for none),
-/// this life's first value, lease in ms.
-pub const TAKE_NAME: &str = r#"
+/// has it. KEYS: live-instance key, tick, grace, instances set. ARGV: the
+/// value watched ('' for none), this life's first value, lease in ms, outage
+/// gap in ms, this instance's name, the tick's lifetime in ms.
+pub const TAKE_NAME: &str = concat!(
+    calm!(),
+    r#"
 local cur = redis.call('GET', KEYS[1])
 if cur == false or cur == ARGV[1] then
+  -- A missing tick is a new cluster (a lost one's instances will find their
+  -- own keys gone at their next beat); a stale one is an outage only if
+  -- another instance has users to protect.
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local tick = redis.call('GET', KEYS[2])
+  if tick then
+    for _, inst in ipairs(redis.call('SMEMBERS', KEYS[4])) do
+      if inst ~= ARGV[5] then
+        calm(KEYS[2], KEYS[3], ARGV[4], ARGV[3])
+        break
+      end
+    end
+  end
+  redis.call('SET', KEYS[2], now, 'PX', ARGV[6])
   redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
   return 1
 end
 return 0
-"#;
+"#
+);
 
 /// Says this instance is alive. Returns 1 if it was not registered: it is
 /// new, or another instance reaped it while it was stalled or cut off.
 /// The live-instance key holds the life's token and the beat's number, so
-/// that an instance starting under the same name can see it change.
-/// KEYS: live-instance key, instances set. ARGV: instance, lease in ms, beat.
-pub const HEARTBEAT: &str = r#"
+/// that an instance starting under the same name can see it change. It
+/// stamps the tick, after judging the gap since the last one (see [`calm!`]).
+/// KEYS: live-instance key, instances set, tick, grace. ARGV: instance, lease
+/// in ms, beat, outage gap in ms, the tick's lifetime in ms.
+pub const HEARTBEAT: &str = concat!(
+    calm!(),
+    r#"
+local _, now = calm(KEYS[3], KEYS[4], ARGV[4], ARGV[2])
+redis.call('SET', KEYS[3], now, 'PX', ARGV[5])
 redis.call('SET', KEYS[1], ARGV[3], 'PX', ARGV[2])
 return redis.call('SADD', KEYS[2], ARGV[1])
-"#;
+"#
+);
 
 /// Reaps instances whose lease ran out (and `ARGV[3]`, an instance starting
 /// again under the name of a previous life): forgets them and removes their
@@ -266,13 +345,17 @@ return redis.call('SADD', KEYS[2], ARGV[1])
 /// It reads each dead instance's own index of what it held, so reaping costs
 /// what the dead held, not what the whole cluster holds.
 /// Returns the memberships removed, flattened `room, nick, ...`.
-/// KEYS: instances set, rooms set.
+/// During an outage's grace only `ARGV[3]` is reaped (see [`calm!`]).
+/// KEYS: instances set, rooms set, tick, grace.
 /// ARGV: live-instance key prefix, member hash prefix, instance to forget or
-/// "", held-set prefix.
-pub const REAP: &str = r#"
+/// "", held-set prefix, lease in ms, outage gap in ms.
+pub const REAP: &str = concat!(
+    calm!(),
+    r#"
 local out = {}
+local grace = calm(KEYS[3], KEYS[4], ARGV[6], ARGV[5])
 for _, inst in ipairs(redis.call('SMEMBERS', KEYS[1])) do
-  if inst == ARGV[3] or redis.call('EXISTS', ARGV[1] .. inst) == 0 then
+  if inst == ARGV[3] or (not grace and redis.call('EXISTS', ARGV[1] .. inst) == 0) then
     redis.call('SREM', KEYS[1], inst)
     local held = ARGV[4] .. inst
     for _, entry in ipairs(redis.call('SMEMBERS', held)) do
@@ -294,4 +377,5 @@ for _, inst in ipairs(redis.call('SMEMBERS', KEYS[1])) do
   end
 end
 return out
-"#;
+"#
+);

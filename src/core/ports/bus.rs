@@ -82,6 +82,16 @@ pub enum BusError {
         "instance name {0:?} is in use by a running instance (its lease is being renewed); start this one with another --instance"
     )]
     NameTaken(String),
+    /// The cluster's shared state is back from an outage every instance saw:
+    /// free nicks are not handed out until every instance has had a lease to
+    /// renew its users' (or Redis has lost them, and they are being put back).
+    #[error(
+        "the cluster's shared state is recovering from an outage; nicks are handed out again once every instance has renewed its users' (within {lease_secs} s)"
+    )]
+    Recovering {
+        /// The longest the recovery lasts, in seconds.
+        lease_secs: u64,
+    },
     /// The ordering authority is not answering: messages are refused (at
     /// once, not after a wait) until it does.
     #[error(
@@ -103,7 +113,10 @@ impl BusError {
         match self {
             BusError::Unreachable | BusError::Down { .. } | BusError::Redis(_) => true,
             BusError::Store(StoreError::NotAnswering(_)) => true,
-            BusError::Store(_) | BusError::Closed | BusError::NameTaken(_) => false,
+            BusError::Store(_)
+            | BusError::Closed
+            | BusError::NameTaken(_)
+            | BusError::Recovering { .. } => false,
         }
     }
 }
