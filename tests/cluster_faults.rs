@@ -238,6 +238,9 @@ async fn a_stalled_instance_comes_back(daemons: &[Daemon], peers: &mut [Peer], s
     let stalled = ["u6", "u7", "u8"];
     let started = Instant::now();
     stall.begin();
+    // Typed during the stall: read by the instance only when it wakes (or,
+    // cut off, it cannot number it). By then the nick is someone else's.
+    peers[7].send(TYPED_WHILE_AWAY).await;
 
     // The others announce the stalled users' departures, once each.
     let gone = everywhere(&stalled);
@@ -313,7 +316,34 @@ async fn a_stalled_instance_comes_back(daemons: &[Daemon], peers: &mut [Peer], s
     taker6.expect("a DM", dm("to taker")).await;
     taker7.send("/msg u8 hi from U7").await;
     peers[8].expect("a DM", dm("hi from U7")).await;
+
+    // What u7 typed while away went out under no nick: it was refused, and
+    // said so, rather than sent as `u7` (which is U7's now). The renamed
+    // user's next line is echoed after anything sent before it.
+    peers[7].send("back").await;
+    let nick = peers[7].nick.clone();
+    peers[7]
+        .expect("its own line", |v| {
+            v["type"] == "message" && v["text"] == "back" && v["nick"] == nick.as_str()
+        })
+        .await;
+    for room in ROOMS {
+        let page = Http::new(daemons[0].http)
+            .get(&format!("/rooms/{room}/history?limit=100"))
+            .await
+            .json();
+        let sent: Vec<&Value> = page["messages"]
+            .as_array()
+            .expect("a page of messages")
+            .iter()
+            .filter(|m| m["text"] == TYPED_WHILE_AWAY)
+            .collect();
+        assert!(sent.is_empty(), "sent after the stall under {sent:?}");
+    }
 }
+
+/// A line the stalled instance's user types while it is away.
+const TYPED_WHILE_AWAY: &str = "typed while away";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_instance_keeps_its_users_or_renames_them_on_postgres() {

@@ -839,6 +839,61 @@ async fn a_stalled_instance_leaves_then_comes_back_with_its_users() {
     common::forget_redis_cluster(&redis, &cluster);
 }
 
+/// carol types while her instance is frozen past its lease, and mallory takes
+/// her nick meanwhile. When the instance wakes it reads her lines at the same
+/// moment as its heartbeat learns the nick is gone: they must not go out as
+/// `carol` (mallory's by then), and she is told they were not sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lines_typed_during_a_stall_are_not_sent_under_a_nick_taken_meanwhile() {
+    let Some(AliceAndCarol {
+        redis,
+        db: _,
+        mut carol,
+        cluster,
+        daemons,
+        mut alice,
+        _dir,
+    }) = alice_and_carol("typed").await
+    else {
+        return;
+    };
+    daemons[2].freeze();
+    carol.send("typed while frozen").await;
+    let gone = expect_within(&mut alice, Duration::from_secs(16), |v| {
+        v["type"] == "leave"
+    })
+    .await;
+    assert_eq!(gone["nick"], "carol");
+    let mut mallory = Client::in_room(daemons[1].tcp, "mallory", "general").await;
+    mallory.send("/nick carol").await;
+    mallory
+        .expect(|v| v["type"] == "nick" && v["new"] == "carol")
+        .await;
+    daemons[2].thaw();
+
+    let renamed = expect_within(&mut carol, Duration::from_secs(10), |v| {
+        v["type"] == "nick" && v["old"] == "carol"
+    })
+    .await;
+    let guest = renamed["new"].as_str().unwrap().to_owned();
+    carol.send("back").await;
+    // alice reads everything from here on: nothing typed while frozen, under
+    // any nick, before carol's (renamed) next line.
+    loop {
+        let v = expect_within(&mut alice, Duration::from_secs(10), |v| {
+            v["type"] == "message"
+        })
+        .await;
+        assert_ne!(v["text"], "typed while frozen", "sent after the stall: {v}");
+        if v["text"] == "back" {
+            assert_eq!(v["nick"], guest.as_str());
+            break;
+        }
+    }
+    drop(daemons);
+    common::forget_redis_cluster(&redis, &cluster);
+}
+
 /// As on the poll bus: a second instance under a running instance's name
 /// refuses to start (the name's live-instance key changes with each of the
 /// running one's heartbeats) and gives nobody away.

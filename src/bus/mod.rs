@@ -16,6 +16,7 @@
 //! instances, [`Directory`]); the ports and the types they carry are defined
 //! in `crate::core::ports` and re-exported here.
 
+mod fence;
 mod gate;
 mod local;
 mod poll;

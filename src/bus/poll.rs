@@ -33,6 +33,7 @@ use tokio_util::sync::CancellationToken;
 mod lease;
 mod silence;
 
+use super::fence::Fence;
 use super::gate::{self, Gate};
 use crate::core::ports::{
     Bus, BusError, Deliver, Directory, Durability, Envelope, Presence, Store, StoreError,
@@ -81,6 +82,8 @@ pub struct PollBus {
     tasks: StdMutex<Vec<tokio::task::JoinHandle<()>>>,
     /// This instance's lease, until the heartbeat task takes it over.
     lease: StdMutex<Option<lease::Lease>>,
+    /// Closed while this instance's lease has gone unconfirmed too long.
+    fence: Arc<Fence>,
 }
 
 #[derive(Default)]
@@ -252,8 +255,11 @@ impl PollBus {
             stop: CancellationToken::new(),
             tasks: StdMutex::default(),
             lease: StdMutex::new(None),
+            fence: Arc::new(Fence::new(LEASE, tokio::time::Instant::now())),
         };
+        let registered = tokio::time::Instant::now();
         let lease = lease::Lease::register(&bus.db, instance).await?;
+        bus.fence.confirmed(registered);
         *bus.lease.lock().expect("not poisoned") = Some(lease);
         Ok(bus)
     }
@@ -463,6 +469,7 @@ async fn heartbeat(
     mut lease: lease::Lease,
     database: Db,
     sink: Arc<dyn Deliver>,
+    fence: Arc<Fence>,
     stop: CancellationToken,
 ) {
     let mut tick = tokio::time::interval(HEARTBEAT);
@@ -488,7 +495,10 @@ async fn heartbeat(
         // renewals stay at most a heartbeat plus that deadline apart; no
         // look after a renewal that failed.
         let beat = async {
+            let sent = tokio::time::Instant::now();
+            // Renewing also hands the hub every nick taken meanwhile.
             lease.renew(&database, Some(&sink)).await?;
+            fence.confirmed(sent);
             if busy {
                 return Ok(Vec::new()); // looked at again once the reap is done
             }
@@ -794,7 +804,13 @@ impl Bus for PollBus {
             .expect("not poisoned")
             .take()
             .expect("start is called once, after open");
-        let heartbeat = tokio::spawn(heartbeat(lease, database.clone(), sink, stop.clone()));
+        let heartbeat = tokio::spawn(heartbeat(
+            lease,
+            database.clone(),
+            sink,
+            self.fence.clone(),
+            stop.clone(),
+        ));
         let poller = tokio::spawn(async move {
             let mut tick = tokio::time::interval(interval);
             tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -824,6 +840,7 @@ impl Bus for PollBus {
     }
 
     async fn publish(&self, draft: Draft) -> Result<Arc<Message>, BusError> {
+        self.fence.check()?;
         // While the database is known to be away, refuse at once: a sender's
         // next lines must not queue up behind a statement that cannot finish.
         self.gate.admit()?;
@@ -1035,6 +1052,7 @@ impl Directory for PollBus {
     }
 
     async fn send_dm(&self, dm: &DirectMessage) -> Result<Option<Nick>, BusError> {
+        self.fence.check()?;
         let owner: Option<(String, String)> = sqlx::query_as(
             "SELECT n.instance, n.nick FROM nicks n JOIN instances i ON i.instance = n.instance
              WHERE n.nick_key = $1",

@@ -33,8 +33,13 @@ impl Hub {
     /// `session` no longer holds `nick` in the cluster: rename it, in the
     /// background (this runs on the bus's delivery path, which must not wait).
     pub(super) fn claim_lost(&self, session: SessionId, nick: Nick) {
-        if !self.still_called(session, &nick) {
-            return; // ended or renamed since the bus looked
+        {
+            let mut state = self.lock();
+            let Some(held) = state.sessions.get_mut(&session).filter(|s| s.nick == nick) else {
+                return; // ended or renamed since the bus looked
+            };
+            // Nothing more goes out under it, from now until the rename.
+            held.lost = Some(nick.clone());
         }
         tracing::warn!(%session, %nick, "nick taken by another session while this instance was away; renaming");
         let hub = self.clone();

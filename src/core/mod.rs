@@ -295,6 +295,7 @@ impl Hub {
                     self.shared.limits.command_burst,
                 ),
                 replies,
+                lost: None,
             },
         );
         Ok(SessionHandle {
@@ -446,6 +447,9 @@ impl Hub {
             if !session.rooms.contains(&room) {
                 return Err(not_in(&room));
             }
+            if session.speaks_for_a_lost_nick() {
+                return Err(fenced());
+            }
             if !session.bucket.try_take() {
                 return Err(self.rate_limited());
             }
@@ -465,6 +469,9 @@ impl Hub {
             .fetch_add(1, Ordering::Relaxed);
         self.shared.bus.publish(draft).await.map_err(|err| {
             tracing::warn!(cause = %err, "publish failed");
+            if let BusError::Fenced { .. } = err {
+                return fenced();
+            }
             Refusal::new(
                 ErrorCode::Unavailable,
                 "the message was not sent: storage or bus is not answering; try again",
@@ -891,6 +898,9 @@ impl Hub {
         let Some(session) = sessions.get_mut(&id) else {
             return Ok(Answer::default());
         };
+        if session.speaks_for_a_lost_nick() {
+            return Ok(Answer::refusal(fenced()));
+        }
         if !session.bucket.try_take() {
             return Ok(Answer::refusal(self.rate_limited()));
         }
@@ -1170,7 +1180,20 @@ fn no_such_nick(nick: &Nick) -> Refusal {
     Refusal::new(ErrorCode::NoSuchNick, format!("nobody is called {nick}"))
 }
 
+/// This instance lost touch with the cluster for most of a lease: what its
+/// user typed meanwhile is not sent, since the nick may be someone else's now.
+fn fenced() -> Refusal {
+    Refusal::new(
+        ErrorCode::Unavailable,
+        "not sent: this instance lost touch with the cluster for too long, and is checking \
+         that your nick is still yours; try again in a moment",
+    )
+}
+
 fn bus_down(err: BusError) -> Refusal {
+    if let BusError::Fenced { .. } = err {
+        return fenced();
+    }
     if let BusError::Recovering { lease_secs } = err {
         return Refusal::new(
             ErrorCode::Unavailable,

@@ -67,6 +67,7 @@ mod tests {
             bucket: TokenBucket::new(0, 1),
             commands: TokenBucket::new(0, 1),
             replies: Replies::Outbox,
+            lost: None,
         };
         (s, rx)
     }

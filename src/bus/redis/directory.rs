@@ -614,6 +614,7 @@ impl Directory for RedisBus {
     }
 
     async fn send_dm(&self, dm: &DirectMessage) -> Result<Option<Nick>, BusError> {
+        self.inner.fence.check()?;
         let dir = &self.inner.registry;
         let holder: Option<String> = self
             .inner

@@ -43,11 +43,12 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use super::fence::Fence;
 use crate::core::ports::{
     Bus, BusError, Deliver, Directory, Envelope, IDEMPOTENCY_WINDOW, Presence, Store, WriterStats,
 };
 use crate::core::{Draft, Message, RoomName};
-use directory::{HEARTBEAT, Registry};
+use directory::{HEARTBEAT, LEASE, Registry};
 use history::StreamFirst;
 use inbox::{Inbox, Post};
 use keys::Keys;
@@ -89,6 +90,8 @@ struct Inner {
     /// Sends DMs to other instances' inboxes.
     post: Post,
     publish: Lua,
+    /// Closed while this instance's lease has gone unconfirmed too long.
+    fence: Fence,
     /// False while the last heartbeat or reconnect says Redis is away.
     healthy: AtomicBool,
     stop: CancellationToken,
@@ -147,6 +150,7 @@ impl RedisBus {
         // Registered before serving, so this instance's first claims count.
         let registry = Registry::new(keys.clone(), instance);
         registry.forget_previous_life(&cmd).await?;
+        let registered = tokio::time::Instant::now();
         registry.beat(&cmd).await?;
         // Opened once no nick leads here any more: what the inbox holds now
         // was for the sessions of a previous life.
@@ -165,6 +169,7 @@ impl RedisBus {
             cmd: cmd.clone(),
             sub,
             publish: Lua::new(script::PUBLISH),
+            fence: Fence::new(LEASE, registered),
             healthy: AtomicBool::new(true),
             stop: CancellationToken::new(),
             persist_stop: CancellationToken::new(),
@@ -356,6 +361,7 @@ impl Inner {
                 _ = self.stop.cancelled() => return,
                 _ = tick.tick() => {}
             }
+            let sent = tokio::time::Instant::now();
             let beat = self.registry.beat(&self.cmd).await;
             let ok = beat.is_ok();
             // The inbox first: a DM sent before a reap to a nick that was
@@ -374,6 +380,8 @@ impl Inner {
                             sink.deliver(Envelope::ClaimLost { session, nick });
                         }
                     }
+                    // Only now: the hub has stopped the lost nicks' users.
+                    self.fence.confirmed(sent);
                     for (room, nick) in reaped {
                         tracing::info!(%room, %nick, "a silent instance's member left");
                         let change = Presence::Left {
@@ -428,6 +436,7 @@ impl Bus for RedisBus {
         if inner.stop.is_cancelled() {
             return Err(BusError::Closed);
         }
+        inner.fence.check()?;
         let room = draft.room.clone();
         let partition = Keys::partition(&room);
         let mut keys = vec![

@@ -92,6 +92,17 @@ pub enum BusError {
         /// The longest the recovery lasts, in seconds.
         lease_secs: u64,
     },
+    /// This instance has not had its lease confirmed for most of a lease (it
+    /// stalled, or lost its link): the cluster may have reaped it and given
+    /// a nick of its users away, so it speaks for nobody until a renewal
+    /// says which nicks are still theirs.
+    #[error(
+        "this instance's lease was last confirmed {silent_secs} s ago; nothing is sent for its users until it is renewed"
+    )]
+    Fenced {
+        /// Since the last confirmed renewal, in seconds.
+        silent_secs: u64,
+    },
     /// The ordering authority is not answering: messages are refused (at
     /// once, not after a wait) until it does.
     #[error(
@@ -116,7 +127,8 @@ impl BusError {
             BusError::Store(_)
             | BusError::Closed
             | BusError::NameTaken(_)
-            | BusError::Recovering { .. } => false,
+            | BusError::Recovering { .. }
+            | BusError::Fenced { .. } => false,
         }
     }
 }
