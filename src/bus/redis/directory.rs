@@ -20,7 +20,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Mutex as StdMutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -71,6 +71,20 @@ pub struct Registry {
     life: u64,
     /// Heartbeats so far, written into the live-instance key.
     beats: AtomicU64,
+    /// This instance was reaped (or Redis lost its registration) and has not
+    /// yet put back every membership: kept until a beat does it whole, since
+    /// only the first beat after a reap is told so.
+    reassert: AtomicBool,
+}
+
+/// What recording a membership did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Recorded {
+    /// The instance is not alive, or no longer holds the nick.
+    Refused,
+    /// It was recorded already.
+    Already,
+    New,
 }
 
 #[derive(Debug, Clone)]
@@ -99,6 +113,7 @@ impl Registry {
             take_name: Lua::new(script::TAKE_NAME),
             life: rand::random(),
             beats: AtomicU64::new(0),
+            reassert: AtomicBool::new(false),
         }
     }
 
@@ -211,15 +226,24 @@ impl Registry {
             );
         }
         if fresh == 1 {
+            self.reassert.store(true, Ordering::Relaxed);
+        }
+        if self.reassert.load(Ordering::Relaxed) {
             // Reaped while away (or just started, holding nothing): the
             // memberships are gone from Redis; put back those still held.
+            // A failure below leaves the flag set, and the next beat tries
+            // them all again (recording one twice changes nothing).
             for h in &held {
                 if lost.iter().any(|(_, nick)| nick == &h.nick) {
                     continue;
                 }
                 for room in &h.rooms {
-                    if !self.record_join(cmd, room, &h.nick).await? {
-                        continue; // taken since the renewal: the next beat says so
+                    match self.record(cmd, room, &h.nick).await? {
+                        Recorded::New => {}
+                        // Taken since the renewal: the next beat says so.
+                        Recorded::Refused => continue,
+                        // Put back (and announced) by an earlier try.
+                        Recorded::Already => continue,
                     }
                     let change = Presence::Joined {
                         room: room.clone(),
@@ -228,6 +252,7 @@ impl Registry {
                     self.announce_in_room(cmd, room, &change).await?;
                 }
             }
+            self.reassert.store(false, Ordering::Relaxed);
         }
         for (_, nick) in &lost {
             tracing::warn!(%nick, "a nick this instance held was taken while it was away");
@@ -367,6 +392,16 @@ impl Registry {
         room: &RoomName,
         nick: &Nick,
     ) -> Result<bool, BusError> {
+        Ok(self.record(cmd, room, nick).await? != Recorded::Refused)
+    }
+
+    /// [`Self::record_join`], saying whether the membership is new.
+    async fn record(
+        &self,
+        cmd: &Client,
+        room: &RoomName,
+        nick: &Nick,
+    ) -> Result<Recorded, BusError> {
         let mut keys = self.membership_keys(room);
         keys.push(self.nick_key(nick));
         keys.push(self.alive_key());
@@ -384,7 +419,11 @@ impl Registry {
             )
             .await
             .map_err(unreachable)?;
-        Ok(recorded == 1)
+        Ok(match recorded {
+            0 => Recorded::Refused,
+            1 => Recorded::Already,
+            _ => Recorded::New,
+        })
     }
 
     /// Tells the members of `room` on other instances (those that hear it).
@@ -738,5 +777,68 @@ pub(super) mod tests {
         );
         assert!(carol_recorded, "a held nick on a live instance records");
         assert!(!after_lease, "without a lease nothing records");
+    }
+
+    /// Reaped while away, the instance puts its users' rooms back on its next
+    /// beat. Only that beat is told it was reaped, so if putting them back
+    /// fails halfway (here: one room's key is made unwritable), a later beat
+    /// must still finish the job.
+    #[tokio::test]
+    async fn a_re_assertion_that_fails_halfway_is_finished_by_a_later_beat() {
+        let Some(cmd) = redis().await else {
+            return;
+        };
+        let keys = Keys::new(&format!("test-reassert-{:08x}", rand::random::<u32>())).unwrap();
+        let a = Registry::new(keys, "a");
+        a.forget_previous_life(&cmd).await.unwrap();
+        a.beat(&cmd).await.unwrap();
+        let nick = Nick::parse("u1").unwrap();
+        let rooms: BTreeSet<RoomName> = ["aaa", "zzz"]
+            .iter()
+            .map(|r| RoomName::parse(r).unwrap())
+            .collect();
+        assert!(claim(&cmd, &a, &nick).await);
+        a.held().insert(
+            nick.key(),
+            Held {
+                nick: nick.clone(),
+                owner: SessionId(1),
+                rooms: rooms.clone(),
+            },
+        );
+        // Reaped, as by another instance while this one was away.
+        a.reap(&cmd, "a").await.unwrap();
+        let last = rooms.last().unwrap();
+        let _: () = cmd
+            .set(a.room_key(last), "not a hash", None, None, false)
+            .await
+            .unwrap();
+        assert!(
+            a.beat(&cmd).await.is_err(),
+            "the sabotaged room fails the beat"
+        );
+        let _: i64 = cmd.del(a.room_key(last)).await.unwrap();
+        a.beat(&cmd).await.unwrap();
+
+        let mut members = Vec::new();
+        for room in &rooms {
+            let member: Option<String> = cmd
+                .hget(a.room_key(room), nick.key().as_str())
+                .await
+                .unwrap();
+            members.push(member);
+        }
+        let mut leftovers: Vec<String> =
+            ["rooms", "instances", "alive:a", "held:a", "tick", "grace"]
+                .map(|k| a.keys.dir(k))
+                .to_vec();
+        leftovers.push(a.nick_key(&nick));
+        leftovers.extend(rooms.iter().map(|r| a.room_key(r)));
+        let _: Result<i64, _> = cmd.del(leftovers).await;
+        assert_eq!(
+            members,
+            vec![Some("a\tu1".to_owned()); 2],
+            "both rooms put back"
+        );
     }
 }

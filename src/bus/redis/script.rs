@@ -224,17 +224,18 @@ return 0
 ///
 /// KEYS: room's member hash, rooms set, instance's held set, nick key,
 /// instance's lease. ARGV: nick key, `instance\tnick`, room, `instance\t`.
-/// Returns 1 if recorded, 0 if the instance no longer holds the nick.
+/// Returns 2 if recorded anew, 1 if it was recorded already, 0 if the
+/// instance no longer holds the nick.
 pub const JOIN: &str = r#"
 local holder = redis.call('GET', KEYS[4])
 if not holder or string.sub(holder, 1, #ARGV[4]) ~= ARGV[4]
     or redis.call('EXISTS', KEYS[5]) == 0 then
   return 0
 end
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+local added = redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 redis.call('SADD', KEYS[2], ARGV[3])
 redis.call('SADD', KEYS[3], ARGV[3] .. '\t' .. ARGV[1])
-return 1
+return 1 + added
 "#;
 
 /// Removes a room membership if this instance holds it.
