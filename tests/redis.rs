@@ -894,6 +894,51 @@ async fn lines_typed_during_a_stall_are_not_sent_under_a_nick_taken_meanwhile() 
     common::forget_redis_cluster(&redis, &cluster);
 }
 
+/// What `redis-cli` answers for `args` against the Redis at `url`.
+fn redis_cli(url: &str, args: &[&str]) -> String {
+    let addr = url.trim_start_matches("redis://");
+    let (host, port) = addr.split_once(':').unwrap_or((addr, "6379"));
+    let out = Command::new("redis-cli")
+        .args(["-h", host, "-p", port])
+        .args(args)
+        .output()
+        .expect("redis-cli runs");
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// Rooms are made by any client's `/join`: a room's counter and stream in
+/// Redis must expire once it has been idle, not stay for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_room_s_counter_and_stream_in_redis_expire_when_it_is_idle() {
+    let Some(AliceAndCarol {
+        redis,
+        cluster,
+        daemons,
+        mut alice,
+        mut carol,
+        ..
+    }) = alice_and_carol("ttl").await
+    else {
+        return;
+    };
+    alice.send("one").await;
+    carol.expect(|v| v["type"] == "message").await;
+    let pattern = format!("{{{cluster}:p*}}:*:general");
+    let keys = redis_cli(&redis, &["--scan", "--pattern", &pattern]);
+    let keys: Vec<&str> = keys.lines().collect();
+    assert!(
+        keys.iter().any(|k| k.ends_with(":seq:general"))
+            && keys.iter().any(|k| k.ends_with(":log:general")),
+        "{keys:?}"
+    );
+    for key in keys {
+        let ttl: i64 = redis_cli(&redis, &["pttl", key]).parse().unwrap();
+        assert!(ttl > 0, "{key} never expires ({ttl})");
+    }
+    drop(daemons);
+    common::forget_redis_cluster(&redis, &cluster);
+}
+
 /// As on the poll bus: a second instance under a running instance's name
 /// refuses to start (the name's live-instance key changes with each of the
 /// running one's heartbeats) and gives nobody away.

@@ -185,6 +185,17 @@ impl Registry {
         &self,
         cmd: &Client,
     ) -> Result<(Vec<(RoomName, Nick)>, Vec<(SessionId, Nick)>), BusError> {
+        self.beat_and(cmd, |_| {}).await
+    }
+
+    /// [`Self::beat`], calling `renewed` with the claims found lost as soon
+    /// as the renewal is done: before the re-assertion, whose `join`s others
+    /// may answer at once.
+    pub async fn beat_and(
+        &self,
+        cmd: &Client,
+        renewed: impl FnOnce(&[(SessionId, Nick)]),
+    ) -> Result<(Vec<(RoomName, Nick)>, Vec<(SessionId, Nick)>), BusError> {
         let beat = self.beats.fetch_add(1, Ordering::Relaxed) + 1;
         let fresh: i64 = self
             .heartbeat
@@ -225,6 +236,7 @@ impl Registry {
                     .map(|h| (h.owner, h.nick.clone())),
             );
         }
+        renewed(&lost);
         if fresh == 1 {
             self.reassert.store(true, Ordering::Relaxed);
         }

@@ -62,6 +62,8 @@ const PUBLISH_TIMEOUT: Duration = Duration::from_millis(900);
 /// Entries a room's stream keeps (approximately): what a reconnecting
 /// instance or a resuming client can catch up from Redis alone.
 const LOG_CAP: u64 = 10_000;
+/// How long a room's counter and stream outlive its last message.
+const ROOM_IDLE_TTL: Duration = Duration::from_secs(24 * 3600);
 /// Entries a partition's persistence stream may hold while the store is
 /// down: past this, Redis trims the oldest unstored messages, and they are
 /// lost without being counted (a known gap: the trim reports nothing).
@@ -362,7 +364,16 @@ impl Inner {
                 _ = tick.tick() => {}
             }
             let sent = tokio::time::Instant::now();
-            let beat = self.registry.beat(&self.cmd).await;
+            // With no nick lost, nothing stands between the renewal and the
+            // users speaking again; with one, the hub must learn it first.
+            let beat = self
+                .registry
+                .beat_and(&self.cmd, |lost| {
+                    if lost.is_empty() {
+                        self.fence.confirmed(sent);
+                    }
+                })
+                .await;
             let ok = beat.is_ok();
             // The inbox first: a DM sent before a reap to a nick that was
             // taken meanwhile reaches its user before the rename below.
@@ -453,6 +464,7 @@ impl Bus for RedisBus {
             LOG_CAP.to_string(),
             PERSIST_CAP.to_string(),
             "0".to_owned(),
+            ROOM_IDLE_TTL.as_millis().to_string(),
         ];
         if let Some(key) = &draft.key {
             if let Some(first) = inner.first_send_elsewhere(&draft, key.as_str()).await? {

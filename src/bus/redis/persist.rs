@@ -23,6 +23,7 @@ use tokio::sync::{Notify, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use super::keys::{Keys, PARTITIONS};
+use super::script::{self, Lua};
 use super::wire::Body;
 use crate::core::ports::{Store, WriterStats};
 use crate::core::{Message, RoomName};
@@ -35,6 +36,10 @@ const BATCH: u64 = 1_000;
 pub const CLAIM_IDLE: Duration = Duration::from_secs(10);
 /// How often pending entries are looked for.
 const CLAIM_EVERY: Duration = Duration::from_secs(3);
+/// How often idle consumers are forgotten ([`script::SWEEP_CONSUMERS`]), and
+/// how long one must have been idle: far longer than a live reader's pause.
+const SWEEP_EVERY: Duration = Duration::from_secs(60);
+const SWEEP_IDLE: Duration = Duration::from_secs(600);
 /// How often a persister reads every partition. Between full rounds it
 /// reads only the partitions this instance published to ([`Pokes`]), at
 /// once, and a partition again at once while it fills whole batches (a
@@ -107,12 +112,18 @@ impl Persister {
         pokes: Arc<Pokes>,
     ) {
         self.ensure_groups().await;
+        let sweep = Lua::new(script::SWEEP_CONSUMERS);
+        let mut last_sweep = Instant::now();
         let mut last_claim = Instant::now();
         let mut next_full = Instant::now();
         let mut waiting: Vec<FlushRequest> = Vec::new();
         loop {
             while let Ok(done) = flushes.try_recv() {
                 waiting.push(done);
+            }
+            if last_sweep.elapsed() >= SWEEP_EVERY {
+                last_sweep = Instant::now();
+                self.sweep(&sweep, SWEEP_IDLE).await;
             }
             let claim = last_claim.elapsed() >= CLAIM_EVERY;
             if claim {
@@ -146,6 +157,31 @@ impl Persister {
                 Some(done) = flushes.recv() => waiting.push(done),
             }
         }
+    }
+
+    /// Forgets every partition's consumers idle for `idle` that hold nothing.
+    async fn sweep(&self, sweep: &Lua, idle: Duration) -> u64 {
+        let mut gone = 0;
+        for p in 0..PARTITIONS {
+            let swept: Result<u64, _> = sweep
+                .call(
+                    &self.cmd,
+                    vec![self.keys.persist(p)],
+                    vec![GROUP.to_owned(), idle.as_millis().to_string()],
+                )
+                .await;
+            match swept {
+                Ok(n) => gone += n,
+                Err(err) => tracing::debug!(cause = %err, "persister: could not sweep consumers"),
+            }
+        }
+        if gone > 0 {
+            tracing::info!(
+                consumers = gone,
+                "persister: forgot idle readers that held nothing"
+            );
+        }
+        gone
     }
 
     /// Creates the group on every partition stream (harmless if it exists).
@@ -371,6 +407,54 @@ fn entries(list: Value) -> Vec<Entry> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::bus::redis::directory::tests::redis;
+
+    /// Each restart under a new name leaves a consumer behind in every
+    /// partition's group; the sweep forgets those that hold nothing, and
+    /// keeps one that still owns an unstored entry.
+    #[tokio::test]
+    async fn the_sweep_forgets_idle_consumers_that_hold_nothing() {
+        let Some(cmd) = redis().await else {
+            return;
+        };
+        let key = format!("test-sweep-{:08x}", rand::random::<u32>());
+        let _: () = cmd.xgroup_create(&key, GROUP, "$", true).await.unwrap();
+        // A consumer exists once it has read an entry.
+        let read = |name: &'static str| {
+            let (cmd, key) = (cmd.clone(), key.clone());
+            async move {
+                let id: String = cmd
+                    .xadd(&key, false, None, "*", vec![("s", "1")])
+                    .await
+                    .unwrap();
+                let _: Value = cmd
+                    .xreadgroup(GROUP, name, Some(10), None, false, &key, ">")
+                    .await
+                    .unwrap();
+                id
+            }
+        };
+        for old in ["old-1", "old-2", "old-3"] {
+            let id = read(old).await;
+            let _: i64 = cmd.xack(&key, GROUP, id).await.unwrap(); // stored
+        }
+        read("owner").await; // owns its entry, not stored yet
+
+        let sweep = Lua::new(script::SWEEP_CONSUMERS);
+        let gone: u64 = sweep
+            .call(
+                &cmd,
+                vec![key.clone()],
+                vec![GROUP.to_owned(), "0".to_owned()],
+            )
+            .await
+            .unwrap();
+        let left: Value = cmd.xinfo_consumers(&key, GROUP).await.unwrap();
+        let _: i64 = cmd.del(&key).await.unwrap();
+        assert_eq!(gone, 3);
+        let left = format!("{left:?}");
+        assert!(left.contains("owner") && !left.contains("old-"), "{left}");
+    }
 
     fn entries_of_one(id: &str, field: &str, value: &str) -> Vec<Entry> {
         vec![(id.into(), HashMap::from([(field.into(), value.into())]))]

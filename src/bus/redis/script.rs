@@ -84,8 +84,15 @@ pub const TICK_TTL_MS: &str = "86400000";
 /// KEYS: seq counter, room stream, partition stream, room channel, and for a
 /// send with an `Idempotency-Key` the key's receipt.
 /// ARGV: room, body (JSON), floor, room stream cap, partition stream cap,
-/// whether the floor includes the store's last seq (`1`) or not (`0`), and
-/// for a keyed send the message id and the key's lifetime in seconds.
+/// whether the floor includes the store's last seq (`1`) or not (`0`), how
+/// long an idle room's counter and stream are kept (ms), and for a keyed send
+/// the message id and the key's lifetime in seconds.
+///
+/// A room's counter and stream expire once the room has been idle that
+/// long: rooms are made by any client's `/join`, and Redis would otherwise
+/// hold up to a stream cap of every room ever used. Nothing is lost by it:
+/// the messages are in the store by then, reads fall back to it, and the
+/// counter starts again above the store's last seq (`unseeded`).
 ///
 /// `floor` is the highest seq the caller knows of in the room. A counter
 /// missing is a new room, or one lost with a Redis that kept no data; the
@@ -114,10 +121,12 @@ if seq <= floor then
   redis.call('SET', KEYS[1], seq)
 end
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], seq .. '-0', 'm', ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[7])
+redis.call('PEXPIRE', KEYS[2], ARGV[7])
 redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[5], '*', 'r', ARGV[1], 's', seq, 'm', ARGV[2])
 redis.call('SPUBLISH', KEYS[4], 'm' .. seq .. ' ' .. ARGV[2])
 if KEYS[5] then
-  redis.call('SET', KEYS[5], seq .. ' ' .. ARGV[7], 'EX', ARGV[8])
+  redis.call('SET', KEYS[5], seq .. ' ' .. ARGV[8], 'EX', ARGV[9])
 end
 return seq .. ' '
 "#;
@@ -380,3 +389,25 @@ end
 return out
 "#
 );
+
+/// Forgets a persistence stream's consumers that hold nothing and have not
+/// read for a while: every instance reads under its own name, and with the
+/// default random `--instance` each restart would otherwise add one to every
+/// partition's group for good. A consumer with no pending entry owns
+/// nothing; one that reads again is made anew by its read.
+///
+/// KEYS: the stream. ARGV: group, idle time in ms. Returns how many went.
+pub const SWEEP_CONSUMERS: &str = r#"
+local ok, consumers = pcall(redis.call, 'XINFO', 'CONSUMERS', KEYS[1], ARGV[1])
+if not ok then return 0 end
+local gone = 0
+for _, consumer in ipairs(consumers) do
+  local f = {}
+  for i = 1, #consumer, 2 do f[consumer[i]] = consumer[i + 1] end
+  if f['pending'] == 0 and f['idle'] >= tonumber(ARGV[2]) then
+    redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], f['name'])
+    gone = gone + 1
+  end
+end
+return gone
+"#;
