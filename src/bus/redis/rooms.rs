@@ -177,24 +177,30 @@ impl Rooms {
                 .xrange(&log, format!("({after}"), end, Some(PAGE))
                 .await
                 .map_err(unreachable)?;
-            let Some(first) = entries.first().and_then(|(id, _)| seq_of_id(id)) else {
-                return Ok(());
-            };
-            if first > after + 1 {
-                // Trimmed from the stream: the store has them (the persister
-                // stores before the trim reaches them, unless far behind).
-                let missing = u32::try_from(first - after - 1).unwrap_or(u32::MAX);
+            // What the stream cannot give: whatever lies below its first
+            // entry, or, when it holds none of a known hole (it expired, or
+            // Redis lost its data), everything up to `upto`.
+            let first = entries.first().and_then(|(id, _)| seq_of_id(id));
+            if let Some(below) = first.or(upto.map(|u| u + 1))
+                && below > after + 1
+            {
+                // The store has them (the persister stores before a trim or
+                // an expiry reaches them, unless far behind).
+                let missing = u32::try_from(below - after - 1).unwrap_or(u32::MAX);
                 let stored = self
                     .store
                     .since(room, after, missing.min(PAGE as u32))
                     .await?;
                 let progressed = !stored.is_empty();
-                for m in stored.into_iter().filter(|m| m.seq < first) {
+                for m in stored.into_iter().filter(|m| m.seq < below) {
                     deliver(state, Arc::new(m));
                 }
-                if progressed && state.delivered.get(room).copied().unwrap_or(0) + 1 < first {
+                if progressed && state.delivered.get(room).copied().unwrap_or(0) + 1 < below {
                     continue;
                 }
+            }
+            if entries.is_empty() {
+                return Ok(());
             }
             let count = entries.len() as u64;
             for message in history::decode(room, entries) {
