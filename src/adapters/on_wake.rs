@@ -10,11 +10,9 @@
 //! when the future registers its wakers).
 
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Wake, Waker};
-
-use futures::task::AtomicWaker;
 
 pin_project_lite::pin_project! {
     /// `inner`, polled only after its own waker fired.
@@ -22,17 +20,23 @@ pin_project_lite::pin_project! {
         #[pin]
         inner: F,
         flag: Arc<Flag>,
-        // The task's waker as last registered with `flag`: registered again
-        // only when it changes or a wake has used it up.
+        // A copy of the waker in `flag.task`, which only `poll` writes: a
+        // poll whose task's waker is unchanged need not take the lock.
         registered: Option<Waker>,
     }
 }
 
 /// Set when the inner future's waker fires; wakes the task that polls it.
+///
+/// The task's waker stays registered when it is woken (unlike an
+/// `AtomicWaker`, whose `wake` takes it out): a poll can then trust that what
+/// it registered last is still there. With a waker that a wake took out, a
+/// poll that found its waker unchanged skipped registering, and the next wake
+/// found nobody to wake (a lost wake-up, caught by the stress test below).
 #[derive(Debug, Default)]
 struct Flag {
     woken: AtomicBool,
-    task: AtomicWaker,
+    task: Mutex<Option<Waker>>,
 }
 
 impl Wake for Flag {
@@ -41,8 +45,12 @@ impl Wake for Flag {
     }
 
     fn wake_by_ref(self: &Arc<Self>) {
+        // Set before the waker is read: a poll that registers after this
+        // read still finds the flag set.
         self.woken.store(true, Ordering::Release);
-        self.task.wake();
+        if let Some(task) = &*self.task.lock().unwrap_or_else(|e| e.into_inner()) {
+            task.wake_by_ref();
+        }
     }
 }
 
@@ -51,7 +59,7 @@ impl<F> OnWake<F> {
     pub fn new(inner: F) -> Self {
         let flag = Arc::new(Flag {
             woken: AtomicBool::new(true),
-            task: AtomicWaker::new(),
+            task: Mutex::new(None),
         });
         OnWake {
             inner,
@@ -67,23 +75,22 @@ impl<F: Future> Future for OnWake<F> {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let this = self.project();
         let mut woken = this.flag.woken.swap(false, Ordering::AcqRel);
-        // Registered again only when the task's waker changed, or when the
-        // last poll saw a wake (below). The flag is read again after
-        // registering: a wake that found no waker is not lost.
-        let current = this.registered.as_ref();
-        if !current.is_some_and(|w| w.will_wake(cx.waker())) {
-            this.flag.task.register(cx.waker());
-            *this.registered = Some(cx.waker().clone());
+        // Registered again only when the task's waker changed. The flag is
+        // read again after registering: a wake that read the old waker (or
+        // none) is not lost, and one that reads the slot later wakes the new.
+        if !this
+            .registered
+            .as_ref()
+            .is_some_and(|w| w.will_wake(cx.waker()))
+        {
+            let waker = cx.waker().clone();
+            *this.flag.task.lock().unwrap_or_else(|e| e.into_inner()) = Some(waker.clone());
+            *this.registered = Some(waker);
             woken |= this.flag.woken.swap(false, Ordering::AcqRel);
         }
         if !woken {
             return Poll::Pending;
         }
-        // A wake takes the registered waker out, and the one seen here may
-        // have done so after the registration above: the next poll registers
-        // again. (Keeping the cache across a wake lost wake-ups: one in a few
-        // hundred rounds of the stress test below hung.)
-        *this.registered = None;
         // Made per poll, not kept: a poll is rare, and every open stream
         // would keep the waker's 16 bytes.
         let waker = Waker::from(this.flag.clone());
@@ -137,6 +144,49 @@ mod tests {
         wrapped.flag.wake_by_ref();
         assert!(wrapped.as_mut().poll(&mut cx).is_ready());
         assert_eq!(polls.load(Ordering::Relaxed), 2);
+    }
+
+    /// Counts the wakes of a task's waker.
+    struct Wakes(AtomicUsize);
+
+    impl Wake for Wakes {
+        fn wake(self: Arc<Self>) {
+            self.wake_by_ref();
+        }
+
+        fn wake_by_ref(self: &Arc<Self>) {
+            self.0.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// The interleaving the stress test below once hit: a wake, the poll it
+    /// causes (same task waker, so nothing is registered again), then a
+    /// second wake. It must reach the task: the first wake must not have
+    /// used the registration up.
+    #[test]
+    fn a_wake_after_a_poll_that_saw_one_still_reaches_the_task() {
+        let (polls, ready) = (AtomicUsize::new(0), AtomicBool::new(false));
+        let wrapped = OnWake::new(Counted {
+            polls: &polls,
+            ready: &ready,
+        });
+        let mut wrapped = std::pin::pin!(wrapped);
+        let wakes = Arc::new(Wakes(AtomicUsize::new(0)));
+        let task = Waker::from(wakes.clone());
+        let mut cx = Context::from_waker(&task);
+        // The first poll polls the inner future; the second, with nothing
+        // woken, registers the task's waker and keeps a copy.
+        assert!(wrapped.as_mut().poll(&mut cx).is_pending());
+        assert!(wrapped.as_mut().poll(&mut cx).is_pending());
+        wrapped.flag.wake_by_ref();
+        assert_eq!(wakes.0.load(Ordering::Relaxed), 1);
+        assert!(wrapped.as_mut().poll(&mut cx).is_pending());
+        wrapped.flag.wake_by_ref();
+        assert_eq!(
+            wakes.0.load(Ordering::Relaxed),
+            2,
+            "the second wake was lost"
+        );
     }
 
     /// Wakes from another thread racing the polls: none may be lost. A
