@@ -35,11 +35,11 @@ impl Hub {
     pub(super) fn claim_lost(&self, session: SessionId, nick: Nick) {
         {
             let mut state = self.lock();
-            let Some(held) = state.sessions.get_mut(&session).filter(|s| s.nick == nick) else {
+            if state.sessions.get(&session).is_none_or(|s| s.nick != nick) {
                 return; // ended or renamed since the bus looked
-            };
+            }
             // Nothing more goes out under it, from now until the rename.
-            held.lost = Some(nick.clone());
+            state.lost.insert(session, nick.clone());
         }
         tracing::warn!(%session, %nick, "nick taken by another session while this instance was away; renaming");
         let hub = self.clone();

@@ -146,7 +146,21 @@ struct State {
     sessions: IdMap<Session>,
     nicks: HashMap<NickKey, SessionId>,
     rooms: HashMap<RoomName, Room>,
+    /// Nicks the cluster gave another session while this instance was away,
+    /// by the session that held them, until it ends. Kept beside the sessions
+    /// rather than in each: it is rare, and the fan-out reads every session.
+    lost: HashMap<SessionId, Nick>,
     closed: bool,
+}
+
+/// Whether session `id` goes by a nick that is someone else's by now (it is
+/// being renamed): nothing may be sent under it.
+fn speaks_for_a_lost_nick(
+    lost: &HashMap<SessionId, Nick>,
+    id: SessionId,
+    session: &Session,
+) -> bool {
+    lost.get(&id) == Some(&session.nick)
 }
 
 /// The events one command produces for its caller.
@@ -295,7 +309,6 @@ impl Hub {
                     self.shared.limits.command_burst,
                 ),
                 replies,
-                lost: None,
             },
         );
         Ok(SessionHandle {
@@ -439,7 +452,8 @@ impl Hub {
     ) -> Result<Arc<Message>, Refusal> {
         let draft = {
             let mut state = self.lock();
-            let session = state.sessions.get_mut(&id).ok_or_else(session_gone)?;
+            let State { sessions, lost, .. } = &mut *state;
+            let session = sessions.get_mut(&id).ok_or_else(session_gone)?;
             let room = match room.or_else(|| session.current.clone()) {
                 Some(room) => room,
                 None => return Err(no_room()),
@@ -447,7 +461,7 @@ impl Hub {
             if !session.rooms.contains(&room) {
                 return Err(not_in(&room));
             }
-            if session.speaks_for_a_lost_nick() {
+            if speaks_for_a_lost_nick(lost, id, session) {
                 return Err(fenced());
             }
             if !session.bucket.try_take() {
@@ -893,12 +907,15 @@ impl Hub {
     ) -> Result<Answer, DirectMessage> {
         let mut state = self.lock();
         let State {
-            sessions, nicks, ..
+            sessions,
+            nicks,
+            lost,
+            ..
         } = &mut *state;
         let Some(session) = sessions.get_mut(&id) else {
             return Ok(Answer::default());
         };
-        if session.speaks_for_a_lost_nick() {
+        if speaks_for_a_lost_nick(lost, id, session) {
             return Ok(Answer::refusal(fenced()));
         }
         if !session.bucket.try_take() {
@@ -1120,6 +1137,7 @@ impl Hub {
         let Some(mut session) = state.sessions.remove(&id) else {
             return failed;
         };
+        state.lost.remove(&id);
         if reason == EndReason::SlowConsumer {
             self.shared
                 .stats

@@ -67,7 +67,6 @@ mod tests {
             bucket: TokenBucket::new(0, 1),
             commands: TokenBucket::new(0, 1),
             replies: Replies::Outbox,
-            lost: None,
         };
         (s, rx)
     }

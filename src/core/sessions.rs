@@ -148,18 +148,9 @@ pub(super) struct Session {
     /// Commands that reach others (`/nick`, `/join`, `/leave`).
     pub commands: TokenBucket,
     pub replies: Replies,
-    /// A nick the cluster gave another session while this instance was away,
-    /// as long as this session still goes by it (it is being renamed).
-    pub lost: Option<Nick>,
 }
 
 impl Session {
-    /// Whether the session goes by a nick that is someone else's by now:
-    /// nothing may be sent under it.
-    pub fn speaks_for_a_lost_nick(&self) -> bool {
-        self.lost.as_ref() == Some(&self.nick)
-    }
-
     /// Hands `event` to the session, in order with everything before it.
     pub fn deliver(&self, event: &Event) -> Result<(), TrySendError<Event>> {
         match &self.direct {
