@@ -342,6 +342,14 @@ impl PrivateRedis {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
+    /// Kills the server and starts it again on the same port (with its
+    /// data if AOF is on, without if not).
+    async fn restart(&mut self) {
+        self.kill();
+        self.spawn().expect("redis-server restarts");
+        self.ready().await;
+    }
+
     /// Sends `signal` (`STOP`, `CONT`) to the server.
     fn signal(&self, signal: &str) {
         let pid = self.child.as_ref().expect("redis-server runs").id();
@@ -362,6 +370,23 @@ impl Drop for PrivateRedis {
 async fn healthz(addr: SocketAddr) -> (u16, Value) {
     let reply = Http::new(addr).get("/healthz").await;
     (reply.status, reply.json())
+}
+
+/// Two users in #general, on `first`'s and `second`'s instances, the first
+/// having seen the second join.
+async fn two_in_general(first: (&Daemon, &str), second: (&Daemon, &str)) -> (Client, Client) {
+    let mut one = Client::in_room(first.0.tcp, first.1, "general").await;
+    let two = Client::in_room(second.0.tcp, second.1, "general").await;
+    one.expect(|v| v["type"] == "join" && v["nick"] == second.1)
+        .await;
+    (one, two)
+}
+
+/// Waits until alice sees carol leave: her instance (frozen by the caller)
+/// has been reaped, a lease and a heartbeat or two after it stopped.
+async fn carol_left(alice: &mut Client) {
+    let gone = expect_within(alice, Duration::from_secs(16), |v| v["type"] == "leave").await;
+    assert_eq!(gone["nick"], "carol");
 }
 
 /// A private `redis-server` started with `extra` settings, and instances
@@ -397,11 +422,7 @@ async fn a_redis_restart_refuses_then_resumes_without_a_hole() {
     let Some((mut redis, a, b, _dir)) = two_instances_on_a_private_redis(&[]).await else {
         return;
     };
-    let mut alice = Client::in_room(a.tcp, "alice", "general").await;
-    let mut bob = Client::in_room(b.tcp, "bob", "general").await;
-    alice
-        .expect(|v| v["type"] == "join" && v["nick"] == "bob")
-        .await;
+    let (mut alice, mut bob) = two_in_general((&a, "alice"), (&b, "bob")).await;
     for i in 1..=5 {
         alice.send(&format!("before {i}")).await;
     }
@@ -507,15 +528,9 @@ async fn a_redis_that_lost_its_data_gives_no_live_user_s_nick_away() {
     else {
         return;
     };
-    let mut alice = Client::in_room(a.tcp, "alice", "general").await;
-    let mut thief = Client::in_room(b.tcp, "thief", "general").await;
-    alice
-        .expect(|v| v["type"] == "join" && v["nick"] == "thief")
-        .await;
+    let (mut alice, mut thief) = two_in_general((&a, "alice"), (&b, "thief")).await;
 
-    redis.kill();
-    redis.spawn().expect("redis-server restarts");
-    redis.ready().await;
+    redis.restart().await;
     try_to_take_alice(&mut thief, &mut alice).await;
     drop((a, b));
 }
@@ -527,11 +542,7 @@ async fn a_redis_frozen_longer_than_the_lease_gives_no_live_user_s_nick_away() {
     let Some((redis, a, b, _dir)) = two_instances_on_a_private_redis(&[]).await else {
         return;
     };
-    let mut alice = Client::in_room(a.tcp, "alice", "general").await;
-    let mut thief = Client::in_room(b.tcp, "thief", "general").await;
-    alice
-        .expect(|v| v["type"] == "join" && v["nick"] == "thief")
-        .await;
+    let (mut alice, mut thief) = two_in_general((&a, "alice"), (&b, "thief")).await;
 
     redis.signal("STOP");
     // The thief's first attempt waits in Redis's socket through the freeze.
@@ -578,11 +589,7 @@ async fn a_counter_lost_with_redis_s_data_starts_above_what_was_stored() {
     let through_link = link.url_for(&url);
     let a = Daemon::start(&instance_args(&db, &url, "seed", "i1")).await;
     let b = Daemon::start(&instance_args(&db, &through_link, "seed", "i2")).await;
-    let mut alice = Client::in_room(a.tcp, "alice", "general").await;
-    let mut bob = Client::in_room(b.tcp, "bob", "general").await;
-    alice
-        .expect(|v| v["type"] == "join" && v["nick"] == "bob")
-        .await;
+    let (mut alice, mut bob) = two_in_general((&a, "alice"), (&b, "bob")).await;
     for i in 1..=2 {
         alice.send(&format!("m{i}")).await;
     }
@@ -605,9 +612,7 @@ async fn a_counter_lost_with_redis_s_data_starts_above_what_was_stored() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
-    redis.kill();
-    redis.spawn().expect("redis-server restarts");
-    redis.ready().await;
+    redis.restart().await;
     link.resume();
     let back = Instant::now();
     let mut heard_by_bob = Vec::new();
@@ -674,20 +679,14 @@ async fn dms_sent_after_redis_lost_its_data_all_arrive() {
     else {
         return;
     };
-    let mut alice = Client::in_room(a.tcp, "alice", "general").await;
-    let mut carol = Client::in_room(b.tcp, "carol", "general").await;
-    alice
-        .expect(|v| v["type"] == "join" && v["nick"] == "carol")
-        .await;
+    let (mut alice, mut carol) = two_in_general((&a, "alice"), (&b, "carol")).await;
     for i in 1..=3 {
         dm_carol(&mut alice, &format!("before {i}")).await;
         let dm = carol.expect(|v| v["type"] == "dm").await;
         assert_eq!(dm["text"], format!("before {i}"));
     }
 
-    redis.kill();
-    redis.spawn().expect("redis-server restarts");
-    redis.ready().await;
+    redis.restart().await;
     for i in 1..=5 {
         dm_carol(&mut alice, &format!("after {i}")).await;
     }
@@ -826,11 +825,7 @@ async fn a_stalled_instance_leaves_then_comes_back_with_its_users() {
 
     // Stalled past its lease: the others see carol leave, once.
     daemons[2].freeze();
-    let gone = expect_within(&mut alice, Duration::from_secs(16), |v| {
-        v["type"] == "leave"
-    })
-    .await;
-    assert_eq!(gone["nick"], "carol");
+    carol_left(&mut alice).await;
     // Awake again: it asserts carol's nick and room; the others see her come back.
     daemons[2].thaw();
     let back = expect_within(&mut alice, Duration::from_secs(8), |v| v["type"] == "join").await;
@@ -860,23 +855,18 @@ async fn a_stalled_instance_leaves_then_comes_back_with_its_users() {
 async fn lines_typed_during_a_stall_are_not_sent_under_a_nick_taken_meanwhile() {
     let Some(AliceAndCarol {
         redis,
-        db: _,
-        mut carol,
         cluster,
         daemons,
         mut alice,
-        _dir,
+        mut carol,
+        ..
     }) = alice_and_carol("typed").await
     else {
         return;
     };
     daemons[2].freeze();
     carol.send("typed while frozen").await;
-    let gone = expect_within(&mut alice, Duration::from_secs(16), |v| {
-        v["type"] == "leave"
-    })
-    .await;
-    assert_eq!(gone["nick"], "carol");
+    carol_left(&mut alice).await;
     let mut mallory = Client::in_room(daemons[1].tcp, "mallory", "general").await;
     mallory.send("/nick carol").await;
     mallory
@@ -1005,11 +995,7 @@ async fn a_dm_for_a_stalled_instance_arrives_when_it_wakes_on_redis() {
     daemons[2].freeze();
     alice.send("/msg carol are you there?").await;
     alice.expect(|v| v["type"] == "dm").await;
-    let gone = expect_within(&mut alice, Duration::from_secs(16), |v| {
-        v["type"] == "leave"
-    })
-    .await;
-    assert_eq!(gone["nick"], "carol");
+    carol_left(&mut alice).await;
     daemons[2].thaw();
     let dm = expect_within(&mut carol, Duration::from_secs(8), |v| v["type"] == "dm").await;
     assert_eq!(dm["text"], "are you there?");
