@@ -893,6 +893,30 @@ async fn lines_typed_during_a_stall_are_not_sent_under_a_nick_taken_meanwhile() 
             break;
         }
     }
+    // mallory leaves, and carol takes her nick back: it is hers again, and
+    // so is what she sends under it.
+    drop(mallory);
+    let asked = Instant::now();
+    loop {
+        carol.send("/nick carol").await;
+        let v = carol
+            .expect(|v| v["type"] == "error" || (v["type"] == "nick" && v["new"] == "carol"))
+            .await;
+        if v["type"] == "nick" {
+            break;
+        }
+        assert!(
+            asked.elapsed() < Duration::from_secs(10),
+            "never got it back: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await; // retrying, as a user would
+    }
+    carol.send("mine again").await;
+    let v = expect_within(&mut alice, Duration::from_secs(10), |v| {
+        v["type"] == "message" && v["text"] == "mine again"
+    })
+    .await;
+    assert_eq!(v["nick"], "carol");
     drop(daemons);
     common::forget_redis_cluster(&redis, &cluster);
 }

@@ -572,6 +572,7 @@ impl Hub {
             sessions,
             nicks,
             rooms,
+            lost,
             ..
         } = &mut *state;
         let Some(session) = sessions.get_mut(&id) else {
@@ -587,6 +588,9 @@ impl Hub {
         nicks.remove(&old.key());
         nicks.insert(new.key(), id);
         session.nick = new.clone();
+        // Renamed away from a lost nick: a later claim of it (the taker left)
+        // is the session's own again.
+        lost.remove(&id);
         let mut to: BTreeSet<SessionId> = session
             .rooms
             .iter()

@@ -216,6 +216,11 @@ impl Registry {
             )
             .await
             .map_err(unreachable)?;
+        if fresh == 1 {
+            // Set at once: only this beat is told, and a renewal below may
+            // still fail.
+            self.reassert.store(true, Ordering::Relaxed);
+        }
         let held: Vec<Held> = self.held().values().cloned().collect();
         let mut lost = Vec::new();
         for chunk in held.chunks(RENEW_BATCH) {
@@ -237,9 +242,6 @@ impl Registry {
             );
         }
         renewed(&lost);
-        if fresh == 1 {
-            self.reassert.store(true, Ordering::Relaxed);
-        }
         if self.reassert.load(Ordering::Relaxed) {
             // Reaped while away (or just started, holding nothing): the
             // memberships are gone from Redis; put back those still held.

@@ -191,11 +191,15 @@ impl Rooms {
                     .store
                     .since(room, after, missing.min(PAGE as u32))
                     .await?;
-                let progressed = !stored.is_empty();
                 for m in stored.into_iter().filter(|m| m.seq < below) {
                     deliver(state, Arc::new(m));
                 }
-                if progressed && state.delivered.get(room).copied().unwrap_or(0) + 1 < below {
+                // Again only if the cursor moved: a store with a hole of its
+                // own (rows lost with Redis, or stored out of order) would
+                // otherwise be asked the same question for ever, under the
+                // lock every publish takes.
+                let now = state.delivered.get(room).copied().unwrap_or(0);
+                if now > after && now + 1 < below {
                     continue;
                 }
             }
