@@ -445,21 +445,8 @@ async fn a_redis_restart_refuses_then_resumes_without_a_hole() {
     // Back (same data, thanks to AOF): chat resumes within 5 s.
     redis.spawn().expect("redis-server restarts");
     redis.ready().await;
-    let back = Instant::now();
-    loop {
-        alice.send("after").await;
-        let v = alice
-            .expect(|v| v["type"] == "error" || (v["type"] == "message" && v["text"] == "after"))
-            .await;
-        if v["type"] == "message" {
-            break;
-        }
-        assert!(
-            back.elapsed() < Duration::from_secs(5),
-            "chat not back within 5 s: {v}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await; // retrying, as a user would
-    }
+    let after = |v: &Value| v["type"] == "message" && v["text"] == "after";
+    send_until(&mut alice, "after", Duration::from_secs(5), after).await;
     // bob sees the next seq after the 5 before: nothing skipped, nothing twice.
     let m = tokio::time::timeout(
         Duration::from_secs(9),
@@ -655,16 +642,36 @@ async fn a_counter_lost_with_redis_s_data_starts_above_what_was_stored() {
 /// Sends `/msg carol TEXT` from `alice` until it is shown as sent (a Redis
 /// coming back refuses for a moment, and a user would retry).
 async fn dm_carol(alice: &mut Client, text: &str) {
+    let sent = |v: &Value| v["type"] == "dm" && v["text"] == text;
+    send_until(
+        alice,
+        &format!("/msg carol {text}"),
+        Duration::from_secs(10),
+        sent,
+    )
+    .await;
+}
+
+/// Sends `line` from `client` until it is answered by an event that is
+/// `wanted` rather than an error (a cluster coming back refuses for a moment,
+/// and a user would retry), for at most `within`; returns that event.
+async fn send_until(
+    client: &mut Client,
+    line: &str,
+    within: Duration,
+    wanted: impl Fn(&Value) -> bool,
+) -> Value {
     let asked = Instant::now();
     loop {
-        alice.send(&format!("/msg carol {text}")).await;
-        let v = alice
-            .expect(|v| v["type"] == "error" || (v["type"] == "dm" && v["text"] == text))
-            .await;
-        if v["type"] == "dm" {
-            return;
+        client.send(line).await;
+        let v = client.expect(|v| v["type"] == "error" || wanted(v)).await;
+        if v["type"] != "error" {
+            return v;
         }
-        assert!(asked.elapsed() < Duration::from_secs(10), "never sent: {v}");
+        assert!(
+            asked.elapsed() < within,
+            "{line:?} not answered within {within:?}: {v}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await; // retrying, as a user would
     }
 }
@@ -896,21 +903,8 @@ async fn lines_typed_during_a_stall_are_not_sent_under_a_nick_taken_meanwhile() 
     // mallory leaves, and carol takes her nick back: it is hers again, and
     // so is what she sends under it.
     drop(mallory);
-    let asked = Instant::now();
-    loop {
-        carol.send("/nick carol").await;
-        let v = carol
-            .expect(|v| v["type"] == "error" || (v["type"] == "nick" && v["new"] == "carol"))
-            .await;
-        if v["type"] == "nick" {
-            break;
-        }
-        assert!(
-            asked.elapsed() < Duration::from_secs(10),
-            "never got it back: {v}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await; // retrying, as a user would
-    }
+    let back = |v: &Value| v["type"] == "nick" && v["new"] == "carol";
+    send_until(&mut carol, "/nick carol", Duration::from_secs(10), back).await;
     carol.send("mine again").await;
     let v = expect_within(&mut alice, Duration::from_secs(10), |v| {
         v["type"] == "message" && v["text"] == "mine again"

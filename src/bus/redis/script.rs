@@ -56,13 +56,17 @@ impl Lua {
 /// asserted its users again before anything is judged.
 ///
 /// `calm(tick, grace, gap_ms, lease_ms)` returns whether the grace holds, and
-/// Redis's time in ms.
+/// Redis's time in ms (`now_ms()`).
 macro_rules! calm {
     () => {
         r#"
-local function calm(tick_key, grace_key, gap_ms, lease_ms)
+local function now_ms()
   local t = redis.call('TIME')
-  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+local function calm(tick_key, grace_key, gap_ms, lease_ms)
+  local now = now_ms()
   local tick = redis.call('GET', tick_key)
   if not tick or now - tonumber(tick) > tonumber(gap_ms) then
     redis.call('SET', grace_key, '1', 'PX', lease_ms, 'NX')
@@ -313,8 +317,7 @@ if cur == false or cur == ARGV[1] then
   -- A missing tick is a new cluster (a lost one's instances will find their
   -- own keys gone at their next beat); a stale one is an outage only if
   -- another instance has users to protect.
-  local t = redis.call('TIME')
-  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local now = now_ms()
   local tick = redis.call('GET', KEYS[2])
   if tick then
     for _, inst in ipairs(redis.call('SMEMBERS', KEYS[4])) do
