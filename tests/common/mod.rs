@@ -200,9 +200,42 @@ impl Daemon {
         signal(self.pid(), "CONT");
     }
 
+    /// Waits up to `limit` for the daemon to exit on its own; its exit
+    /// status, or `None` if it is still running.
+    pub async fn exits_within(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        match tokio::time::timeout(limit, self.child.wait()).await {
+            Ok(status) => Some(status.expect("wait works")),
+            Err(_) => None,
+        }
+    }
+
     /// The log so far, one string.
     pub fn logs(&self) -> String {
         self.log.lock().unwrap().join("\n")
+    }
+}
+
+/// Lines of a daemon's log shown when a test fails.
+const LOG_TAIL: usize = 300;
+
+impl Drop for Daemon {
+    /// A failing test drops its daemons while it unwinds: each prints the end
+    /// of its log then, so a failure seen once (in CI, say) can be read
+    /// afterwards. The test harness shows it with the failure only.
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        let log = self.log.lock().unwrap_or_else(|e| e.into_inner());
+        let from = log.len().saturating_sub(LOG_TAIL);
+        eprintln!(
+            "--- the last {} lines the daemon on tcp {} logged ---",
+            log.len() - from,
+            self.tcp
+        );
+        for line in &log[from..] {
+            eprintln!("{line}");
+        }
     }
 }
 
