@@ -1366,6 +1366,35 @@ mod tests {
         assert_eq!(b.members(&general).await.unwrap(), vec![u9], "{told}");
     }
 
+    /// A re-assertion cut short and tried again reports a lost nick twice.
+    /// The user is renamed once: the others see one guest nick join, not a
+    /// second one join and leave again (or, if giving it back failed, stay).
+    #[tokio::test]
+    async fn a_nick_reported_lost_twice_is_renamed_once() {
+        use crate::core::{Command, Hub, Limits, Replies};
+        let (_dir, a, b) = two_instances().await;
+        let a = Arc::new(a);
+        let hub = Hub::new("a".into(), Limits::default(), a.store.clone(), a.clone());
+        let u7 = Nick::parse("u7").unwrap();
+        let session = hub
+            .connect(Some(u7.clone()), Replies::Outbox, None)
+            .await
+            .unwrap();
+        let room = RoomName::parse("general").unwrap();
+        let join = Command::Join { room, after: None };
+        hub.handle(session.id, join).await;
+        reaped_and_back(&a, &b).await; // and b has taken U7
+        take_inbox(&b).await;
+
+        let first = hub.claim_lost(session.id, u7.clone());
+        let again = hub.claim_lost(session.id, u7);
+        for rename in [first, again].into_iter().flatten() {
+            rename.await.unwrap();
+        }
+        let told = take_inbox(&b).await.concat();
+        assert_eq!(told.matches("guest-").count(), 1, "{told}");
+    }
+
     #[tokio::test]
     async fn a_session_that_arrived_while_the_lease_was_reaped_is_recorded() {
         let (_dir, a, b) = two_instances().await;

@@ -32,18 +32,31 @@ impl Hub {
 
     /// `session` no longer holds `nick` in the cluster: rename it, in the
     /// background (this runs on the bus's delivery path, which must not wait).
-    pub(super) fn claim_lost(&self, session: SessionId, nick: Nick) {
+    /// Returns the rename's task, if this call started one.
+    pub(crate) fn claim_lost(
+        &self,
+        session: SessionId,
+        nick: Nick,
+    ) -> Option<tokio::task::JoinHandle<()>> {
         {
             let mut state = self.lock();
             if state.sessions.get(&session).is_none_or(|s| s.nick != nick) {
-                return; // ended or renamed since the bus looked
+                return None; // ended or renamed since the bus looked
             }
             // Nothing more goes out under it, from now until the rename.
-            state.lost.insert(session, nick.clone());
+            if state.lost.insert(session, nick.clone()).as_ref() == Some(&nick) {
+                // Already being renamed: a re-assertion cut short and tried
+                // again reports the same loss. A second rename would claim
+                // a second guest nick, record the rooms under it, and then
+                // have to give both back.
+                return None;
+            }
         }
         tracing::warn!(%session, %nick, "nick taken by another session while this instance was away; renaming");
         let hub = self.clone();
-        tokio::spawn(async move { hub.rename_away(session, nick).await });
+        Some(tokio::spawn(
+            async move { hub.rename_away(session, nick).await },
+        ))
     }
 
     fn still_called(&self, session: SessionId, nick: &Nick) -> bool {
@@ -93,17 +106,18 @@ impl Hub {
                     tracing::warn!(cause = %err, %room, "could not record the renamed user's room");
                 }
             }
-            if !self
+            if self
                 .apply_rename(session, guest.clone(), Some(&lost))
                 .renames()
             {
-                // The session ended or renamed itself meanwhile: give the
-                // guest nick (and the rooms recorded under it) back.
-                if let Err(err) = directory.release_nick(&guest, session).await {
-                    tracing::warn!(cause = %err, %guest, "could not give back an unused guest nick; its lease will");
-                }
+                return;
             }
-            return;
+            // The session ended or renamed itself meanwhile (or, rarely, a
+            // local user took the guest nick first): give the guest nick
+            // (and the rooms recorded under it) back, and look again.
+            if let Err(err) = directory.release_nick(&guest, session).await {
+                tracing::warn!(cause = %err, %guest, "could not give back an unused guest nick; its lease will");
+            }
         }
     }
 }

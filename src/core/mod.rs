@@ -74,7 +74,9 @@ impl Deliver for Hub {
             Envelope::Message(message) => self.deliver_message(message),
             Envelope::Dm(dm) => self.deliver_dm(dm),
             Envelope::Presence(change) => self.deliver_presence(change),
-            Envelope::ClaimLost { session, nick } => self.claim_lost(session, nick),
+            Envelope::ClaimLost { session, nick } => {
+                self.claim_lost(session, nick);
+            }
         }
     }
 
