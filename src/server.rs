@@ -97,7 +97,9 @@ impl Server {
     }
 
     /// Serves until `shutdown` completes, then stops gracefully: no new
-    /// connections, every session told, the store writer flushed.
+    /// connections, every session told, the store writer flushed. Stops the
+    /// same way, and returns the error, if the bus finds that another
+    /// instance took this one's name over while it was away.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
         let (tcp_addr, http_addr) = (self.tcp_addr(), self.http_addr());
         let token = CancellationToken::new();
@@ -141,7 +143,12 @@ impl Server {
         );
 
         let started = std::time::Instant::now();
-        shutdown.await;
+        // Stopped by a signal, or by the bus: an instance whose name another
+        // took over while it was away must not serve on (see the README).
+        let halted = tokio::select! {
+            () = shutdown => None,
+            why = self.hub.halted() => Some(why),
+        };
         tracing::info!("shutting down");
         if let Some(statements) = self.bus.statements() {
             let secs = started.elapsed().as_secs_f64();
@@ -163,6 +170,9 @@ impl Server {
         }
         self.store.close().await;
         tracing::info!("stopped");
-        Ok(())
+        match halted {
+            None => Ok(()),
+            Some(why) => Err(anyhow::anyhow!(why)),
+        }
     }
 }

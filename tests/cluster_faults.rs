@@ -744,6 +744,45 @@ async fn an_instance_under_a_running_instance_s_name_refuses_to_start() {
     assert_eq!(seen.len(), gone.len(), "each leave once: {seen:?}");
 }
 
+/// An instance given a running instance's name while that one is frozen
+/// takes the name over only once the frozen one's lease has run out (as any
+/// reaper would); the frozen one, woken, finds another life in the name's
+/// row and stops, saying why, rather than serve on beside it with users the
+/// cluster saw leave (`u0` is a newcomer's nick by then). Nothing its user
+/// typed goes out. Without the life in the row, its renewal took the
+/// namesake's row for its own and it served on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_instance_whose_name_was_taken_over_stops_when_it_wakes() {
+    let dir = temp_dir();
+    let db = common::sqlite_url(&dir);
+    let mut twin = start(&db, "twin").await;
+    let other = start(&db, "other").await;
+    let mut u0 = Peer::join_rooms(twin.tcp, "u0", &["general"]).await;
+    let mut u1 = Peer::join_rooms(other.tcp, "u1", &["general"]).await;
+    converge(&mut u1, "general", &["u0".to_owned(), "u1".to_owned()]).await;
+
+    twin.freeze();
+    let _namesake = start(&db, "twin").await;
+    let gone = [("general".to_owned(), "u0".to_owned())].into();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let seen = u1.presence("leave", &gone, deadline).await;
+    assert_eq!(seen.len(), 1, "u0 left once: {seen:?}");
+    let mut newcomer = Peer::join_rooms(other.tcp, "u0", &["general"]).await;
+    u0.send("typed by the first u0").await;
+    twin.thaw();
+
+    let status = twin
+        .exits_within(Duration::from_secs(10))
+        .await
+        .expect("the instance whose name was taken over stopped");
+    assert!(!status.success(), "it stops as a failure: {status}");
+    let log = twin.logs();
+    assert!(log.contains("took over instance name"), "{log}");
+    newcomer.send("typed by the second u0").await;
+    let next = u1.expect("a message", |v| v["type"] == "message").await;
+    assert_eq!(next["text"], "typed by the second u0", "{next}");
+}
+
 /// `ann` on instance `awake` and `bo` on instance `stalled`, both in
 /// #general; `stalled` frozen, ann's DM "are you there?" to bo shown as
 /// sent, and bo's leave seen once the others reaped `stalled`.

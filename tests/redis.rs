@@ -993,6 +993,59 @@ async fn an_instance_under_a_running_instance_s_name_refuses_to_start_on_redis()
     common::forget_redis_cluster(&redis, &cluster);
 }
 
+/// An instance given a running instance's name while that one is frozen
+/// past its lease takes the name over (the frozen one is as good as dead).
+/// When the frozen one wakes, it must not serve on beside it: its users'
+/// nicks were announced gone, and `carol` is a newcomer's by then. It stops,
+/// saying why, and nothing its user typed goes out. Without the life check
+/// in the heartbeat, it renewed the name as its own and served on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_instance_whose_name_was_taken_over_stops_when_it_wakes() {
+    let Some(AliceAndCarol {
+        redis,
+        db,
+        mut carol,
+        cluster,
+        mut daemons,
+        mut alice,
+        _dir,
+    }) = alice_and_carol("superseded").await
+    else {
+        return;
+    };
+
+    daemons[2].freeze();
+    // Serves once the frozen one's lease has run out.
+    let _namesake = Daemon::start(&instance_args(&db, &redis, &cluster, "i3")).await;
+    carol_left(&mut alice).await;
+    // Free once the frozen one's claim on it has run out too.
+    let mut newcomer = Client::json(daemons[1].tcp, "newcomer").await;
+    let within = Duration::from_secs(12);
+    send_until(&mut newcomer, "/nick carol", within, |v| {
+        v["type"] == "nick"
+    })
+    .await;
+    newcomer.send("/join general").await;
+    newcomer
+        .expect(|v| v["type"] == "join" && v["nick"] == "carol")
+        .await;
+    carol.send("typed by the first carol").await;
+    daemons[2].thaw();
+
+    let status = daemons[2]
+        .exits_within(Duration::from_secs(10))
+        .await
+        .expect("the instance whose name was taken over stopped");
+    assert!(!status.success(), "it stops as a failure: {status}");
+    let log = daemons[2].logs();
+    assert!(log.contains("took over instance name"), "{log}");
+    newcomer.send("typed by the second carol").await;
+    let next = alice.expect(|v| v["type"] == "message").await;
+    assert_eq!(next["text"], "typed by the second carol", "{next}");
+    drop(daemons);
+    common::forget_redis_cluster(&redis, &cluster);
+}
+
 /// As on the poll bus: a DM sent to a user whose instance has just stalled
 /// reaches them when the instance wakes, after the others reaped it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -16,8 +16,13 @@
 //! own deadline (under a second), still inside the lease the others watch.
 //! A renewal counts from when it was *sent*: the lease it renewed cannot have
 //! started earlier.
+//!
+//! A fence also closes for good when the renewal finds that another
+//! instance took this one's name over while it was away
+//! ([`Fence::supersede`]): nothing is sent for its users again, and the bus
+//! gives nothing back under the name when it closes, for it is the other's.
 
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -33,6 +38,8 @@ const MARGIN: Duration = Duration::from_secs(2);
 pub struct Fence {
     limit: Duration,
     confirmed: Mutex<Instant>,
+    /// The name another instance took over from this one, once it has.
+    superseded: OnceLock<String>,
 }
 
 impl Fence {
@@ -42,7 +49,20 @@ impl Fence {
         Fence {
             limit: lease.saturating_sub(MARGIN),
             confirmed: Mutex::new(sent),
+            superseded: OnceLock::new(),
         }
+    }
+
+    /// Another instance took this one's name (`instance`) over: closed for
+    /// good.
+    pub fn supersede(&self, instance: &str) {
+        let _ = self.superseded.set(instance.to_owned());
+    }
+
+    /// Whether another instance took this one's name over: what is kept
+    /// under the name is that one's, and must not be given back.
+    pub fn is_superseded(&self) -> bool {
+        self.superseded.get().is_some()
     }
 
     /// A renewal sent at `sent` succeeded, and what it found lost has been
@@ -54,6 +74,9 @@ impl Fence {
 
     /// Whether this instance may speak for its users now.
     pub fn check(&self) -> Result<(), BusError> {
+        if let Some(instance) = self.superseded.get() {
+            return Err(BusError::Superseded(instance.clone()));
+        }
         let silent = self
             .confirmed
             .lock()
@@ -85,5 +108,14 @@ mod tests {
         assert!(fence.check().is_err());
         fence.confirmed(Instant::now());
         assert!(fence.check().is_ok());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_superseded_fence_stays_closed_whatever_is_confirmed() {
+        let fence = Fence::new(Duration::from_secs(10), Instant::now());
+        fence.supersede("i3");
+        fence.confirmed(Instant::now());
+        assert!(matches!(fence.check(), Err(BusError::Superseded(name)) if name == "i3"));
+        assert!(fence.is_superseded());
     }
 }

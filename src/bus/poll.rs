@@ -66,6 +66,8 @@ const REAP_DEADLINE: Duration = Duration::from_secs(30);
 /// The poll bus of one instance.
 pub struct PollBus {
     instance: String,
+    /// This life of the instance (see `lease`): the token in its row.
+    life: String,
     db: Db,
     store: Arc<dyn Store>,
     interval: Duration,
@@ -241,6 +243,7 @@ impl PollBus {
             .map_err(StoreError::from)?;
         let bus = PollBus {
             instance: instance.to_owned(),
+            life: lease::new_life(),
             db: Db {
                 pool,
                 statements: Arc::default(),
@@ -258,7 +261,7 @@ impl PollBus {
             fence: Arc::new(Fence::new(LEASE, tokio::time::Instant::now())),
         };
         let registered = tokio::time::Instant::now();
-        let lease = lease::Lease::register(&bus.db, instance).await?;
+        let lease = lease::Lease::register(&bus.db, instance, &bus.life).await?;
         bus.fence.confirmed(registered);
         *bus.lease.lock().expect("not poisoned") = Some(lease);
         Ok(bus)
@@ -410,16 +413,20 @@ async fn announce<'e>(
 async fn while_registered(
     database: &Db,
     instance: &str,
+    life: &str,
 ) -> Result<Option<Transaction<'static, Any>>, BusError> {
     let mut tx = database.pool.begin().await.map_err(db)?;
     // The row is written as it is: a lock, not a renewal (the others watch
-    // its value change, see `silence`).
-    let held = sqlx::query("UPDATE instances SET seen_at = seen_at WHERE instance = $1")
-        .bind(instance)
-        .execute(counted(database, &mut tx))
-        .await
-        .map_err(db)?
-        .rows_affected();
+    // its value change, see `silence`). Only this life's row counts: one a
+    // namesake took over while this instance was away is not its lease.
+    let held =
+        sqlx::query("UPDATE instances SET seen_at = seen_at WHERE instance = $1 AND life = $2")
+            .bind(instance)
+            .bind(life)
+            .execute(counted(database, &mut tx))
+            .await
+            .map_err(db)?
+            .rows_affected();
     Ok((held > 0).then_some(tx))
 }
 
@@ -507,6 +514,12 @@ async fn heartbeat(
         let silent = match tokio::time::timeout(POLL_DEADLINE, beat).await {
             Ok(Ok(silent)) if !silent.is_empty() => silent,
             Ok(Ok(_)) => continue,
+            Ok(Err(BusError::Superseded(instance))) => {
+                // Another life holds the name: renew nothing more, and stop.
+                fence.supersede(&instance);
+                sink.deliver(Envelope::Superseded { instance });
+                return;
+            }
             Ok(Err(err)) => {
                 tracing::warn!(cause = %err, "poll bus: heartbeat failed");
                 continue;
@@ -886,8 +899,11 @@ impl Bus for PollBus {
             let _ = task.await;
         }
         // Free this instance's nicks now rather than after the lease; its
-        // users leave at once.
-        if let Err(err) = lease::Lease::release(&self.db, &self.instance).await {
+        // users leave at once. Not if the name is another life's by now:
+        // what is kept under it is that one's.
+        if self.fence.is_superseded() {
+            tracing::warn!("this instance's name is another's now: giving nothing back under it");
+        } else if let Err(err) = lease::Lease::release(&self.db, &self.instance).await {
             tracing::warn!(cause = %err, "could not give this instance's claims back; its lease will");
         }
         self.state.lock().await.sink = None;
@@ -943,7 +959,7 @@ impl Directory for PollBus {
         let (old_key, new_key) = (old.key(), new.key());
         // Reaped: the memberships are gone, and the re-assertion claims the
         // new nick's rooms.
-        let Some(mut tx) = while_registered(&self.db, &self.instance).await? else {
+        let Some(mut tx) = while_registered(&self.db, &self.instance, &self.life).await? else {
             return Ok(());
         };
         let on = counted(&self.db, &mut tx);
@@ -980,7 +996,7 @@ impl Directory for PollBus {
         // Nor while a reap of this instance is under way (see
         // `while_registered`).
         let _directory = self.db.directory.lock().await;
-        let Some(mut tx) = while_registered(&self.db, &self.instance).await? else {
+        let Some(mut tx) = while_registered(&self.db, &self.instance, &self.life).await? else {
             return Ok(());
         };
         let on = counted(&self.db, &mut tx);
@@ -1189,11 +1205,16 @@ mod tests {
     /// of `b` takes `U7` (the key of `a`'s `u7`), and `a` registers again as
     /// its next heartbeat would.
     async fn reaped_and_back(a: &PollBus, b: &PollBus) {
+        let life: String = sqlx::query_scalar("SELECT life FROM instances WHERE instance = 'a'")
+            .fetch_one(&a.db.pool)
+            .await
+            .unwrap();
         lease::Lease::release(&a.db, "a").await.unwrap();
         let taken = Nick::parse("U7").unwrap();
         assert!(b.claim_nick(&taken, SessionId(2)).await.unwrap());
-        sqlx::query("INSERT INTO instances (instance, seen_at) VALUES ('a', $1)")
+        sqlx::query("INSERT INTO instances (instance, seen_at, life) VALUES ('a', $1, $2)")
             .bind(now_ms())
+            .bind(life)
             .execute(&a.db.pool)
             .await
             .unwrap();

@@ -11,7 +11,7 @@
 
 use std::time::Duration;
 
-use super::ports::Claim;
+use super::ports::{BusError, Claim};
 use super::{GUEST_DRAWS, Hub, Nick, SessionId, State, guest_nick};
 
 /// How long to wait before trying a rename again while the directory is
@@ -57,6 +57,26 @@ impl Hub {
         Some(tokio::spawn(
             async move { hub.rename_away(session, nick).await },
         ))
+    }
+
+    /// Another instance took this instance's name over while it was away:
+    /// this one must stop serving (see [`Hub::halted`]).
+    pub(super) fn superseded(&self, instance: String) {
+        let why = BusError::Superseded(instance).to_string();
+        tracing::error!("{why}");
+        self.shared.halt.send_replace(Some(why));
+    }
+
+    /// Completes, with why, once the bus has said that this instance must
+    /// stop serving: another instance took its name over while it was away,
+    /// and holds what it held. Never completes otherwise.
+    pub async fn halted(&self) -> String {
+        let mut halt = self.shared.halt.subscribe();
+        match halt.wait_for(Option::is_some).await {
+            Ok(why) => why.clone().unwrap_or_default(),
+            // The hub keeps the sender for its whole life.
+            Err(_) => std::future::pending().await,
+        }
     }
 
     fn still_called(&self, session: SessionId, nick: &Nick) -> bool {

@@ -77,6 +77,7 @@ impl Deliver for Hub {
             Envelope::ClaimLost { session, nick } => {
                 self.claim_lost(session, nick);
             }
+            Envelope::Superseded { instance } => self.superseded(instance),
         }
     }
 
@@ -141,6 +142,8 @@ struct Shared {
     state: Mutex<State>,
     next_id: AtomicU64,
     stats: HubStats,
+    /// Why this instance must stop serving, once its bus has said so.
+    halt: tokio::sync::watch::Sender<Option<String>>,
 }
 
 #[derive(Default)]
@@ -212,6 +215,7 @@ impl Hub {
                 state: Mutex::new(State::default()),
                 next_id: AtomicU64::new(1),
                 stats: HubStats::default(),
+                halt: tokio::sync::watch::Sender::new(None),
             }),
         }
     }

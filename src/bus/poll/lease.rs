@@ -15,8 +15,12 @@
 //!    departure is announced exactly once.
 //!
 //! A starting instance takes over what a previous life under its name left,
-//! but never from a running namesake: it watches the name's row first, and
-//! takes it only if it still holds what was watched.
+//! but never from a running namesake, nor from one merely late: it watches
+//! the name's row as a reaper would, until the row has stood still for a
+//! lease (or is gone), and takes it only if it still holds what was watched.
+//! Each life writes a random token into the row it holds; a namesake that
+//! was stalled through such a takeover finds another life's token at its next
+//! renewal and stops, rather than serve users the cluster saw leave.
 //!
 //! A claim is only ever taken from a *reaped* instance (a row whose instance
 //! has no row in `instances`), never from one that is merely late: an
@@ -51,9 +55,6 @@ use super::{
 use crate::core::ports::{BusError, Claim, Deliver, Envelope};
 use crate::core::{Nick, RoomName, SessionId};
 
-/// How long a starting instance watches a lease under its own name before
-/// taking it for a previous life's.
-const NAMESAKE_WATCH: std::time::Duration = HEARTBEAT.saturating_mul(2);
 /// Claims (or memberships) per statement: three parameters each, well under
 /// both engines' limits (SQLite 32,766, PostgreSQL 65,535).
 const ROWS_PER_STATEMENT: usize = 500;
@@ -68,6 +69,8 @@ const RENEWED: &str = "CASE WHEN $2 > instances.seen_at THEN $2 ELSE instances.s
 /// This instance's lease, kept by its heartbeat task.
 pub(super) struct Lease {
     instance: String,
+    /// This life of the instance: a random token written into its row.
+    life: String,
     /// Set when the lease was found reaped; cleared once every claim has been
     /// re-asserted, so a re-assertion cut short by an error is tried again.
     reassert: bool,
@@ -86,46 +89,63 @@ enum Reap<'a> {
     /// row (if any) held `seen` throughout the watch. The row is then taken
     /// for this life in the same transaction, so of two instances starting
     /// under one name at once only one gets it.
-    PreviousLife { name: &'a str, seen: Option<i64> },
+    PreviousLife {
+        name: &'a str,
+        life: &'a str,
+        seen: Option<i64>,
+    },
+}
+
+/// A token for one life of an instance, new at each start.
+pub(super) fn new_life() -> String {
+    format!("{:016x}", rand::random::<u64>())
 }
 
 impl Lease {
     /// Registers `instance`, first reaping what a previous life under the
     /// same name left (its users leave, as if it had been reaped by another).
-    pub(super) async fn register(database: &Db, instance: &str) -> Result<Lease, BusError> {
-        let seen = refuse_if_running(database, instance).await?;
+    pub(super) async fn register(
+        database: &Db,
+        instance: &str,
+        life: &str,
+    ) -> Result<Lease, BusError> {
+        let seen = wait_out_previous_life(database, instance).await?;
         reap(
             database,
             Reap::PreviousLife {
                 name: instance,
+                life,
                 seen,
             },
         )
         .await?;
         Ok(Lease {
             instance: instance.to_owned(),
+            life: life.to_owned(),
             reassert: false,
             watch: Watch::new(LEASE),
         })
     }
 
     /// One heartbeat: renew, re-assert if the lease was reaped, reap others.
+    /// [`BusError::Superseded`] if another life holds this instance's name.
     pub(super) async fn renew(
         &mut self,
         database: &Db,
         sink: Option<&Arc<dyn Deliver>>,
     ) -> Result<(), BusError> {
         let renewed = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "UPDATE instances SET seen_at = {RENEWED} WHERE instance = $1"
+            "UPDATE instances SET seen_at = {RENEWED} WHERE instance = $1 AND life = $3"
         )))
         .bind(self.instance.as_str())
         .bind(now_ms())
+        .bind(self.life.as_str())
         .execute(database.run())
         .await
         .map_err(db)?
         .rows_affected();
         if renewed == 0 {
-            insert(database, &self.instance).await?;
+            insert(database, &self.instance, &self.life).await?;
             tracing::warn!(
                 instance = %self.instance,
                 "this instance's lease ran out and was reaped: re-asserting its users' nicks and rooms"
@@ -184,16 +204,16 @@ pub(super) async fn reap_silent(database: &Db, silent: &[Silent]) -> Result<(), 
 }
 
 /// A row under this instance's name is a previous life that crashed, or a
-/// running instance that was given the same name. Reaping the latter would
-/// give its users away, so the row is watched for two heartbeats first (a
-/// renewal that is itself slow still lands in the window): one that changes
-/// is being renewed, and this instance refuses to start. (A running
-/// namesake that is stalled at that moment is taken for a previous life:
-/// two mistakes at once.)
+/// running instance that was given the same name. Taking the latter's would
+/// give its users away, so the row is watched as a reaper watches one:
+/// changed, it is being renewed, and this instance refuses to start; gone,
+/// the name is free; still for a whole lease, its holder is dead, or
+/// stalled past its lease, and then it is fenced (it sends nothing for its
+/// users) and finds out at its next renewal that it was taken over.
 ///
 /// Returns the value the row held throughout (or `None` if there is none):
 /// registering takes the row only if it still holds it.
-async fn refuse_if_running(database: &Db, instance: &str) -> Result<Option<i64>, BusError> {
+async fn wait_out_previous_life(database: &Db, instance: &str) -> Result<Option<i64>, BusError> {
     let look = || {
         sqlx::query_scalar::<_, i64>("SELECT seen_at FROM instances WHERE instance = $1")
             .bind(instance)
@@ -202,29 +222,45 @@ async fn refuse_if_running(database: &Db, instance: &str) -> Result<Option<i64>,
     let Some(before) = look().await.map_err(db)? else {
         return Ok(None);
     };
+    // The value was written before this look was answered: it has stood
+    // still for at least as long as it is found unchanged after it.
+    let since = Instant::now();
     tracing::info!(
         instance,
-        "this instance's name has a lease: watching it to tell a previous life from a running namesake"
+        "this instance's name has a lease: waiting until it runs out, to tell a previous life from a running namesake"
     );
-    tokio::time::sleep(NAMESAKE_WATCH).await;
-    match look().await.map_err(db)? {
-        Some(now) if now != before => Err(BusError::NameTaken(instance.to_owned())),
-        now => Ok(now),
+    loop {
+        tokio::time::sleep(HEARTBEAT).await;
+        match look().await.map_err(db)? {
+            None => return Ok(None),
+            Some(now) if now != before => {
+                return Err(BusError::NameTaken(instance.to_owned()));
+            }
+            Some(_) if since.elapsed() >= LEASE => return Ok(Some(before)),
+            Some(_) => {}
+        }
     }
 }
 
-/// Registers `instance`'s row, or renews it if another heartbeat of this
-/// instance (one cut short) already did.
-async fn insert(database: &Db, instance: &str) -> Result<(), BusError> {
-    sqlx::query(sqlx::AssertSqlSafe(format!(
-        "INSERT INTO instances (instance, seen_at) VALUES ($1, $2)
-         ON CONFLICT (instance) DO UPDATE SET seen_at = {RENEWED}"
+/// Registers this life's row for `instance`, or renews it if another
+/// heartbeat of this life (one cut short) already did.
+/// [`BusError::Superseded`] if another life holds the name.
+async fn insert(database: &Db, instance: &str, life: &str) -> Result<(), BusError> {
+    let written = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "INSERT INTO instances (instance, seen_at, life) VALUES ($1, $2, $3)
+         ON CONFLICT (instance) DO UPDATE SET seen_at = {RENEWED}
+         WHERE instances.life = excluded.life"
     )))
     .bind(instance)
     .bind(now_ms())
+    .bind(life)
     .execute(database.run())
     .await
-    .map_err(db)?;
+    .map_err(db)?
+    .rows_affected();
+    if written == 0 {
+        return Err(BusError::Superseded(instance.to_owned()));
+    }
     Ok(())
 }
 
@@ -498,7 +534,7 @@ async fn reap(database: &Db, which: Reap<'_>) -> Result<(), BusError> {
                 .map_err(db)?;
             vec![name.to_owned()]
         }
-        Reap::PreviousLife { name, seen } => {
+        Reap::PreviousLife { name, seen, .. } => {
             if let Some(seen) = seen {
                 let taken =
                     sqlx::query("DELETE FROM instances WHERE instance = $1 AND seen_at = $2")
@@ -576,15 +612,16 @@ async fn reap(database: &Db, which: Reap<'_>) -> Result<(), BusError> {
             .await
             .map_err(db)?;
     }
-    if let Reap::PreviousLife { name, .. } = which {
+    if let Reap::PreviousLife { name, life, .. } = which {
         // A namesake that started at the same moment and got here first
         // has the row: this one gives way.
         let registered = sqlx::query(
-            "INSERT INTO instances (instance, seen_at) VALUES ($1, $2)
+            "INSERT INTO instances (instance, seen_at, life) VALUES ($1, $2, $3)
              ON CONFLICT (instance) DO NOTHING",
         )
         .bind(name)
         .bind(now_ms())
+        .bind(life)
         .execute(counted(database, &mut tx))
         .await
         .map_err(db)?

@@ -148,7 +148,12 @@ impl Registry {
     /// key: unique to the life, so a namesake's beats never match a value
     /// watched from a previous life.
     fn beat_value(&self, beat: u64) -> String {
-        format!("{:016x}:{beat}", self.life)
+        format!("{}{beat}", self.life_prefix())
+    }
+
+    /// What every beat value of this life starts with.
+    fn life_prefix(&self) -> String {
+        format!("{:016x}:", self.life)
     }
 
     /// The key whose lease says this instance is alive.
@@ -212,10 +217,14 @@ impl Registry {
                     self.beat_value(beat),
                     Self::gap_ms(),
                     script::TICK_TTL_MS.to_owned(),
+                    self.life_prefix(),
                 ],
             )
             .await
             .map_err(unreachable)?;
+        if fresh == -1 {
+            return Err(BusError::Superseded(self.instance.clone()));
+        }
         if fresh == 1 {
             // Set at once: only this beat is told, and a renewal below may
             // still fail.
@@ -315,20 +324,29 @@ impl Registry {
     ///
     /// A live-instance key under this name may also be a running instance
     /// given the same name by mistake; forgetting it would give its users
-    /// away. So the key is watched for two heartbeats first: if its beat
-    /// changes, this instance refuses to start.
+    /// away. So the key is watched until its lease runs out: if its beat
+    /// changes first, this instance refuses to start. A namesake stalled
+    /// past its lease meanwhile is fenced by then (it sends nothing for its
+    /// users), and its next heartbeat finds this life's token and stops it.
     pub async fn forget_previous_life(&self, cmd: &Client) -> Result<(), BusError> {
         let look = || cmd.get::<Option<String>, _>(self.alive_key());
         let mut watched = look().await.map_err(unreachable)?;
         if let Some(before) = watched.take() {
             tracing::info!(
                 instance = %self.instance,
-                "this instance's name has a lease: watching it to tell a previous life from a running namesake"
+                "this instance's name has a lease: waiting until it runs out, to tell a previous life from a running namesake"
             );
-            tokio::time::sleep(HEARTBEAT * 2).await;
-            watched = look().await.map_err(unreachable)?;
-            if watched.as_ref().is_some_and(|now| *now != before) {
-                return Err(BusError::NameTaken(self.instance.clone()));
+            // The key expires a lease after its last beat, on Redis's clock;
+            // the watch ends by then, give or take a look.
+            loop {
+                tokio::time::sleep(HEARTBEAT).await;
+                match look().await.map_err(unreachable)? {
+                    None => break,
+                    Some(now) if now != before => {
+                        return Err(BusError::NameTaken(self.instance.clone()));
+                    }
+                    Some(_) => {}
+                }
             }
         }
         // Taken only if it still holds what was watched: of two instances

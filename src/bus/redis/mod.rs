@@ -412,6 +412,14 @@ impl Inner {
                         }
                     }
                 }
+                Err(BusError::Superseded(instance)) => {
+                    // Another life holds the name: renew nothing more, and stop.
+                    self.fence.supersede(&instance);
+                    if let Some(sink) = self.sink() {
+                        sink.deliver(Envelope::Superseded { instance });
+                    }
+                    return;
+                }
                 Err(ref err) if self.healthy.load(Ordering::Relaxed) => {
                     tracing::error!(cause = %err, "redis bus: Redis unreachable");
                 }
@@ -578,8 +586,13 @@ impl Bus for RedisBus {
         for task in tasks {
             let _ = task.await;
         }
-        // Free this instance's nicks and memberships now, not after the lease.
-        inner.registry.forget_all(&inner.cmd).await;
+        // Free this instance's nicks and memberships now, not after the
+        // lease; not if the name is another life's by now: they are its.
+        if inner.fence.is_superseded() {
+            tracing::warn!("this instance's name is another's now: giving nothing back under it");
+        } else {
+            inner.registry.forget_all(&inner.cmd).await;
+        }
         inner.rooms.detach().await;
         inner.persist_stop.cancel();
         let persister = self

@@ -336,15 +336,20 @@ return 0
 );
 
 /// Says this instance is alive. Returns 1 if it was not registered: it is
-/// new, or another instance reaped it while it was stalled or cut off.
+/// new, or another instance reaped it while it was stalled or cut off; and
+/// -1, changing nothing, if another life holds the name (a namesake took it
+/// over while this one was away).
 /// The live-instance key holds the life's token and the beat's number, so
 /// that an instance starting under the same name can see it change. It
 /// stamps the tick, after judging the gap since the last one (see [`calm!`]).
 /// KEYS: live-instance key, instances set, tick, grace. ARGV: instance, lease
-/// in ms, beat, outage gap in ms, the tick's lifetime in ms.
+/// in ms, beat, outage gap in ms, the tick's lifetime in ms, this life's
+/// prefix of the beat.
 pub const HEARTBEAT: &str = concat!(
     calm!(),
     r#"
+local cur = redis.call('GET', KEYS[1])
+if cur and string.sub(cur, 1, #ARGV[6]) ~= ARGV[6] then return -1 end
 local _, now = calm(KEYS[3], KEYS[4], ARGV[4], ARGV[2])
 redis.call('SET', KEYS[3], now, 'PX', ARGV[5])
 redis.call('SET', KEYS[1], ARGV[3], 'PX', ARGV[2])

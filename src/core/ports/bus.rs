@@ -30,6 +30,11 @@ pub enum Envelope {
     /// holds it and must be renamed. Sent only for claims [`Deliver::claims`]
     /// reported.
     ClaimLost { session: SessionId, nick: Nick },
+    /// Another instance started under this instance's name while this one
+    /// was away (stalled or cut off past its lease), and took the name over:
+    /// what this one held is that one's now. This instance must stop serving
+    /// at once; the bus has stopped renewing and gives nothing back.
+    Superseded { instance: String },
 }
 
 /// One local session's share of the cluster directory, as the hub knows it:
@@ -82,6 +87,12 @@ pub enum BusError {
         "instance name {0:?} is in use by a running instance (its lease is being renewed); start this one with another --instance"
     )]
     NameTaken(String),
+    /// Another instance took this instance's name over while this one was
+    /// away: an instance was started under a name that was in use.
+    #[error(
+        "another instance took over instance name {0:?} while this one was stalled or cut off past its lease; its users' nicks may be held there now, so this one stops (give each instance its own --instance)"
+    )]
+    Superseded(String),
     /// The cluster's shared state is back from an outage every instance saw:
     /// free nicks are not handed out until every instance has had a lease to
     /// renew its users' (or Redis has lost them, and they are being put back).
@@ -127,6 +138,7 @@ impl BusError {
             BusError::Store(_)
             | BusError::Closed
             | BusError::NameTaken(_)
+            | BusError::Superseded(_)
             | BusError::Recovering { .. }
             | BusError::Fenced { .. } => false,
         }
