@@ -1002,6 +1002,55 @@ async fn a_kept_dm_reaches_a_user_renamed_on_waking() {
     pg.drop_now().await;
 }
 
+/// A DM is taken from an instance's inbox by a statement that deletes the
+/// rows it returns. When the poll stopped waiting for it (its 5 s deadline)
+/// after the database had run it, the DM was gone from the inbox and
+/// delivered to nobody, after its sender had been shown it as sent. Here a
+/// row lock held by the test keeps the take waiting past the deadline (as a
+/// slow database, or a stall between sending the statement and reading its
+/// answer, would); the DM must still arrive once the lock goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dm_whose_take_outlived_the_poll_s_deadline_still_arrives() {
+    use sqlx::Connection;
+    let Some(pg) = PgDatabase::create().await else {
+        return;
+    };
+    let proxy = Proxy::start(pg.address()).await;
+    let awake = start(&pg.url, "awake").await;
+    let held = start(&proxy.url_for(&pg.url), "held").await;
+    let mut ann = Peer::join_rooms(awake.tcp, "ann", &["general"]).await;
+    let mut bo = Peer::join_rooms(held.tcp, "bo", &["general"]).await;
+    converge(&mut ann, "general", &["ann".to_owned(), "bo".to_owned()]).await;
+
+    // bo's instance cannot take the DM before the test locks its row: its
+    // database link is paused for that moment (well inside its lease).
+    proxy.pause();
+    ann.send("/msg bo are you there?").await;
+    ann.expect("the DM's echo", |v| v["type"] == "dm").await;
+    let mut locker = sqlx::PgConnection::connect(&pg.url).await.unwrap();
+    sqlx::query("BEGIN").execute(&mut locker).await.unwrap();
+    let locked: Vec<(i64,)> =
+        sqlx::query_as("SELECT id FROM inbox WHERE instance = 'held' FOR UPDATE")
+            .fetch_all(&mut locker)
+            .await
+            .unwrap();
+    assert!(!locked.is_empty(), "the DM waits in the inbox");
+    proxy.resume();
+    // The next poll finds the row, and its take waits on the lock until the
+    // poll's deadline shuts the gate.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !held.logs().contains("ordering authority unreachable") {
+        assert!(Instant::now() < deadline, "the poll never gave up waiting");
+        // Polling a log the daemon writes, not synchronising with an event.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    sqlx::query("COMMIT").execute(&mut locker).await.unwrap();
+    let dm = bo.expect("the DM", |v| v["type"] == "dm").await;
+    assert_eq!(dm["text"], "are you there?");
+    drop((awake, held));
+    pg.drop_now().await;
+}
+
 /// What waits in `instance`'s inbox, oldest first: each row's `kind`.
 async fn inbox_kinds(db: &mut sqlx::PgConnection, instance: &str) -> Vec<String> {
     let rows: Vec<(String,)> =

@@ -249,6 +249,7 @@ impl PollBus {
                 statements: Arc::default(),
                 clock: Clock::of_url(url),
                 directory: Arc::default(),
+                inbox: Arc::default(),
             },
             store,
             interval,
@@ -451,6 +452,9 @@ struct Db {
     /// undone by them (a leave re-recorded, a join withdrawn). Now it waits,
     /// and lands on top.
     directory: Arc<Mutex<()>>,
+    /// Held by each take of this instance's inbox (see [`take_inbox`]), so
+    /// that takes run one at a time and deliver in order.
+    inbox: Arc<Mutex<()>>,
 }
 
 impl Db {
@@ -643,13 +647,35 @@ async fn poll_once(
     let sink = cursors.sink.clone();
     drop(cursors);
     match sink {
-        Some(sink) => take_inbox(database, instance, sink.as_ref()).await,
+        Some(sink) => take_inbox(database, instance, &sink).await,
         None => Ok(()),
     }
 }
 
 /// Delivers what waits in this instance's inbox, oldest first.
-async fn take_inbox(database: &Db, instance: &str, sink: &dyn Deliver) -> Result<(), BusError> {
+///
+/// The statement that returns the rows deletes them: once the database has
+/// run it, they exist only in its answer. So the take is a task of its own,
+/// which a caller's deadline (the poll's, the heartbeat's) does not cancel:
+/// a caller that gives up only stops waiting, and the rows are delivered
+/// when the answer comes. Cancelled with the caller, a take held up past the
+/// poll's deadline (a slow database, a lock, a stall of this process between
+/// sending it and reading the answer) lost every DM it had deleted. Takes
+/// run one at a time, so they deliver in order.
+async fn take_inbox(
+    database: &Db,
+    instance: &str,
+    sink: &Arc<dyn Deliver>,
+) -> Result<(), BusError> {
+    let (database, instance, sink) = (database.clone(), instance.to_owned(), sink.clone());
+    let take = tokio::spawn(async move {
+        let _one_at_a_time = database.inbox.clone().lock_owned().await;
+        take_inbox_now(&database, &instance, sink.as_ref()).await
+    });
+    take.await.unwrap_or(Err(BusError::Closed))
+}
+
+async fn take_inbox_now(database: &Db, instance: &str, sink: &dyn Deliver) -> Result<(), BusError> {
     // Look first: in WAL mode a read never blocks the other instances'
     // writes, and the inbox is empty on most polls.
     let waiting: Option<(i64,)> =

@@ -154,7 +154,7 @@ impl Lease {
         }
         if self.reassert {
             if let Some(sink) = sink {
-                reassert(database, &self.instance, sink.as_ref()).await?;
+                reassert(database, &self.instance, sink).await?;
             }
             self.reassert = false;
         }
@@ -302,7 +302,7 @@ pub(super) async fn claim_nicks(
 /// Claims again what the hub holds, after this instance's lease was reaped.
 /// Memberships of nicks still held are recorded and announced (`join`); a
 /// nick another session took meanwhile goes back to the hub as lost.
-async fn reassert(database: &Db, instance: &str, sink: &dyn Deliver) -> Result<(), BusError> {
+async fn reassert(database: &Db, instance: &str, sink: &Arc<dyn Deliver>) -> Result<(), BusError> {
     // No membership write of this instance lands between a snapshot and the
     // statements that act on it (see `Db::directory`).
     let _directory = database.directory.lock().await;
