@@ -1102,6 +1102,11 @@ impl Hub {
         }
     }
 
+    /// Whether session `id` is connected (it has not ended).
+    pub fn is_connected(&self, id: SessionId) -> bool {
+        self.lock().sessions.contains_key(&id)
+    }
+
     /// The rooms session `id` is in (none once it has ended).
     pub fn rooms_of(&self, id: SessionId) -> Vec<RoomName> {
         self.lock()

@@ -417,7 +417,10 @@ impl Routes {
         let session = token
             .and_then(|t| self.sessions.get(&t))
             .ok_or_else(Failure::unauthorized)?;
-        if session.has_ended() {
+        // Also asked of the core: the adapter learns that the core ended a
+        // session (a slow consumer, say) a moment later, and a command in
+        // between was answered 200 with nothing in it.
+        if session.has_ended() || !self.hub.is_connected(session.id) {
             return Err(Failure::unauthorized());
         }
         Ok(session)
