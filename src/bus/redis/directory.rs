@@ -398,12 +398,18 @@ impl Registry {
             .claim
             .call(
                 cmd,
-                [vec![self.nick_key(nick)], self.outage_keys().to_vec()].concat(),
+                [
+                    vec![self.nick_key(nick)],
+                    self.outage_keys().to_vec(),
+                    vec![self.alive_key()],
+                ]
+                .concat(),
                 vec![
                     format!("{}{nick}", self.holder(owner)),
                     self.holder(owner),
                     Self::lease_ms(),
                     Self::gap_ms(),
+                    self.life_prefix(),
                 ],
             )
             .await
@@ -412,6 +418,7 @@ impl Registry {
             -1 => Err(BusError::Recovering {
                 lease_secs: LEASE.as_secs(),
             }),
+            -2 => Err(BusError::Superseded(self.instance.clone())),
             held => Ok(held == 1),
         }
     }
@@ -447,6 +454,7 @@ impl Registry {
                     format!("{}\t{nick}", self.instance),
                     room.to_string(),
                     format!("{}\t", self.instance),
+                    self.life_prefix(),
                 ],
             )
             .await
@@ -809,6 +817,55 @@ pub(super) mod tests {
         );
         assert!(carol_recorded, "a held nick on a live instance records");
         assert!(!after_lease, "without a lease nothing records");
+    }
+
+    /// A namesake took this instance's name over while it was away (its
+    /// lease now holds another life's beat). Until its next heartbeat stops
+    /// it, the woken instance must take nothing under the name: no nick,
+    /// no membership; and that heartbeat says it was superseded.
+    #[tokio::test]
+    async fn an_instance_whose_name_another_life_holds_takes_nothing() {
+        let Some(cmd) = redis().await else {
+            return;
+        };
+        let keys = Keys::new(&format!("test-superseded-{:08x}", rand::random::<u32>())).unwrap();
+        let (woken, namesake) = (Registry::new(keys.clone(), "a"), Registry::new(keys, "a"));
+        woken.forget_previous_life(&cmd).await.unwrap();
+        woken.beat(&cmd).await.unwrap();
+        let (carol, dave) = (Nick::parse("carol").unwrap(), Nick::parse("dave").unwrap());
+        let side = RoomName::parse("side").unwrap();
+        assert!(claim(&cmd, &woken, &carol).await);
+        // The namesake's first beat, as its start would write it.
+        let _: () = cmd
+            .set(woken.alive_key(), namesake.beat_value(0), None, None, false)
+            .await
+            .unwrap();
+
+        let claimed = woken.claim(&cmd, &dave, SessionId(2)).await;
+        let recorded = woken.record_join(&cmd, &side, &carol).await;
+        let beat = woken.beat(&cmd).await;
+        let mut leftovers: Vec<String> = [&carol, &dave]
+            .iter()
+            .map(|nick| woken.nick_key(nick))
+            .collect();
+        leftovers.extend(
+            ["rooms", "instances", "alive:a", "held:a", "tick", "grace"].map(|k| woken.keys.dir(k)),
+        );
+        leftovers.push(woken.room_key(&side));
+        let _: Result<i64, _> = cmd.del(leftovers).await;
+
+        assert!(
+            matches!(claimed, Err(BusError::Superseded(_))),
+            "a nick was taken: {claimed:?}"
+        );
+        assert!(
+            matches!(recorded, Ok(false)),
+            "a membership was recorded: {recorded:?}"
+        );
+        assert!(
+            matches!(beat, Err(BusError::Superseded(_))),
+            "the heartbeat renewed another life's name: {beat:?}"
+        );
     }
 
     /// Reaped while away, the instance puts its users' rooms back on its next

@@ -179,12 +179,21 @@ return redis.call('HMGET', KEYS[1], 'gen', 'n')
 /// Takes a nick for a session, or renews the session's hold on it; a free
 /// nick is not taken during an outage's grace (see [`calm!`]).
 ///
-/// KEYS: nick key, tick, grace. ARGV: value (`instance\towner\tnick`), holder
-/// prefix (`instance\towner\t`), lease in ms, outage gap in ms. Returns 1 if
-/// held, 0 if another holds it, -1 if the directory is recovering.
+/// Nothing is taken for an instance whose name another life holds (a
+/// namesake took it over while it was away; its next heartbeat stops it).
+///
+/// KEYS: nick key, tick, grace, instance's lease. ARGV: value
+/// (`instance\towner\tnick`), holder prefix (`instance\towner\t`), lease in
+/// ms, outage gap in ms, this life's prefix of the lease's value. Returns 1
+/// if held, 0 if another holds it, -1 if the directory is recovering, -2 if
+/// another life holds the instance's name.
 pub const CLAIM: &str = concat!(
     calm!(),
     r#"
+local alive = redis.call('GET', KEYS[4])
+if alive and string.sub(alive, 1, #ARGV[5]) ~= ARGV[5] then
+  return -2
+end
 local cur = redis.call('GET', KEYS[1])
 if cur and string.sub(cur, 1, #ARGV[2]) ~= ARGV[2] then
   return 0
@@ -230,19 +239,23 @@ return 0
 /// members, and the instance's own index of what it holds (what reaping the
 /// instance reads), in one step, so none of the three can miss it.
 ///
-/// Only while the instance is alive and holds the nick: a join sent just
-/// before the instance stalled may reach Redis after its lease was reaped
-/// and the nick taken, and must then neither claim the room for the old
-/// holder nor overwrite the new holder's membership.
+/// Only while this life of the instance is alive and holds the nick: a
+/// join sent just before the instance stalled may reach Redis after its
+/// lease was reaped and the nick taken, and must then neither claim the room
+/// for the old holder nor overwrite the new holder's membership; nor may an
+/// instance whose name a namesake took over meanwhile record anything under
+/// it.
 ///
 /// KEYS: room's member hash, rooms set, instance's held set, nick key,
-/// instance's lease. ARGV: nick key, `instance\tnick`, room, `instance\t`.
+/// instance's lease. ARGV: nick key, `instance\tnick`, room, `instance\t`,
+/// this life's prefix of the lease's value.
 /// Returns 2 if recorded anew, 1 if it was recorded already, 0 if the
-/// instance no longer holds the nick.
+/// instance no longer holds the nick (or its name).
 pub const JOIN: &str = r#"
 local holder = redis.call('GET', KEYS[4])
+local alive = redis.call('GET', KEYS[5])
 if not holder or string.sub(holder, 1, #ARGV[4]) ~= ARGV[4]
-    or redis.call('EXISTS', KEYS[5]) == 0 then
+    or not alive or string.sub(alive, 1, #ARGV[5]) ~= ARGV[5] then
   return 0
 end
 local added = redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
