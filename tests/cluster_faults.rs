@@ -65,6 +65,19 @@ impl Peer {
             .expect("write");
     }
 
+    /// Everything it is sent until its connection closes (within 10 s).
+    async fn read_until_closed(&mut self) -> String {
+        let mut all = String::new();
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            tokio::io::AsyncReadExt::read_to_string(&mut self.reader, &mut all),
+        )
+        .await
+        .expect("the connection closes")
+        .expect("read");
+        all
+    }
+
     /// The next event matching `matches`, skipping others; panics with `what`
     /// if none arrives within [`DEPARTURE`] plus a margin.
     async fn expect(&mut self, what: &str, matches: impl Fn(&Value) -> bool) -> Value {
@@ -781,6 +794,41 @@ async fn a_frozen_instance_whose_name_was_taken_over_stops_when_it_wakes() {
     newcomer.send("typed by the second u0").await;
     let next = u1.expect("a message", |v| v["type"] == "message").await;
     assert_eq!(next["text"], "typed by the second u0", "{next}");
+}
+
+/// As above, with the newcomer `u0` on the namesake itself. The woken
+/// instance shares the namesake's name, and its polls took the namesake's
+/// inbox until it stopped: a DM meant for the newcomer went to the old
+/// `u0`'s connection instead (lost to one user, shown to another). Here the
+/// namesake is frozen a moment too, so that the DM waits in the inbox when
+/// the old instance wakes. Its takes now need the name's row to be its own
+/// life's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_woken_instance_whose_name_was_taken_over_takes_none_of_its_dms() {
+    let dir = temp_dir();
+    let db = common::sqlite_url(&dir);
+    let mut twin = start(&db, "twin").await;
+    let other = start(&db, "other").await;
+    let mut u0 = Peer::join_rooms(twin.tcp, "u0", &["general"]).await;
+    let mut u1 = Peer::join_rooms(other.tcp, "u1", &["general"]).await;
+    converge(&mut u1, "general", &["u0".to_owned(), "u1".to_owned()]).await;
+
+    twin.freeze();
+    let namesake = start(&db, "twin").await;
+    let mut newcomer = Peer::join_rooms(namesake.tcp, "u0", &["general"]).await;
+    namesake.freeze();
+    u1.send("/msg u0 for the newcomer").await;
+    u1.expect("the DM's echo", |v| v["type"] == "dm").await;
+    twin.thaw();
+    twin.exits_within(Duration::from_secs(10))
+        .await
+        .expect("the instance whose name was taken over stopped");
+    namesake.thaw();
+
+    let dm = newcomer.expect("the DM", |v| v["type"] == "dm").await;
+    assert_eq!(dm["text"], "for the newcomer");
+    let stale = u0.read_until_closed().await;
+    assert!(!stale.contains("for the newcomer"), "{stale}");
 }
 
 /// `ann` on instance `awake` and `bo` on instance `stalled`, both in

@@ -241,15 +241,17 @@ impl PollBus {
             .connect(url)
             .await
             .map_err(StoreError::from)?;
+        let life: Arc<str> = lease::new_life().into();
         let bus = PollBus {
             instance: instance.to_owned(),
-            life: lease::new_life(),
+            life: life.to_string(),
             db: Db {
                 pool,
                 statements: Arc::default(),
                 clock: Clock::of_url(url),
                 directory: Arc::default(),
                 inbox: Arc::default(),
+                life: life.clone(),
             },
             store,
             interval,
@@ -455,6 +457,9 @@ struct Db {
     /// Held by each take of this instance's inbox (see [`take_inbox`]), so
     /// that takes run one at a time and deliver in order.
     inbox: Arc<Mutex<()>>,
+    /// This life of the instance (see `lease`): its inbox is taken only
+    /// while the name's row is this life's.
+    life: Arc<str>,
 }
 
 impl Db {
@@ -670,7 +675,13 @@ async fn take_inbox(
     let (database, instance, sink) = (database.clone(), instance.to_owned(), sink.clone());
     let take = tokio::spawn(async move {
         let _one_at_a_time = database.inbox.clone().lock_owned().await;
-        take_inbox_now(&database, &instance, sink.as_ref()).await
+        // Bounded all the same, far beyond any answer: a connection that
+        // went silent (half-open) must not hold every later take, and the
+        // gate, for good.
+        let take = take_inbox_now(&database, &instance, sink.as_ref());
+        tokio::time::timeout(REAP_DEADLINE, take)
+            .await
+            .unwrap_or(Err(BusError::Unreachable))
     });
     take.await.unwrap_or(Err(BusError::Closed))
 }
@@ -690,12 +701,19 @@ async fn take_inbox_now(database: &Db, instance: &str, sink: &dyn Deliver) -> Re
     // Take what is there in one statement: the rows deleted are exactly the
     // rows read. (Reading, then deleting up to the highest id read, would
     // lose a row whose lower id was committed in between, on PostgreSQL.)
-    let mut rows: Vec<(i64, String)> =
-        sqlx::query_as("DELETE FROM inbox WHERE instance = $1 RETURNING id, payload")
-            .bind(instance)
-            .fetch_all(database.run())
-            .await
-            .map_err(db)?;
+    // Only while the name's row is this life's: an instance whose name a
+    // namesake took over while it was away would otherwise take the
+    // namesake's DMs, until it stops, and show them to its own users.
+    let mut rows: Vec<(i64, String)> = sqlx::query_as(
+        "DELETE FROM inbox WHERE instance = $1
+           AND EXISTS (SELECT 1 FROM instances WHERE instance = $1 AND life = $2)
+         RETURNING id, payload",
+    )
+    .bind(instance)
+    .bind(&*database.life)
+    .fetch_all(database.run())
+    .await
+    .map_err(db)?;
     rows.sort_unstable_by_key(|&(id, _)| id);
     for (_, payload) in rows {
         let Ok(row) = serde_json::from_str::<InboxRow>(&payload) else {
