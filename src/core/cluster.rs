@@ -134,7 +134,11 @@ impl Hub {
             }
             // The session ended or renamed itself meanwhile (or, rarely, a
             // local user took the guest nick first): give the guest nick
-            // (and the rooms recorded under it) back, and look again.
+            // (and the rooms recorded under it) back, and look again. Not if
+            // the session renamed itself to that very nick: it is its own.
+            if self.still_called(session, &guest) {
+                return;
+            }
             if let Err(err) = directory.release_nick(&guest, session).await {
                 tracing::warn!(cause = %err, %guest, "could not give back an unused guest nick; its lease will");
             }
