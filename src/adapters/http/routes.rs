@@ -488,6 +488,11 @@ impl Routes {
             Ok(Some(command)) => self.hub.handle(session.id, command).await,
             Err(refusal) => return Err(Failure::refused(refusal)),
         };
+        // The core answers every command of a session it knows; nothing
+        // means it ended the session while the command ran.
+        if events.is_empty() && !self.hub.is_connected(session.id) {
+            return Err(Failure::unauthorized());
+        }
         // A refused command is answered as an error, with its status.
         if let [event] = events.as_slice()
             && let EventBody::Error { code, .. } = event.body()
