@@ -962,6 +962,18 @@ impl Bus for PollBus {
 #[async_trait]
 impl Directory for PollBus {
     async fn claim_nick(&self, nick: &Nick, owner: SessionId) -> Result<bool, BusError> {
+        // Not for an instance whose name another life holds (a namesake took
+        // it over while this one was away, and its next heartbeat stops it):
+        // the nick would be recorded under the namesake's name, for good.
+        let life: Option<String> =
+            sqlx::query_scalar("SELECT life FROM instances WHERE instance = $1")
+                .bind(self.instance.as_str())
+                .fetch_optional(self.db.run())
+                .await
+                .map_err(db)?;
+        if life.is_some_and(|life| life != self.life) {
+            return Err(BusError::Superseded(self.instance.clone()));
+        }
         // Never from a live instance, nor from one merely late: only a reaped
         // instance's claims are free, and a reaped instance finds out.
         let held = lease::claim_nicks(&self.db, &self.instance, &[(nick, owner)]).await?;
@@ -1058,10 +1070,18 @@ impl Directory for PollBus {
 
     async fn left(&self, room: &RoomName, nick: &Nick) -> Result<(), BusError> {
         let _directory = self.db.directory.lock().await;
+        // Only under this life's row: a namesake that took the name over
+        // may have a member of the same nick there.
         let removed = self
             .exec(
-                "DELETE FROM presence WHERE room = $1 AND nick_key = $2 AND instance = $3",
-                &[room.as_str(), nick.key().as_str(), &self.instance],
+                "DELETE FROM presence WHERE room = $1 AND nick_key = $2 AND instance = $3
+                   AND EXISTS (SELECT 1 FROM instances WHERE instance = $3 AND life = $4)",
+                &[
+                    room.as_str(),
+                    nick.key().as_str(),
+                    &self.instance,
+                    &self.life,
+                ],
             )
             .await?;
         if removed == 0 {
@@ -1458,6 +1478,35 @@ mod tests {
         }
         let told = take_inbox(&b).await.concat();
         assert_eq!(told.matches("guest-").count(), 1, "{told}");
+    }
+
+    /// A namesake took `a`'s name over while `a` was away (the name's row
+    /// holds another life). Until its next heartbeat stops it, `a` takes no
+    /// nick under the name (it would never give it back) and removes no
+    /// membership there (it may be the namesake's).
+    #[tokio::test]
+    async fn an_instance_whose_name_another_life_holds_takes_and_removes_nothing() {
+        let (_dir, a, b) = two_instances().await;
+        let (u5, general) = (
+            Nick::parse("u5").unwrap(),
+            RoomName::parse("general").unwrap(),
+        );
+        assert!(a.claim_nick(&u5, SessionId(1)).await.unwrap());
+        a.joined(&general, &u5, 0).await.unwrap();
+        sqlx::query("UPDATE instances SET life = 'namesake' WHERE instance = 'a'")
+            .execute(&a.db.pool)
+            .await
+            .unwrap();
+
+        let claimed = a
+            .claim_nick(&Nick::parse("u6").unwrap(), SessionId(2))
+            .await;
+        assert!(
+            matches!(claimed, Err(BusError::Superseded(_))),
+            "{claimed:?}"
+        );
+        a.left(&general, &u5).await.unwrap();
+        assert_eq!(b.members(&general).await.unwrap(), vec![u5]);
     }
 
     #[tokio::test]
