@@ -757,28 +757,22 @@ async fn an_instance_under_a_running_instance_s_name_refuses_to_start() {
     assert_eq!(seen.len(), gone.len(), "each leave once: {seen:?}");
 }
 
-/// `u0` on instance `twin` and `u1` on `other`, both in #general, on one
-/// SQLite file.
+/// `u0` on instance `twin` and `u1` on `other`, both in #general, on the
+/// database `db`.
 struct Twins {
-    _dir: tempfile::TempDir,
-    db: String,
     twin: Daemon,
     other: Daemon,
     u0: Peer,
     u1: Peer,
 }
 
-async fn twins() -> Twins {
-    let dir = temp_dir();
-    let db = common::sqlite_url(&dir);
-    let twin = start(&db, "twin").await;
-    let other = start(&db, "other").await;
+async fn twins(db: &str) -> Twins {
+    let twin = start(db, "twin").await;
+    let other = start(db, "other").await;
     let u0 = Peer::join_rooms(twin.tcp, "u0", &["general"]).await;
     let mut u1 = Peer::join_rooms(other.tcp, "u1", &["general"]).await;
     converge(&mut u1, "general", &["u0".to_owned(), "u1".to_owned()]).await;
     Twins {
-        _dir: dir,
-        db,
         twin,
         other,
         u0,
@@ -795,14 +789,14 @@ async fn twins() -> Twins {
 /// namesake's row for its own and it served on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_instance_whose_name_was_taken_over_stops_when_it_wakes() {
+    let dir = temp_dir();
+    let db = common::sqlite_url(&dir);
     let Twins {
-        _dir,
-        db,
         mut twin,
         other,
         mut u0,
         mut u1,
-    } = twins().await;
+    } = twins(&db).await;
     twin.freeze();
     let _namesake = start(&db, "twin").await;
     let gone = [("general".to_owned(), "u0".to_owned())].into();
@@ -834,14 +828,18 @@ async fn a_frozen_instance_whose_name_was_taken_over_stops_when_it_wakes() {
 /// life's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_woken_instance_whose_name_was_taken_over_takes_none_of_its_dms() {
+    // On PostgreSQL: a process frozen inside an SQLite write would lock
+    // every instance out of the shared file, the DM's sender's too.
+    let Some(pg) = PgDatabase::create().await else {
+        return;
+    };
+    let db = pg.url.clone();
     let Twins {
-        _dir,
-        db,
         mut twin,
         other: _other,
         mut u0,
         mut u1,
-    } = twins().await;
+    } = twins(&db).await;
     twin.freeze();
     let namesake = start(&db, "twin").await;
     let mut newcomer = Peer::join_rooms(namesake.tcp, "u0", &["general"]).await;
@@ -858,6 +856,8 @@ async fn a_woken_instance_whose_name_was_taken_over_takes_none_of_its_dms() {
     assert_eq!(dm["text"], "for the newcomer");
     let stale = u0.read_until_closed().await;
     assert!(!stale.contains("for the newcomer"), "{stale}");
+    drop((twin, namesake, _other));
+    pg.drop_now().await;
 }
 
 /// `ann` on instance `awake` and `bo` on instance `stalled`, both in
