@@ -757,26 +757,29 @@ async fn an_instance_under_a_running_instance_s_name_refuses_to_start() {
     assert_eq!(seen.len(), gone.len(), "each leave once: {seen:?}");
 }
 
-/// `u0` on instance `twin` and `u1` on `other`, both in #general, on the
-/// database `db`.
-struct Twins {
-    twin: Daemon,
-    other: Daemon,
-    u0: Peer,
-    u1: Peer,
+/// Two instances on the database `db`, started one after the other, each
+/// with one user in #general; the second's user sees both there.
+struct Pair {
+    first: Daemon,
+    second: Daemon,
+    on_first: Peer,
+    on_second: Peer,
 }
 
-async fn twins(db: &str) -> Twins {
-    let twin = start(db, "twin").await;
-    let other = start(db, "other").await;
-    let u0 = Peer::join_rooms(twin.tcp, "u0", &["general"]).await;
-    let mut u1 = Peer::join_rooms(other.tcp, "u1", &["general"]).await;
-    converge(&mut u1, "general", &["u0".to_owned(), "u1".to_owned()]).await;
-    Twins {
-        twin,
-        other,
-        u0,
-        u1,
+/// [`Pair`]: `instances[i]` is an instance's name and its user's nick.
+async fn pair(db: &str, instances: [(&str, &str); 2]) -> Pair {
+    let [(first, nick_first), (second, nick_second)] = instances;
+    let first = start(db, first).await;
+    let second = start(db, second).await;
+    let on_first = Peer::join_rooms(first.tcp, nick_first, &["general"]).await;
+    let mut on_second = Peer::join_rooms(second.tcp, nick_second, &["general"]).await;
+    let both = [nick_first.to_owned(), nick_second.to_owned()];
+    converge(&mut on_second, "general", &both).await;
+    Pair {
+        first,
+        second,
+        on_first,
+        on_second,
     }
 }
 
@@ -791,12 +794,12 @@ async fn twins(db: &str) -> Twins {
 async fn a_frozen_instance_whose_name_was_taken_over_stops_when_it_wakes() {
     let dir = temp_dir();
     let db = common::sqlite_url(&dir);
-    let Twins {
-        mut twin,
-        other,
-        mut u0,
-        mut u1,
-    } = twins(&db).await;
+    let Pair {
+        first: mut twin,
+        second: other,
+        on_first: mut u0,
+        on_second: mut u1,
+    } = pair(&db, [("twin", "u0"), ("other", "u1")]).await;
     twin.freeze();
     let _namesake = start(&db, "twin").await;
     let gone = [("general".to_owned(), "u0".to_owned())].into();
@@ -834,12 +837,12 @@ async fn a_woken_instance_whose_name_was_taken_over_takes_none_of_its_dms() {
         return;
     };
     let db = pg.url.clone();
-    let Twins {
-        mut twin,
-        other: _other,
-        mut u0,
-        mut u1,
-    } = twins(&db).await;
+    let Pair {
+        first: mut twin,
+        second: _other,
+        on_first: mut u0,
+        on_second: mut u1,
+    } = pair(&db, [("twin", "u0"), ("other", "u1")]).await;
     twin.freeze();
     let namesake = start(&db, "twin").await;
     let mut newcomer = Peer::join_rooms(namesake.tcp, "u0", &["general"]).await;
@@ -871,11 +874,12 @@ struct DmToAStalledUser {
 }
 
 async fn dm_to_a_stalled_user(db: &str) -> DmToAStalledUser {
-    let awake = start(db, "awake").await;
-    let stalled = start(db, "stalled").await;
-    let mut ann = Peer::join_rooms(awake.tcp, "ann", &["general"]).await;
-    let bo = Peer::join_rooms(stalled.tcp, "bo", &["general"]).await;
-    converge(&mut ann, "general", &["ann".to_owned(), "bo".to_owned()]).await;
+    let Pair {
+        first: stalled,
+        second: awake,
+        on_first: bo,
+        on_second: mut ann,
+    } = pair(db, [("stalled", "bo"), ("awake", "ann")]).await;
 
     stalled.freeze();
     ann.send("/msg bo are you there?").await;

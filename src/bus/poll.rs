@@ -66,8 +66,6 @@ const REAP_DEADLINE: Duration = Duration::from_secs(30);
 /// The poll bus of one instance.
 pub struct PollBus {
     instance: String,
-    /// This life of the instance (see `lease`): the token in its row.
-    life: String,
     db: Db,
     store: Arc<dyn Store>,
     interval: Duration,
@@ -241,17 +239,15 @@ impl PollBus {
             .connect(url)
             .await
             .map_err(StoreError::from)?;
-        let life: Arc<str> = lease::new_life().into();
         let bus = PollBus {
             instance: instance.to_owned(),
-            life: life.to_string(),
             db: Db {
                 pool,
                 statements: Arc::default(),
                 clock: Clock::of_url(url),
                 directory: Arc::default(),
                 inbox: Arc::default(),
-                life: life.clone(),
+                life: lease::new_life().into(),
             },
             store,
             interval,
@@ -264,7 +260,7 @@ impl PollBus {
             fence: Arc::new(Fence::new(LEASE, tokio::time::Instant::now())),
         };
         let registered = tokio::time::Instant::now();
-        let lease = lease::Lease::register(&bus.db, instance, &bus.life).await?;
+        let lease = lease::Lease::register(&bus.db, instance).await?;
         bus.fence.confirmed(registered);
         *bus.lease.lock().expect("not poisoned") = Some(lease);
         Ok(bus)
@@ -416,7 +412,6 @@ async fn announce<'e>(
 async fn while_registered(
     database: &Db,
     instance: &str,
-    life: &str,
 ) -> Result<Option<Transaction<'static, Any>>, BusError> {
     let mut tx = database.pool.begin().await.map_err(db)?;
     // The row is written as it is: a lock, not a renewal (the others watch
@@ -425,7 +420,7 @@ async fn while_registered(
     let held =
         sqlx::query("UPDATE instances SET seen_at = seen_at WHERE instance = $1 AND life = $2")
             .bind(instance)
-            .bind(life)
+            .bind(&*database.life)
             .execute(counted(database, &mut tx))
             .await
             .map_err(db)?
@@ -457,8 +452,9 @@ struct Db {
     /// Held by each take of this instance's inbox (see [`take_inbox`]), so
     /// that takes run one at a time and deliver in order.
     inbox: Arc<Mutex<()>>,
-    /// This life of the instance (see `lease`): its inbox is taken only
-    /// while the name's row is this life's.
+    /// This life of the instance (see `lease`): a random token in its row.
+    /// Its inbox is taken, and its claims made, only while the name's row
+    /// holds it.
     life: Arc<str>,
 }
 
@@ -971,7 +967,7 @@ impl Directory for PollBus {
                 .fetch_optional(self.db.run())
                 .await
                 .map_err(db)?;
-        if life.is_some_and(|life| life != self.life) {
+        if life.is_some_and(|life| *life != *self.db.life) {
             return Err(BusError::Superseded(self.instance.clone()));
         }
         // Never from a live instance, nor from one merely late: only a reaped
@@ -1015,7 +1011,7 @@ impl Directory for PollBus {
         let (old_key, new_key) = (old.key(), new.key());
         // Reaped: the memberships are gone, and the re-assertion claims the
         // new nick's rooms.
-        let Some(mut tx) = while_registered(&self.db, &self.instance, &self.life).await? else {
+        let Some(mut tx) = while_registered(&self.db, &self.instance).await? else {
             return Ok(());
         };
         let on = counted(&self.db, &mut tx);
@@ -1052,7 +1048,7 @@ impl Directory for PollBus {
         // Nor while a reap of this instance is under way (see
         // `while_registered`).
         let _directory = self.db.directory.lock().await;
-        let Some(mut tx) = while_registered(&self.db, &self.instance, &self.life).await? else {
+        let Some(mut tx) = while_registered(&self.db, &self.instance).await? else {
             return Ok(());
         };
         let on = counted(&self.db, &mut tx);
@@ -1080,7 +1076,7 @@ impl Directory for PollBus {
                     room.as_str(),
                     nick.key().as_str(),
                     &self.instance,
-                    &self.life,
+                    &self.db.life,
                 ],
             )
             .await?;

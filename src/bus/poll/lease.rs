@@ -69,8 +69,6 @@ const RENEWED: &str = "CASE WHEN $2 > instances.seen_at THEN $2 ELSE instances.s
 /// This instance's lease, kept by its heartbeat task.
 pub(super) struct Lease {
     instance: String,
-    /// This life of the instance: a random token written into its row.
-    life: String,
     /// Set when the lease was found reaped; cleared once every claim has been
     /// re-asserted, so a re-assertion cut short by an error is tried again.
     reassert: bool,
@@ -89,11 +87,7 @@ enum Reap<'a> {
     /// row (if any) held `seen` throughout the watch. The row is then taken
     /// for this life in the same transaction, so of two instances starting
     /// under one name at once only one gets it.
-    PreviousLife {
-        name: &'a str,
-        life: &'a str,
-        seen: Option<i64>,
-    },
+    PreviousLife { name: &'a str, seen: Option<i64> },
 }
 
 /// A token for one life of an instance, new at each start.
@@ -104,24 +98,18 @@ pub(super) fn new_life() -> String {
 impl Lease {
     /// Registers `instance`, first reaping what a previous life under the
     /// same name left (its users leave, as if it had been reaped by another).
-    pub(super) async fn register(
-        database: &Db,
-        instance: &str,
-        life: &str,
-    ) -> Result<Lease, BusError> {
+    pub(super) async fn register(database: &Db, instance: &str) -> Result<Lease, BusError> {
         let seen = wait_out_previous_life(database, instance).await?;
         reap(
             database,
             Reap::PreviousLife {
                 name: instance,
-                life,
                 seen,
             },
         )
         .await?;
         Ok(Lease {
             instance: instance.to_owned(),
-            life: life.to_owned(),
             reassert: false,
             watch: Watch::new(LEASE),
         })
@@ -139,13 +127,13 @@ impl Lease {
         )))
         .bind(self.instance.as_str())
         .bind(now_ms())
-        .bind(self.life.as_str())
+        .bind(&*database.life)
         .execute(database.run())
         .await
         .map_err(db)?
         .rows_affected();
         if renewed == 0 {
-            insert(database, &self.instance, &self.life).await?;
+            insert(database, &self.instance).await?;
             tracing::warn!(
                 instance = %self.instance,
                 "this instance's lease ran out and was reaped: re-asserting its users' nicks and rooms"
@@ -245,7 +233,7 @@ async fn wait_out_previous_life(database: &Db, instance: &str) -> Result<Option<
 /// Registers this life's row for `instance`, or renews it if another
 /// heartbeat of this life (one cut short) already did.
 /// [`BusError::Superseded`] if another life holds the name.
-async fn insert(database: &Db, instance: &str, life: &str) -> Result<(), BusError> {
+async fn insert(database: &Db, instance: &str) -> Result<(), BusError> {
     let written = sqlx::query(sqlx::AssertSqlSafe(format!(
         "INSERT INTO instances (instance, seen_at, life) VALUES ($1, $2, $3)
          ON CONFLICT (instance) DO UPDATE SET seen_at = {RENEWED}
@@ -253,7 +241,7 @@ async fn insert(database: &Db, instance: &str, life: &str) -> Result<(), BusErro
     )))
     .bind(instance)
     .bind(now_ms())
-    .bind(life)
+    .bind(&*database.life)
     .execute(database.run())
     .await
     .map_err(db)?
@@ -534,7 +522,7 @@ async fn reap(database: &Db, which: Reap<'_>) -> Result<(), BusError> {
                 .map_err(db)?;
             vec![name.to_owned()]
         }
-        Reap::PreviousLife { name, seen, .. } => {
+        Reap::PreviousLife { name, seen } => {
             if let Some(seen) = seen {
                 let taken =
                     sqlx::query("DELETE FROM instances WHERE instance = $1 AND seen_at = $2")
@@ -612,7 +600,7 @@ async fn reap(database: &Db, which: Reap<'_>) -> Result<(), BusError> {
             .await
             .map_err(db)?;
     }
-    if let Reap::PreviousLife { name, life, .. } = which {
+    if let Reap::PreviousLife { name, .. } = which {
         // A namesake that started at the same moment and got here first
         // has the row: this one gives way.
         let registered = sqlx::query(
@@ -621,7 +609,7 @@ async fn reap(database: &Db, which: Reap<'_>) -> Result<(), BusError> {
         )
         .bind(name)
         .bind(now_ms())
-        .bind(life)
+        .bind(&*database.life)
         .execute(counted(database, &mut tx))
         .await
         .map_err(db)?
