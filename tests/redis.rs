@@ -1520,3 +1520,61 @@ async fn a_stream_moved_off_a_killed_instance_misses_nothing() {
     pg.drop_now().await;
     common::forget_redis_cluster(&redis, &cluster);
 }
+
+/// A join whose room subscription Redis does not confirm (a timeout, a
+/// shard away, a refusal) leaves the member in the room, and the instance
+/// must keep trying: until this was fixed, the member heard only their own
+/// instance for as long as they stayed. Redis refuses the subscription here
+/// through an ACL that lets instance i1 use every channel but the rooms';
+/// granting them stands for the blip ending.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_whose_room_subscription_failed_hears_the_room_once_it_succeeds() {
+    common::shared_redis().await;
+    let Some(redis) = PrivateRedis::start_with(&[]) else {
+        assert!(!services_required(), "redis-server could not be started");
+        eprintln!("SKIPPED: redis-server could not be started");
+        return;
+    };
+    redis.ready().await;
+    let url = redis.url();
+    let acl = [
+        "ACL",
+        "SETUSER",
+        "deaf",
+        "on",
+        ">pw",
+        "~*",
+        "+@all",
+        "resetchannels",
+        "&{deaf:all}",
+        "&{deaf:i:*}",
+    ];
+    assert_eq!(redis_cli(&url, &acl), "OK");
+    let deaf_url = format!("redis://deaf:pw@127.0.0.1:{}", redis.port);
+    let dir = temp_dir();
+    let db = common::sqlite_url(&dir);
+    let a = Daemon::start(&instance_args(&db, &deaf_url, "deaf", "i1")).await;
+    let b = Daemon::start(&instance_args(&db, &url, "deaf", "i2")).await;
+
+    let mut carol = Client::in_room(b.tcp, "carol", "quiet").await;
+    // Answered once i1 has tried the subscription, and been refused.
+    let mut alice = Client::in_room(a.tcp, "alice", "quiet").await;
+    carol.send("one").await;
+    carol
+        .expect(|v| v["type"] == "message" && v["text"] == "one")
+        .await;
+
+    assert_eq!(
+        redis_cli(&url, &["ACL", "SETUSER", "deaf", "allchannels"]),
+        "OK"
+    );
+    carol.send("two").await;
+    let heard = |text: &'static str| move |v: &Value| v["type"] == "message" && v["text"] == text;
+    let one = expect_within(&mut alice, Duration::from_secs(10), heard("one")).await;
+    let two = expect_within(&mut alice, Duration::from_secs(10), heard("two")).await;
+    assert_eq!(
+        (one["seq"].as_u64(), two["seq"].as_u64()),
+        (Some(1), Some(2))
+    );
+    drop((a, b));
+}

@@ -193,6 +193,12 @@ impl Registry {
         self.beat_and(cmd, |_| {}).await
     }
 
+    /// Has the next heartbeat record every membership held here again: one
+    /// may be missing from Redis (its join failed there).
+    pub fn reassert_later(&self) {
+        self.reassert.store(true, Ordering::Relaxed);
+    }
+
     /// [`Self::beat`], calling `renewed` with the claims found lost as soon
     /// as the renewal is done: before the re-assertion, whose `join`s others
     /// may answer at once.
@@ -619,21 +625,36 @@ impl Directory for RedisBus {
 
     async fn joined(&self, room: &RoomName, nick: &Nick, delivered: u64) -> Result<(), BusError> {
         let dir = &self.inner.registry;
-        self.inner.rooms.watch(room, delivered).await?;
+        // Held first: whatever fails below, the membership is this
+        // instance's to record, and a later heartbeat records it.
         if let Some(h) = dir.held().get_mut(&nick.key()) {
             h.rooms.insert(room.clone());
         }
-        if !dir.record_join(&self.inner.cmd, room, nick).await? {
-            // The join reached Redis after this instance lost the nick (it
-            // stalled past its lease): nothing to announce, and the next
-            // heartbeat renames the user.
-            return Ok(());
+        // A subscription Redis does not confirm is tried again every
+        // heartbeat; the user is in the room all the same.
+        if let Err(err) = self.inner.rooms.watch(room, delivered).await {
+            tracing::warn!(cause = %err, %room, "redis bus: a member's room is not subscribed yet");
         }
-        let change = Presence::Joined {
-            room: room.clone(),
-            nick: nick.clone(),
-        };
-        dir.announce_in_room(&self.inner.cmd, room, &change).await
+        let recorded = async {
+            if !dir.record_join(&self.inner.cmd, room, nick).await? {
+                // The join reached Redis after this instance lost the nick
+                // (it stalled past its lease): nothing to announce, and the
+                // next heartbeat renames the user.
+                return Ok(());
+            }
+            let change = Presence::Joined {
+                room: room.clone(),
+                nick: nick.clone(),
+            };
+            dir.announce_in_room(&self.inner.cmd, room, &change).await
+        }
+        .await;
+        if recorded.is_err() {
+            // Not in Redis (or not announced): the next heartbeat puts back
+            // every membership held here, this one with it.
+            dir.reassert_later();
+        }
+        recorded
     }
 
     async fn left(&self, room: &RoomName, nick: &Nick) -> Result<(), BusError> {

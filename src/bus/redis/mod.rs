@@ -96,6 +96,8 @@ struct Inner {
     fence: Fence,
     /// False while the last heartbeat or reconnect says Redis is away.
     healthy: AtomicBool,
+    /// Set when the instance and cluster channels must be subscribed again.
+    own_channels_lapsed: AtomicBool,
     stop: CancellationToken,
     persist_stop: CancellationToken,
     flushes: mpsc::Sender<FlushRequest>,
@@ -173,6 +175,7 @@ impl RedisBus {
             publish: Lua::new(script::PUBLISH),
             fence: Fence::new(LEASE, registered),
             healthy: AtomicBool::new(true),
+            own_channels_lapsed: AtomicBool::new(false),
             stop: CancellationToken::new(),
             persist_stop: CancellationToken::new(),
             flushes,
@@ -338,19 +341,54 @@ impl Inner {
                 r = reconnects.recv() => if let Err(RecvError::Closed) = r { return },
             }
             tracing::info!("redis bus: subscriber reconnected; subscribing again");
-            // One channel at a time: channels of different rooms may live on
-            // different shards. (fred's `resubscribe_all` also sends an empty
-            // SUBSCRIBE, which Redis refuses, when only shard channels are
-            // tracked.)
-            for channel in self.sub.tracked_shard_channels() {
-                if let Err(err) = self.sub.ssubscribe(channel.to_string()).await {
-                    tracing::warn!(cause = %err, %channel, "redis bus: could not subscribe again");
-                }
-            }
-            self.rooms.catch_up_all().await;
+            self.rooms.lapse_all().await;
+            self.own_channels_lapsed.store(true, Ordering::Relaxed);
+            self.subscribe_lapsed().await;
             if let Some(sink) = self.sink() {
                 self.inbox.catch_up(&self.cmd, sink.as_ref()).await;
             }
+        }
+    }
+
+    /// Subscribes again, every heartbeat, whatever Redis has not confirmed:
+    /// after a reconnect, or a room's first subscription during a blip.
+    /// Its own task: a subscription that times out must not hold up the
+    /// heartbeat, whose lease it would put at risk.
+    async fn keep_subscribed(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(HEARTBEAT);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = self.stop.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            self.subscribe_lapsed().await;
+        }
+    }
+
+    /// Subscribes this instance's own channels if they lapsed, then every
+    /// room that is not subscribed (reading what it missed). One channel at
+    /// a time: channels of different rooms may live on different shards.
+    /// (fred's `resubscribe_all` also sends an empty SUBSCRIBE, which Redis
+    /// refuses, when only shard channels are tracked.)
+    async fn subscribe_lapsed(&self) {
+        if self.own_channels_lapsed.swap(false, Ordering::Relaxed) {
+            for channel in [
+                self.keys.instance_channel(&self.instance),
+                self.keys.all_channel(),
+            ] {
+                if let Err(err) = self.sub.ssubscribe(channel.clone()).await {
+                    tracing::warn!(cause = %err, %channel, "redis bus: could not subscribe again; trying again at the next heartbeat");
+                    self.own_channels_lapsed.store(true, Ordering::Relaxed);
+                }
+            }
+        }
+        let unconfirmed = self.rooms.retry().await;
+        if unconfirmed > 0 {
+            tracing::warn!(
+                rooms = unconfirmed,
+                "redis bus: rooms not subscribed yet; their members hear only this instance until they are"
+            );
         }
     }
 
@@ -441,12 +479,11 @@ impl Bus for RedisBus {
 
     fn start(&self, sink: Arc<dyn Deliver>) {
         *self.inner.sink.lock().unwrap_or_else(|e| e.into_inner()) = Some(sink.clone());
-        let inner = self.inner.clone();
-        let attach = tokio::spawn(async move { inner.rooms.attach(sink).await });
+        self.inner.rooms.attach(sink);
         let mut tasks = self.tasks.lock().unwrap_or_else(|e| e.into_inner());
-        tasks.push(attach);
         tasks.push(tokio::spawn(self.inner.clone().read()));
         tasks.push(tokio::spawn(self.inner.clone().resubscribe()));
+        tasks.push(tokio::spawn(self.inner.clone().keep_subscribed()));
         tasks.push(tokio::spawn(self.inner.clone().keep_alive()));
     }
 
@@ -593,7 +630,7 @@ impl Bus for RedisBus {
         } else {
             inner.registry.forget_all(&inner.cmd).await;
         }
-        inner.rooms.detach().await;
+        inner.rooms.detach();
         inner.persist_stop.cancel();
         let persister = self
             .persister

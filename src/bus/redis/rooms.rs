@@ -13,9 +13,19 @@
 //! reconnect, a lagging reader, a fresh subscription), and they are read from
 //! the room's stream (`XRANGE`), or from the store if the stream was trimmed
 //! past them, before it.
+//!
+//! A room whose subscription Redis did not confirm (a timeout, a shard that
+//! was away, a refusal) is still held, with its cursor: what is published
+//! here is delivered, and [`Rooms::retry`] subscribes it again until Redis
+//! confirms, then reads what went by meanwhile. Without that, a member who
+//! joined during a blip would be deaf to the rest of the cluster for as long
+//! as they stayed.
+//!
+//! Each room has a lock of its own, held across that room's reads: a room
+//! whose catch-up waits on a slow store holds up its own messages only.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex as StdMutex, MutexGuard};
 
 use fred::clients::SubscriberClient;
 use fred::prelude::*;
@@ -39,14 +49,19 @@ pub struct Rooms {
     cmd: Client,
     sub: SubscriberClient,
     store: Arc<dyn Store>,
-    state: Mutex<State>,
+    heard: StdMutex<HashMap<RoomName, Arc<Mutex<Cursor>>>>,
+    sink: StdMutex<Option<Arc<dyn Deliver>>>,
 }
 
-#[derive(Default)]
-struct State {
-    /// Subscribed rooms and the last seq delivered in each.
-    delivered: HashMap<RoomName, u64>,
-    sink: Option<Arc<dyn Deliver>>,
+/// Where one heard room stands.
+struct Cursor {
+    /// The last seq delivered.
+    delivered: u64,
+    /// Redis confirmed the subscription and what went by before it was read.
+    subscribed: bool,
+    /// [`Rooms::forget`] took the room out; whoever still holds this cursor
+    /// delivers nothing more through it.
+    forgotten: bool,
 }
 
 impl Rooms {
@@ -57,100 +72,180 @@ impl Rooms {
             cmd,
             sub,
             store,
-            state: Mutex::new(State::default()),
+            heard: StdMutex::default(),
+            sink: StdMutex::default(),
         }
+    }
+
+    fn heard(&self) -> MutexGuard<'_, HashMap<RoomName, Arc<Mutex<Cursor>>>> {
+        self.heard.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn cursor(&self, room: &RoomName) -> Option<Arc<Mutex<Cursor>>> {
+        self.heard().get(room).cloned()
     }
 
     /// Where delivered messages go.
-    pub async fn attach(&self, sink: Arc<dyn Deliver>) {
-        self.state.lock().await.sink = Some(sink);
+    pub fn attach(&self, sink: Arc<dyn Deliver>) {
+        *self.sink.lock().unwrap_or_else(|e| e.into_inner()) = Some(sink);
     }
 
-    /// Stops delivering (the bus is closing).
-    pub async fn detach(&self) {
-        self.state.lock().await.sink = None;
+    /// Stops delivering (the bus is closing): nothing is delivered once this
+    /// returns.
+    pub fn detach(&self) {
+        *self.sink.lock().unwrap_or_else(|e| e.into_inner()) = None;
     }
 
     /// Hears `room` from now on, counting from `delivered`; catches up from
-    /// the stream with what was said since.
+    /// the stream with what was said since. On an error the room is held
+    /// all the same, and [`Self::retry`] subscribes it later.
     pub async fn watch(&self, room: &RoomName, delivered: u64) -> Result<(), BusError> {
-        let mut state = self.state.lock().await;
-        if let Some(cursor) = state.delivered.get_mut(room) {
-            *cursor = (*cursor).max(delivered);
-            return Ok(());
+        loop {
+            let cursor = self
+                .heard()
+                .entry(room.clone())
+                .or_insert_with(|| {
+                    Arc::new(Mutex::new(Cursor {
+                        delivered,
+                        subscribed: false,
+                        forgotten: false,
+                    }))
+                })
+                .clone();
+            let mut cursor = cursor.lock().await;
+            if cursor.forgotten {
+                continue; // forgotten while this waited: a fresh entry now
+            }
+            cursor.delivered = cursor.delivered.max(delivered);
+            if cursor.subscribed {
+                return Ok(());
+            }
+            return self.subscribe(room, &mut cursor).await;
         }
+    }
+
+    /// Subscribes `room` and reads what it missed, marking it subscribed
+    /// only when both are done.
+    async fn subscribe(&self, room: &RoomName, cursor: &mut Cursor) -> Result<(), BusError> {
         // Bounded: a subscription whose confirmation never comes must not
-        // hold the rooms' lock (and with it every publish) forever. The room
-        // is then not recorded as heard, so the next join or reader tries
-        // again.
+        // hold the room (and every publish to it) for ever.
         match tokio::time::timeout(
             SUBSCRIBE_TIMEOUT,
             self.sub.ssubscribe(self.keys.room_channel(room)),
         )
         .await
         {
-            Ok(result) => result.map_err(unreachable)?,
+            Ok(result) => result.map_err(|err| {
+                BusError::Redis(format!(
+                    "Redis refused the subscription to #{room} ({err}); trying again every heartbeat"
+                ))
+            })?,
             Err(_) => {
                 return Err(BusError::Redis(format!(
-                    "Redis did not confirm the subscription to #{room} within {SUBSCRIBE_TIMEOUT:?}"
+                    "Redis did not confirm the subscription to #{room} within {SUBSCRIBE_TIMEOUT:?}; trying again every heartbeat"
                 )));
             }
         }
-        state.delivered.insert(room.clone(), delivered);
-        // What was said between the hub's read of the room (its ring, read
-        // stream-first, so `delivered` is where the room really stood) and
-        // the subscription.
-        self.catch_up(&mut state, room, None).await
+        // What was said before the subscription took: since the hub's read
+        // of the room (its ring, read stream-first, so the cursor is where
+        // the room really stood), or since the last subscription lapsed.
+        self.catch_up(room, cursor, None).await?;
+        cursor.subscribed = true;
+        Ok(())
+    }
+
+    /// Subscribes again every held room whose subscription Redis has not
+    /// confirmed, and reads what each missed. Returns how many are still
+    /// unconfirmed.
+    pub async fn retry(&self) -> usize {
+        let mut unconfirmed = 0;
+        for (room, cursor) in self.snapshot() {
+            let mut cursor = cursor.lock().await;
+            if cursor.forgotten || cursor.subscribed {
+                continue;
+            }
+            match self.subscribe(&room, &mut cursor).await {
+                Ok(()) => tracing::info!(%room, "redis bus: room subscribed again"),
+                Err(err) => {
+                    tracing::debug!(cause = %err, %room, "redis bus: room still not subscribed");
+                    unconfirmed += 1;
+                }
+            }
+        }
+        unconfirmed
+    }
+
+    /// After the subscriber reconnected: every room must be subscribed
+    /// again, and what went by while it was away read.
+    pub async fn lapse_all(&self) {
+        for (_, cursor) in self.snapshot() {
+            cursor.lock().await.subscribed = false;
+        }
+    }
+
+    fn snapshot(&self) -> Vec<(RoomName, Arc<Mutex<Cursor>>)> {
+        self.heard()
+            .iter()
+            .map(|(room, cursor)| (room.clone(), cursor.clone()))
+            .collect()
     }
 
     /// Stops hearing `room`: the hub has evicted it.
     pub async fn forget(&self, room: &RoomName) {
-        let mut state = self.state.lock().await;
-        if state.delivered.remove(room).is_none() {
+        let Some(cursor) = self.cursor(room) else {
+            return;
+        };
+        let mut guard = cursor.lock().await;
+        if guard.forgotten {
             return;
         }
+        guard.forgotten = true;
         if let Err(err) = self.sub.sunsubscribe(self.keys.room_channel(room)).await {
             tracing::warn!(cause = %err, %room, "could not unsubscribe from a room");
+        }
+        // Taken out only now, still under the room's lock: a `watch` waiting
+        // for it then subscribes anew after this unsubscription, not before.
+        let mut heard = self.heard();
+        if heard.get(room).is_some_and(|c| Arc::ptr_eq(c, &cursor)) {
+            heard.remove(room);
         }
     }
 
     /// The last seq delivered in `room` (0 if it is not heard here).
     pub async fn delivered(&self, room: &RoomName) -> u64 {
-        self.state
-            .lock()
-            .await
-            .delivered
-            .get(room)
-            .copied()
-            .unwrap_or(0)
+        match self.cursor(room) {
+            Some(cursor) => cursor.lock().await.delivered,
+            None => 0,
+        }
     }
 
     /// Takes a message at `seq` heard on `room`'s channel (or published here).
     pub async fn offer(&self, message: Arc<Message>) {
-        let mut state = self.state.lock().await;
-        let room = message.room.clone();
-        let Some(&delivered) = state.delivered.get(&room) else {
+        let Some(cursor) = self.cursor(&message.room) else {
             return; // not (or no longer) heard here
         };
-        if message.seq <= delivered {
+        let mut cursor = cursor.lock().await;
+        if cursor.forgotten || message.seq <= cursor.delivered {
             return; // heard twice: published here and echoed, or re-read
         }
-        if message.seq > delivered + 1
+        if message.seq > cursor.delivered + 1
             && let Err(err) = self
-                .catch_up(&mut state, &room, Some(message.seq - 1))
+                .catch_up(&message.room, &mut cursor, Some(message.seq - 1))
                 .await
         {
-            tracing::warn!(cause = %err, %room, "could not fill a hole; delivering across it");
+            tracing::warn!(cause = %err, room = %message.room, "could not fill a hole; delivering across it");
         }
-        deliver(&mut state, message);
+        self.deliver(&mut cursor, message);
     }
 
     /// Reads what every heard room missed (after a reconnect or a lag).
     pub async fn catch_up_all(&self) {
-        let mut state = self.state.lock().await;
-        let rooms: Vec<RoomName> = state.delivered.keys().cloned().collect();
-        for room in rooms {
-            if let Err(err) = self.catch_up(&mut state, &room, None).await {
+        for (room, cursor) in self.snapshot() {
+            let mut cursor = cursor.lock().await;
+            if cursor.forgotten {
+                continue;
+            }
+            if let Err(err) = self.catch_up(&room, &mut cursor, None).await {
                 tracing::warn!(cause = %err, %room, "could not catch up a room");
             }
         }
@@ -161,13 +256,13 @@ impl Rooms {
     /// the store.
     async fn catch_up(
         &self,
-        state: &mut State,
         room: &RoomName,
+        cursor: &mut Cursor,
         upto: Option<u64>,
     ) -> Result<(), BusError> {
         let log = self.keys.log(room);
         loop {
-            let after = state.delivered.get(room).copied().unwrap_or(0);
+            let after = cursor.delivered;
             if upto.is_some_and(|u| after >= u) {
                 return Ok(());
             }
@@ -192,14 +287,13 @@ impl Rooms {
                     .since(room, after, missing.min(PAGE as u32))
                     .await?;
                 for m in stored.into_iter().filter(|m| m.seq < below) {
-                    deliver(state, Arc::new(m));
+                    self.deliver(cursor, Arc::new(m));
                 }
                 // Again only if the cursor moved: a store with a hole of its
                 // own (rows lost with Redis, or stored out of order) would
                 // otherwise be asked the same question for ever, under the
-                // lock every publish takes.
-                let now = state.delivered.get(room).copied().unwrap_or(0);
-                if now > after && now + 1 < below {
+                // room's lock every publish to it takes.
+                if cursor.delivered > after && cursor.delivered + 1 < below {
                     continue;
                 }
             }
@@ -208,26 +302,24 @@ impl Rooms {
             }
             let count = entries.len() as u64;
             for message in history::decode(room, entries) {
-                deliver(state, Arc::new(message));
+                self.deliver(cursor, Arc::new(message));
             }
             if count < PAGE {
                 return Ok(());
             }
         }
     }
-}
 
-/// Hands `message` to the sink and moves the room's cursor.
-fn deliver(state: &mut State, message: Arc<Message>) {
-    let Some(cursor) = state.delivered.get_mut(&message.room) else {
-        return;
-    };
-    if message.seq <= *cursor {
-        return;
-    }
-    *cursor = message.seq;
-    if let Some(sink) = &state.sink {
-        sink.deliver(Envelope::Message(message));
+    /// Hands `message` to the sink and moves the room's cursor.
+    fn deliver(&self, cursor: &mut Cursor, message: Arc<Message>) {
+        if message.seq <= cursor.delivered {
+            return;
+        }
+        cursor.delivered = message.seq;
+        // Read per message, so that nothing is delivered after `detach`.
+        if let Some(sink) = &*self.sink.lock().unwrap_or_else(|e| e.into_inner()) {
+            sink.deliver(Envelope::Message(message));
+        }
     }
 }
 
