@@ -165,8 +165,12 @@ impl Registry {
         self.keys.dir("alive:")
     }
 
+    /// What a nick's value starts with while `owner` holds it. With the
+    /// life in it: session ids start again at 1 in every life, so without
+    /// it an instance woken after a namesake took its name over would give
+    /// back (`RELEASE`) the nick of the namesake's session of the same id.
     fn holder(&self, owner: SessionId) -> String {
-        format!("{}\t{owner}\t", self.instance)
+        format!("{}\t{:016x}.{owner}\t", self.instance, self.life)
     }
 
     fn lease_ms() -> String {
@@ -536,11 +540,12 @@ impl Registry {
             .leave
             .call(
                 cmd,
-                self.membership_keys(room),
+                [self.membership_keys(room), vec![self.alive_key()]].concat(),
                 vec![
                     nick.key().as_str().to_owned(),
                     self.instance.clone(),
                     room.to_string(),
+                    self.life_prefix(),
                 ],
             )
             .await
@@ -887,6 +892,61 @@ pub(super) mod tests {
             matches!(beat, Err(BusError::Superseded(_))),
             "the heartbeat renewed another life's name: {beat:?}"
         );
+    }
+
+    /// The same, for what the woken instance gives back: a user of its
+    /// leaving must not free the nick or the membership a user of the
+    /// namesake holds, even with the same nick and the same session id
+    /// (ids start again at 1 in every life).
+    #[tokio::test]
+    async fn an_instance_whose_name_another_life_holds_gives_back_nothing_of_its_namesake() {
+        let Some(cmd) = redis().await else {
+            return;
+        };
+        let keys = Keys::new(&format!("test-give-back-{:08x}", rand::random::<u32>())).unwrap();
+        let (woken, namesake) = (Registry::new(keys.clone(), "a"), Registry::new(keys, "a"));
+        woken.forget_previous_life(&cmd).await.unwrap();
+        woken.beat(&cmd).await.unwrap();
+        let carol = Nick::parse("carol").unwrap();
+        let side = RoomName::parse("side").unwrap();
+        assert!(claim(&cmd, &woken, &carol).await);
+        assert!(woken.record_join(&cmd, &side, &carol).await.unwrap());
+        // The namesake took the name over (the woken instance's users were
+        // reaped meanwhile), and one of its users is carol in #side.
+        let _: i64 = cmd.del(woken.nick_key(&carol)).await.unwrap();
+        let _: () = cmd
+            .set(woken.alive_key(), namesake.beat_value(0), None, None, false)
+            .await
+            .unwrap();
+        assert!(claim(&cmd, &namesake, &carol).await);
+        assert!(namesake.record_join(&cmd, &side, &carol).await.unwrap());
+        let held_by_namesake: Option<String> = cmd.get(woken.nick_key(&carol)).await.unwrap();
+
+        let gave_up = woken
+            .give_up(&cmd, &carol, SessionId(1), &BTreeSet::from([side.clone()]))
+            .await;
+        let holder: Option<String> = cmd.get(woken.nick_key(&carol)).await.unwrap();
+        let members: Vec<String> = namesake
+            .members
+            .call(
+                &cmd,
+                vec![namesake.room_key(&side)],
+                vec![namesake.alive_prefix()],
+            )
+            .await
+            .unwrap();
+        let mut leftovers = vec![woken.nick_key(&carol), woken.room_key(&side)];
+        leftovers.extend(
+            ["rooms", "instances", "alive:a", "held:a", "tick", "grace"].map(|k| woken.keys.dir(k)),
+        );
+        let _: Result<i64, _> = cmd.del(leftovers).await;
+
+        assert!(gave_up.is_ok(), "{gave_up:?}");
+        assert_eq!(
+            holder, held_by_namesake,
+            "the namesake's nick was given back"
+        );
+        assert_eq!(members, ["carol"], "the namesake's membership was removed");
     }
 
     /// Reaped while away, the instance puts its users' rooms back on its next

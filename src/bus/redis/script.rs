@@ -183,7 +183,7 @@ return redis.call('HMGET', KEYS[1], 'gen', 'n')
 /// namesake took it over while it was away; its next heartbeat stops it).
 ///
 /// KEYS: nick key, tick, grace, instance's lease. ARGV: value
-/// (`instance\towner\tnick`), holder prefix (`instance\towner\t`), lease in
+/// (`instance\tlife.owner\tnick`), holder prefix (`instance\tlife.owner\t`), lease in
 /// ms, outage gap in ms, this life's prefix of the lease's value. Returns 1
 /// if held, 0 if another holds it, -1 if the directory is recovering, -2 if
 /// another life holds the instance's name.
@@ -265,9 +265,19 @@ return 1 + added
 "#;
 
 /// Removes a room membership if this instance holds it.
-/// KEYS: room's member hash, rooms set, instance's held set.
-/// ARGV: nick key, instance, room. Returns 1 if removed.
+///
+/// Not for an instance whose name another life holds: a membership's value
+/// names the instance, not its life, so the woken instance would remove
+/// its namesake's (whose user may well have the same nick by then).
+///
+/// KEYS: room's member hash, rooms set, instance's held set, instance's
+/// lease. ARGV: nick key, instance, room, this life's prefix of the lease's
+/// value. Returns 1 if removed.
 pub const LEAVE: &str = r#"
+local alive = redis.call('GET', KEYS[4])
+if alive and string.sub(alive, 1, #ARGV[4]) ~= ARGV[4] then
+  return 0
+end
 redis.call('SREM', KEYS[3], ARGV[3] .. '\t' .. ARGV[1])
 local cur = redis.call('HGET', KEYS[1], ARGV[1])
 if cur and string.sub(cur, 1, #ARGV[2] + 1) == ARGV[2] .. '\t' then
