@@ -153,7 +153,12 @@ impl Registry {
 
     /// What every beat value of this life starts with.
     fn life_prefix(&self) -> String {
-        format!("{:016x}:", self.life)
+        format!("{}:", self.life())
+    }
+
+    /// This life's token, as nick holders and DMs carry it.
+    pub fn life(&self) -> String {
+        format!("{:016x}", self.life)
     }
 
     /// The key whose lease says this instance is alive.
@@ -170,7 +175,7 @@ impl Registry {
     /// it an instance woken after a namesake took its name over would give
     /// back (`RELEASE`) the nick of the namesake's session of the same id.
     fn holder(&self, owner: SessionId) -> String {
-        format!("{}\t{:016x}.{owner}\t", self.instance, self.life)
+        format!("{}\t{}.{owner}\t", self.instance, self.life())
     }
 
     fn lease_ms() -> String {
@@ -731,16 +736,18 @@ impl Directory for RedisBus {
             return Ok(None);
         };
         let mut parts = holder.splitn(3, '\t');
-        let (Some(instance), Some(_owner), Some(nick)) = (parts.next(), parts.next(), parts.next())
+        let (Some(instance), Some(owner), Some(nick)) = (parts.next(), parts.next(), parts.next())
         else {
             return Ok(None);
         };
         let Ok(to) = Nick::parse(nick) else {
             return Ok(None);
         };
+        // The holder's life (see `Registry::holder`), so that only it shows the DM.
+        let life = owner.split_once('.').map(|(life, _)| life);
         self.inner
             .post
-            .send(&self.inner.cmd, instance, dm, &to)
+            .send(&self.inner.cmd, instance, life, dm, &to)
             .await?;
         Ok(Some(to))
     }

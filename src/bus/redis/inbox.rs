@@ -31,7 +31,7 @@ use super::history::Entry;
 use super::keys::Keys;
 use super::rooms::unreachable;
 use super::script::{self, Lua};
-use super::wire::{DmWire, InboxAt, seq_of_id};
+use super::wire::{Addressed, DmWire, InboxAt, seq_of_id};
 use crate::core::ports::{BusError, Deliver, Envelope};
 use crate::core::{DirectMessage, Nick};
 
@@ -57,11 +57,12 @@ impl Post {
         }
     }
 
-    /// Queues `dm` for `to` on `instance`, which holds that nick.
+    /// Queues `dm` for `to` on `instance`, whose life `life` holds that nick.
     pub async fn send(
         &self,
         cmd: &Client,
         instance: &str,
+        life: Option<&str>,
         dm: &DirectMessage,
         to: &Nick,
     ) -> Result<(), BusError> {
@@ -75,7 +76,7 @@ impl Post {
                     self.keys.instance_channel(instance),
                 ],
                 vec![
-                    DmWire::encode(dm, to),
+                    DmWire::encode(dm, to, life),
                     CAP.to_string(),
                     KEPT.as_millis().to_string(),
                     format!("{:016x}", rand::random::<u64>()),
@@ -89,6 +90,9 @@ impl Post {
 
 /// This instance's own inbox.
 pub struct Inbox {
+    /// This life's token: the inbox is the name's, and a DM for another life
+    /// of it (a namesake's) is passed over.
+    life: String,
     counter: String,
     stream: String,
     beat: Lua,
@@ -129,15 +133,22 @@ impl Cursor {
 }
 
 impl Inbox {
-    /// `instance`'s inbox, starting after what it holds: those DMs were for
-    /// the sessions of a previous life under this name, which are gone.
-    pub async fn open(cmd: &Client, keys: &Keys, instance: &str) -> Result<Inbox, BusError> {
+    /// The inbox of life `life` of `instance`, starting after what it holds:
+    /// those DMs were for the sessions of a previous life under this name,
+    /// which are gone.
+    pub async fn open(
+        cmd: &Client,
+        keys: &Keys,
+        instance: &str,
+        life: &str,
+    ) -> Result<Inbox, BusError> {
         let counter = keys.inbox_seq(instance);
         let (generation, n): (Option<String>, Option<u64>) = cmd
             .hmget(&counter, vec!["gen", "n"])
             .await
             .map_err(unreachable)?;
         Ok(Inbox {
+            life: life.to_owned(),
             counter,
             stream: keys.inbox(instance),
             beat: Lua::new(script::INBOX_BEAT),
@@ -149,7 +160,7 @@ impl Inbox {
     }
 
     /// A DM at `at`, as the channel brought it.
-    pub async fn offer(&self, cmd: &Client, at: InboxAt, dm: DirectMessage, sink: &dyn Deliver) {
+    pub async fn offer(&self, cmd: &Client, at: InboxAt, dm: Addressed, sink: &dyn Deliver) {
         let mut cursor = self.cursor.lock().await;
         if !cursor.is_before(&at) {
             return; // a catch-up got it first
@@ -161,7 +172,16 @@ impl Inbox {
             return;
         }
         cursor.delivered = at.n;
-        sink.deliver(Envelope::Dm(Arc::new(dm)));
+        self.hand_over(dm, sink);
+    }
+
+    /// Delivers `dm` if it is for this life.
+    fn hand_over(&self, dm: Addressed, sink: &dyn Deliver) {
+        if dm.is_for(&self.life) {
+            sink.deliver(Envelope::Dm(Arc::new(dm.dm)));
+        } else {
+            tracing::debug!("redis bus: a DM for a namesake's user passed over");
+        }
     }
 
     /// Delivers whatever the inbox holds past what was delivered (after a
@@ -223,7 +243,7 @@ impl Inbox {
                 }
                 cursor.delivered = n;
                 match fields.get("d").and_then(|json| DmWire::decode(json)) {
-                    Some(dm) => sink.deliver(Envelope::Dm(Arc::new(dm))),
+                    Some(dm) => self.hand_over(dm, sink),
                     None => tracing::warn!(n, "redis bus: unreadable DM skipped"),
                 }
             }
@@ -275,6 +295,21 @@ mod tests {
         }
     }
 
+    /// `dm(text)` as the channel brings it to life `LIFE`.
+    fn heard(text: &str) -> Addressed {
+        Addressed {
+            dm: dm(text),
+            life: Some(LIFE.to_owned()),
+        }
+    }
+
+    /// The life of `i2` in these tests.
+    const LIFE: &str = "00000000000000aa";
+
+    async fn open(cmd: &Client, keys: &Keys) -> Inbox {
+        Inbox::open(cmd, keys, "i2", LIFE).await.unwrap()
+    }
+
     /// A cluster name of its own, and its keys.
     fn keys(test: &str) -> Keys {
         let suffix: u32 = rand::random();
@@ -288,12 +323,19 @@ mod tests {
             .unwrap();
     }
 
-    /// Sends each of `texts` to carol on `i2`, in order.
-    async fn post_all(cmd: &Client, post: &Post, texts: &[&str]) {
+    /// Sends each of `texts` to carol on life `life` of `i2`, in order.
+    async fn post_to(cmd: &Client, post: &Post, life: &str, texts: &[&str]) {
         let carol = Nick::parse("carol").unwrap();
         for text in texts {
-            post.send(cmd, "i2", &dm(text), &carol).await.unwrap();
+            post.send(cmd, "i2", Some(life), &dm(text), &carol)
+                .await
+                .unwrap();
         }
+    }
+
+    /// Sends each of `texts` to carol on `i2`, in order.
+    async fn post_all(cmd: &Client, post: &Post, texts: &[&str]) {
+        post_to(cmd, post, LIFE, texts).await;
     }
 
     /// The generation of `i2`'s inbox.
@@ -313,18 +355,18 @@ mod tests {
         let Some(cmd) = redis().await else { return };
         let keys = keys("order");
         let post = Post::new(keys.clone());
-        let inbox = Inbox::open(&cmd, &keys, "i2").await.unwrap();
+        let inbox = open(&cmd, &keys).await;
         let sink = Texts::default();
         post_all(&cmd, &post, &["one", "two", "three"]).await;
         let generation = generation_of(&cmd, &keys).await;
         // The channel lost "one" and "two": "three" reads them first.
         inbox
-            .offer(&cmd, at(&generation, 3), dm("three"), &sink)
+            .offer(&cmd, at(&generation, 3), heard("three"), &sink)
             .await;
         assert_eq!(sink.take(), ["one", "two", "three"]);
         // "two" comes late on the channel, and a catch-up runs: nothing twice.
         inbox
-            .offer(&cmd, at(&generation, 2), dm("two"), &sink)
+            .offer(&cmd, at(&generation, 2), heard("two"), &sink)
             .await;
         inbox.catch_up(&cmd, &sink).await;
         assert_eq!(sink.take(), Vec::<String>::new());
@@ -340,18 +382,18 @@ mod tests {
         let Some(cmd) = redis().await else { return };
         let keys = keys("lost");
         let post = Post::new(keys.clone());
-        let inbox = Inbox::open(&cmd, &keys, "i2").await.unwrap();
+        let inbox = open(&cmd, &keys).await;
         let sink = Texts::default();
         post_all(&cmd, &post, &["one", "two"]).await;
         let old = generation_of(&cmd, &keys).await;
-        inbox.offer(&cmd, at(&old, 2), dm("two"), &sink).await;
+        inbox.offer(&cmd, at(&old, 2), heard("two"), &sink).await;
         assert_eq!(sink.take(), ["one", "two"]);
         // Redis restarts without its data: the next DMs are 1 and 2 again.
         forget(&cmd, &keys).await;
         post_all(&cmd, &post, &["three", "four"]).await;
         let new = generation_of(&cmd, &keys).await;
         assert_ne!(new, old);
-        inbox.offer(&cmd, at(&new, 1), dm("three"), &sink).await;
+        inbox.offer(&cmd, at(&new, 1), heard("three"), &sink).await;
         assert_eq!(sink.take(), ["three"]);
         // "four" went unpublished: the heartbeat's look finds it.
         inbox.beat(&cmd, &sink).await.unwrap();
@@ -370,7 +412,7 @@ mod tests {
         let keys = keys("life");
         let post = Post::new(keys.clone());
         post_all(&cmd, &post, &["for the last life"]).await;
-        let inbox = Inbox::open(&cmd, &keys, "i2").await.unwrap();
+        let inbox = open(&cmd, &keys).await;
         let sink = Texts::default();
         inbox.beat(&cmd, &sink).await.unwrap();
         assert_eq!(sink.take(), Vec::<String>::new());
@@ -379,6 +421,33 @@ mod tests {
         assert_eq!(sink.take(), ["for this one"]);
         let ttl: i64 = cmd.pttl(keys.inbox("i2")).await.unwrap();
         assert!(ttl > 0 && ttl <= KEPT.as_millis() as i64, "ttl {ttl}");
+        forget(&cmd, &keys).await;
+    }
+
+    /// A namesake took `i2`'s name over while this life was frozen: DMs for
+    /// its users land in the same inbox and on the same channel, and this
+    /// life must pass them over, whichever way they come.
+    #[tokio::test]
+    async fn a_dm_for_another_life_of_the_name_is_passed_over() {
+        let Some(cmd) = redis().await else { return };
+        let keys = keys("namesake");
+        let post = Post::new(keys.clone());
+        let inbox = open(&cmd, &keys).await;
+        let sink = Texts::default();
+        post_to(&cmd, &post, "00000000000000bb", &["for the namesake"]).await;
+        post_all(&cmd, &post, &["for this life"]).await;
+        inbox.beat(&cmd, &sink).await.unwrap();
+        assert_eq!(sink.take(), ["for this life"]);
+        post_to(&cmd, &post, "00000000000000bb", &["again"]).await;
+        let generation = generation_of(&cmd, &keys).await;
+        let namesake_s = Addressed {
+            dm: dm("again"),
+            life: Some("00000000000000bb".into()),
+        };
+        inbox
+            .offer(&cmd, at(&generation, 3), namesake_s, &sink)
+            .await;
+        assert_eq!(sink.take(), Vec::<String>::new());
         forget(&cmd, &keys).await;
     }
 }

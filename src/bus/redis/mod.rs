@@ -158,7 +158,7 @@ impl RedisBus {
         registry.beat(&cmd).await?;
         // Opened once no nick leads here any more: what the inbox holds now
         // was for the sessions of a previous life.
-        let inbox = Inbox::open(&cmd, &keys, instance).await?;
+        let inbox = Inbox::open(&cmd, &keys, instance, &registry.life()).await?;
 
         let (flushes, flush_rx) = mpsc::channel(64);
         let stats = Arc::new(WriterStats::default());

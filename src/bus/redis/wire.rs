@@ -157,32 +157,56 @@ pub struct DmWire {
     to: String,
     text: String,
     ts: i64,
+    /// The life of the instance whose session held `to` when it was sent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    life: Option<String>,
+}
+
+/// A direct message, and the life of the instance it was sent to: an
+/// instance's inbox and channel are its name's, which a namesake may have
+/// taken over while it was frozen, and the woken instance must not show the
+/// namesake's users' DMs to its own stale sessions.
+#[derive(Debug)]
+pub struct Addressed {
+    pub dm: DirectMessage,
+    /// `None` from a sender that did not say (any life takes it).
+    pub life: Option<String>,
+}
+
+impl Addressed {
+    /// Whether the life whose hex token is `life` should deliver it.
+    pub fn is_for(&self, life: &str) -> bool {
+        self.life.as_deref().is_none_or(|to| to == life)
+    }
 }
 
 impl DmWire {
-    /// `dm` as its recipient's inbox keeps it, addressed to `to` as registered.
-    /// (On the channel it follows `dN `, N its number in the inbox.)
-    pub fn encode(dm: &DirectMessage, to: &Nick) -> String {
+    /// `dm` as its recipient's inbox keeps it, addressed to `to` as registered
+    /// by life `life` of its instance. (On the channel it follows `dN `, N
+    /// its number in the inbox.)
+    pub fn encode(dm: &DirectMessage, to: &Nick, life: Option<&str>) -> String {
         let wire = DmWire {
             id: dm.id,
             from: dm.from.to_string(),
             to: to.to_string(),
             text: dm.text.clone(),
             ts: dm.ts.0,
+            life: life.map(str::to_owned),
         };
         serde_json::to_string(&wire).expect("plain struct serialises")
     }
 
     /// The direct message in `json`, if it is one.
-    pub fn decode(json: &str) -> Option<DirectMessage> {
+    pub fn decode(json: &str) -> Option<Addressed> {
         let w = serde_json::from_str::<DmWire>(json).ok()?;
-        Some(DirectMessage {
+        let dm = DirectMessage {
             id: w.id,
             from: Nick::parse(&w.from).ok()?,
             to: Nick::parse(&w.to).ok()?,
             text: w.text,
             ts: Timestamp(w.ts),
-        })
+        };
+        Some(Addressed { dm, life: w.life })
     }
 }
 
@@ -201,7 +225,7 @@ pub enum Incoming {
     /// A room message at `seq` (the room comes from the channel).
     Message { seq: u64, body: String },
     /// A direct message, and where it is in this instance's inbox.
-    Dm { at: InboxAt, dm: DirectMessage },
+    Dm { at: InboxAt, dm: Addressed },
     /// Something for the sink as it is.
     Envelope(Envelope),
     /// Presence this instance sent itself, or a payload it cannot read.
@@ -302,7 +326,7 @@ mod tests {
             ts: Timestamp(42),
         };
         let to = Nick::parse("carol").unwrap();
-        let payload = format!("d17 ab12 {}", DmWire::encode(&dm, &to));
+        let payload = format!("d17 ab12 {}", DmWire::encode(&dm, &to, Some("00ff")));
         let Incoming::Dm { at, dm: got } = parse(&payload, "i2") else {
             panic!("a dm");
         };
@@ -311,6 +335,8 @@ mod tests {
             n: 17,
         };
         assert_eq!(at, want);
+        assert!(got.is_for("00ff") && !got.is_for("0100"));
+        let got = got.dm;
         assert_eq!((got.id, got.to, got.text), (dm.id, to, dm.text));
         assert!(matches!(parse("dx g {}", "i2"), Incoming::Ignore));
         assert!(matches!(parse("d1 {}", "i2"), Incoming::Ignore));
