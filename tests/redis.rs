@@ -1526,7 +1526,8 @@ async fn a_stream_moved_off_a_killed_instance_misses_nothing() {
 /// must keep trying: until this was fixed, the member heard only their own
 /// instance for as long as they stayed. Redis refuses the subscription here
 /// through an ACL that lets instance i1 use every channel but the rooms';
-/// granting them stands for the blip ending.
+/// granting them stands for the blip ending. (The refusal also fails her
+/// join's announcement, which must be made again.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_member_whose_room_subscription_failed_hears_the_room_once_it_succeeds() {
     common::shared_redis().await;
@@ -1576,5 +1577,11 @@ async fn a_member_whose_room_subscription_failed_hears_the_room_once_it_succeeds
         (one["seq"].as_u64(), two["seq"].as_u64()),
         (Some(1), Some(2))
     );
+    // Her join's announcement, refused with the subscription, is made
+    // again too: carol sees her arrive.
+    expect_within(&mut carol, Duration::from_secs(10), |v| {
+        v["type"] == "join" && v["nick"] == "alice"
+    })
+    .await;
     drop((a, b));
 }

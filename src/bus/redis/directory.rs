@@ -75,6 +75,10 @@ pub struct Registry {
     /// yet put back every membership: kept until a beat does it whole, since
     /// only the first beat after a reap is told so.
     reassert: AtomicBool,
+    /// Joins this instance could not record in Redis, or not announce:
+    /// each heartbeat tries them again while their user is still in the room.
+    /// Bounded by the memberships held here.
+    unrecorded: StdMutex<Vec<(RoomName, Nick)>>,
 }
 
 /// What recording a membership did.
@@ -114,6 +118,7 @@ impl Registry {
             life: rand::random(),
             beats: AtomicU64::new(0),
             reassert: AtomicBool::new(false),
+            unrecorded: StdMutex::default(),
         }
     }
 
@@ -202,10 +207,54 @@ impl Registry {
         self.beat_and(cmd, |_| {}).await
     }
 
-    /// Has the next heartbeat record every membership held here again: one
-    /// may be missing from Redis (its join failed there).
-    pub fn reassert_later(&self) {
-        self.reassert.store(true, Ordering::Relaxed);
+    /// Has the heartbeats record (and announce) `nick`'s join of `room`
+    /// until it is done or the user has left: Redis failed it.
+    pub fn record_later(&self, room: &RoomName, nick: &Nick) {
+        let mut unrecorded = self.unrecorded.lock().unwrap_or_else(|e| e.into_inner());
+        if !unrecorded.iter().any(|(r, n)| r == room && n == nick) {
+            unrecorded.push((room.clone(), nick.clone()));
+        }
+    }
+
+    /// Whether `nick` is held here and in `room`.
+    fn holds(&self, room: &RoomName, nick: &Nick) -> bool {
+        self.held()
+            .get(&nick.key())
+            .is_some_and(|h| h.rooms.contains(room))
+    }
+
+    /// Records and announces the joins Redis failed, while their users are
+    /// still in the room; stops at the first failure (Redis is away again)
+    /// and keeps the rest for the next beat.
+    async fn record_unrecorded(&self, cmd: &Client) {
+        let pending =
+            std::mem::take(&mut *self.unrecorded.lock().unwrap_or_else(|e| e.into_inner()));
+        let mut pending = pending.into_iter();
+        while let Some((room, nick)) = pending.next() {
+            if !self.holds(&room, &nick) {
+                continue;
+            }
+            let done = async {
+                if self.record(cmd, &room, &nick).await? == Recorded::Refused {
+                    return Ok(()); // the nick is lost: the rename deals with it
+                }
+                // Announced whether this record or the failed join's wrote
+                // it: an announcement that failed left no other trace.
+                let change = Presence::Joined {
+                    room: room.clone(),
+                    nick: nick.clone(),
+                };
+                self.announce_in_room(cmd, &room, &change).await
+            };
+            if let Err(err) = done.await {
+                tracing::warn!(cause = %err, %room, %nick, "redis bus: could not record a join yet");
+                self.record_later(&room, &nick);
+                for (room, nick) in pending {
+                    self.record_later(&room, &nick);
+                }
+                return;
+            }
+        }
     }
 
     /// [`Self::beat`], calling `renewed` with the claims found lost as soon
@@ -276,6 +325,11 @@ impl Registry {
                     continue;
                 }
                 for room in &h.rooms {
+                    // Left since the snapshot: recording it would bring the
+                    // membership back after its LEAVE.
+                    if !self.holds(room, &h.nick) {
+                        continue;
+                    }
                     match self.record(cmd, room, &h.nick).await? {
                         Recorded::New => {}
                         // Taken since the renewal: the next beat says so.
@@ -296,6 +350,7 @@ impl Registry {
             tracing::warn!(%nick, "a nick this instance held was taken while it was away");
             self.held().remove(&nick.key());
         }
+        self.record_unrecorded(cmd).await;
         let reaped = self.reap(cmd, "").await?;
         Ok((reaped, lost))
     }
@@ -660,9 +715,8 @@ impl Directory for RedisBus {
         }
         .await;
         if recorded.is_err() {
-            // Not in Redis (or not announced): the next heartbeat puts back
-            // every membership held here, this one with it.
-            dir.reassert_later();
+            // Not in Redis, or not announced: the heartbeats try again.
+            dir.record_later(room, nick);
         }
         recorded
     }

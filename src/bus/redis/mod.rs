@@ -341,11 +341,24 @@ impl Inner {
                 r = reconnects.recv() => if let Err(RecvError::Closed) = r { return },
             }
             tracing::info!("redis bus: subscriber reconnected; subscribing again");
-            self.rooms.lapse_all().await;
-            self.own_channels_lapsed.store(true, Ordering::Relaxed);
-            self.subscribe_lapsed().await;
-            if let Some(sink) = self.sink() {
-                self.inbox.catch_up(&self.cmd, sink.as_ref()).await;
+            let again = async {
+                // This instance's own channels first: what comes on them
+                // (renames, presence) has no stream to catch up from, while
+                // a room's does, and marking the rooms lapsed may wait on
+                // one that is catching up.
+                self.own_channels_lapsed.store(true, Ordering::Relaxed);
+                self.subscribe_own_channels().await;
+                self.rooms.lapse_all().await;
+                self.subscribe_rooms().await;
+                if let Some(sink) = self.sink() {
+                    self.inbox.catch_up(&self.cmd, sink.as_ref()).await;
+                }
+            };
+            // Stopping does not wait for a pass over rooms Redis is not
+            // confirming, 2 s each.
+            tokio::select! {
+                _ = self.stop.cancelled() => return,
+                _ = again => {}
             }
         }
     }
@@ -362,16 +375,21 @@ impl Inner {
                 _ = self.stop.cancelled() => return,
                 _ = tick.tick() => {}
             }
-            self.subscribe_lapsed().await;
+            tokio::select! {
+                _ = self.stop.cancelled() => return,
+                _ = async {
+                    self.subscribe_own_channels().await;
+                    self.subscribe_rooms().await;
+                } => {}
+            }
         }
     }
 
-    /// Subscribes this instance's own channels if they lapsed, then every
-    /// room that is not subscribed (reading what it missed). One channel at
-    /// a time: channels of different rooms may live on different shards.
-    /// (fred's `resubscribe_all` also sends an empty SUBSCRIBE, which Redis
-    /// refuses, when only shard channels are tracked.)
-    async fn subscribe_lapsed(&self) {
+    /// Subscribes this instance's own channels again if they lapsed. One
+    /// channel at a time, here and for rooms: channels may live on
+    /// different shards. (fred's `resubscribe_all` also sends an empty
+    /// SUBSCRIBE, which Redis refuses, when only shard channels are tracked.)
+    async fn subscribe_own_channels(&self) {
         if self.own_channels_lapsed.swap(false, Ordering::Relaxed) {
             for channel in [
                 self.keys.instance_channel(&self.instance),
@@ -383,6 +401,10 @@ impl Inner {
                 }
             }
         }
+    }
+
+    /// Subscribes every room that is not (reading what it missed).
+    async fn subscribe_rooms(&self) {
         let unconfirmed = self.rooms.retry().await;
         if unconfirmed > 0 {
             tracing::warn!(

@@ -22,7 +22,10 @@
 //! as they stayed.
 //!
 //! Each room has a lock of its own, held across that room's reads: a room
-//! whose catch-up waits on a slow store holds up its own messages only.
+//! whose catch-up waits on a slow store no longer holds up publishing in
+//! the others. What the subscriber brings is still handed over one message
+//! at a time, so that catch-up delays the other rooms' incoming messages
+//! (and DMs) by as long; giving each room a queue of its own would end that.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex as StdMutex, MutexGuard};
