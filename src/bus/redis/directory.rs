@@ -2,7 +2,7 @@
 //! instances, with the same promises as the poll bus's tables.
 //!
 //! ```text
-//! {C:dir}:nick:KEY     "instance\towner\tnick", PX lease   who holds a nick
+//! {C:dir}:nick:KEY     "instance\tlife.owner\tnick", PX lease   who holds a nick
 //! {C:dir}:room:ROOM    hash nick key -> "instance\tnick"    a room's members
 //! {C:dir}:rooms        set of rooms with members
 //! {C:dir}:held:INST    set of "room\tnick key"              what INST's members are in
@@ -216,11 +216,21 @@ impl Registry {
         }
     }
 
-    /// Whether `nick` is held here and in `room`.
+    /// Whether `nick`, spelt so, is held here and in `room` (after a rename
+    /// to another case, recording the old spelling would bring it back).
     fn holds(&self, room: &RoomName, nick: &Nick) -> bool {
         self.held()
             .get(&nick.key())
-            .is_some_and(|h| h.rooms.contains(room))
+            .is_some_and(|h| h.nick == *nick && h.rooms.contains(room))
+    }
+
+    /// `nick`'s join of `room` is recorded and announced: nothing is left
+    /// for the heartbeats to do (and announce twice).
+    fn recorded(&self, room: &RoomName, nick: &Nick) {
+        self.unrecorded
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|(r, n)| !(r == room && n.key() == nick.key()));
     }
 
     /// Records and announces the joins Redis failed, while their users are
@@ -342,6 +352,7 @@ impl Registry {
                         nick: h.nick.clone(),
                     };
                     self.announce_in_room(cmd, room, &change).await?;
+                    self.recorded(room, &h.nick);
                 }
             }
             self.reassert.store(false, Ordering::Relaxed);
@@ -714,9 +725,11 @@ impl Directory for RedisBus {
             dir.announce_in_room(&self.inner.cmd, room, &change).await
         }
         .await;
-        if recorded.is_err() {
+        match recorded {
             // Not in Redis, or not announced: the heartbeats try again.
-            dir.record_later(room, nick);
+            Err(_) => dir.record_later(room, nick),
+            // A failed earlier join of the room needs nothing more.
+            Ok(()) => dir.recorded(room, nick),
         }
         recorded
     }
@@ -1008,6 +1021,47 @@ pub(super) mod tests {
             "the namesake's nick was given back"
         );
         assert_eq!(members, ["carol"], "the namesake's membership was removed");
+    }
+
+    /// A join Redis failed is recorded by a later heartbeat, but not under
+    /// a spelling its user has renamed away from meanwhile (`Carol` to
+    /// `carol`: the same nick key, so the record would overwrite the new
+    /// spelling in the room's members).
+    #[tokio::test]
+    async fn a_failed_join_is_not_recorded_under_a_spelling_renamed_away_from() {
+        let Some(cmd) = redis().await else {
+            return;
+        };
+        let keys = Keys::new(&format!("test-unrecorded-{:08x}", rand::random::<u32>())).unwrap();
+        let a = Registry::new(keys, "a");
+        a.forget_previous_life(&cmd).await.unwrap();
+        a.beat(&cmd).await.unwrap();
+        let (before, now) = (Nick::parse("Carol").unwrap(), Nick::parse("carol").unwrap());
+        let side = RoomName::parse("side").unwrap();
+        assert!(claim(&cmd, &a, &now).await);
+        a.held().insert(
+            now.key(),
+            Held {
+                nick: now.clone(),
+                owner: SessionId(1),
+                rooms: BTreeSet::from([side.clone()]),
+            },
+        );
+        assert!(a.record_join(&cmd, &side, &now).await.unwrap());
+        a.record_later(&side, &before);
+        a.beat(&cmd).await.unwrap();
+
+        let member: Option<String> = cmd
+            .hget(a.room_key(&side), now.key().as_str())
+            .await
+            .unwrap();
+        let mut leftovers: Vec<String> =
+            ["rooms", "instances", "alive:a", "held:a", "tick", "grace"]
+                .map(|k| a.keys.dir(k))
+                .to_vec();
+        leftovers.extend([a.nick_key(&now), a.room_key(&side)]);
+        let _: Result<i64, _> = cmd.del(leftovers).await;
+        assert_eq!(member.as_deref(), Some("a\tcarol"));
     }
 
     /// Reaped while away, the instance puts its users' rooms back on its next
