@@ -363,18 +363,21 @@ impl Inner {
         }
     }
 
+    /// Waits for the next tick of `every`: `false` once the bus stops.
+    async fn beat(&self, every: &mut tokio::time::Interval) -> bool {
+        tokio::select! {
+            _ = self.stop.cancelled() => false,
+            _ = every.tick() => true,
+        }
+    }
+
     /// Subscribes again, every heartbeat, whatever Redis has not confirmed:
     /// after a reconnect, or a room's first subscription during a blip.
     /// Its own task: a subscription that times out must not hold up the
     /// heartbeat, whose lease it would put at risk.
     async fn keep_subscribed(self: Arc<Self>) {
-        let mut tick = tokio::time::interval(HEARTBEAT);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = self.stop.cancelled() => return,
-                _ = tick.tick() => {}
-            }
+        let mut every = heartbeats();
+        while self.beat(&mut every).await {
             tokio::select! {
                 _ = self.stop.cancelled() => return,
                 _ = async {
@@ -416,13 +419,8 @@ impl Inner {
 
     /// Heartbeats and reaping.
     async fn keep_alive(self: Arc<Self>) {
-        let mut tick = tokio::time::interval(HEARTBEAT);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = self.stop.cancelled() => return,
-                _ = tick.tick() => {}
-            }
+        let mut every = heartbeats();
+        while self.beat(&mut every).await {
             let sent = tokio::time::Instant::now();
             // With no nick lost, nothing stands between the renewal and the
             // users speaking again; with one, the hub must learn it first.
@@ -673,6 +671,13 @@ impl Bus for RedisBus {
     fn writer_stats(&self) -> Option<Arc<WriterStats>> {
         Some(self.inner.stats.clone())
     }
+}
+
+/// A tick every heartbeat; a late one is not made up for.
+fn heartbeats() -> tokio::time::Interval {
+    let mut every = tokio::time::interval(HEARTBEAT);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    every
 }
 
 /// Reads the publish script's answer: `"SEQ "` for a new message, `"SEQ ID"`
