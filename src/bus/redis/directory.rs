@@ -77,8 +77,55 @@ pub struct Registry {
     reassert: AtomicBool,
     /// Joins this instance could not record in Redis, or not announce:
     /// each heartbeat tries them again while their user is still in the room.
-    /// Bounded by the memberships held here.
-    unrecorded: StdMutex<Vec<(RoomName, Nick)>>,
+    unrecorded: Pending,
+    /// Leaves Redis failed: each heartbeat tries them again unless the user
+    /// is back in the room.
+    unleft: Pending,
+}
+
+/// Membership changes Redis failed, for the heartbeats to make again. At
+/// most one entry per room and nick: bounded by the memberships held here.
+#[derive(Default)]
+struct Pending(StdMutex<Vec<(RoomName, Nick)>>);
+
+impl Pending {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(RoomName, Nick)>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn add(&self, room: &RoomName, nick: &Nick) {
+        let mut pending = self.lock();
+        if !pending.iter().any(|(r, n)| r == room && n == nick) {
+            pending.push((room.clone(), nick.clone()));
+        }
+    }
+
+    /// Drops the entry of `room` and `nick` (in any spelling).
+    fn clear(&self, room: &RoomName, nick: &Nick) {
+        self.lock()
+            .retain(|(r, n)| !(r == room && n.key() == nick.key()));
+    }
+
+    /// Makes each change again with `make`, oldest first. Stops at the first
+    /// that fails (Redis is away again) and keeps it and the rest for the
+    /// next beat.
+    async fn retry<F, Fut>(&self, what: &str, mut make: F)
+    where
+        F: FnMut(RoomName, Nick) -> Fut,
+        Fut: std::future::Future<Output = Result<(), BusError>>,
+    {
+        let mut pending = std::mem::take(&mut *self.lock()).into_iter();
+        while let Some((room, nick)) = pending.next() {
+            if let Err(err) = make(room.clone(), nick.clone()).await {
+                tracing::warn!(cause = %err, %room, %nick, "redis bus: could not record a {what} yet");
+                self.add(&room, &nick);
+                for (room, nick) in pending {
+                    self.add(&room, &nick);
+                }
+                return;
+            }
+        }
+    }
 }
 
 /// What recording a membership did.
@@ -118,7 +165,8 @@ impl Registry {
             life: rand::random(),
             beats: AtomicU64::new(0),
             reassert: AtomicBool::new(false),
-            unrecorded: StdMutex::default(),
+            unrecorded: Pending::default(),
+            unleft: Pending::default(),
         }
     }
 
@@ -210,10 +258,13 @@ impl Registry {
     /// Has the heartbeats record (and announce) `nick`'s join of `room`
     /// until it is done or the user has left: Redis failed it.
     pub fn record_later(&self, room: &RoomName, nick: &Nick) {
-        let mut unrecorded = self.unrecorded.lock().unwrap_or_else(|e| e.into_inner());
-        if !unrecorded.iter().any(|(r, n)| r == room && n == nick) {
-            unrecorded.push((room.clone(), nick.clone()));
-        }
+        self.unrecorded.add(room, nick);
+    }
+
+    /// Has the heartbeats remove `nick` from `room` (and announce it) until
+    /// it is done or the user is back in the room: Redis failed the leave.
+    pub fn leave_later(&self, room: &RoomName, nick: &Nick) {
+        self.unleft.add(room, nick);
     }
 
     /// Whether `nick`, spelt so, is held here and in `room` (after a rename
@@ -227,44 +278,47 @@ impl Registry {
     /// `nick`'s join of `room` is recorded and announced: nothing is left
     /// for the heartbeats to do (and announce twice).
     fn recorded(&self, room: &RoomName, nick: &Nick) {
-        self.unrecorded
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .retain(|(r, n)| !(r == room && n.key() == nick.key()));
+        self.unrecorded.clear(room, nick);
     }
 
     /// Records and announces the joins Redis failed, while their users are
-    /// still in the room; stops at the first failure (Redis is away again)
-    /// and keeps the rest for the next beat.
+    /// still in the room.
     async fn record_unrecorded(&self, cmd: &Client) {
-        let pending =
-            std::mem::take(&mut *self.unrecorded.lock().unwrap_or_else(|e| e.into_inner()));
-        let mut pending = pending.into_iter();
-        while let Some((room, nick)) = pending.next() {
-            if !self.holds(&room, &nick) {
-                continue;
+        let record = |room: RoomName, nick: Nick| async move {
+            if !self.holds(&room, &nick)
+                || self.record(cmd, &room, &nick).await? == Recorded::Refused
+            {
+                return Ok(()); // left since, or the nick is lost (renamed)
             }
-            let done = async {
-                if self.record(cmd, &room, &nick).await? == Recorded::Refused {
-                    return Ok(()); // the nick is lost: the rename deals with it
-                }
-                // Announced whether this record or the failed join's wrote
-                // it: an announcement that failed left no other trace.
-                let change = Presence::Joined {
-                    room: room.clone(),
-                    nick: nick.clone(),
-                };
-                self.announce_in_room(cmd, &room, &change).await
+            // Announced whether this record or the failed join's wrote it:
+            // an announcement that failed left no other trace.
+            let change = Presence::Joined {
+                room: room.clone(),
+                nick,
             };
-            if let Err(err) = done.await {
-                tracing::warn!(cause = %err, %room, %nick, "redis bus: could not record a join yet");
-                self.record_later(&room, &nick);
-                for (room, nick) in pending {
-                    self.record_later(&room, &nick);
-                }
-                return;
+            self.announce_in_room(cmd, &room, &change).await
+        };
+        self.unrecorded.retry("join", record).await;
+    }
+
+    /// Removes and announces the leaves Redis failed, unless their user is
+    /// back in the room (whose join recorded the membership anew).
+    async fn leave_unleft(&self, cmd: &Client) {
+        let leave = |room: RoomName, nick: Nick| async move {
+            let back = self
+                .held()
+                .get(&nick.key())
+                .is_some_and(|h| h.rooms.contains(&room));
+            if !back && self.remove_member(cmd, &room, &nick).await? {
+                let change = Presence::Left {
+                    room: room.clone(),
+                    nick,
+                };
+                self.announce_in_room(cmd, &room, &change).await?;
             }
-        }
+            Ok(())
+        };
+        self.unleft.retry("leave", leave).await;
     }
 
     /// [`Self::beat`], calling `renewed` with the claims found lost as soon
@@ -362,6 +416,7 @@ impl Registry {
             self.held().remove(&nick.key());
         }
         self.record_unrecorded(cmd).await;
+        self.leave_unleft(cmd).await;
         let reaped = self.reap(cmd, "").await?;
         Ok((reaped, lost))
     }
@@ -653,7 +708,14 @@ impl Directory for RedisBus {
             }
         }
         .unwrap_or_default();
-        dir.give_up(&self.inner.cmd, nick, owner, &rooms).await
+        let gave_up = dir.give_up(&self.inner.cmd, nick, owner, &rooms).await;
+        if gave_up.is_err() {
+            // The nick's lease runs out by itself; the rooms would not.
+            for room in &rooms {
+                dir.leave_later(room, nick);
+            }
+        }
+        gave_up
     }
 
     async fn renamed(&self, old: &Nick, new: &Nick, owner: SessionId) -> Result<(), BusError> {
@@ -739,15 +801,22 @@ impl Directory for RedisBus {
         if let Some(h) = dir.held().get_mut(&nick.key()) {
             h.rooms.remove(room);
         }
-        let removed = dir.remove_member(&self.inner.cmd, room, nick).await?;
-        if removed {
-            let change = Presence::Left {
-                room: room.clone(),
-                nick: nick.clone(),
-            };
-            dir.announce_in_room(&self.inner.cmd, room, &change).await?;
+        let done = async {
+            if dir.remove_member(&self.inner.cmd, room, nick).await? {
+                let change = Presence::Left {
+                    room: room.clone(),
+                    nick: nick.clone(),
+                };
+                dir.announce_in_room(&self.inner.cmd, room, &change).await?;
+            }
+            Ok(())
         }
-        Ok(())
+        .await;
+        if done.is_err() {
+            // Else listed in the room by the others for this instance's life.
+            dir.leave_later(room, nick);
+        }
+        done
     }
 
     async fn members(&self, room: &RoomName) -> Result<Vec<Nick>, BusError> {
@@ -1062,6 +1131,52 @@ pub(super) mod tests {
         leftovers.extend([a.nick_key(&now), a.room_key(&side)]);
         let _: Result<i64, _> = cmd.del(leftovers).await;
         assert_eq!(member.as_deref(), Some("a\tcarol"));
+    }
+
+    /// A leave Redis failed is made by a later heartbeat, unless its user is
+    /// back in the room by then: else the others would list the user in a
+    /// room they left for as long as this instance lives.
+    #[tokio::test]
+    async fn a_failed_leave_is_made_by_a_later_beat_unless_the_user_is_back() {
+        let Some(cmd) = redis().await else {
+            return;
+        };
+        let keys = Keys::new(&format!("test-unleft-{:08x}", rand::random::<u32>())).unwrap();
+        let a = Registry::new(keys, "a");
+        a.forget_previous_life(&cmd).await.unwrap();
+        a.beat(&cmd).await.unwrap();
+        let side = RoomName::parse("side").unwrap();
+        let nicks = [Nick::parse("carol").unwrap(), Nick::parse("dave").unwrap()];
+        for nick in &nicks {
+            assert!(claim(&cmd, &a, nick).await);
+            a.held().insert(
+                nick.key(),
+                Held {
+                    nick: nick.clone(),
+                    owner: SessionId(1),
+                    rooms: BTreeSet::new(),
+                },
+            );
+            assert!(a.record_join(&cmd, &side, nick).await.unwrap());
+            // Left while Redis failed it.
+            a.leave_later(&side, nick);
+        }
+        // dave is back before the next beat.
+        if let Some(h) = a.held().get_mut(&nicks[1].key()) {
+            h.rooms.insert(side.clone());
+        }
+        a.beat(&cmd).await.unwrap();
+
+        let mut members: Vec<String> = cmd.hkeys(a.room_key(&side)).await.unwrap();
+        members.sort();
+        let mut leftovers: Vec<String> =
+            ["rooms", "instances", "alive:a", "held:a", "tick", "grace"]
+                .map(|k| a.keys.dir(k))
+                .to_vec();
+        leftovers.extend(nicks.iter().map(|n| a.nick_key(n)));
+        leftovers.push(a.room_key(&side));
+        let _: Result<i64, _> = cmd.del(leftovers).await;
+        assert_eq!(members, ["dave"]);
     }
 
     /// Reaped while away, the instance puts its users' rooms back on its next
