@@ -1585,3 +1585,49 @@ async fn a_member_whose_room_subscription_failed_hears_the_room_once_it_succeeds
     .await;
     drop((a, b));
 }
+
+/// A rename whose memberships Redis failed to move (here the room's member
+/// hash is made unusable for a moment, standing for a blip) is finished by
+/// the heartbeats. Until this was fixed, the others listed the old nick in
+/// the room, and not the new one, for as long as the instance lived.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rename_redis_failed_to_record_is_finished_by_the_heartbeats() {
+    let Some(AliceAndCarol {
+        redis,
+        cluster,
+        daemons,
+        mut alice,
+        mut carol,
+        ..
+    }) = alice_and_carol("rename-retry").await
+    else {
+        return;
+    };
+    let members = format!("{{{cluster}:dir}}:room:general");
+    let aside = format!("{{{cluster}:dir}}:aside");
+    assert_eq!(redis_cli(&redis, &["RENAME", &members, &aside]), "OK");
+    assert_eq!(redis_cli(&redis, &["SET", &members, "unusable"]), "OK");
+    alice.send("/nick alicia").await;
+    // Answered once the instance has tried to move the membership.
+    alice
+        .expect(|v| v["type"] == "nick" && v["new"] == "alicia")
+        .await;
+    assert_eq!(redis_cli(&redis, &["DEL", &members]), "1");
+    assert_eq!(redis_cli(&redis, &["RENAME", &aside, &members]), "OK");
+
+    let started = Instant::now();
+    loop {
+        carol.send("/who").await;
+        let who: Value = carol.expect(|v| v["type"] == "reply").await;
+        if who["data"]["members"] == serde_json::json!(["alicia", "carol"]) {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the rename was never finished: {who}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await; // polling a heartbeat, not synchronising
+    }
+    drop(daemons);
+    common::forget_redis_cluster(&redis, &cluster);
+}

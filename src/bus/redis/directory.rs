@@ -734,9 +734,25 @@ impl Directory for RedisBus {
             );
             rooms
         };
+        // Room by room; from the first that Redis fails, the heartbeats
+        // move the rest (else the others would list the old nick there, and
+        // not the new one, for as long as this instance lives).
+        let mut failed = None;
         for room in &rooms {
-            dir.remove_member(cmd, room, old).await?;
-            dir.record_join(cmd, room, new).await?;
+            if failed.is_none() {
+                let moved = async {
+                    dir.remove_member(cmd, room, old).await?;
+                    dir.record_join(cmd, room, new).await
+                };
+                failed = moved.await.err();
+            }
+            if failed.is_some() {
+                dir.leave_later(room, old);
+                dir.record_later(room, new);
+            }
+        }
+        if let Some(err) = failed {
+            return Err(err);
         }
         // A change of case keeps the key, whose claim is now the new nick's.
         if old.key() != new.key() {
