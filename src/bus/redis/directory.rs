@@ -84,7 +84,9 @@ pub struct Registry {
 }
 
 /// Membership changes Redis failed, for the heartbeats to make again. At
-/// most one entry per room and nick: bounded by the memberships held here.
+/// most one entry per room and spelling of a nick, and each is made (or
+/// dropped) at the first beat Redis answers: what stays is bounded by the
+/// joins, leaves and renames made while Redis was failing them.
 #[derive(Default)]
 struct Pending(StdMutex<Vec<(RoomName, Nick)>>);
 
@@ -107,8 +109,10 @@ impl Pending {
     }
 
     /// Makes each change again with `make`, oldest first. Stops at the first
-    /// that fails (Redis is away again) and keeps it and the rest for the
-    /// next beat.
+    /// that fails (Redis is likely away again, and each try could take a
+    /// command timeout of the heartbeat's time) and keeps the rest for the
+    /// next beat, the failed one last: one change Redis keeps refusing must
+    /// not hold up the others for good.
     async fn retry<F, Fut>(&self, what: &str, mut make: F)
     where
         F: FnMut(RoomName, Nick) -> Fut,
@@ -118,10 +122,10 @@ impl Pending {
         while let Some((room, nick)) = pending.next() {
             if let Err(err) = make(room.clone(), nick.clone()).await {
                 tracing::warn!(cause = %err, %room, %nick, "redis bus: could not record a {what} yet");
-                self.add(&room, &nick);
                 for (room, nick) in pending {
                     self.add(&room, &nick);
                 }
+                self.add(&room, &nick);
                 return;
             }
         }
@@ -309,14 +313,18 @@ impl Registry {
                 .held()
                 .get(&nick.key())
                 .is_some_and(|h| h.rooms.contains(&room));
-            if !back && self.remove_member(cmd, &room, &nick).await? {
-                let change = Presence::Left {
-                    room: room.clone(),
-                    nick,
-                };
-                self.announce_in_room(cmd, &room, &change).await?;
+            if back {
+                return Ok(());
             }
-            Ok(())
+            self.remove_member(cmd, &room, &nick).await?;
+            // Announced whether this LEAVE or the failed one removed it: an
+            // announcement that failed, or a reply that was lost, left no
+            // other trace.
+            let change = Presence::Left {
+                room: room.clone(),
+                nick,
+            };
+            self.announce_in_room(cmd, &room, &change).await
         };
         self.unleft.retry("leave", leave).await;
     }
@@ -619,6 +627,10 @@ impl Registry {
 
     /// Gives up everything this instance holds (it is stopping).
     pub async fn forget_all(&self, cmd: &Client) {
+        // First the leaves Redis failed: the index of what this instance's
+        // users are in (what reaping reads) is deleted below, and a member
+        // left there would be listed again under the next life of the name.
+        self.leave_unleft(cmd).await;
         let held: Vec<Held> = self.held().drain().map(|(_, h)| h).collect();
         for h in held {
             let _ = self.give_up(cmd, &h.nick, h.owner, &h.rooms).await;
@@ -734,25 +746,23 @@ impl Directory for RedisBus {
             );
             rooms
         };
-        // Room by room; from the first that Redis fails, the heartbeats
-        // move the rest (else the others would list the old nick there, and
-        // not the new one, for as long as this instance lives).
-        let mut failed = None;
+        // Room by room. If Redis fails one, the heartbeats move them all
+        // again and announce each as a leave and a join (else the others
+        // would list the old nick there, and not the new one, for as long
+        // as this instance lives; and nobody would be told of the rooms
+        // already moved, since the rename below is not announced).
         for room in &rooms {
-            if failed.is_none() {
-                let moved = async {
-                    dir.remove_member(cmd, room, old).await?;
-                    dir.record_join(cmd, room, new).await
-                };
-                failed = moved.await.err();
+            let moved = async {
+                dir.remove_member(cmd, room, old).await?;
+                dir.record_join(cmd, room, new).await
+            };
+            if let Err(err) = moved.await {
+                for room in &rooms {
+                    dir.leave_later(room, old);
+                    dir.record_later(room, new);
+                }
+                return Err(err);
             }
-            if failed.is_some() {
-                dir.leave_later(room, old);
-                dir.record_later(room, new);
-            }
-        }
-        if let Some(err) = failed {
-            return Err(err);
         }
         // A change of case keeps the key, whose claim is now the new nick's.
         if old.key() != new.key() {
