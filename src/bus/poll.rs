@@ -892,6 +892,10 @@ impl Bus for PollBus {
             .extend([poller, heartbeat]);
     }
 
+    fn admits(&self) -> Result<(), BusError> {
+        self.fence.check()
+    }
+
     async fn publish(&self, draft: Draft) -> Result<Arc<Message>, BusError> {
         self.fence.check()?;
         // While the database is known to be away, refuse at once: a sender's

@@ -467,7 +467,8 @@ impl Hub {
             if !session.rooms.contains(&room) {
                 return Err(not_in(&room));
             }
-            if speaks_for_a_lost_nick(lost, id, session) {
+            // The fence first, then the lost nicks (see `Bus::admits`).
+            if self.shared.bus.admits().is_err() || speaks_for_a_lost_nick(lost, id, session) {
                 return Err(fenced());
             }
             if !session.bucket.try_take() {
@@ -925,7 +926,8 @@ impl Hub {
         let Some(session) = sessions.get_mut(&id) else {
             return Ok(Answer::default());
         };
-        if speaks_for_a_lost_nick(lost, id, session) {
+        // The fence first, then the lost nicks (see `Bus::admits`).
+        if self.shared.bus.admits().is_err() || speaks_for_a_lost_nick(lost, id, session) {
             return Ok(Answer::refusal(fenced()));
         }
         if !session.bucket.try_take() {

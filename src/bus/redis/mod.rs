@@ -507,6 +507,10 @@ impl Bus for RedisBus {
         tasks.push(tokio::spawn(self.inner.clone().keep_alive()));
     }
 
+    fn admits(&self) -> Result<(), BusError> {
+        self.inner.fence.check()
+    }
+
     async fn publish(&self, draft: Draft) -> Result<Arc<Message>, BusError> {
         let inner = &self.inner;
         if inner.stop.is_cancelled() {

@@ -195,6 +195,17 @@ pub trait Bus: Send + Sync + 'static {
     /// durability) has anything to wait for.
     async fn settled(&self) {}
 
+    /// Whether this instance may speak for its users now: `Err` while its
+    /// lease is unconfirmed (a bus with a fence, see `bus::fence`). The hub
+    /// asks *before* it checks that the speaker's nick was not lost, under
+    /// the same lock: the fence opens only once the hub has learned of every
+    /// lost nick, so a line that passes both was typed by the nick's holder,
+    /// even if its publish then waits past the moment the fence opened.
+    /// (The publish judges the fence again before numbering.)
+    fn admits(&self) -> Result<(), BusError> {
+        Ok(())
+    }
+
     /// Answers when the bus works.
     async fn health(&self) -> Result<(), BusError>;
 
