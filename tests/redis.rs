@@ -235,19 +235,7 @@ async fn three_instances_behave_as_one_on_redis() {
     );
     // Once its lease runs out, its members are gone from /who, and their
     // leaving was announced to the rooms' members elsewhere.
-    let started = Instant::now();
-    loop {
-        alice.send("/who").await;
-        let who: Value = alice.expect(|v| v["type"] == "reply").await;
-        if who["data"]["members"] == serde_json::json!(["alice", "bob"]) {
-            break;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(20),
-            "the lease never ran out: {who}"
-        );
-        tokio::time::sleep(Duration::from_millis(300)).await; // polling a lease, not synchronising
-    }
+    who_becomes(&mut alice, &["alice", "bob"], Duration::from_secs(20)).await;
     let left = bob
         .expect(|v| v["type"] == "leave" && v["nick"] == "Caroline")
         .await;
@@ -380,6 +368,25 @@ async fn two_in_general(first: (&Daemon, &str), second: (&Daemon, &str)) -> (Cli
     one.expect(|v| v["type"] == "join" && v["nick"] == second.1)
         .await;
     (one, two)
+}
+
+/// Asks `/who` until it lists exactly `members`, for up to `within`: what
+/// it waits for (a lease running out, a heartbeat's retry) sends no event
+/// of its own to wait for.
+async fn who_becomes(client: &mut Client, members: &[&str], within: Duration) {
+    let started = Instant::now();
+    loop {
+        client.send("/who").await;
+        let who: Value = client.expect(|v| v["type"] == "reply").await;
+        if who["data"]["members"] == serde_json::json!(members) {
+            return;
+        }
+        assert!(
+            started.elapsed() < within,
+            "/who did not list {members:?} within {within:?}: {who}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await; // polling, not synchronising
+    }
 }
 
 /// Waits until alice sees carol leave: her instance (frozen by the caller)
@@ -1615,19 +1622,7 @@ async fn a_rename_redis_failed_to_record_is_finished_by_the_heartbeats() {
     assert_eq!(redis_cli(&redis, &["DEL", &members]), "1");
     assert_eq!(redis_cli(&redis, &["RENAME", &aside, &members]), "OK");
 
-    let started = Instant::now();
-    loop {
-        carol.send("/who").await;
-        let who: Value = carol.expect(|v| v["type"] == "reply").await;
-        if who["data"]["members"] == serde_json::json!(["alicia", "carol"]) {
-            break;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "the rename was never finished: {who}"
-        );
-        tokio::time::sleep(Duration::from_millis(300)).await; // polling a heartbeat, not synchronising
-    }
+    who_becomes(&mut carol, &["alicia", "carol"], Duration::from_secs(10)).await;
     drop(daemons);
     common::forget_redis_cluster(&redis, &cluster);
 }
