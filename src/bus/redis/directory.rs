@@ -274,9 +274,15 @@ impl Registry {
     /// Whether `nick`, spelt so, is held here and in `room` (after a rename
     /// to another case, recording the old spelling would bring it back).
     fn holds(&self, room: &RoomName, nick: &Nick) -> bool {
-        self.held()
-            .get(&nick.key())
-            .is_some_and(|h| h.nick == *nick && h.rooms.contains(room))
+        self.in_room(room, nick).as_ref() == Some(nick)
+    }
+
+    /// How the user held here under `nick`'s key spells it now, if they are
+    /// in `room`.
+    fn in_room(&self, room: &RoomName, nick: &Nick) -> Option<Nick> {
+        let held = self.held();
+        let h = held.get(&nick.key())?;
+        h.rooms.contains(room).then(|| h.nick.clone())
     }
 
     /// `nick`'s join of `room` is recorded and announced: nothing is left
@@ -309,11 +315,8 @@ impl Registry {
     /// back in the room (whose join recorded the membership anew).
     async fn leave_unleft(&self, cmd: &Client) {
         let leave = |room: RoomName, nick: Nick| async move {
-            let back = self
-                .held()
-                .get(&nick.key())
-                .is_some_and(|h| h.rooms.contains(&room));
-            if back {
+            // Back under any spelling: the membership is theirs again.
+            if self.in_room(&room, &nick).is_some() {
                 return Ok(());
             }
             self.remove_member(cmd, &room, &nick).await?;

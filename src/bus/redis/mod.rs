@@ -364,7 +364,7 @@ impl Inner {
     }
 
     /// Waits for the next tick of `every`: `false` once the bus stops.
-    async fn beat(&self, every: &mut tokio::time::Interval) -> bool {
+    async fn next_tick(&self, every: &mut tokio::time::Interval) -> bool {
         tokio::select! {
             _ = self.stop.cancelled() => false,
             _ = every.tick() => true,
@@ -377,7 +377,7 @@ impl Inner {
     /// heartbeat, whose lease it would put at risk.
     async fn keep_subscribed(self: Arc<Self>) {
         let mut every = heartbeats();
-        while self.beat(&mut every).await {
+        while self.next_tick(&mut every).await {
             tokio::select! {
                 _ = self.stop.cancelled() => return,
                 _ = async {
@@ -420,7 +420,7 @@ impl Inner {
     /// Heartbeats and reaping.
     async fn keep_alive(self: Arc<Self>) {
         let mut every = heartbeats();
-        while self.beat(&mut every).await {
+        while self.next_tick(&mut every).await {
             let sent = tokio::time::Instant::now();
             // With no nick lost, nothing stands between the renewal and the
             // users speaking again; with one, the hub must learn it first.
