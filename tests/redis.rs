@@ -1257,67 +1257,186 @@ async fn an_idempotency_key_sends_once_across_instances_on_redis() {
     common::forget_redis_cluster(&redis, &cluster);
 }
 
+/// A 3-shard Redis Cluster of the test's own servers.
+struct RedisCluster {
+    nodes: Vec<PrivateRedis>,
+    /// The daemon's `--bus` URL for it.
+    url: String,
+}
+
+impl RedisCluster {
+    /// Starts three nodes and makes them a cluster; `None` (the test skips,
+    /// or fails under `BABY_REQUIRE_SERVICES=1`) without `redis-server`.
+    async fn start() -> Option<RedisCluster> {
+        // No Redis here means no redis-server either (the skip is printed).
+        common::shared_redis().await?;
+        let node_args = [
+            "--cluster-enabled",
+            "yes",
+            "--cluster-config-file",
+            "nodes.conf",
+            "--appendonly",
+            "no",
+        ];
+        let mut nodes = Vec::new();
+        for _ in 0..3 {
+            let Some(node) = PrivateRedis::start_with(&node_args) else {
+                if services_required() {
+                    panic!("redis-server could not be started");
+                }
+                eprintln!("SKIPPED: redis-server could not be started");
+                return None;
+            };
+            node.ready().await;
+            nodes.push(node);
+        }
+        let addrs: Vec<String> = nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect();
+        let created = Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&addrs)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("redis-cli runs");
+        assert!(created.success(), "redis-cli --cluster create failed");
+        let cluster = RedisCluster {
+            url: format!(
+                "redis-cluster://{}?node={}&node={}",
+                addrs[0], addrs[1], addrs[2]
+            ),
+            nodes,
+        };
+        cluster.until_ok().await;
+        Some(cluster)
+    }
+
+    /// Waits until every node says the cluster is ok.
+    async fn until_ok(&self) {
+        let started = Instant::now();
+        while !(0..self.nodes.len()).all(|node| {
+            self.cli(node, &["cluster", "info"])
+                .contains("cluster_state:ok")
+        }) {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "the cluster never became ok"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// What `redis-cli` prints for `args` on node `node`, trimmed.
+    fn cli(&self, node: usize, args: &[&str]) -> String {
+        let out = Command::new("redis-cli")
+            .args(["-p", &self.nodes[node].port.to_string()])
+            .args(args)
+            .output()
+            .expect("redis-cli runs");
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    /// The keys matching `pattern` on every node.
+    fn scan(&self, pattern: &str) -> Vec<String> {
+        (0..self.nodes.len())
+            .flat_map(|node| {
+                self.cli(node, &["--scan", "--pattern", pattern])
+                    .lines()
+                    .map(str::to_owned)
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
+    /// The node whose shard serves `slot`, from `CLUSTER NODES`.
+    fn owner(&self, slot: u16) -> usize {
+        let nodes = self.cli(0, &["cluster", "nodes"]);
+        let line = nodes
+            .lines()
+            .find(|line| {
+                line.split(' ').skip(8).any(|range| {
+                    let (low, high) = range.split_once('-').unwrap_or((range, range));
+                    match (low.parse::<u16>(), high.parse::<u16>()) {
+                        (Ok(low), Ok(high)) => (low..=high).contains(&slot),
+                        _ => false, // a slot being migrated: [slot->-id]
+                    }
+                })
+            })
+            .unwrap_or_else(|| panic!("no node serves slot {slot}: {nodes}"));
+        let port = line
+            .split(' ')
+            .nth(1)
+            .and_then(|addr| addr.split(['@', ':']).nth(1))
+            .expect("CLUSTER NODES lists ip:port@cport");
+        self.nodes
+            .iter()
+            .position(|node| node.port.to_string() == port)
+            .expect("the serving node is one of ours")
+    }
+
+    /// Moves the slot of `name` (a key or a channel) to another shard, keys
+    /// and all, as a resharding does (`redis-cli --cluster reshard` makes the
+    /// same calls); returns the node that serves it now.
+    fn move_slot_of(&self, name: &str) -> usize {
+        let slot = self.cli(0, &["cluster", "keyslot", name]);
+        let from = self.owner(slot.parse().expect("CLUSTER KEYSLOT answers a number"));
+        let to = (from + 1) % self.nodes.len();
+        let id = |node| self.cli(node, &["cluster", "myid"]);
+        let (from_id, to_id) = (id(from), id(to));
+        let ok = |node, args: &[&str]| {
+            let answer = self.cli(node, args);
+            assert_eq!(answer, "OK", "redis-cli {args:?} on node {node}");
+        };
+        ok(to, &["cluster", "setslot", &slot, "importing", &from_id]);
+        ok(from, &["cluster", "setslot", &slot, "migrating", &to_id]);
+        let keys = self.cli(from, &["cluster", "getkeysinslot", &slot, "1000"]);
+        if !keys.is_empty() {
+            let to_port = self.nodes[to].port.to_string();
+            let mut migrate = vec!["migrate", "127.0.0.1", &to_port, "", "0", "5000", "keys"];
+            migrate.extend(keys.lines());
+            ok(from, &migrate);
+        }
+        for node in [to, from, (to + 1) % self.nodes.len()] {
+            ok(node, &["cluster", "setslot", &slot, "node", &to_id]);
+        }
+        to
+    }
+
+    /// Waits until `node` counts `subscribers` of shard channel `channel`.
+    async fn until_subscribed(
+        &self,
+        node: usize,
+        channel: &str,
+        subscribers: usize,
+        within: Duration,
+    ) {
+        let started = Instant::now();
+        loop {
+            let answer = self.cli(node, &["pubsub", "shardnumsub", channel]);
+            if answer.lines().nth(1) == Some(&subscribers.to_string()) {
+                return;
+            }
+            assert!(
+                started.elapsed() < within,
+                "{channel} has not {subscribers} subscribers within {within:?}: {answer}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await; // polling, not synchronising
+        }
+    }
+}
+
 /// A 3-shard Redis Cluster started by the test: rooms hash onto partitions,
 /// partitions onto slots, slots onto shards; two instances chat in rooms
 /// that live on different shards, with the same code as on one server.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_instances_chat_across_the_shards_of_a_redis_cluster() {
-    if common::shared_redis().await.is_none() {
-        return; // no Redis here means no redis-server either
-    }
-    let node_args = [
-        "--cluster-enabled",
-        "yes",
-        "--cluster-config-file",
-        "nodes.conf",
-        "--appendonly",
-        "no",
-    ];
-    let mut nodes = Vec::new();
-    for _ in 0..3 {
-        let Some(node) = PrivateRedis::start_with(&node_args) else {
-            if services_required() {
-                panic!("redis-server could not be started");
-            }
-            eprintln!("SKIPPED: redis-server could not be started");
-            return;
-        };
-        node.ready().await;
-        nodes.push(node);
-    }
-    let addrs: Vec<String> = nodes
-        .iter()
-        .map(|n| format!("127.0.0.1:{}", n.port))
-        .collect();
-    let created = Command::new("redis-cli")
-        .args(["--cluster", "create"])
-        .args(&addrs)
-        .args(["--cluster-replicas", "0", "--cluster-yes"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .expect("redis-cli runs");
-    assert!(created.success(), "redis-cli --cluster create failed");
-    let started = Instant::now();
-    loop {
-        let info = Command::new("redis-cli")
-            .args(["-p", &nodes[0].port.to_string(), "cluster", "info"])
-            .output()
-            .expect("redis-cli runs");
-        if String::from_utf8_lossy(&info.stdout).contains("cluster_state:ok") {
-            break;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "the cluster never became ok"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-
-    let url = format!(
-        "redis-cluster://{}?node={}&node={}",
-        addrs[0], addrs[1], addrs[2]
-    );
+    let Some(redis) = RedisCluster::start().await else {
+        return;
+    };
+    let url = redis.url.clone();
     let dir = temp_dir();
     let db = common::sqlite_url(&dir);
     let cluster = cluster_name("shards");
@@ -1354,19 +1473,111 @@ async fn two_instances_chat_across_the_shards_of_a_redis_cluster() {
         assert_eq!(theirs["text"], format!("hello {room}"));
     }
     // The rooms' keys really are spread: more than one shard holds some.
-    let holding = nodes
-        .iter()
-        .filter(|n| {
-            let keys = Command::new("redis-cli")
-                .args(["-p", &n.port.to_string(), "--scan", "--pattern"])
-                .arg(format!("{{{cluster}:p*"))
-                .output()
-                .expect("redis-cli runs");
-            !keys.stdout.is_empty()
+    let pattern = format!("{{{cluster}:p*");
+    let holding = (0..redis.nodes.len())
+        .filter(|&node| {
+            !redis
+                .cli(node, &["--scan", "--pattern", &pattern])
+                .is_empty()
         })
         .count();
     assert!(holding >= 2, "all rooms landed on one shard ({holding})");
     drop(daemons);
+}
+
+/// Says `text` until the cluster takes it, returning its echo. A refusal
+/// (`unavailable`: the first command each instance sends to a moved slot
+/// is redirected, and fred sends nothing twice) sent nothing, so saying it
+/// again is what a client does.
+async fn say_until_sent(client: &mut Client, nick: &str, text: &str) -> Value {
+    let started = Instant::now();
+    loop {
+        client.send(text).await;
+        let answer = client
+            .expect(|v| {
+                (v["type"] == "message" && v["nick"] == nick && v["text"] == text)
+                    || v["type"] == "error"
+            })
+            .await;
+        if answer["type"] == "message" {
+            return answer;
+        }
+        assert_eq!(answer["code"], "unavailable", "{answer}");
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "never taken: {answer}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await; // a client's pause before retrying
+    }
+}
+
+/// Resharding a Redis Cluster moves slots between shards, and a shard that
+/// gives a slot away ends the subscriptions to its channels with a notice
+/// the client library drops. Each instance must notice that its room has
+/// gone quiet and subscribe again: without that, the members on each side
+/// stopped hearing the other's for good, and nothing said so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_room_whose_slot_moves_to_another_shard_is_heard_again() {
+    let Some(redis) = RedisCluster::start().await else {
+        return;
+    };
+    let dir = temp_dir();
+    let db = common::sqlite_url(&dir);
+    let cluster = cluster_name("moved");
+    let i1 = Daemon::start(&instance_args(&db, &redis.url, &cluster, "i1")).await;
+    let i2 = Daemon::start(&instance_args(&db, &redis.url, &cluster, "i2")).await;
+    let (mut alice, mut bob) = two_in_general((&i1, "alice"), (&i2, "bob")).await;
+    alice.send("before the move").await;
+    bob.expect(|v| v["type"] == "message" && v["text"] == "before the move")
+        .await;
+
+    let counters = redis.scan(&format!("{{{cluster}:p*}}:seq:general"));
+    let [counter] = counters.as_slice() else {
+        panic!("one counter for #general: {counters:?}");
+    };
+    redis.move_slot_of(counter);
+    redis.until_ok().await;
+
+    // Each side hears the other again, in order, with nothing lost: the
+    // first message late (found by the next heartbeats' audit), the rest live.
+    for (n, text) in ["after the move", "and again"].into_iter().enumerate() {
+        say_until_sent(&mut bob, "bob", text).await;
+        let heard = expect_within(&mut alice, Duration::from_secs(12), |v| {
+            v["type"] == "message" && v["nick"] == "bob"
+        })
+        .await;
+        assert_eq!(heard["text"], text);
+        assert_eq!(heard["seq"], 2 + n as u64);
+    }
+    say_until_sent(&mut alice, "alice", "back to bob").await;
+    let heard = expect_within(&mut bob, Duration::from_secs(12), |v| {
+        v["type"] == "message" && v["nick"] == "alice"
+    })
+    .await;
+    assert_eq!(heard["text"], "back to bob");
+    assert_eq!(heard["seq"], 4);
+
+    // The channel renames go out on has no stream to audit: on a Cluster
+    // each instance subscribes to it again every heartbeat, so it follows
+    // its slot to the new shard too.
+    let everyone = format!("{{{cluster}:all}}");
+    let now_on = redis.move_slot_of(&everyone);
+    redis.until_ok().await;
+    redis
+        .until_subscribed(now_on, &everyone, 2, Duration::from_secs(10))
+        .await;
+    // The first rename may meet the move (its announcement redirected, and
+    // so made by the heartbeats as a leave and a join); the second is heard.
+    for nick in ["robert", "bobby"] {
+        bob.send(&format!("/nick {nick}")).await;
+        bob.expect(|v| v["type"] == "nick" && v["new"] == nick)
+            .await;
+    }
+    let renamed = expect_within(&mut alice, Duration::from_secs(12), |v| {
+        v["type"] == "nick" && v["new"] == "bobby"
+    })
+    .await;
+    assert_eq!(renamed["old"], "robert");
 }
 
 /// On this bus storage lags delivery (the persister writes behind, and an

@@ -371,8 +371,9 @@ impl Inner {
         }
     }
 
-    /// Subscribes again, every heartbeat, whatever Redis has not confirmed:
-    /// after a reconnect, or a room's first subscription during a blip.
+    /// Subscribes again, every heartbeat, whatever Redis has not confirmed
+    /// (after a reconnect, or a room's first subscription during a blip) or
+    /// has stopped delivering (a Cluster moved its slot to another shard).
     /// Its own task: a subscription that times out must not hold up the
     /// heartbeat, whose lease it would put at risk.
     async fn keep_subscribed(self: Arc<Self>) {
@@ -381,11 +382,34 @@ impl Inner {
             tokio::select! {
                 _ = self.stop.cancelled() => return,
                 _ = async {
+                    if self.sub.is_clustered() {
+                        self.follow_moved_slots().await;
+                    }
                     self.subscribe_own_channels().await;
                     self.subscribe_rooms().await;
+                    self.rooms.audit().await;
                 } => {}
             }
         }
+    }
+
+    /// On a Cluster, once a heartbeat: a resharding may have moved slots.
+    /// Both clients read where each slot lives now, so that a command is
+    /// not sent to the shard that gave its slot away (Redis redirects it,
+    /// and fred, which sends nothing twice, fails it). And this instance's
+    /// own channels are subscribed again: a shard that gives a slot away
+    /// ends its subscriptions with a notice fred drops, and unlike a room
+    /// (see [`Rooms::audit`]) they have no counter to show it.
+    async fn follow_moved_slots(&self) {
+        for (client, result) in [
+            ("commands", self.cmd.sync_cluster().await),
+            ("subscriber", self.sub.sync_cluster().await),
+        ] {
+            if let Err(err) = result {
+                tracing::debug!(cause = %err, client, "redis bus: could not read the cluster's slots");
+            }
+        }
+        self.own_channels_lapsed.store(true, Ordering::Relaxed);
     }
 
     /// Subscribes this instance's own channels again if they lapsed. One

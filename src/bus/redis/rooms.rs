@@ -21,6 +21,13 @@
 //! joined during a blip would be deaf to the rest of the cluster for as long
 //! as they stayed.
 //!
+//! A subscription can also end without a word: a Redis Cluster that moves a
+//! room's slot to another shard unsubscribes the room's channel, and the
+//! client library drops that notice. So every heartbeat [`Rooms::audit`]
+//! reads the held rooms' counters: a room in which a message numbered a
+//! heartbeat ago has still not been heard is subscribed again, and what it
+//! missed is read from its stream.
+//!
 //! Each room has a lock of its own, held across that room's reads: a room
 //! whose catch-up waits on a slow store no longer holds up publishing in
 //! the others. What the subscriber brings is still handed over one message
@@ -56,6 +63,9 @@ pub struct Rooms {
     sink: StdMutex<Option<Arc<dyn Deliver>>>,
 }
 
+/// A heard room and its cursor.
+type Held = (RoomName, Arc<Mutex<Cursor>>);
+
 /// Where one heard room stands.
 struct Cursor {
     /// The last seq delivered.
@@ -65,6 +75,12 @@ struct Cursor {
     /// [`Rooms::forget`] took the room out; whoever still holds this cursor
     /// delivers nothing more through it.
     forgotten: bool,
+    /// The room's counter at the last audit: every seq up to it should have
+    /// been heard by the next one, a heartbeat later.
+    numbered: u64,
+    /// The `numbered` the audit last subscribed the room again for: a hole
+    /// neither the stream nor the store can fill is not tried for again.
+    renewed_for: u64,
 }
 
 impl Rooms {
@@ -112,6 +128,8 @@ impl Rooms {
                         delivered,
                         subscribed: false,
                         forgotten: false,
+                        numbered: 0,
+                        renewed_for: 0,
                     }))
                 })
                 .clone();
@@ -178,6 +196,56 @@ impl Rooms {
         unconfirmed
     }
 
+    /// Subscribes again every subscribed room that has stopped hearing its
+    /// messages: one numbered by the last audit, a heartbeat ago, is still
+    /// not delivered. Pub/sub gives no other sign of a subscription Redis
+    /// ended (a slot moved to another shard). Costs one `MGET` per
+    /// partition held.
+    pub async fn audit(&self) {
+        let mut by_partition: HashMap<u32, Vec<Held>> = HashMap::new();
+        for (room, cursor) in self.snapshot() {
+            by_partition
+                .entry(Keys::partition(&room))
+                .or_default()
+                .push((room, cursor));
+        }
+        for rooms in by_partition.into_values() {
+            // A partition's counters share its hash tag: one slot, one MGET.
+            let keys: Vec<String> = rooms.iter().map(|(room, _)| self.keys.seq(room)).collect();
+            let counters: Vec<Option<u64>> = match self.cmd.mget(keys).await {
+                Ok(counters) => counters,
+                Err(err) => {
+                    tracing::debug!(cause = %err, "redis bus: could not read room counters to audit");
+                    continue;
+                }
+            };
+            for ((room, cursor), counter) in rooms.into_iter().zip(counters) {
+                let mut cursor = cursor.lock().await;
+                if cursor.forgotten || !cursor.subscribed {
+                    continue; // `retry` has it
+                }
+                let deaf =
+                    cursor.numbered > cursor.delivered && cursor.numbered > cursor.renewed_for;
+                let numbered = std::mem::replace(&mut cursor.numbered, counter.unwrap_or(0));
+                if !deaf {
+                    continue;
+                }
+                tracing::warn!(
+                    %room,
+                    numbered,
+                    delivered = cursor.delivered,
+                    "redis bus: a room's messages stopped arriving (its slot moved?); subscribing again"
+                );
+                cursor.renewed_for = numbered;
+                cursor.subscribed = false;
+                // On an error `retry` tries again at the next heartbeat.
+                if let Err(err) = self.subscribe(&room, &mut cursor).await {
+                    tracing::warn!(cause = %err, %room, "redis bus: room not subscribed again yet");
+                }
+            }
+        }
+    }
+
     /// After the subscriber reconnected: every room must be subscribed
     /// again, and what went by while it was away read.
     pub async fn lapse_all(&self) {
@@ -186,7 +254,7 @@ impl Rooms {
         }
     }
 
-    fn snapshot(&self) -> Vec<(RoomName, Arc<Mutex<Cursor>>)> {
+    fn snapshot(&self) -> Vec<Held> {
         self.heard()
             .iter()
             .map(|(room, cursor)| (room.clone(), cursor.clone()))
