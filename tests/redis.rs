@@ -1351,6 +1351,22 @@ impl RedisCluster {
             .collect()
     }
 
+    /// The shard channels matching `pattern` that someone is subscribed to,
+    /// on every node.
+    fn shard_channels(&self, pattern: &str) -> Vec<String> {
+        let mut channels: Vec<String> = (0..self.nodes.len())
+            .flat_map(|node| {
+                self.cli(node, &["pubsub", "shardchannels", pattern])
+                    .lines()
+                    .map(str::to_owned)
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        channels.sort();
+        channels.dedup();
+        channels
+    }
+
     /// The node whose shard serves `slot`, from `CLUSTER NODES`.
     fn owner(&self, slot: u16) -> usize {
         let nodes = self.cli(0, &["cluster", "nodes"]);
@@ -1513,9 +1529,10 @@ async fn say_until_sent(client: &mut Client, nick: &str, text: &str) -> Value {
 
 /// Resharding a Redis Cluster moves slots between shards, and a shard that
 /// gives a slot away ends the subscriptions to its channels with a notice
-/// the client library drops. Each instance must notice that its room has
-/// gone quiet and subscribe again: without that, the members on each side
-/// stopped hearing the other's for good, and nothing said so.
+/// the client library drops. Each instance must notice that its room's
+/// slot moved and subscribe again, quiet rooms too: without that, the
+/// members on each side stopped hearing the other's messages, joins and
+/// leaves for good, and nothing said so.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_room_whose_slot_moves_to_another_shard_is_heard_again() {
     let Some(redis) = RedisCluster::start().await else {
@@ -1530,6 +1547,33 @@ async fn a_room_whose_slot_moves_to_another_shard_is_heard_again() {
     alice.send("before the move").await;
     bob.expect(|v| v["type"] == "message" && v["text"] == "before the move")
         .await;
+
+    // A quiet room, where no counter moves, follows its slot too: its
+    // joins and leaves travel on its channel.
+    alice.send("/join quiet").await;
+    alice
+        .expect(|v| v["type"] == "join" && v["nick"] == "alice" && v["room"] == "quiet")
+        .await;
+    bob.send("/join quiet").await;
+    alice
+        .expect(|v| v["type"] == "join" && v["nick"] == "bob" && v["room"] == "quiet")
+        .await;
+    let channels = redis.shard_channels(&format!("{{{cluster}:p*}}:room:quiet"));
+    let [quiet] = channels.as_slice() else {
+        panic!("one channel for #quiet: {channels:?}");
+    };
+    let now_on = redis.move_slot_of(quiet);
+    redis.until_ok().await;
+    redis
+        .until_subscribed(now_on, quiet, 2, Duration::from_secs(10))
+        .await;
+    let _carol = Client::in_room(i2.tcp, "carol", "quiet").await;
+    expect_within(&mut alice, Duration::from_secs(12), |v| {
+        v["type"] == "join" && v["nick"] == "carol" && v["room"] == "quiet"
+    })
+    .await;
+    alice.send("/switch general").await;
+    bob.send("/switch general").await;
 
     let counters = redis.scan(&format!("{{{cluster}:p*}}:seq:general"));
     let [counter] = counters.as_slice() else {

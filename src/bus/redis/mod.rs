@@ -382,34 +382,24 @@ impl Inner {
             tokio::select! {
                 _ = self.stop.cancelled() => return,
                 _ = async {
-                    if self.sub.is_clustered() {
-                        self.follow_moved_slots().await;
-                    }
+                    // Own channels first: they have no stream to catch up from.
                     self.subscribe_own_channels().await;
                     self.subscribe_rooms().await;
                     self.rooms.audit().await;
+                    // A resharding ends this instance's own subscriptions
+                    // too, and they have no counter to audit them by: on a
+                    // Cluster they are renewed every heartbeat, two
+                    // idempotent commands, after the audit may have taught
+                    // the subscriber the new map. (One sent where the slot
+                    // no longer lives is refused, and teaches it for the
+                    // next.)
+                    if self.sub.is_clustered() {
+                        self.own_channels_lapsed.store(true, Ordering::Relaxed);
+                        self.subscribe_own_channels().await;
+                    }
                 } => {}
             }
         }
-    }
-
-    /// On a Cluster, once a heartbeat: a resharding may have moved slots.
-    /// Both clients read where each slot lives now, so that a command is
-    /// not sent to the shard that gave its slot away (Redis redirects it,
-    /// and fred, which sends nothing twice, fails it). And this instance's
-    /// own channels are subscribed again: a shard that gives a slot away
-    /// ends its subscriptions with a notice fred drops, and unlike a room
-    /// (see [`Rooms::audit`]) they have no counter to show it.
-    async fn follow_moved_slots(&self) {
-        for (client, result) in [
-            ("commands", self.cmd.sync_cluster().await),
-            ("subscriber", self.sub.sync_cluster().await),
-        ] {
-            if let Err(err) = result {
-                tracing::debug!(cause = %err, client, "redis bus: could not read the cluster's slots");
-            }
-        }
-        self.own_channels_lapsed.store(true, Ordering::Relaxed);
     }
 
     /// Subscribes this instance's own channels again if they lapsed. One

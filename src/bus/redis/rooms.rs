@@ -24,9 +24,11 @@
 //! A subscription can also end without a word: a Redis Cluster that moves a
 //! room's slot to another shard unsubscribes the room's channel, and the
 //! client library drops that notice. So every heartbeat [`Rooms::audit`]
-//! reads the held rooms' counters: a room in which a message numbered a
-//! heartbeat ago has still not been heard is subscribed again, and what it
-//! missed is read from its stream.
+//! reads the held rooms' counters, one `MGET` per partition, which also
+//! makes the command client learn of any slot that moved (Redis redirects
+//! the read). A room whose slot now lives on another shard than the one it
+//! was subscribed on, or in which a message numbered a heartbeat ago has
+//! still not been heard, is subscribed again and read from its stream.
 //!
 //! Each room has a lock of its own, held across that room's reads: a room
 //! whose catch-up waits on a slow store no longer holds up publishing in
@@ -39,8 +41,12 @@ use std::sync::{Arc, Mutex as StdMutex, MutexGuard};
 
 use fred::clients::SubscriberClient;
 use fred::prelude::*;
+use fred::types::config::Server;
+use fred::util::redis_keyslot;
 use tokio::sync::Mutex;
+use tokio::time::Instant;
 
+use super::directory::HEARTBEAT;
 use super::history::{self, Entry};
 use super::keys::Keys;
 use super::wire::seq_of_id;
@@ -75,12 +81,38 @@ struct Cursor {
     /// [`Rooms::forget`] took the room out; whoever still holds this cursor
     /// delivers nothing more through it.
     forgotten: bool,
-    /// The room's counter at the last audit: every seq up to it should have
-    /// been heard by the next one, a heartbeat later.
+    /// On a Cluster, the shard the subscription was made on.
+    shard: Option<Server>,
+    /// The room's counter as an audit read it, and when: every seq up to
+    /// it should have been heard a heartbeat later.
     numbered: u64,
+    numbered_at: Instant,
     /// The `numbered` the audit last subscribed the room again for: a hole
     /// neither the stream nor the store can fill is not tried for again.
     renewed_for: u64,
+}
+
+impl Cursor {
+    /// Takes an audit's reading of the room's counter, made at `read`:
+    /// whether a message numbered at the previous reading, at least a
+    /// heartbeat earlier, is still not delivered. A reading less than a
+    /// heartbeat after the last is not judged (audits can run close
+    /// together when one was late), and the older one is kept.
+    fn overdue(&mut self, counter: Option<u64>, read: Instant) -> bool {
+        let Some(counter) = counter else {
+            return false; // not read this time
+        };
+        if read.saturating_duration_since(self.numbered_at) < HEARTBEAT {
+            return false;
+        }
+        let overdue = self.numbered > self.delivered && self.numbered > self.renewed_for;
+        if overdue {
+            self.renewed_for = self.numbered;
+        }
+        self.numbered = counter;
+        self.numbered_at = read;
+        overdue
+    }
 }
 
 impl Rooms {
@@ -128,7 +160,9 @@ impl Rooms {
                         delivered,
                         subscribed: false,
                         forgotten: false,
+                        shard: None,
                         numbered: 0,
+                        numbered_at: Instant::now(),
                         renewed_for: 0,
                     }))
                 })
@@ -172,6 +206,8 @@ impl Rooms {
         // the room really stood), or since the last subscription lapsed.
         self.catch_up(room, cursor, None).await?;
         cursor.subscribed = true;
+        // Confirmed, so made where the subscriber's map says the slot is.
+        cursor.shard = shard_of(&self.sub, &self.keys.room_channel(room));
         Ok(())
     }
 
@@ -197,53 +233,85 @@ impl Rooms {
     }
 
     /// Subscribes again every subscribed room that has stopped hearing its
-    /// messages: one numbered by the last audit, a heartbeat ago, is still
-    /// not delivered. Pub/sub gives no other sign of a subscription Redis
-    /// ended (a slot moved to another shard). Costs one `MGET` per
+    /// messages: its slot has moved to another shard (a resharding, whose
+    /// notice fred drops), or a message numbered at an audit a heartbeat ago
+    /// is still not delivered (any other silent loss). Costs one `MGET` per
     /// partition held.
     pub async fn audit(&self) {
-        let mut by_partition: HashMap<u32, Vec<Held>> = HashMap::new();
-        for (room, cursor) in self.snapshot() {
-            by_partition
-                .entry(Keys::partition(&room))
-                .or_default()
-                .push((room, cursor));
-        }
-        for rooms in by_partition.into_values() {
-            // A partition's counters share its hash tag: one slot, one MGET.
-            let keys: Vec<String> = rooms.iter().map(|(room, _)| self.keys.seq(room)).collect();
-            let counters: Vec<Option<u64>> = match self.cmd.mget(keys).await {
-                Ok(counters) => counters,
-                Err(err) => {
-                    tracing::debug!(cause = %err, "redis bus: could not read room counters to audit");
-                    continue;
+        let held = self.snapshot();
+        let read = Instant::now();
+        let counters = self.counters(&held).await;
+        let clustered = self.sub.is_clustered();
+        // Read after the counters: a read redirected by a moved slot has
+        // made the command client learn the cluster's new map.
+        let map = clustered.then(|| self.cmd.cached_cluster_state()).flatten();
+        let mut routes_read = false;
+        for (room, cursor) in held {
+            let mut cursor = cursor.lock().await;
+            if cursor.forgotten || !cursor.subscribed {
+                continue; // `retry` has it
+            }
+            let channel = self.keys.room_channel(&room);
+            let moved = map
+                .as_ref()
+                .and_then(|map| map.get_server(redis_keyslot(channel.as_bytes())))
+                .is_some_and(|now| cursor.shard.as_ref() != Some(now));
+            let overdue = cursor.overdue(counters.get(&room).copied(), read);
+            if !moved && !overdue {
+                continue;
+            }
+            if moved && !routes_read {
+                // Where the slot went, or the new subscription is redirected
+                // too (fred fails what it would have to send twice).
+                routes_read = true;
+                match tokio::time::timeout(SUBSCRIBE_TIMEOUT, self.sub.sync_cluster()).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(err)) => {
+                        tracing::debug!(cause = %err, "redis bus: could not read the cluster's map")
+                    }
+                    Err(_) => tracing::debug!("redis bus: the cluster's map took too long to read"),
                 }
+            }
+            let why = if moved {
+                "its slot moved to another shard"
+            } else {
+                "a message numbered a heartbeat ago has not arrived"
             };
-            for ((room, cursor), counter) in rooms.into_iter().zip(counters) {
-                let mut cursor = cursor.lock().await;
-                if cursor.forgotten || !cursor.subscribed {
-                    continue; // `retry` has it
+            tracing::warn!(%room, delivered = cursor.delivered, "redis bus: {why}; subscribing the room again");
+            cursor.subscribed = false;
+            // On an error `retry` tries again at the next heartbeat.
+            if let Err(err) = self.subscribe(&room, &mut cursor).await {
+                tracing::warn!(cause = %err, %room, "redis bus: room not subscribed again yet");
+            }
+        }
+    }
+
+    /// The counters of the `held` rooms, one `MGET` per partition (its
+    /// rooms' counters share a slot); a partition Redis did not answer for
+    /// is left out.
+    async fn counters(&self, held: &[Held]) -> HashMap<RoomName, u64> {
+        let mut by_partition: HashMap<u32, Vec<&RoomName>> = HashMap::new();
+        for (room, _) in held {
+            by_partition
+                .entry(Keys::partition(room))
+                .or_default()
+                .push(room);
+        }
+        let mut counters = HashMap::new();
+        for rooms in by_partition.into_values() {
+            let keys: Vec<String> = rooms.iter().map(|room| self.keys.seq(room)).collect();
+            match self.cmd.mget::<Vec<Option<u64>>, _>(keys).await {
+                Ok(values) => {
+                    for (room, value) in rooms.into_iter().zip(values) {
+                        counters.insert(room.clone(), value.unwrap_or(0));
+                    }
                 }
-                let deaf =
-                    cursor.numbered > cursor.delivered && cursor.numbered > cursor.renewed_for;
-                let numbered = std::mem::replace(&mut cursor.numbered, counter.unwrap_or(0));
-                if !deaf {
-                    continue;
-                }
-                tracing::warn!(
-                    %room,
-                    numbered,
-                    delivered = cursor.delivered,
-                    "redis bus: a room's messages stopped arriving (its slot moved?); subscribing again"
-                );
-                cursor.renewed_for = numbered;
-                cursor.subscribed = false;
-                // On an error `retry` tries again at the next heartbeat.
-                if let Err(err) = self.subscribe(&room, &mut cursor).await {
-                    tracing::warn!(cause = %err, %room, "redis bus: room not subscribed again yet");
+                Err(err) => {
+                    tracing::debug!(cause = %err, "redis bus: could not read room counters to audit")
                 }
             }
         }
+        counters
     }
 
     /// After the subscriber reconnected: every room must be subscribed
@@ -394,7 +462,63 @@ impl Rooms {
     }
 }
 
+/// The shard `client`'s map puts `channel` on; `None` off a Cluster.
+fn shard_of(client: &impl ClusterInterface, channel: &str) -> Option<Server> {
+    let slot = redis_keyslot(channel.as_bytes());
+    client.cached_cluster_state()?.get_server(slot).cloned()
+}
+
 /// A Redis error as the bus reports it.
 pub fn unreachable(err: fred::error::Error) -> BusError {
     BusError::Redis(err.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cursor(delivered: u64, at: Instant) -> Cursor {
+        Cursor {
+            delivered,
+            subscribed: true,
+            forgotten: false,
+            shard: None,
+            numbered: 0,
+            numbered_at: at,
+            renewed_for: 0,
+        }
+    }
+
+    #[test]
+    fn a_room_is_overdue_only_for_a_message_numbered_a_heartbeat_ago() {
+        let start = Instant::now();
+        let beat = |n: u32| start + HEARTBEAT * n;
+        let mut room = cursor(5, start);
+        // In flight when read: not judged until a heartbeat later.
+        assert!(!room.overdue(Some(6), beat(1)));
+        // Heard meanwhile: fine.
+        room.delivered = 6;
+        assert!(!room.overdue(Some(8), beat(2)));
+        // A reading soon after the last is not judged, and keeps the older.
+        assert!(!room.overdue(Some(9), beat(2) + HEARTBEAT / 10));
+        assert_eq!(room.numbered, 8);
+        // Seq 8 was numbered a heartbeat ago and is still not heard.
+        assert!(room.overdue(Some(9), beat(3)));
+        // A room that could not be read is not judged.
+        assert!(!room.overdue(None, beat(4)));
+    }
+
+    #[test]
+    fn a_hole_nothing_can_fill_is_tried_once_per_counter() {
+        let start = Instant::now();
+        let beat = |n: u32| start + HEARTBEAT * n;
+        let mut room = cursor(5, start);
+        assert!(!room.overdue(Some(7), beat(1)));
+        assert!(room.overdue(Some(7), beat(2)));
+        // Subscribing again read nothing: the counter stands, no new try.
+        assert!(!room.overdue(Some(7), beat(3)));
+        assert!(!room.overdue(Some(8), beat(4)));
+        // A later message that is not heard either is tried for.
+        assert!(room.overdue(Some(8), beat(5)));
+    }
 }
