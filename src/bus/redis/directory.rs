@@ -779,13 +779,20 @@ impl Directory for RedisBus {
             let change = Presence::Renamed {
                 old: old.clone(),
                 new: new.clone(),
-                rooms: rooms.into_iter().collect(),
+                rooms: rooms.iter().cloned().collect(),
             };
             let payload = PresenceWire::new(&dir.instance, &change).payload();
-            let _: i64 = cmd
-                .spublish(dir.keys.all_channel(), payload)
-                .await
-                .map_err(unreachable)?;
+            let announced: Result<i64, _> = cmd.spublish(dir.keys.all_channel(), payload).await;
+            if let Err(err) = announced {
+                // Refused (Redis away, or the channel's slot just moved to
+                // another shard): the heartbeats announce it room by room,
+                // as a leave and a join, rather than nobody hearing of it.
+                for room in &rooms {
+                    dir.leave_later(room, old);
+                    dir.record_later(room, new);
+                }
+                return Err(unreachable(err));
+            }
         }
         Ok(())
     }

@@ -182,13 +182,15 @@ impl Rooms {
     /// Subscribes `room` and reads what it missed, marking it subscribed
     /// only when both are done.
     async fn subscribe(&self, room: &RoomName, cursor: &mut Cursor) -> Result<(), BusError> {
+        let channel = self.keys.room_channel(room);
+        // Where the subscriber sends it, read before: read after, a map that
+        // learnt of a move meanwhile would name the new shard for a
+        // subscription made (and ended) on the old one, and hide the move.
+        // Read before, a stale record costs one subscription more.
+        let shard = shard_of(&self.sub, &channel);
         // Bounded: a subscription whose confirmation never comes must not
         // hold the room (and every publish to it) for ever.
-        match tokio::time::timeout(
-            SUBSCRIBE_TIMEOUT,
-            self.sub.ssubscribe(self.keys.room_channel(room)),
-        )
-        .await
+        match tokio::time::timeout(SUBSCRIBE_TIMEOUT, self.sub.ssubscribe(channel)).await
         {
             Ok(result) => result.map_err(|err| {
                 BusError::Redis(format!(
@@ -206,8 +208,7 @@ impl Rooms {
         // the room really stood), or since the last subscription lapsed.
         self.catch_up(room, cursor, None).await?;
         cursor.subscribed = true;
-        // Confirmed, so made where the subscriber's map says the slot is.
-        cursor.shard = shard_of(&self.sub, &self.keys.room_channel(room));
+        cursor.shard = shard;
         Ok(())
     }
 
@@ -245,32 +246,39 @@ impl Rooms {
         // Read after the counters: a read redirected by a moved slot has
         // made the command client learn the cluster's new map.
         let map = clustered.then(|| self.cmd.cached_cluster_state()).flatten();
-        let mut routes_read = false;
+        let mut renew = Vec::new();
         for (room, cursor) in held {
-            let mut cursor = cursor.lock().await;
-            if cursor.forgotten || !cursor.subscribed {
+            let mut guard = cursor.lock().await;
+            if guard.forgotten || !guard.subscribed {
                 continue; // `retry` has it
             }
             let channel = self.keys.room_channel(&room);
             let moved = map
                 .as_ref()
                 .and_then(|map| map.get_server(redis_keyslot(channel.as_bytes())))
-                .is_some_and(|now| cursor.shard.as_ref() != Some(now));
-            let overdue = cursor.overdue(counters.get(&room).copied(), read);
-            if !moved && !overdue {
-                continue;
+                .is_some_and(|now| guard.shard.as_ref() != Some(now));
+            let overdue = guard.overdue(counters.get(&room).copied(), read);
+            drop(guard);
+            if moved || overdue {
+                renew.push((room, cursor, moved));
             }
-            if moved && !routes_read {
-                // Where the slot went, or the new subscription is redirected
-                // too (fred fails what it would have to send twice).
-                routes_read = true;
-                match tokio::time::timeout(SUBSCRIBE_TIMEOUT, self.sub.sync_cluster()).await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(err)) => {
-                        tracing::debug!(cause = %err, "redis bus: could not read the cluster's map")
-                    }
-                    Err(_) => tracing::debug!("redis bus: the cluster's map took too long to read"),
+        }
+        if renew.iter().any(|&(_, _, moved)| moved) {
+            // Where the slots went, or the new subscriptions are redirected
+            // too (fred fails what it would have to send twice). No room is
+            // held meanwhile: their messages keep coming.
+            match tokio::time::timeout(SUBSCRIBE_TIMEOUT, self.sub.sync_cluster()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(err)) => {
+                    tracing::debug!(cause = %err, "redis bus: could not read the cluster's map")
                 }
+                Err(_) => tracing::debug!("redis bus: the cluster's map took too long to read"),
+            }
+        }
+        for (room, cursor, moved) in renew {
+            let mut cursor = cursor.lock().await;
+            if cursor.forgotten || !cursor.subscribed {
+                continue; // forgotten, or lapsed, meanwhile
             }
             let why = if moved {
                 "its slot moved to another shard"
