@@ -253,10 +253,12 @@ impl Rooms {
                 continue; // `retry` has it
             }
             let channel = self.keys.room_channel(&room);
-            let moved = map
+            // A subscription recorded with no shard (the subscriber had no
+            // map yet) is left to the counters rather than renewed for ever.
+            let now = map
                 .as_ref()
-                .and_then(|map| map.get_server(redis_keyslot(channel.as_bytes())))
-                .is_some_and(|now| guard.shard.as_ref() != Some(now));
+                .and_then(|map| map.get_server(redis_keyslot(channel.as_bytes())));
+            let moved = guard.shard.as_ref().is_some_and(|was| Some(was) != now);
             let overdue = guard.overdue(counters.get(&room).copied(), read);
             drop(guard);
             if moved || overdue {
