@@ -319,10 +319,13 @@ impl Registry {
             if self.in_room(&room, &nick).is_some() {
                 return Ok(());
             }
-            self.remove_member(cmd, &room, &nick).await?;
             // Announced whether this LEAVE or the failed one removed it: an
             // announcement that failed, or a reply that was lost, left no
-            // other trace.
+            // other trace. Not if the nick is someone else's in the room
+            // now (given up, then taken): that would tell the room they left.
+            if self.remove_member(cmd, &room, &nick).await? == Removal::Taken {
+                return Ok(());
+            }
             let change = Presence::Left {
                 room: room.clone(),
                 nick,
@@ -655,7 +658,7 @@ impl Registry {
         rooms: &BTreeSet<RoomName>,
     ) -> Result<(), BusError> {
         for room in rooms {
-            if self.remove_member(cmd, room, nick).await? {
+            if self.remove_member(cmd, room, nick).await? == Removal::Removed {
                 let change = Presence::Left {
                     room: room.clone(),
                     nick: nick.clone(),
@@ -676,7 +679,7 @@ impl Registry {
         cmd: &Client,
         room: &RoomName,
         nick: &Nick,
-    ) -> Result<bool, BusError> {
+    ) -> Result<Removal, BusError> {
         let removed: i64 = self
             .leave
             .call(
@@ -691,8 +694,23 @@ impl Registry {
             )
             .await
             .map_err(unreachable)?;
-        Ok(removed == 1)
+        Ok(match removed {
+            1 => Removal::Removed,
+            2 => Removal::Taken,
+            _ => Removal::Absent,
+        })
     }
+}
+
+/// What a LEAVE found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Removal {
+    /// This instance's membership, now removed.
+    Removed,
+    /// Another instance's: the nick is someone else's now.
+    Taken,
+    /// None.
+    Absent,
 }
 
 #[async_trait]
@@ -768,13 +786,17 @@ impl Directory for RedisBus {
             }
         }
         // A change of case keeps the key, whose claim is now the new nick's.
-        if old.key() != new.key() {
-            let _: i64 = dir
-                .release
-                .call(cmd, vec![dir.nick_key(old)], vec![dir.holder(owner)])
+        // Announced even if giving the old one back fails (its lease runs
+        // out by itself; nothing else would tell the others).
+        let released = if old.key() != new.key() {
+            dir.release
+                .call::<i64, _>(cmd, vec![dir.nick_key(old)], vec![dir.holder(owner)])
                 .await
-                .map_err(unreachable)?;
-        }
+                .map(drop)
+                .map_err(unreachable)
+        } else {
+            Ok(())
+        };
         if !rooms.is_empty() {
             let change = Presence::Renamed {
                 old: old.clone(),
@@ -794,7 +816,7 @@ impl Directory for RedisBus {
                 return Err(unreachable(err));
             }
         }
-        Ok(())
+        released
     }
 
     async fn joined(&self, room: &RoomName, nick: &Nick, delivered: u64) -> Result<(), BusError> {
@@ -838,7 +860,7 @@ impl Directory for RedisBus {
             h.rooms.remove(room);
         }
         let done = async {
-            if dir.remove_member(&self.inner.cmd, room, nick).await? {
+            if dir.remove_member(&self.inner.cmd, room, nick).await? == Removal::Removed {
                 let change = Presence::Left {
                     room: room.clone(),
                     nick: nick.clone(),
@@ -1213,6 +1235,87 @@ pub(super) mod tests {
         leftovers.push(a.room_key(&side));
         let _: Result<i64, _> = cmd.del(leftovers).await;
         assert_eq!(members, ["dave"]);
+    }
+
+    /// A leave Redis failed, made by a later beat after the nick was given
+    /// up (a rename whose announcement was refused) and taken by a user of
+    /// another instance who is in the room: nothing is removed, and no
+    /// leave is announced, which would tell the room its new holder left.
+    #[tokio::test]
+    async fn a_retried_leave_of_a_nick_someone_else_took_is_not_announced() {
+        let Some(cmd) = redis().await else {
+            return;
+        };
+        let keys = Keys::new(&format!("test-taken-{:08x}", rand::random::<u32>())).unwrap();
+        let (a, b) = (
+            Registry::new(keys.clone(), "a"),
+            Registry::new(keys.clone(), "b"),
+        );
+        for registry in [&a, &b] {
+            registry.forget_previous_life(&cmd).await.unwrap();
+            registry.beat(&cmd).await.unwrap();
+        }
+        let side = RoomName::parse("side").unwrap();
+        let bob = Nick::parse("bob").unwrap();
+        assert!(claim(&cmd, &a, &bob).await);
+        assert!(a.record_join(&cmd, &side, &bob).await.unwrap());
+        // bob renamed on a: his membership moved, his nick given back, and
+        // the announcement refused, so the leave is left to the beat.
+        a.remove_member(&cmd, &side, &bob).await.unwrap();
+        let _: i64 = a
+            .release
+            .call(&cmd, vec![a.nick_key(&bob)], vec![a.holder(SessionId(1))])
+            .await
+            .unwrap();
+        a.leave_later(&side, &bob);
+        // Meanwhile a user of b takes the nick and joins.
+        assert!(claim(&cmd, &b, &bob).await);
+        assert!(b.record_join(&cmd, &side, &bob).await.unwrap());
+
+        let sub = Builder::from_config(cmd.client_config())
+            .build_subscriber_client()
+            .unwrap();
+        sub.init().await.unwrap();
+        let mut heard = sub.message_rx();
+        let channel = keys.room_channel(&side);
+        sub.ssubscribe(channel.clone()).await.unwrap();
+        a.beat(&cmd).await.unwrap();
+        // Whatever the beat announced comes before this.
+        let _: i64 = cmd.spublish(channel.clone(), "end").await.unwrap();
+        let mut announced = Vec::new();
+        loop {
+            let message = tokio::time::timeout(Duration::from_secs(5), heard.recv())
+                .await
+                .expect("the end marker arrives")
+                .unwrap();
+            let text: String = message.value.convert().unwrap();
+            if text == "end" {
+                break;
+            }
+            announced.push(text);
+        }
+        let members: HashMap<String, String> = cmd.hgetall(a.room_key(&side)).await.unwrap();
+        let mut leftovers: Vec<String> = [
+            "rooms",
+            "instances",
+            "alive:a",
+            "alive:b",
+            "held:a",
+            "held:b",
+            "tick",
+            "grace",
+        ]
+        .map(|k| keys.dir(k))
+        .to_vec();
+        leftovers.extend([a.nick_key(&bob), a.room_key(&side)]);
+        let _: Result<i64, _> = cmd.del(leftovers).await;
+        let _ = sub.quit().await;
+        assert!(announced.is_empty(), "announced: {announced:?}");
+        assert_eq!(members.len(), 1, "b's membership stays: {members:?}");
+        assert!(
+            members.values().all(|v| v.starts_with("b\t")),
+            "{members:?}"
+        );
     }
 
     /// Reaped while away, the instance puts its users' rooms back on its next

@@ -272,7 +272,8 @@ return 1 + added
 ///
 /// KEYS: room's member hash, rooms set, instance's held set, instance's
 /// lease. ARGV: nick key, instance, room, this life's prefix of the lease's
-/// value. Returns 1 if removed.
+/// value. Returns 1 if removed, 2 if another instance holds the membership
+/// (the nick is someone else's now), 0 if nobody does.
 pub const LEAVE: &str = r#"
 local alive = redis.call('GET', KEYS[4])
 if alive and string.sub(alive, 1, #ARGV[4]) ~= ARGV[4] then
@@ -280,14 +281,17 @@ if alive and string.sub(alive, 1, #ARGV[4]) ~= ARGV[4] then
 end
 redis.call('SREM', KEYS[3], ARGV[3] .. '\t' .. ARGV[1])
 local cur = redis.call('HGET', KEYS[1], ARGV[1])
-if cur and string.sub(cur, 1, #ARGV[2] + 1) == ARGV[2] .. '\t' then
-  redis.call('HDEL', KEYS[1], ARGV[1])
-  if redis.call('HLEN', KEYS[1]) == 0 then
-    redis.call('SREM', KEYS[2], ARGV[3])
-  end
-  return 1
+if not cur then
+  return 0
 end
-return 0
+if string.sub(cur, 1, #ARGV[2] + 1) ~= ARGV[2] .. '\t' then
+  return 2
+end
+redis.call('HDEL', KEYS[1], ARGV[1])
+if redis.call('HLEN', KEYS[1]) == 0 then
+  redis.call('SREM', KEYS[2], ARGV[3])
+end
+return 1
 "#;
 
 /// A room's members on live instances.
