@@ -783,6 +783,50 @@ async fn pair(db: &str, instances: [(&str, &str); 2]) -> Pair {
     }
 }
 
+/// A DM taken from the inbox by a statement that outlives the take's 30 s
+/// deadline (a database that answers late; here a trigger that sleeps
+/// past it, once) must still be there for the next take. Deleted in a
+/// statement of its own, it was gone when the late statement finished,
+/// and the DM was lost without a word to anyone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dm_whose_inbox_statement_outlived_the_take_stays_in_the_inbox() {
+    let Some(pg) = PgDatabase::create().await else {
+        return;
+    };
+    let db = pg.url.clone();
+    let Pair {
+        first,
+        second,
+        on_first: mut u0,
+        on_second: mut u1,
+    } = pair(&db, [("one", "u0"), ("two", "u1")]).await;
+    {
+        use sqlx::Connection;
+        let mut conn = sqlx::PgConnection::connect(&db).await.unwrap();
+        for statement in [
+            "CREATE SEQUENCE inbox_stalls",
+            "CREATE FUNCTION stall_once() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN
+               IF nextval('inbox_stalls') = 1 THEN PERFORM pg_sleep(32); END IF;
+               RETURN NULL;
+             END $$",
+            "CREATE TRIGGER stall_once AFTER DELETE ON inbox
+             FOR EACH ROW EXECUTE FUNCTION stall_once()",
+        ] {
+            sqlx::query(statement).execute(&mut conn).await.unwrap();
+        }
+    }
+    u1.send("/msg u0 through a slow take").await;
+    u1.expect("the DM's echo", |v| v["type"] == "dm").await;
+    let deadline = Instant::now() + Duration::from_secs(50);
+    let dm = u0
+        .expect_by(deadline, "the DM", |v| v["type"] == "dm")
+        .await;
+    assert_eq!(dm["text"], "through a slow take");
+    drop((first, second));
+    pg.drop_now().await;
+}
+
 /// An instance given a running instance's name while that one is frozen
 /// takes the name over only once the frozen one's lease has run out (as any
 /// reaper would); the frozen one, woken, finds another life in the name's

@@ -700,6 +700,11 @@ async fn take_inbox_now(database: &Db, instance: &str, sink: &dyn Deliver) -> Re
     // Only while the name's row is this life's: an instance whose name a
     // namesake took over while it was away would otherwise take the
     // namesake's DMs, until it stops, and show them to its own users.
+    // In a transaction committed once the rows are here: a take cut short
+    // before (its deadline, a lost connection) is rolled back, and the next
+    // one gets them. Deleted on their own, rows whose answer never came
+    // back were gone.
+    let mut tx = database.run().begin().await.map_err(db)?;
     let mut rows: Vec<(i64, String)> = sqlx::query_as(
         "DELETE FROM inbox WHERE instance = $1
            AND EXISTS (SELECT 1 FROM instances WHERE instance = $1 AND life = $2)
@@ -707,9 +712,10 @@ async fn take_inbox_now(database: &Db, instance: &str, sink: &dyn Deliver) -> Re
     )
     .bind(instance)
     .bind(&*database.life)
-    .fetch_all(database.run())
+    .fetch_all(&mut *tx)
     .await
     .map_err(db)?;
+    tx.commit().await.map_err(db)?;
     rows.sort_unstable_by_key(|&(id, _)| id);
     for (_, payload) in rows {
         let Ok(row) = serde_json::from_str::<InboxRow>(&payload) else {
