@@ -655,14 +655,16 @@ async fn poll_once(
 
 /// Delivers what waits in this instance's inbox, oldest first.
 ///
-/// The statement that returns the rows deletes them: once the database has
-/// run it, they exist only in its answer. So the take is a task of its own,
-/// which a caller's deadline (the poll's, the heartbeat's) does not cancel:
-/// a caller that gives up only stops waiting, and the rows are delivered
-/// when the answer comes. Cancelled with the caller, a take held up past the
-/// poll's deadline (a slow database, a lock, a stall of this process between
-/// sending it and reading the answer) lost every DM it had deleted. Takes
-/// run one at a time, so they deliver in order.
+/// The statement that returns the rows deletes them, and once its
+/// transaction commits they exist only in its answer. So the take is a task
+/// of its own, which a caller's deadline (the poll's, the heartbeat's) does
+/// not cancel: a caller that gives up only stops waiting, and the rows are
+/// delivered when the answer comes. Cancelled with the caller, a take held
+/// up past the poll's deadline (a slow database, a lock, a stall of this
+/// process between sending it and reading the answer) lost every DM it had
+/// deleted. The take's own deadline, far longer, cuts it off before its
+/// commit (see [`take_inbox_now`]). Takes run one at a time, so they
+/// deliver in order.
 async fn take_inbox(
     database: &Db,
     instance: &str,
