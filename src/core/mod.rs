@@ -158,14 +158,17 @@ struct State {
     closed: bool,
 }
 
-/// Whether session `id` goes by a nick that is someone else's by now (it is
-/// being renamed): nothing may be sent under it.
-fn speaks_for_a_lost_nick(
+/// Whether nothing may be sent for session `id` now: the bus does not admit
+/// this instance's users (its lease is unconfirmed), or the session goes by
+/// a nick that is someone else's by now (it is being renamed). The fence is
+/// judged first, under the same lock (see `Bus::admits`).
+fn fenced_out(
+    bus: &dyn Bus,
     lost: &HashMap<SessionId, Nick>,
     id: SessionId,
     session: &Session,
 ) -> bool {
-    lost.get(&id) == Some(&session.nick)
+    bus.admits().is_err() || lost.get(&id) == Some(&session.nick)
 }
 
 /// The events one command produces for its caller.
@@ -467,8 +470,7 @@ impl Hub {
             if !session.rooms.contains(&room) {
                 return Err(not_in(&room));
             }
-            // The fence first, then the lost nicks (see `Bus::admits`).
-            if self.shared.bus.admits().is_err() || speaks_for_a_lost_nick(lost, id, session) {
+            if fenced_out(self.shared.bus.as_ref(), lost, id, session) {
                 return Err(fenced());
             }
             if !session.bucket.try_take() {
@@ -926,8 +928,7 @@ impl Hub {
         let Some(session) = sessions.get_mut(&id) else {
             return Ok(Answer::default());
         };
-        // The fence first, then the lost nicks (see `Bus::admits`).
-        if self.shared.bus.admits().is_err() || speaks_for_a_lost_nick(lost, id, session) {
+        if fenced_out(self.shared.bus.as_ref(), lost, id, session) {
             return Ok(Answer::refusal(fenced()));
         }
         if !session.bucket.try_take() {
