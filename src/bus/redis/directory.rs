@@ -271,6 +271,16 @@ impl Registry {
         self.unleft.add(room, nick);
     }
 
+    /// Has the heartbeats finish a rename Redis failed (moving a membership,
+    /// or announcing it): `old` leaves and `new` joins each of `rooms`, each
+    /// announced, so the others list the new nick where the old one was.
+    fn rename_later(&self, rooms: &BTreeSet<RoomName>, old: &Nick, new: &Nick) {
+        for room in rooms {
+            self.leave_later(room, old);
+            self.record_later(room, new);
+        }
+    }
+
     /// Whether `nick`, spelt so, is held here and in `room` (after a rename
     /// to another case, recording the old spelling would bring it back).
     fn holds(&self, room: &RoomName, nick: &Nick) -> bool {
@@ -778,10 +788,7 @@ impl Directory for RedisBus {
                 dir.record_join(cmd, room, new).await
             };
             if let Err(err) = moved.await {
-                for room in &rooms {
-                    dir.leave_later(room, old);
-                    dir.record_later(room, new);
-                }
+                dir.rename_later(&rooms, old, new);
                 return Err(err);
             }
         }
@@ -809,10 +816,7 @@ impl Directory for RedisBus {
                 // Refused (Redis away, or the channel's slot just moved to
                 // another shard): the heartbeats announce it room by room,
                 // as a leave and a join, rather than nobody hearing of it.
-                for room in &rooms {
-                    dir.leave_later(room, old);
-                    dir.record_later(room, new);
-                }
+                dir.rename_later(&rooms, old, new);
                 return Err(unreachable(err));
             }
         }
@@ -984,6 +988,34 @@ pub(super) mod tests {
         dir.claim(cmd, nick, SessionId(1)).await.unwrap()
     }
 
+    /// Keys under a cluster name no other test (or run) uses.
+    fn fresh_keys(test: &str) -> Keys {
+        Keys::new(&format!("test-{test}-{:08x}", rand::random::<u32>())).unwrap()
+    }
+
+    /// Registry `instance`, started as the daemon starts it: its previous
+    /// life forgotten, then a first beat (a new cluster: no outage grace).
+    async fn started(cmd: &Client, keys: &Keys, instance: &str) -> Registry {
+        let registry = Registry::new(keys.clone(), instance);
+        registry.forget_previous_life(cmd).await.unwrap();
+        registry.beat(cmd).await.unwrap();
+        registry
+    }
+
+    /// The directory keys a test of `instances` leaves behind, besides its
+    /// nicks' and rooms'.
+    fn directory_keys(keys: &Keys, instances: &[&str]) -> Vec<String> {
+        let mut all: Vec<String> = ["rooms", "instances", "tick", "grace"]
+            .map(|k| keys.dir(k))
+            .to_vec();
+        for instance in instances {
+            all.extend(
+                [format!("alive:{instance}"), format!("held:{instance}")].map(|k| keys.dir(&k)),
+            );
+        }
+        all
+    }
+
     /// An instance that stalled with a `/join` on its way: by the time the
     /// join reaches Redis, its lease was reaped and a newcomer on another
     /// instance took the nick. The late join must not record the old holder
@@ -993,13 +1025,11 @@ pub(super) mod tests {
         let Some(cmd) = redis().await else {
             return;
         };
-        let keys = Keys::new(&format!("test-late-join-{:08x}", rand::random::<u32>())).unwrap();
-        let (a, c) = (Registry::new(keys.clone(), "a"), Registry::new(keys, "c"));
-        // Started as the daemon starts them: a new cluster, so no outage grace.
-        for dir in [&a, &c] {
-            dir.forget_previous_life(&cmd).await.unwrap();
-            dir.beat(&cmd).await.unwrap();
-        }
+        let keys = fresh_keys("late-join");
+        let (a, c) = (
+            started(&cmd, &keys, "a").await,
+            started(&cmd, &keys, "c").await,
+        );
         let side = RoomName::parse("side").unwrap();
         let taker = Nick::parse("U7").unwrap();
         let late = Nick::parse("u7").unwrap();
@@ -1017,23 +1047,8 @@ pub(super) mod tests {
         let carol_recorded = c.record_join(&cmd, &side, &carol).await.unwrap();
         let _: Result<i64, _> = cmd.del(vec![c.keys.dir("alive:c")]).await;
         let after_lease = c.record_join(&cmd, &side, &carol).await.unwrap();
-        let mut leftovers: Vec<String> = [&taker, &carol]
-            .iter()
-            .map(|nick| a.nick_key(nick))
-            .collect();
-        leftovers.extend(
-            [
-                "rooms",
-                "instances",
-                "alive:a",
-                "held:a",
-                "held:c",
-                "tick",
-                "grace",
-            ]
-            .map(|k| a.keys.dir(k)),
-        );
-        leftovers.push(a.room_key(&side));
+        let mut leftovers = directory_keys(&keys, &["a", "c"]);
+        leftovers.extend([a.nick_key(&taker), a.nick_key(&carol), a.room_key(&side)]);
         let _: Result<i64, _> = cmd.del(leftovers).await;
 
         assert!(!recorded, "a join under a nick another holds is refused");
@@ -1055,10 +1070,9 @@ pub(super) mod tests {
         let Some(cmd) = redis().await else {
             return;
         };
-        let keys = Keys::new(&format!("test-superseded-{:08x}", rand::random::<u32>())).unwrap();
-        let (woken, namesake) = (Registry::new(keys.clone(), "a"), Registry::new(keys, "a"));
-        woken.forget_previous_life(&cmd).await.unwrap();
-        woken.beat(&cmd).await.unwrap();
+        let keys = fresh_keys("superseded");
+        let woken = started(&cmd, &keys, "a").await;
+        let namesake = Registry::new(keys.clone(), "a");
         let (carol, dave) = (Nick::parse("carol").unwrap(), Nick::parse("dave").unwrap());
         let side = RoomName::parse("side").unwrap();
         assert!(claim(&cmd, &woken, &carol).await);
@@ -1071,14 +1085,12 @@ pub(super) mod tests {
         let claimed = woken.claim(&cmd, &dave, SessionId(2)).await;
         let recorded = woken.record_join(&cmd, &side, &carol).await;
         let beat = woken.beat(&cmd).await;
-        let mut leftovers: Vec<String> = [&carol, &dave]
-            .iter()
-            .map(|nick| woken.nick_key(nick))
-            .collect();
-        leftovers.extend(
-            ["rooms", "instances", "alive:a", "held:a", "tick", "grace"].map(|k| woken.keys.dir(k)),
-        );
-        leftovers.push(woken.room_key(&side));
+        let mut leftovers = directory_keys(&keys, &["a"]);
+        leftovers.extend([
+            woken.nick_key(&carol),
+            woken.nick_key(&dave),
+            woken.room_key(&side),
+        ]);
         let _: Result<i64, _> = cmd.del(leftovers).await;
 
         assert!(
@@ -1104,10 +1116,9 @@ pub(super) mod tests {
         let Some(cmd) = redis().await else {
             return;
         };
-        let keys = Keys::new(&format!("test-give-back-{:08x}", rand::random::<u32>())).unwrap();
-        let (woken, namesake) = (Registry::new(keys.clone(), "a"), Registry::new(keys, "a"));
-        woken.forget_previous_life(&cmd).await.unwrap();
-        woken.beat(&cmd).await.unwrap();
+        let keys = fresh_keys("give-back");
+        let woken = started(&cmd, &keys, "a").await;
+        let namesake = Registry::new(keys.clone(), "a");
         let carol = Nick::parse("carol").unwrap();
         let side = RoomName::parse("side").unwrap();
         assert!(claim(&cmd, &woken, &carol).await);
@@ -1136,10 +1147,8 @@ pub(super) mod tests {
             )
             .await
             .unwrap();
-        let mut leftovers = vec![woken.nick_key(&carol), woken.room_key(&side)];
-        leftovers.extend(
-            ["rooms", "instances", "alive:a", "held:a", "tick", "grace"].map(|k| woken.keys.dir(k)),
-        );
+        let mut leftovers = directory_keys(&keys, &["a"]);
+        leftovers.extend([woken.nick_key(&carol), woken.room_key(&side)]);
         let _: Result<i64, _> = cmd.del(leftovers).await;
 
         assert!(gave_up.is_ok(), "{gave_up:?}");
@@ -1159,10 +1168,8 @@ pub(super) mod tests {
         let Some(cmd) = redis().await else {
             return;
         };
-        let keys = Keys::new(&format!("test-unrecorded-{:08x}", rand::random::<u32>())).unwrap();
-        let a = Registry::new(keys, "a");
-        a.forget_previous_life(&cmd).await.unwrap();
-        a.beat(&cmd).await.unwrap();
+        let keys = fresh_keys("unrecorded");
+        let a = started(&cmd, &keys, "a").await;
         let (before, now) = (Nick::parse("Carol").unwrap(), Nick::parse("carol").unwrap());
         let side = RoomName::parse("side").unwrap();
         assert!(claim(&cmd, &a, &now).await);
@@ -1182,10 +1189,7 @@ pub(super) mod tests {
             .hget(a.room_key(&side), now.key().as_str())
             .await
             .unwrap();
-        let mut leftovers: Vec<String> =
-            ["rooms", "instances", "alive:a", "held:a", "tick", "grace"]
-                .map(|k| a.keys.dir(k))
-                .to_vec();
+        let mut leftovers = directory_keys(&keys, &["a"]);
         leftovers.extend([a.nick_key(&now), a.room_key(&side)]);
         let _: Result<i64, _> = cmd.del(leftovers).await;
         assert_eq!(member.as_deref(), Some("a\tcarol"));
@@ -1199,10 +1203,8 @@ pub(super) mod tests {
         let Some(cmd) = redis().await else {
             return;
         };
-        let keys = Keys::new(&format!("test-unleft-{:08x}", rand::random::<u32>())).unwrap();
-        let a = Registry::new(keys, "a");
-        a.forget_previous_life(&cmd).await.unwrap();
-        a.beat(&cmd).await.unwrap();
+        let keys = fresh_keys("unleft");
+        let a = started(&cmd, &keys, "a").await;
         let side = RoomName::parse("side").unwrap();
         let nicks = [Nick::parse("carol").unwrap(), Nick::parse("dave").unwrap()];
         for nick in &nicks {
@@ -1227,10 +1229,7 @@ pub(super) mod tests {
 
         let mut members: Vec<String> = cmd.hkeys(a.room_key(&side)).await.unwrap();
         members.sort();
-        let mut leftovers: Vec<String> =
-            ["rooms", "instances", "alive:a", "held:a", "tick", "grace"]
-                .map(|k| a.keys.dir(k))
-                .to_vec();
+        let mut leftovers = directory_keys(&keys, &["a"]);
         leftovers.extend(nicks.iter().map(|n| a.nick_key(n)));
         leftovers.push(a.room_key(&side));
         let _: Result<i64, _> = cmd.del(leftovers).await;
@@ -1246,15 +1245,11 @@ pub(super) mod tests {
         let Some(cmd) = redis().await else {
             return;
         };
-        let keys = Keys::new(&format!("test-taken-{:08x}", rand::random::<u32>())).unwrap();
+        let keys = fresh_keys("taken");
         let (a, b) = (
-            Registry::new(keys.clone(), "a"),
-            Registry::new(keys.clone(), "b"),
+            started(&cmd, &keys, "a").await,
+            started(&cmd, &keys, "b").await,
         );
-        for registry in [&a, &b] {
-            registry.forget_previous_life(&cmd).await.unwrap();
-            registry.beat(&cmd).await.unwrap();
-        }
         let side = RoomName::parse("side").unwrap();
         let bob = Nick::parse("bob").unwrap();
         assert!(claim(&cmd, &a, &bob).await);
@@ -1295,18 +1290,7 @@ pub(super) mod tests {
             announced.push(text);
         }
         let members: HashMap<String, String> = cmd.hgetall(a.room_key(&side)).await.unwrap();
-        let mut leftovers: Vec<String> = [
-            "rooms",
-            "instances",
-            "alive:a",
-            "alive:b",
-            "held:a",
-            "held:b",
-            "tick",
-            "grace",
-        ]
-        .map(|k| keys.dir(k))
-        .to_vec();
+        let mut leftovers = directory_keys(&keys, &["a", "b"]);
         leftovers.extend([a.nick_key(&bob), a.room_key(&side)]);
         let _: Result<i64, _> = cmd.del(leftovers).await;
         let _ = sub.quit().await;
@@ -1327,10 +1311,8 @@ pub(super) mod tests {
         let Some(cmd) = redis().await else {
             return;
         };
-        let keys = Keys::new(&format!("test-reassert-{:08x}", rand::random::<u32>())).unwrap();
-        let a = Registry::new(keys, "a");
-        a.forget_previous_life(&cmd).await.unwrap();
-        a.beat(&cmd).await.unwrap();
+        let keys = fresh_keys("reassert");
+        let a = started(&cmd, &keys, "a").await;
         let nick = Nick::parse("u1").unwrap();
         let rooms: BTreeSet<RoomName> = ["aaa", "zzz"]
             .iter()
@@ -1367,10 +1349,7 @@ pub(super) mod tests {
                 .unwrap();
             members.push(member);
         }
-        let mut leftovers: Vec<String> =
-            ["rooms", "instances", "alive:a", "held:a", "tick", "grace"]
-                .map(|k| a.keys.dir(k))
-                .to_vec();
+        let mut leftovers = directory_keys(&keys, &["a"]);
         leftovers.push(a.nick_key(&nick));
         leftovers.extend(rooms.iter().map(|r| a.room_key(r)));
         let _: Result<i64, _> = cmd.del(leftovers).await;
